@@ -1,0 +1,235 @@
+"""The typed, frozen configuration of one tlloop run.
+
+Everything below the entry point reads these dataclasses, never absl flags. Each value is
+validated when its dataclass is made; a `ConfigError` names the flag that carries the value,
+says what is wrong and what would be accepted. This module imports no TensorFlow, so bad flags
+are refused before TensorFlow is even loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+DATASETS = ("digits", "folder")
+BN_MODES = ("frozen", "train")
+AUGMENT_OPS = ("flip", "rotate", "zoom", "contrast", "translate")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; its message names the flag or file at fault."""
+
+
+def _require(ok: bool, flag: str, value: object, problem: str, accepted: str) -> None:
+    if not ok:
+        raise ConfigError(f"--{flag}={value!r}: {problem}; accepted: {accepted}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unfreeze:
+    """Which backbone layers train in the fine-tune phase.
+
+    kind "all": every layer; "none": no layer; "top": the last `count` layers that hold
+    weights (BatchNormalization layers are not counted: `--bn_mode` decides them).
+    """
+
+    kind: str
+    count: int = 0
+
+    @classmethod
+    def parse(cls, spec: str) -> Unfreeze:
+        accepted = "all, none, top:N with N >= 1"
+        if spec in ("all", "none"):
+            return cls(spec)
+        match = re.fullmatch(r"top:(\d+)", spec)
+        _require(match is not None, "unfreeze", spec, "not an unfreeze policy", accepted)
+        count = int(match.group(1))
+        _require(count >= 1, "unfreeze", spec, "N must be at least 1", accepted)
+        return cls("top", count)
+
+    def __str__(self) -> str:
+        return f"top:{self.count}" if self.kind == "top" else self.kind
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentOp:
+    """One augmentation layer: a name from AUGMENT_OPS and its strength (0 if it takes none)."""
+
+    name: str
+    factor: float = 0.0
+
+
+def parse_augment(spec: str) -> tuple[AugmentOp, ...]:
+    """Parses `--augment`, e.g. "flip,rotate:0.1,zoom:0.1"; empty means no augmentation."""
+    accepted = "a comma list of flip, rotate:F, zoom:F, contrast:F, translate:F with 0 < F <= 1"
+    ops = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, factor = item.partition(":")
+        _require(name in AUGMENT_OPS, "augment", spec, f"unknown operation {name!r}", accepted)
+        if name == "flip":
+            _require(not factor, "augment", spec, "flip takes no factor", accepted)
+            ops.append(AugmentOp(name))
+            continue
+        try:
+            value = float(factor)
+        except ValueError:
+            value = -1.0
+        _require(0 < value <= 1, "augment", spec, f"{name} needs a factor in (0, 1]", accepted)
+        ops.append(AugmentOp(name, value))
+    return tuple(ops)
+
+
+def parse_classes(spec: str) -> tuple[str, ...]:
+    """Parses `--classes`: class names separated by commas, integer ranges like 5-9 expanded."""
+    names: list[str] = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        match = re.fullmatch(r"(\d+)-(\d+)", item)
+        if match:
+            low, high = int(match.group(1)), int(match.group(2))
+            _require(low <= high, "classes", spec, f"empty range {item}", "e.g. 5-9 or cat,dog")
+            names.extend(str(i) for i in range(low, high + 1))
+        else:
+            names.append(item)
+    _require(
+        len(set(names)) == len(names), "classes", spec, "a class is named twice", "distinct names"
+    )
+    return tuple(names)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where examples come from and how they are batched.
+
+    `classes` selects and orders classes (empty: all the source has); `train_examples_per_class`
+    keeps the first N shuffled training examples of each class (0: all).
+    """
+
+    dataset: str = "digits"
+    data_dir: str = ""
+    val_dir: str = ""
+    val_split: float = 0.3
+    classes: tuple[str, ...] = ()
+    train_examples_per_class: int = 0
+    image_size: int = 32
+    batch_size: int = 32
+    eval_batch_size: int = 0  # 0: the training batch size
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.dataset in DATASETS, "dataset", self.dataset, "unknown", ", ".join(DATASETS))
+        if self.dataset == "folder":
+            _require(
+                bool(self.data_dir),
+                "data_dir",
+                self.data_dir,
+                "--dataset=folder needs it",
+                "a folder with one sub-folder of images per class",
+            )
+        _require(0 <= self.val_split < 1, "val_split", self.val_split, "out of range", "0 <= x < 1")
+        if not self.val_dir:
+            _require(
+                self.val_split > 0,
+                "val_split",
+                self.val_split,
+                "no evaluation data without --val_dir",
+                "0 < x < 1, or set --val_dir",
+            )
+        _require(
+            self.train_examples_per_class >= 0,
+            "train_examples_per_class",
+            self.train_examples_per_class,
+            "negative",
+            "0 (all) or a positive count",
+        )
+        _require(
+            self.image_size >= 8, "image_size", self.image_size, "too small", "an integer >= 8"
+        )
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "too small", ">= 1")
+        _require(
+            self.eval_batch_size >= 0,
+            "eval_batch_size",
+            self.eval_batch_size,
+            "negative",
+            "0 (same as --batch_size) or >= 1",
+        )
+
+    @property
+    def eval_batch(self) -> int:
+        return self.eval_batch_size or self.batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The backbone to load, the head to put on it, and the augmentation in front of it.
+
+    `backbone` is a keras.applications class name, "small_cnn", or a path to a .keras file.
+    `weights` is "imagenet", "none", a weights file path, or "" for the backbone's own default.
+    """
+
+    backbone: str = "small_cnn"
+    weights: str = ""
+    image_size: int = 32
+    dropout: float = 0.2
+    augment: tuple[AugmentOp, ...] = ()
+    unsafe_deserialization: bool = False
+
+    def __post_init__(self) -> None:
+        _require(bool(self.backbone), "backbone", self.backbone, "empty", "a name or a path")
+        _require(0 <= self.dropout < 1, "dropout", self.dropout, "out of range", "0 <= x < 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseConfig:
+    """One training phase: its length, learning rate and what in the backbone trains.
+
+    `bn_mode` "frozen" keeps the backbone in inference mode with its BatchNormalization layers
+    untrainable; "train" runs the backbone with training=True (batch statistics, moving averages
+    updated, Dropout active) and trains the BatchNormalization scales and offsets it unfreezes.
+    """
+
+    name: str
+    epochs: int
+    learning_rate: float
+    unfreeze: Unfreeze
+    bn_mode: str = "frozen"
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 0, f"{self.name}_epochs", self.epochs, "negative", ">= 0")
+        _require(
+            self.learning_rate > 0, f"{self.name}_lr", self.learning_rate, "not positive", "> 0"
+        )
+        _require(self.bn_mode in BN_MODES, "bn_mode", self.bn_mode, "unknown", "frozen, train")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The whole run: data, model, the phases in order, and how steps are compiled."""
+
+    workdir: str
+    data: DataConfig
+    model: ModelConfig
+    phases: tuple[PhaseConfig, ...]
+    jit_compile: bool = False
+    steps_per_loop: int = 1
+    seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _require(bool(self.workdir), "workdir", self.workdir, "empty", "a directory path")
+        _require(
+            self.steps_per_loop >= 1, "steps_per_loop", self.steps_per_loop, "too small", ">= 1"
+        )
+        _require(
+            self.data.image_size == self.model.image_size,
+            "image_size",
+            self.model.image_size,
+            "data and model disagree",
+            "one value",
+        )
+        _require(
+            any(phase.epochs for phase in self.phases),
+            "head_epochs",
+            tuple(phase.epochs for phase in self.phases),
+            "every phase has 0 epochs, nothing would train",
+            "at least one of --head_epochs, --finetune_epochs >= 1",
+        )

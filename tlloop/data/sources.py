@@ -1,0 +1,149 @@
+"""Example sources: labelled images as in-memory arrays, split into train and evaluation.
+
+A source returns uint8 RGB images of any size; the pipeline resizes them. Splits use a fixed
+seed of their own, so the evaluation set is the same whatever `--seed` a run uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from importlib import resources
+
+import numpy as np
+
+from tlloop.config import ConfigError, DataConfig
+
+SPLIT_SEED = 20261123
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Images (N, H, W, 3) uint8 or a list of file paths, and int32 labels (N,)."""
+
+    images: np.ndarray | list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, index: np.ndarray) -> Split:
+        images = (
+            self.images[index]
+            if isinstance(self.images, np.ndarray)
+            else [self.images[i] for i in index]
+        )
+        return Split(images, self.labels[index])
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Class names in label order and the two splits."""
+
+    class_names: tuple[str, ...]
+    train: Split
+    eval: Split
+
+
+def load_source(config: DataConfig) -> Source:
+    """Loads `config.dataset`, keeps the selected classes and applies the few-shot limit."""
+    if config.dataset == "digits":
+        names, everything = _digits()
+        train, evaluation = _split(everything, config.val_split)
+    else:
+        names, train = _folder(config.data_dir, "data_dir")
+        if config.val_dir:
+            val_names, evaluation = _folder(config.val_dir, "val_dir")
+            if val_names != names:
+                raise ConfigError(
+                    f"--val_dir={config.val_dir!r}: its class folders {list(val_names)} differ "
+                    f"from --data_dir's {list(names)}; accepted: the same class folders"
+                )
+        else:
+            train, evaluation = _split(train, config.val_split)
+    names, train, evaluation = _select(names, train, evaluation, config.classes)
+    train = _limit_per_class(train, config.train_examples_per_class, len(names))
+    return Source(names, train, evaluation)
+
+
+def _digits() -> tuple[tuple[str, ...], Split]:
+    """The UCI optical digits (8x8, 16 grey levels) as RGB uint8 in [0, 255]."""
+    with resources.files("tlloop.data").joinpath("digits.npz").open("rb") as file:
+        arrays = np.load(file)
+        grey = arrays["images"].astype(np.float32) * (255.0 / 16.0)
+        labels = arrays["labels"].astype(np.int32)
+    images = np.repeat(np.round(grey).astype(np.uint8)[..., None], 3, axis=-1)
+    return tuple(str(i) for i in range(10)), Split(images, labels)
+
+
+def _folder(path: str, flag: str) -> tuple[tuple[str, ...], Split]:
+    """One sub-folder per class, sorted by name; image files found by extension."""
+    accepted = "a folder with one sub-folder of images (JPEG, PNG, BMP, GIF) per class"
+    if not os.path.isdir(path):
+        raise ConfigError(f"--{flag}={path!r}: not a folder; accepted: {accepted}")
+    names = tuple(sorted(e.name for e in os.scandir(path) if e.is_dir()))
+    if not names:
+        raise ConfigError(f"--{flag}={path!r}: has no class sub-folders; accepted: {accepted}")
+    files: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(names):
+        found = sorted(
+            entry.path
+            for entry in os.scandir(os.path.join(path, name))
+            if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not found:
+            raise ConfigError(
+                f"--{flag}={path!r}: class folder {name!r} holds no images; accepted: {accepted}"
+            )
+        files += found
+        labels += [label] * len(found)
+    return names, Split(files, np.asarray(labels, np.int32))
+
+
+def _split(split: Split, val_fraction: float) -> tuple[Split, Split]:
+    """A stratified split: `val_fraction` of each class (at least one) goes to evaluation."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    train_index, eval_index = [], []
+    for label in np.unique(split.labels):
+        index = rng.permutation(np.flatnonzero(split.labels == label))
+        count = max(1, round(len(index) * val_fraction))
+        eval_index.append(index[:count])
+        train_index.append(index[count:])
+    return split.take(np.sort(np.concatenate(train_index))), split.take(
+        np.sort(np.concatenate(eval_index))
+    )
+
+
+def _select(
+    names: tuple[str, ...], train: Split, evaluation: Split, wanted: tuple[str, ...]
+) -> tuple[tuple[str, ...], Split, Split]:
+    if not wanted:
+        return names, train, evaluation
+    unknown = [name for name in wanted if name not in names]
+    if unknown:
+        raise ConfigError(
+            f"--classes={','.join(wanted)!r}: unknown classes {unknown}; accepted: names from "
+            f"{', '.join(names)}"
+        )
+    old_to_new = np.full(len(names), -1, np.int32)
+    for new, name in enumerate(wanted):
+        old_to_new[names.index(name)] = new
+
+    def relabel(split: Split) -> Split:
+        kept = split.take(np.flatnonzero(old_to_new[split.labels] >= 0))
+        return Split(kept.images, old_to_new[kept.labels])
+
+    return wanted, relabel(train), relabel(evaluation)
+
+
+def _limit_per_class(split: Split, per_class: int, num_classes: int) -> Split:
+    if per_class == 0:
+        return split
+    rng = np.random.default_rng(SPLIT_SEED + 1)
+    index = [
+        rng.permutation(np.flatnonzero(split.labels == label))[:per_class]
+        for label in range(num_classes)
+    ]
+    return split.take(np.sort(np.concatenate(index)))

@@ -1,0 +1,210 @@
+"""Command-line flags of `python -m tlloop.run`, and their conversion into a RunConfig.
+
+The flags are defined on a FlagValues the entry point passes in; nothing here keeps or reads
+a global FLAGS. Values are checked once, by the config dataclasses, with messages that name
+the flag.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from tlloop import config as config_lib
+
+# Every flag this module defines, in the order flags.txt lists them.
+FLAG_NAMES: list[str] = []
+
+
+def _define(kind, name: str, default, help_text: str, flag_values: flags.FlagValues, **kw):
+    kind(name, default, help=help_text, flag_values=flag_values, **kw)
+    FLAG_NAMES.append(name)
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """Defines tlloop's flags on `flag_values`."""
+    FLAG_NAMES.clear()
+    d = flags
+    fv = flag_values
+    # Run.
+    _define(d.DEFINE_string, "workdir", None, "Directory for this run's outputs.", fv)
+    _define(
+        d.DEFINE_bool,
+        "overwrite",
+        False,
+        "Replace a previous run's outputs in --workdir (they are listed as removed).",
+        fv,
+    )
+    _define(d.DEFINE_integer, "seed", 0, "Seed for initialisation, shuffling and dropout.", fv)
+    # Data.
+    _define(
+        d.DEFINE_enum,
+        "dataset",
+        "digits",
+        "Examples: digits (embedded UCI optical "
+        "digits) or folder (--data_dir with one sub-folder per class).",
+        fv,
+        enum_values=list(config_lib.DATASETS),
+    )
+    _define(d.DEFINE_string, "data_dir", "", "For --dataset=folder: one sub-folder per class.", fv)
+    _define(
+        d.DEFINE_string,
+        "val_dir",
+        "",
+        "Evaluation images, same layout as --data_dir; "
+        "empty: hold out --val_split of the training data.",
+        fv,
+    )
+    _define(
+        d.DEFINE_float,
+        "val_split",
+        0.3,
+        "Fraction of each class held out for evaluation "
+        "when there is no --val_dir (a fixed split, the same for every --seed).",
+        fv,
+    )
+    _define(
+        d.DEFINE_string,
+        "classes",
+        "",
+        "Classes to use, in label order, e.g. 5-9 or cat,dog; empty: all.",
+        fv,
+    )
+    _define(
+        d.DEFINE_integer,
+        "train_examples_per_class",
+        0,
+        "Keep this many training examples per class (few-shot); 0: all.",
+        fv,
+    )
+    _define(d.DEFINE_integer, "image_size", 32, "Images are resized to this square size.", fv)
+    _define(d.DEFINE_integer, "batch_size", 32, "Global training batch size.", fv)
+    _define(d.DEFINE_integer, "eval_batch_size", 0, "Evaluation batch size; 0: --batch_size.", fv)
+    # Model.
+    _define(
+        d.DEFINE_string,
+        "backbone",
+        "small_cnn",
+        "A keras.applications class name "
+        "(MobileNetV2, EfficientNetB0, ResNet50, ...), small_cnn, or a .keras file that maps "
+        "RGB pixels in [0, 255] to features.",
+        fv,
+    )
+    _define(
+        d.DEFINE_string,
+        "weights",
+        "",
+        "Backbone weights: imagenet, none, or a weights "
+        "file; empty: imagenet for keras.applications, none for small_cnn, the file's own "
+        "for a .keras backbone.",
+        fv,
+    )
+    _define(d.DEFINE_float, "dropout", 0.2, "Dropout rate before the head's Dense layer.", fv)
+    _define(
+        d.DEFINE_string,
+        "augment",
+        "",
+        "Training augmentation, e.g. "
+        "flip,rotate:0.1,zoom:0.1,contrast:0.2,translate:0.1; empty: none.",
+        fv,
+    )
+    _define(
+        d.DEFINE_bool,
+        "unsafe_deserialization",
+        False,
+        "Allow a .keras backbone to run "
+        "code (Lambda layers) when loaded. Only for files you trust.",
+        fv,
+    )
+    # Phases.
+    _define(d.DEFINE_integer, "head_epochs", 5, "Epochs of the head phase (backbone frozen).", fv)
+    _define(d.DEFINE_float, "head_lr", 1e-3, "Learning rate of the head phase.", fv)
+    _define(d.DEFINE_integer, "finetune_epochs", 5, "Epochs of the fine-tune phase.", fv)
+    _define(d.DEFINE_float, "finetune_lr", 1e-5, "Learning rate of the fine-tune phase.", fv)
+    _define(
+        d.DEFINE_string,
+        "unfreeze",
+        "all",
+        "Backbone layers that train in fine-tune: all, "
+        "none, or top:N (the last N layers with weights, BatchNorm not counted).",
+        fv,
+    )
+    _define(
+        d.DEFINE_enum,
+        "bn_mode",
+        "frozen",
+        "Backbone BatchNorm in fine-tune: frozen "
+        "(inference mode, statistics untouched) or train (the backbone runs with "
+        "training=True: batch statistics, moving averages updated).",
+        fv,
+        enum_values=list(config_lib.BN_MODES),
+    )
+    # Compilation.
+    _define(
+        d.DEFINE_bool,
+        "jit_compile",
+        False,
+        "Compile the loss and gradient computation with XLA.",
+        fv,
+    )
+    _define(
+        d.DEFINE_integer,
+        "steps_per_loop",
+        1,
+        "Train steps per host call (a tf.while_loop inside one tf.function call).",
+        fv,
+    )
+
+
+def to_config(flag_values: flags.FlagValues) -> config_lib.RunConfig:
+    """The RunConfig the parsed `flag_values` describe; raises ConfigError naming a bad flag."""
+    f = flag_values
+    data = config_lib.DataConfig(
+        dataset=f.dataset,
+        data_dir=f.data_dir,
+        val_dir=f.val_dir,
+        val_split=f.val_split,
+        classes=config_lib.parse_classes(f.classes),
+        train_examples_per_class=f.train_examples_per_class,
+        image_size=f.image_size,
+        batch_size=f.batch_size,
+        eval_batch_size=f.eval_batch_size,
+        seed=f.seed,
+    )
+    model = config_lib.ModelConfig(
+        backbone=f.backbone,
+        weights=f.weights,
+        image_size=f.image_size,
+        dropout=f.dropout,
+        augment=config_lib.parse_augment(f.augment),
+        unsafe_deserialization=f.unsafe_deserialization,
+    )
+    phases = (
+        config_lib.PhaseConfig("head", f.head_epochs, f.head_lr, config_lib.Unfreeze("none")),
+        config_lib.PhaseConfig(
+            "finetune",
+            f.finetune_epochs,
+            f.finetune_lr,
+            config_lib.Unfreeze.parse(f.unfreeze),
+            bn_mode=f.bn_mode,
+        ),
+    )
+    return config_lib.RunConfig(
+        workdir=f.workdir,
+        data=data,
+        model=model,
+        phases=phases,
+        jit_compile=f.jit_compile,
+        steps_per_loop=f.steps_per_loop,
+        seed=f.seed,
+        overwrite=f.overwrite,
+    )
+
+
+def flags_text(flag_values: flags.FlagValues) -> str:
+    """The resolved tlloop flags, one per line: a flagfile that re-runs the same experiment."""
+    lines = ["# Resolved flags of this run; re-run with --flagfile=flags.txt"]
+    for name in FLAG_NAMES:
+        serialized = flag_values[name].serialize()
+        if serialized:
+            lines.append(serialized)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,28 @@
+"""Models: backbones, heads, the augmentation submodule, the mode table and TransferModel."""
+
+from __future__ import annotations
+
+from tlloop.config import ModelConfig
+from tlloop.models.augment import build_augment
+from tlloop.models.backbones import build_backbone
+from tlloop.models.heads import build_head
+from tlloop.models.modes import INFERENCE, Modes, ModeTable
+from tlloop.models.transfer import TransferModel
+
+__all__ = ["INFERENCE", "ModeTable", "Modes", "TransferModel", "build_model"]
+
+
+def build_model(config: ModelConfig, num_classes: int, seed: int = 0) -> TransferModel:
+    """The TransferModel `config` describes, with a head for `num_classes` classes."""
+    backbone = build_backbone(
+        config.backbone,
+        config.weights,
+        config.image_size,
+        safe_mode=not config.unsafe_deserialization,
+    )
+    feature_shape = tuple(backbone.outputs[0].shape[1:])
+    head = build_head(feature_shape, num_classes, config.dropout)
+    augment = build_augment(config.augment, config.image_size, seed)
+    model = TransferModel(augment, backbone, head, name="transfer_model")
+    model.build((None, config.image_size, config.image_size, 3))
+    return model

@@ -1,0 +1,124 @@
+"""The phase plan: which phases run, what each makes trainable, and in which modes.
+
+`apply_trainability` is the only code that sets `trainable` flags. It keeps every container
+trainable and sets leaf layers one by one, because in Keras 3 a container with
+`trainable=False` hides the weights of all its children, whatever their own flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import keras
+
+from tlloop.config import ConfigError, PhaseConfig, Unfreeze
+from tlloop.models import ModeTable, TransferModel
+from tlloop.models.modes import SUBMODULES
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A phase to run: its configuration, its position, and its mode table."""
+
+    index: int
+    config: PhaseConfig
+    modes: ModeTable
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def plan_phases(phases: tuple[PhaseConfig, ...], model: TransferModel) -> list[Phase]:
+    """The phases with epochs, in order; checks each unfreeze policy against the backbone."""
+    plan = []
+    for config in phases:
+        if config.epochs == 0:
+            continue
+        _check_unfreeze(config.unfreeze, model.backbone)
+        modes = ModeTable().with_backbone_training(
+            config.bn_mode == "train" and config.unfreeze.kind != "none"
+        )
+        plan.append(Phase(len(plan), config, modes))
+    return plan
+
+
+def leaf_layers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """The layers inside `layer` that are not containers, in the order they were added."""
+    children = getattr(layer, "layers", None)
+    if children is None:
+        return [layer]
+    return [leaf for child in children for leaf in leaf_layers(child)]
+
+
+def is_batch_norm(layer: keras.layers.Layer) -> bool:
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def weighted_layers(backbone: keras.Model) -> list[keras.layers.Layer]:
+    """Leaf layers that hold weights, BatchNormalization excluded: what `top:N` counts."""
+    return [layer for layer in leaf_layers(backbone) if layer.weights and not is_batch_norm(layer)]
+
+
+def _check_unfreeze(unfreeze: Unfreeze, backbone: keras.Model) -> None:
+    available = len(weighted_layers(backbone))
+    if unfreeze.kind == "top" and unfreeze.count > available:
+        raise ConfigError(
+            f"--unfreeze={unfreeze}: the backbone has only {available} layers with weights "
+            f"(BatchNormalization not counted); accepted: top:N with 1 <= N <= {available}, or all"
+        )
+
+
+def apply_trainability(model: TransferModel, phase: Phase) -> None:
+    """Sets which weights train in `phase`: the head always, the backbone per its policy."""
+    unfreeze, bn_mode = phase.config.unfreeze, phase.config.bn_mode
+    # Each submodule is set by itself: Keras 3 does not carry `model.trainable = True` down
+    # into a submodule that an earlier phase set to False.
+    model.trainable = True
+    model.augment.trainable = False
+    model.head.trainable = True
+    backbone = model.backbone
+    backbone.trainable = unfreeze.kind != "none"
+    if unfreeze.kind == "none":
+        return
+    leaves = leaf_layers(backbone)
+    chosen = leaves
+    if unfreeze.kind == "top":
+        chosen = weighted_layers(backbone)[-unfreeze.count :]
+    first = min(leaves.index(layer) for layer in chosen)
+    chosen_ids = {id(layer) for layer in chosen}
+    for position, layer in enumerate(leaves):
+        if is_batch_norm(layer):
+            layer.trainable = bn_mode == "train" and position >= first
+        else:
+            layer.trainable = id(layer) in chosen_ids
+
+
+def trainability_report(model: TransferModel, phase: Phase) -> str:
+    """A Markdown table of each submodule's mode, parameter counts and BatchNorm layers."""
+    row = phase.modes.row("train")
+    lines = [
+        f"phase {phase.index + 1} `{phase.name}`: unfreeze={phase.config.unfreeze}, "
+        f"bn_mode={phase.config.bn_mode}, learning rate {phase.config.learning_rate:g}",
+        "",
+        "| submodule | training= in train step | trainable params | non-trainable params "
+        "| BatchNorm layers | BatchNorm in inference mode in train step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in SUBMODULES:
+        part = getattr(model, name)
+        training = getattr(row, name)
+        norms = [layer for layer in leaf_layers(part) if is_batch_norm(layer)]
+        # BatchNormalization uses batch statistics only when called with training=True *and*
+        # it is trainable; otherwise it normalises with its moving statistics.
+        inference = sum(1 for layer in norms if not (training and layer.trainable))
+        lines.append(
+            f"| {name} | {training} | {_count(part.trainable_weights):,} | "
+            f"{_count(part.non_trainable_weights):,} | {len(norms)} | {inference} |"
+        )
+    return "\n".join(lines)
+
+
+def _count(weights) -> int:
+    return sum(math.prod(w.shape) for w in weights)
