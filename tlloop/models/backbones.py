@@ -61,7 +61,9 @@ def small_cnn(image_size: int) -> keras.Model:
     x = keras.layers.Rescaling(1 / 255, name="rescale")(inputs)
     for i, filters in enumerate((32, 64, 128), start=1):
         x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
-        x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+        # Momentum 0.9, not Keras' 0.99: moving variances start at 1.0, far from the ~1e-3 of
+        # these activations, and a small data set gives too few steps to forget that start.
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
         x = keras.layers.ReLU(name=f"relu{i}")(x)
         if i < 3:
             x = keras.layers.MaxPooling2D(name=f"pool{i}")(x)
