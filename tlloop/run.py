@@ -21,9 +21,9 @@ flags.mark_flag_as_required("workdir")
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
     try:
+        if len(argv) > 1:
+            raise ConfigError(f"unexpected arguments {argv[1:]}; accepted: only --name=value flags")
         config = tlloop_flags.to_config(FLAGS)
         # TensorFlow loads only once the flags are known good: a typo fails in a fraction of
         # a second instead of after TensorFlow's start-up.

@@ -124,8 +124,7 @@ def _select(
     unknown = [name for name in wanted if name not in names]
     if unknown:
         raise ConfigError(
-            f"--classes={','.join(wanted)!r}: unknown classes {unknown}; accepted: names from "
-            f"{', '.join(names)}"
+            f"--classes: unknown classes {unknown}; accepted: names from {', '.join(names)}"
         )
     old_to_new = np.full(len(names), -1, np.int32)
     for new, name in enumerate(wanted):

@@ -38,16 +38,16 @@ class ApplicationPreprocess(keras.layers.Layer):
 
 
 def _application_module(name: str):
-    """The keras.applications submodule that defines class `name` (None if none does)."""
-    for attr in sorted(dir(keras.applications)):
-        module = getattr(keras.applications, attr)
-        if (
-            inspect.ismodule(module)
-            and hasattr(module, name)
-            and hasattr(module, "preprocess_input")
-        ):
-            return module
-    return None
+    """The public keras.applications submodule of class `name`, or None if there is none.
+
+    Found through the module that defines the class, because some families (MobileNetV3)
+    are exported only at the top of keras.applications, not from their submodule.
+    """
+    builder = getattr(keras.applications, name, None) if name[:1].isupper() else None
+    if not callable(builder):
+        return None
+    module = getattr(keras.applications, builder.__module__.rsplit(".", 1)[-1], None)
+    return module if inspect.ismodule(module) and hasattr(module, "preprocess_input") else None
 
 
 def application_names() -> list[str]:

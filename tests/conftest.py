@@ -1,0 +1,101 @@
+"""Shared test helpers: tiny real runs on the embedded digits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+from tlloop import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAINED = os.path.join(REPO, "experiments", "pretrained", "small_cnn_digits0-4.keras")
+
+
+def make_config(workdir: str, **overrides) -> config_lib.RunConfig:
+    """A small run on digits 5-9: 8 training examples per class, 32 px, batch 16."""
+    values = {
+        "classes": "5-9",
+        "per_class": 8,
+        "image_size": 32,
+        "batch_size": 16,
+        "backbone": PRETRAINED,
+        "weights": "",
+        "dropout": 0.2,
+        "augment": "",
+        "head_epochs": 1,
+        "head_lr": 1e-2,
+        "finetune_epochs": 1,
+        "finetune_lr": 1e-3,
+        "unfreeze": "all",
+        "bn_mode": "frozen",
+        "jit_compile": False,
+        "steps_per_loop": 1,
+    }
+    values.update(overrides)
+    data = config_lib.DataConfig(
+        classes=config_lib.parse_classes(values["classes"]),
+        train_examples_per_class=values["per_class"],
+        image_size=values["image_size"],
+        batch_size=values["batch_size"],
+    )
+    model = config_lib.ModelConfig(
+        backbone=values["backbone"],
+        weights=values["weights"],
+        image_size=values["image_size"],
+        dropout=values["dropout"],
+        augment=config_lib.parse_augment(values["augment"]),
+    )
+    phases = (
+        config_lib.PhaseConfig(
+            "head", values["head_epochs"], values["head_lr"], config_lib.Unfreeze("none")
+        ),
+        config_lib.PhaseConfig(
+            "finetune",
+            values["finetune_epochs"],
+            values["finetune_lr"],
+            config_lib.Unfreeze.parse(values["unfreeze"]),
+            bn_mode=values["bn_mode"],
+        ),
+    )
+    return config_lib.RunConfig(
+        workdir=workdir,
+        data=data,
+        model=model,
+        phases=phases,
+        jit_compile=values["jit_compile"],
+        steps_per_loop=values["steps_per_loop"],
+    )
+
+
+def snapshot(layer) -> dict[str, np.ndarray]:
+    """Copies of every variable of `layer`, by path."""
+    return {v.path: np.array(v.numpy()) for v in layer.weights}
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    """Paths whose values are not bit-identical."""
+    return {path for path in before if not np.array_equal(before[path], after[path])}
+
+
+def run_cli(*args: str, cwd: str = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m tlloop.run ARGS` in a subprocess; killed after `timeout` seconds."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
+    return subprocess.run(
+        [sys.executable, "-m", "tlloop.run", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path) -> str:
+    return str(tmp_path / "run")

@@ -1,0 +1,151 @@
+"""The command line: the quickstart end to end, and every bad input refused cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import keras
+import numpy as np
+import pytest
+from conftest import REPO, run_cli
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+from tlloop.config import DataConfig, parse_classes
+from tlloop.data import load_data
+
+
+def _scalars(logdir: str, tag: str) -> list[tuple[int, float]]:
+    events = event_accumulator.EventAccumulator(logdir, size_guidance={"tensors": 0})
+    events.Reload()
+    return [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
+
+
+def test_quickstart_end_to_end_on_a_small_budget(tmp_path):
+    workdir = str(tmp_path / "quickstart")
+    result = run_cli(
+        "--flagfile=experiments/quickstart.flags",
+        f"--workdir={workdir}",
+        "--head_epochs=10",
+        "--finetune_epochs=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    results = json.loads(pathlib.Path(workdir, "results.json").read_text())
+    assert [p["name"] for p in results["phases"]] == ["head", "finetune"]
+    assert [p["last_step"] for p in results["phases"]] == [10, 12]  # 25 examples, batch 32
+    assert all(p["eval"]["examples"] == 269 for p in results["phases"])
+    assert results["phases"][0]["eval"]["accuracy"] > 0.3  # well above chance (0.2)
+
+    # One global step across phases, per-epoch scalars in both writers.
+    train_loss = _scalars(os.path.join(workdir, "tensorboard", "train"), "loss")
+    eval_accuracy = _scalars(os.path.join(workdir, "tensorboard", "eval"), "accuracy")
+    assert [step for step, _ in train_loss] == list(range(1, 13))
+    assert [step for step, _ in eval_accuracy] == list(range(1, 13))
+    assert eval_accuracy[-1][1] == pytest.approx(results["phases"][1]["eval"]["accuracy"])
+
+    # The export loads with Keras alone (after importing tlloop) and predicts like the run did.
+    import tlloop.models  # noqa: F401  registers tlloop's Keras classes
+
+    model = keras.saving.load_model(os.path.join(workdir, "export", "model.keras"))
+    assert [layer.name for layer in model.layers] == ["augment", "backbone", "head"]
+    data = load_data(DataConfig(classes=parse_classes("5-9"), train_examples_per_class=5))
+    correct = total = 0
+    for images, labels, weights in data.eval:
+        hits = (np.argmax(model(images), -1) == labels.numpy()) * weights.numpy()
+        correct, total = correct + hits.sum(), total + weights.numpy().sum()
+    assert total == 269
+    assert correct / total == pytest.approx(results["phases"][1]["eval"]["accuracy"], abs=1e-6)
+
+    # flags.txt re-runs the same experiment: a rerun from it is refused only for the workdir.
+    flags_file = os.path.join(workdir, "flags.txt")
+    assert "--train_examples_per_class=5" in pathlib.Path(flags_file).read_text()
+    rerun = run_cli(f"--flagfile={flags_file}")
+    assert rerun.returncode == 2
+    assert "--workdir" in rerun.stderr and "holds a previous run" in rerun.stderr
+
+
+def _error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert lines, result.stderr[-2000:]
+    return lines[-1]
+
+
+BAD_INPUTS = [
+    # (arguments, what the error line must contain)
+    (["--nosuchflag=1"], ["nosuchflag"]),
+    (["--unfreeze=top:x"], ["--unfreeze", "accepted"]),
+    (["--unfreeze=top:0"], ["--unfreeze", "accepted"]),
+    (["--dataset=imagenet"], ["--dataset", "digits|folder"]),
+    (["--batch_size=0"], ["--batch_size", "accepted"]),
+    (["--augment=blur"], ["--augment", "accepted"]),
+    (["--head_epochs=0", "--finetune_epochs=0"], ["--head_epochs", "accepted"]),
+    (["--dataset=folder"], ["--data_dir", "accepted"]),
+    (["--flagfile=missing.flags"], ["missing.flags"]),
+    (["--backbone=missing.keras"], ["--backbone", "no such file", "accepted"]),
+    (["--backbone=MobileNetV9"], ["--backbone", "unknown backbone", "MobileNetV2"]),
+    (
+        ["--backbone=MobileNetV2", "--weights=none", "--image_size=16"],
+        ["--image_size=16", "MobileNetV2", "at least 32"],
+    ),
+    (
+        ["--backbone=experiments/pretrained/small_cnn_digits0-4.keras", "--image_size=16"],
+        ["--image_size=16", "(32, 32, 3)", "accepted"],
+    ),
+    (["--backbone=MobileNetV2", "--weights=missing.h5"], ["--weights", "no such file"]),
+    (["--backbone=small_cnn", "--weights=imagenet"], ["--weights=imagenet", "accepted"]),
+    (["--classes=5-12"], ["--classes", "'10'", "accepted"]),
+    (["--unfreeze=top:9"], ["--unfreeze=top:9", "only 3 layers"]),
+    (["stray"], ["unexpected arguments", "accepted"]),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), BAD_INPUTS, ids=lambda v: " ".join(v))
+def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, args, expected):
+    workdir = tmp_path / "run"
+    result = run_cli(f"--workdir={workdir}", *args, timeout=120)
+    assert result.returncode != 0
+    line = _error_line(result)
+    for text in expected:
+        assert text in line
+    assert "Traceback" not in result.stderr
+    assert not workdir.exists()
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.write_text("keep me")
+    result = run_cli(f"--workdir={workdir}", "--head_epochs=1", "--finetune_epochs=0")
+    assert result.returncode == 2
+    assert "--workdir" in _error_line(result) and "is a file" in _error_line(result)
+    assert workdir.read_text() == "keep me"
+
+
+def test_overwrite_replaces_only_the_previous_runs_outputs(tmp_path):
+    workdir = tmp_path / "run"
+    (workdir / "export").mkdir(parents=True)
+    (workdir / "results.json").write_text("{}")
+    (workdir / "notes.txt").write_text("mine")
+    args = [
+        f"--workdir={workdir}",
+        "--classes=0-1",
+        "--train_examples_per_class=4",
+        "--image_size=16",
+        "--head_epochs=1",
+        "--finetune_epochs=0",
+    ]
+    refused = run_cli(*args)
+    assert refused.returncode == 2 and "--overwrite" in _error_line(refused)
+    assert (workdir / "results.json").read_text() == "{}"
+    replaced = run_cli(*args, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert "removing" in replaced.stderr and "results.json" in replaced.stderr
+    assert json.loads((workdir / "results.json").read_text())["phases"]
+    assert (workdir / "notes.txt").read_text() == "mine"
+
+
+def test_repo_root_holds_the_shipped_backbone():
+    # The quickstart depends on it; a clean clone must have it.
+    assert os.path.getsize(os.path.join(REPO, "experiments/pretrained/small_cnn_digits0-4.keras"))

@@ -1,0 +1,90 @@
+"""Promises 1 and 2: modes and trainable sets per phase, checked on real variables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import changed, make_config, snapshot
+
+from tlloop import phases as phase_lib
+from tlloop import trainer
+
+
+def _train(config):
+    experiment = trainer.build_experiment(config)
+    model = experiment.model
+    pretrained = snapshot(model.backbone)
+    head = snapshot(model.head)
+    trainer.train(experiment, config.workdir)
+    return model, pretrained, head
+
+
+def _is_moving_stat(path: str) -> bool:
+    return "moving_mean" in path or "moving_variance" in path
+
+
+def test_head_phase_leaves_every_backbone_variable_bit_identical(workdir):
+    model, before, head_before = _train(make_config(workdir, finetune_epochs=0, head_epochs=2))
+    assert any(_is_moving_stat(path) for path in before)
+    assert changed(before, snapshot(model.backbone)) == set()
+    assert changed(head_before, snapshot(model.head)) == set(head_before)
+
+
+def test_finetune_all_changes_kernels_but_not_batchnorm(workdir):
+    model, before, _ = _train(make_config(workdir, head_epochs=1, finetune_epochs=2))
+    moved = changed(before, snapshot(model.backbone))
+    kernels = {path for path in before if path.endswith("kernel")}
+    assert kernels and kernels <= moved
+    # BatchNorm is frozen and in inference mode: statistics, scale and offset all untouched.
+    norm_paths = {path for path in before if path.split("/")[-2].startswith("bn")}
+    assert norm_paths and not norm_paths & moved
+
+
+def test_bn_mode_train_moves_batchnorm_statistics(workdir):
+    # The counterpart of the test above: it shows the bit-identity check can fail.
+    model, before, _ = _train(make_config(workdir, head_epochs=0, bn_mode="train"))
+    moved = changed(before, snapshot(model.backbone))
+    assert {path for path in before if _is_moving_stat(path)} <= moved
+
+
+def test_finetune_top_n_changes_only_those_layers(workdir):
+    model, before, _ = _train(make_config(workdir, head_epochs=0, unfreeze="top:1"))
+    moved = changed(before, snapshot(model.backbone))
+    assert moved == {path for path in before if "conv3" in path}
+
+
+def test_top_n_larger_than_the_backbone_is_refused(workdir):
+    from tlloop.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--unfreeze=top:4: the backbone has only 3 layers"):
+        trainer.build_experiment(make_config(workdir, unfreeze="top:4"))
+
+
+def test_trainability_report_counts_parameters(workdir):
+    experiment = trainer.build_experiment(make_config(workdir, unfreeze="top:2"))
+    model, (head_phase, finetune) = experiment.model, experiment.phases
+    phase_lib.apply_trainability(model, head_phase)
+    report = phase_lib.trainability_report(model, head_phase)
+    assert "| backbone | False | 0 | 93,920 | 3 | 3 |" in report
+    phase_lib.apply_trainability(model, finetune)
+    report = phase_lib.trainability_report(model, finetune)
+    # conv2 (3*3*32*64) and conv3 (3*3*64*128) train; conv1 and the BatchNorm layers do not.
+    assert f"| backbone | False | {18432 + 73728:,} | {864 + 4 * (32 + 64 + 128):,} | 3 | 3 |" in (
+        report
+    )
+    assert "| head | True | 645 | 0 | 0 | 0 |" in report
+
+
+def test_plan_skips_phases_without_epochs(workdir):
+    experiment = trainer.build_experiment(make_config(workdir, head_epochs=0))
+    assert [phase.name for phase in experiment.phases] == ["finetune"]
+    assert experiment.phases[0].index == 0
+
+
+def test_bn_mode_train_sets_backbone_training_in_the_mode_table(workdir):
+    experiment = trainer.build_experiment(make_config(workdir, bn_mode="train"))
+    head_phase, finetune = experiment.phases
+    assert head_phase.modes.train.backbone is False
+    assert finetune.modes.train.backbone is True
+    assert finetune.modes.eval.backbone is False
+    assert np.all([not getattr(finetune.modes.predict, n) for n in ("augment", "backbone")])
