@@ -83,9 +83,11 @@ def changed(before: dict, after: dict) -> set[str]:
     return {path for path in before if not np.array_equal(before[path], after[path])}
 
 
-def run_cli(*args: str, cwd: str = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m tlloop.run ARGS` in a subprocess; killed after `timeout` seconds."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
+def run_cli(
+    *args: str, cwd: str = REPO, timeout: int = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m tlloop.run ARGS` in a subprocess (extra `env`); killed after `timeout` s."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "tlloop.run", *args],
         cwd=cwd,

@@ -101,18 +101,12 @@ def _application(name: str, weights: str, image_size: int) -> keras.Model:
     try:
         base = getattr(keras.applications, name)(
             include_top=False,
-            weights=None if weights == "none" else weights,
+            weights="imagenet" if weights == "imagenet" else None,
             input_shape=(image_size, image_size, 3),
         )
-    except ValueError as error:  # e.g. "Input size must be at least 32x32" or a bad weights file
-        flag = (
-            "image_size"
-            if "size" in str(error).lower() or "shape" in str(error).lower()
-            else "weights"
-        )
-        value = image_size if flag == "image_size" else weights
+    except ValueError as error:  # e.g. "Input size must be at least 32x32"
         raise ConfigError(
-            f"--{flag}={value!r}: {name} cannot take it: {_one_line(error)}"
+            f"--image_size={image_size}: {name} cannot take it: {_one_line(error)}"
         ) from None
     except Exception as error:  # the ImageNet download: no network, or a server error
         if weights != "imagenet":
@@ -121,6 +115,8 @@ def _application(name: str, weights: str, image_size: int) -> keras.Model:
             f"--weights=imagenet: could not fetch {name}'s ImageNet weights ({_one_line(error)}); "
             f"accepted: {_WEIGHTS_ACCEPTED} (download the file once where there is a network)"
         ) from None
+    if weights not in ("imagenet", "none"):
+        _load_weights(base, weights)
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
     x = ApplicationPreprocess(name, name="preprocess")(inputs)
     return keras.Model(inputs, base(x), name="backbone")

@@ -1,0 +1,129 @@
+"""Backbones by name, by file and built in; weights files; safe loading; layer selection."""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from tlloop import phases as phase_lib
+from tlloop.config import ConfigError, ModelConfig, PhaseConfig, Unfreeze
+from tlloop.models import ModeTable, build_model
+from tlloop.models.backbones import build_backbone
+
+
+def _pixels(size: int, batch: int = 2) -> np.ndarray:
+    return np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype("float32")
+
+
+def test_application_backbone_applies_its_own_preprocessing():
+    backbone = build_backbone("MobileNetV2", "none", 32)
+    preprocess = backbone.get_layer("preprocess")
+    # MobileNetV2 expects pixels scaled to [-1, 1].
+    edges = np.array([[[[0.0, 127.5, 255.0]]]], "float32")
+    assert np.allclose(np.asarray(preprocess(edges)), [[[[-1.0, 0.0, 1.0]]]])
+    x = _pixels(32)
+    base = backbone.layers[-1]
+    expected = base(keras.applications.mobilenet_v2.preprocess_input(x.copy()), training=False)
+    assert np.allclose(np.asarray(backbone(x, training=False)), np.asarray(expected), atol=1e-5)
+
+
+def test_application_backbone_loads_a_weights_file(tmp_path):
+    keras.utils.set_random_seed(3)
+    source = keras.applications.MobileNetV2(
+        include_top=False, weights=None, input_shape=(32, 32, 3)
+    )
+    path = str(tmp_path / "mobilenet.weights.h5")
+    source.save_weights(path)
+    loaded = build_backbone("MobileNetV2", path, 32).layers[-1]
+    for a, b in zip(source.weights, loaded.weights, strict=True):
+        assert np.array_equal(a.numpy(), b.numpy())
+
+
+def test_a_weights_file_of_another_network_is_refused(tmp_path):
+    path = str(tmp_path / "other.weights.h5")
+    keras.applications.MobileNet(
+        include_top=False, weights=None, input_shape=(32, 32, 3)
+    ).save_weights(path)
+    with pytest.raises(ConfigError, match=r"--weights='.*other.weights.h5': does not fit"):
+        build_backbone("MobileNetV2", path, 32)
+
+
+def test_imagenet_weights_without_network_is_one_clear_error(tmp_path):
+    # No mock: an unreachable proxy makes the real download fail at once, as offline does.
+    workdir = tmp_path / "run"
+    env = {"HOME": str(tmp_path), "KERAS_HOME": str(tmp_path / "keras")}
+    env |= {name: "http://127.0.0.1:9" for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY")}
+    result = run_cli(
+        f"--workdir={workdir}",
+        "--backbone=MobileNetV2",
+        "--weights=imagenet",
+        "--image_size=32",
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("tlloop: error: --weights=imagenet: could not fetch MobileNetV2")
+    assert "accepted" in error
+    assert not workdir.exists()
+
+
+def test_keras_file_backbone_loads_in_safe_mode_only_without_code(tmp_path):
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Lambda(lambda t: t / 255.0)(inputs)
+    x = keras.layers.Conv2D(4, 3)(x)
+    path = str(tmp_path / "lambda.keras")
+    keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x)).save(path)
+    with pytest.raises(ConfigError, match="--unsafe_deserialization"):
+        build_backbone(path, "", 16)
+    backbone = build_backbone(path, "", 16, safe_mode=False)
+    assert backbone.name == "backbone" and tuple(backbone.outputs[0].shape) == (None, 4)
+
+
+def test_vector_backbone_gets_a_head_without_pooling(tmp_path):
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3)(keras.layers.Rescaling(1 / 255)(inputs))
+    path = str(tmp_path / "vector.keras")
+    keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x)).save(path)
+    model = build_model(ModelConfig(backbone=path, image_size=16), 3)
+    assert [layer.name for layer in model.head.layers] == ["features", "dropout", "logits"]
+    assert model(_pixels(16)).shape == (2, 3)
+
+
+def test_top_n_on_mobilenet_selects_the_last_weighted_layers():
+    model = build_model(ModelConfig(backbone="MobileNetV2", weights="none", image_size=32), 4)
+    phase = phase_lib.Phase(0, PhaseConfig("finetune", 1, 1e-4, Unfreeze("top", 2)), ModeTable())
+    phase_lib.apply_trainability(model, phase)
+    trainable = [
+        layer.name for layer in phase_lib.leaf_layers(model.backbone) if layer.trainable_weights
+    ]
+    assert trainable == ["block_16_project", "Conv_1"]
+    head = [v.path for v in model.head.trainable_weights]
+    assert {v.path for v in model.trainable_variables} == {
+        *head,
+        *(v.path for v in model.backbone.trainable_weights),
+    }
+
+
+@pytest.mark.parametrize("name", ["EfficientNetB0", "ResNet50", "MobileNetV3Small"])
+def test_other_application_families_build_with_preprocessing(name):
+    backbone = build_backbone(name, "none", 32)
+    assert backbone.get_layer("preprocess").application == name
+    assert len(backbone(_pixels(32, 1), training=False).shape) == 4
+
+
+def test_exported_keras_files_load_back(tmp_path):
+    from tlloop.export import export_model
+
+    model = build_model(ModelConfig(image_size=16), 3)
+    paths = export_model(model, str(tmp_path / "export"))
+    assert oct(os.stat(paths["model"]).st_mode & 0o777) != oct(0o600)
+    loaded = keras.saving.load_model(paths["model"])
+    x = _pixels(16)
+    assert np.array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+    backbone = keras.saving.load_model(paths["backbone"])
+    assert np.array_equal(np.asarray(backbone(x)), np.asarray(model.backbone(x)))
