@@ -121,3 +121,33 @@ def test_steps_trace_once_whatever_the_step_count_and_iterator():
     for count in (1, 2):
         eval_step(iter(evaluation), count)
     assert eval_step._loop.experimental_get_tracing_count() == 1
+
+
+def _trained_weights(jit_compile: bool, images, labels):
+    keras.utils.set_random_seed(5)
+    model = build_model(ModelConfig(image_size=16, dropout=0.0), 3)
+    model.backbone.trainable = True
+    optimizer = keras.optimizers.Adam(learning_rate=1e-2)
+    optimizer.build(model.trainable_variables)
+    step = TrainStep(
+        model,
+        optimizer,
+        ModeTable(),
+        Metrics(),
+        tf.Variable(0, dtype=tf.int64),
+        global_batch_size=16,
+        jit_compile=jit_compile,
+    )
+    step(iter(_one_batch(images, labels)), 3)
+    return [np.array(v.numpy()) for v in model.trainable_variables], step
+
+
+def test_jit_compiled_step_matches_the_plain_step():
+    images, labels = _batch()
+    plain, _ = _trained_weights(False, images, labels)
+    jitted, step = _trained_weights(True, images, labels)
+    assert step._grads.experimental_get_tracing_count() == 1  # the XLA part exists and ran
+    # XLA fuses and reorders float32 arithmetic; after 3 Adam steps at lr 1e-2 the weights
+    # agree to 3.3e-6 here, far below the 1e-2 scale of one update.
+    for a, b in zip(plain, jitted, strict=True):
+        assert np.allclose(a, b, atol=1e-4)
