@@ -128,3 +128,16 @@ def test_exported_keras_files_load_back(tmp_path):
     assert np.array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
     backbone = keras.saving.load_model(paths["backbone"])
     assert np.array_equal(np.asarray(backbone(x)), np.asarray(model.backbone(x)))
+
+
+@pytest.mark.filterwarnings("ignore:Skipping nested container")
+def test_small_cnn_loads_a_weights_file_and_refuses_a_wrong_size(tmp_path):
+    keras.utils.set_random_seed(4)
+    source = build_backbone("small_cnn", "none", 16)
+    path = str(tmp_path / "small.weights.h5")
+    source.save_weights(path)
+    loaded = build_backbone("small_cnn", path, 16)
+    for a, b in zip(source.weights, loaded.weights, strict=True):
+        assert np.array_equal(a.numpy(), b.numpy())
+    with pytest.raises(ConfigError, match=r"^--weights='.*small.weights.h5': does not fit"):
+        build_backbone("MobileNetV2", path, 32)

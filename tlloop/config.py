@@ -13,6 +13,7 @@ import re
 
 DATASETS = ("digits", "folder")
 BN_MODES = ("frozen", "train")
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 AUGMENT_OPS = ("flip", "rotate", "zoom", "contrast", "translate")
 
 
@@ -202,6 +203,57 @@ class PhaseConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributeConfig:
+    """Which tf.distribute strategy runs the steps, on which devices.
+
+    `logical_devices` > 0 splits the first GPU (or the CPU) into that many logical devices
+    first, so multi-replica runs can be reproduced on one machine.
+    """
+
+    strategy: str = "auto"
+    devices: tuple[str, ...] = ()
+    logical_devices: int = 0
+    logical_device_memory_mb: int = 2048
+    cluster_timeout_secs: float = 300.0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.strategy in STRATEGIES, "strategy", self.strategy, "unknown", ", ".join(STRATEGIES)
+        )
+        _require(
+            not self.devices or self.strategy in ("mirrored", "one_device"),
+            "devices",
+            ",".join(self.devices),
+            f"does not apply to --strategy={self.strategy}",
+            "--strategy=mirrored or one_device with --devices",
+        )
+        _require(
+            self.strategy != "one_device" or len(self.devices) <= 1,
+            "devices",
+            ",".join(self.devices),
+            "one_device takes one device",
+            "a single device name, e.g. /gpu:0",
+        )
+        _require(
+            self.logical_devices >= 0, "logical_devices", self.logical_devices, "negative", ">= 0"
+        )
+        _require(
+            self.logical_device_memory_mb >= 1,
+            "logical_device_memory_mb",
+            self.logical_device_memory_mb,
+            "too small",
+            ">= 1",
+        )
+        _require(
+            self.cluster_timeout_secs > 0,
+            "cluster_timeout_secs",
+            self.cluster_timeout_secs,
+            "not positive",
+            "> 0",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The whole run: data, model, the phases in order, and how steps are compiled."""
 
@@ -209,6 +261,7 @@ class RunConfig:
     data: DataConfig
     model: ModelConfig
     phases: tuple[PhaseConfig, ...]
+    distribute: DistributeConfig = DistributeConfig()
     jit_compile: bool = False
     steps_per_loop: int = 1
     seed: int = 0

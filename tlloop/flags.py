@@ -138,6 +138,47 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         fv,
         enum_values=list(config_lib.BN_MODES),
     )
+    # Distribution.
+    _define(
+        d.DEFINE_enum,
+        "strategy",
+        "auto",
+        "auto (mirrored when more than one GPU is "
+        "visible, else default), default, one_device, mirrored, or multi_worker (the cluster "
+        "from TF_CONFIG).",
+        fv,
+        enum_values=list(config_lib.STRATEGIES),
+    )
+    _define(
+        d.DEFINE_list,
+        "devices",
+        [],
+        "Devices for mirrored or one_device, e.g. /gpu:0,/gpu:1; empty: every GPU, or the CPU(s).",
+        fv,
+    )
+    _define(
+        d.DEFINE_integer,
+        "logical_devices",
+        0,
+        "Split the first GPU (or the CPU) into this "
+        "many logical devices before the strategy is made; 0: no split.",
+        fv,
+    )
+    _define(
+        d.DEFINE_integer,
+        "logical_device_memory_mb",
+        2048,
+        "Memory of each logical GPU made by --logical_devices.",
+        fv,
+    )
+    _define(
+        d.DEFINE_float,
+        "cluster_timeout_secs",
+        300,
+        "multi_worker: give up, with an "
+        "error, if the cluster of TF_CONFIG is not up after this many seconds.",
+        fv,
+    )
     # Compilation.
     _define(
         d.DEFINE_bool,
@@ -193,6 +234,13 @@ def to_config(flag_values: flags.FlagValues) -> config_lib.RunConfig:
         data=data,
         model=model,
         phases=phases,
+        distribute=config_lib.DistributeConfig(
+            strategy=f.strategy,
+            devices=tuple(f.devices),
+            logical_devices=f.logical_devices,
+            logical_device_memory_mb=f.logical_device_memory_mb,
+            cluster_timeout_secs=f.cluster_timeout_secs,
+        ),
         jit_compile=f.jit_compile,
         steps_per_loop=f.steps_per_loop,
         seed=f.seed,

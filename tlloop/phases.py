@@ -95,6 +95,19 @@ def apply_trainability(model: TransferModel, phase: Phase) -> None:
             layer.trainable = id(layer) in chosen_ids
 
 
+def synchronize_batch_norm(model: TransferModel, synchronized: bool) -> None:
+    """Sets `synchronized` on every BatchNormalization layer of the model.
+
+    With more than one replica, a BatchNorm that computes batch statistics must all-reduce
+    them; otherwise each replica normalises with its own share of the batch and its moving
+    statistics drift apart from the other replicas'. Keras reads the flag when it traces.
+    """
+    for name in SUBMODULES:
+        for layer in leaf_layers(getattr(model, name)):
+            if is_batch_norm(layer):
+                layer.synchronized = synchronized
+
+
 def trainability_report(model: TransferModel, phase: Phase) -> str:
     """A Markdown table of each submodule's mode, parameter counts and BatchNorm layers."""
     row = phase.modes.row("train")

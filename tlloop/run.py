@@ -1,6 +1,7 @@
 """Entry point: `python -m tlloop.run --flagfile=experiments/NAME.flags [--flag=value ...]`.
 
-Wiring only: flags -> config -> experiment (data, model, plan) -> workdir -> train. Any bad
+Wiring only: flags -> config -> devices and strategy -> experiment (data, model, plan) ->
+workdir (the chief's) -> train. Any bad
 input is reported as one line naming the flag or file, with exit code 2, before the workdir
 is touched.
 """
@@ -28,13 +29,18 @@ def main(argv: list[str]) -> int:
         # TensorFlow loads only once the flags are known good: a typo fails in a fraction of
         # a second instead of after TensorFlow's start-up.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-        from tlloop import trainer, workdir
+        from tlloop import distribute, trainer, workdir
 
-        experiment = trainer.build_experiment(config)
-        workdir.prepare(config.workdir, overwrite=config.overwrite)
-        workdir.write_text(
-            os.path.join(config.workdir, "flags.txt"), tlloop_flags.flags_text(FLAGS)
+        distribute.configure_logical_devices(
+            config.distribute.logical_devices, config.distribute.logical_device_memory_mb
         )
+        strategy = distribute.make_strategy(config.distribute)
+        experiment = trainer.build_experiment(config, strategy)
+        if distribute.is_chief(strategy):
+            workdir.prepare(config.workdir, overwrite=config.overwrite)
+            workdir.write_text(
+                os.path.join(config.workdir, "flags.txt"), tlloop_flags.flags_text(FLAGS)
+            )
     except ConfigError as error:
         print(f"tlloop: error: {error}", file=sys.stderr)
         return 2

@@ -7,7 +7,9 @@ exactly those. When the set changes (a phase unfreezes layers), a new `TrainStep
 `tf.while_loop` (one host call), reading batches from an iterator.
 
 Steps know nothing of flags: they get a model, an optimizer, a mode table and metrics. They run
-under whatever `tf.distribute` strategy is current when they are made.
+under the `tf.distribute` strategy current when they are made, and refuse state (variables of the
+model, optimizer, metrics, step counter) that was created outside that strategy's scope: such
+state fails or hangs later, far from its cause.
 """
 
 from __future__ import annotations
@@ -44,9 +46,27 @@ class Metrics:
             "examples": round(float(self.examples.result())),
         }
 
+    @property
+    def variables(self) -> list:
+        return [v for metric in (self.loss, self.accuracy, self.examples) for v in metric.variables]
+
     def reset(self) -> None:
         for metric in (self.loss, self.accuracy, self.examples):
             metric.reset_state()
+
+
+def check_created_in_scope(strategy: tf.distribute.Strategy, variables, what: str) -> None:
+    """Raises ValueError naming the first of `variables` not created under `strategy.scope()`."""
+    for variable in variables:
+        # A Keras variable wraps the tf.Variable the strategy made (`.value`); a tf.Variable is one.
+        tf_variable = variable if isinstance(variable, tf.Variable) else variable.value
+        if not strategy.extended.variable_created_in_scope(tf_variable):
+            name = getattr(variable, "path", None) or variable.name
+            raise ValueError(
+                f"{what} variable {name!r} was created outside the scope of "
+                f"{type(strategy).__name__}; create models, optimizers, metrics and step "
+                "counters inside `with strategy.scope():`"
+            )
 
 
 def per_example_loss(labels, logits):
@@ -87,6 +107,10 @@ class TrainStep:
         self.strategy = tf.distribute.get_strategy()
         if not self.variables:
             raise ValueError("nothing to train: the model has no trainable variables")
+        check_created_in_scope(self.strategy, model.weights, "model")
+        check_created_in_scope(self.strategy, optimizer.variables, "optimizer")
+        check_created_in_scope(self.strategy, metrics.variables, "metric")
+        check_created_in_scope(self.strategy, [global_step], "step counter")
         grads = self._loss_and_grads
         self._grads = tf.function(grads, jit_compile=True) if jit_compile else grads
         self._loop = tf.function(self._run_loop)
@@ -139,6 +163,8 @@ class EvalStep:
         self.modes = modes.row("eval")
         self.metrics = metrics
         self.strategy = tf.distribute.get_strategy()
+        check_created_in_scope(self.strategy, model.weights, "model")
+        check_created_in_scope(self.strategy, metrics.variables, "metric")
         forward = self._forward
         self._logits = tf.function(forward, jit_compile=True) if jit_compile else forward
         self._loop = tf.function(self._run_loop)

@@ -10,9 +10,12 @@ import tensorflow as tf
 class Summaries:
     """Scalar and text summaries on one global step shared by every phase."""
 
-    def __init__(self, logdir: str) -> None:
+    def __init__(self, logdir: str, *, enabled: bool = True) -> None:
+        """Writers under `logdir`; with `enabled` False (a non-chief task) they write nothing."""
         self.writers = {
             split: tf.summary.create_file_writer(os.path.join(logdir, split))
+            if enabled
+            else tf.summary.create_noop_writer()
             for split in ("train", "eval")
         }
 

@@ -1,0 +1,266 @@
+"""MirroredStrategy on 2 logical CPUs and MultiWorkerMirroredStrategy on 127.0.0.1.
+
+Multi-replica runs go through the command line in subprocesses: logical devices can only be
+made before TensorFlow initialises, which the test process has long done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+from conftest import PRETRAINED, REPO, run_cli
+
+import tlloop.models  # noqa: F401  registers tlloop's Keras classes
+from tlloop import distribute, trainer
+from tlloop import flags as tlloop_flags
+from tlloop.config import ConfigError, DistributeConfig, ModelConfig
+from tlloop.models import ModeTable, build_model
+from tlloop.steps import Metrics, TrainStep
+
+# Both phases, several steps each, no randomness that differs per replica (dropout, augment),
+# and an evaluation batch (7) that neither 269 examples nor 2 replicas divide.
+SMALL = [
+    "--flagfile=experiments/quickstart.flags",
+    "--train_examples_per_class=13",
+    "--head_epochs=2",
+    "--finetune_epochs=2",
+    "--dropout=0",
+    "--augment=",
+    "--eval_batch_size=7",
+]
+MIRRORED = ["--strategy=mirrored", "--logical_devices=2"]
+
+
+def _run(workdir: pathlib.Path, *args: str) -> dict:
+    result = run_cli(*SMALL, *args, f"--workdir={workdir}")  # after the flagfile: it wins
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((workdir / "results.json").read_text())
+
+
+def _by_submodule(model) -> dict[str, np.ndarray]:
+    """Every weight (RNG states excluded) keyed "submodule/variable path"."""
+    return {
+        f"{name}/{v.path}": v.numpy()
+        for name in ("augment", "backbone", "head")
+        for v in getattr(model, name).weights
+        if "seed_generator" not in v.path
+    }
+
+
+def _weights(path) -> dict[str, np.ndarray]:
+    return _by_submodule(keras.saving.load_model(path))
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def single_device(tmp_path_factory) -> pathlib.Path:
+    workdir = tmp_path_factory.mktemp("single") / "run"
+    results = _run(workdir, "--strategy=default")
+    assert results["replicas"] == 1
+    assert all(phase["eval"]["examples"] == 269 for phase in results["phases"])
+    return workdir
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["plain", "jit_compile"])
+def test_mirrored_matches_one_device(tmp_path, single_device, jit):
+    extra = ["--jit_compile"] if jit else []
+    results = _run(tmp_path / "run", *MIRRORED, *extra)
+    assert results["replicas"] == 2
+    # Every evaluation counted each of the 269 examples exactly once across both replicas.
+    assert [phase["eval"]["examples"] for phase in results["phases"]] == [269, 269]
+
+    mirrored = _weights(tmp_path / "run/export/model.keras")
+    single = _weights(single_device / "export/model.keras")
+    # The all-reduce adds two half-batch gradients where one device reduces the whole batch,
+    # and XLA reorders float32 sums: measured 7e-7 (1.5e-6 with XLA) after 8 Adam steps.
+    assert _max_difference(mirrored, single) < 1e-5
+
+    pretrained = {v.path: v.numpy() for v in keras.saving.load_model(PRETRAINED).weights}
+    statistics = [p for p in pretrained if "moving" in p]
+    assert statistics
+    for path in statistics:  # backbone/bn1/moving_mean in the model, bn1/moving_mean alone
+        assert np.array_equal(mirrored[f"backbone/{path}"], pretrained[path])
+    initial = _initial_weights(*SMALL, *MIRRORED, *extra)
+    for path in (p for p in initial if p.startswith("head/")):
+        assert not np.array_equal(mirrored[path], initial[path])
+    assert results["phases"][0]["eval"]["accuracy"] > 0.3  # chance is 0.2
+
+
+def _initial_weights(*args: str) -> dict[str, np.ndarray]:
+    """The weights a run with `args` starts from, rebuilt in this process from the same flags."""
+    values = flags.FlagValues()
+    tlloop_flags.define_flags(values)
+    cwd = os.getcwd()
+    os.chdir(REPO)  # the flagfile's paths are relative to the repository
+    try:
+        values(["tlloop", "--workdir=unused", *args])
+        experiment = trainer.build_experiment(tlloop_flags.to_config(values))
+    finally:
+        os.chdir(cwd)
+    return _by_submodule(experiment.model)
+
+
+def test_mirrored_batchnorm_in_training_mode_is_synchronized(tmp_path):
+    args = ["--head_epochs=1", "--finetune_epochs=3", "--bn_mode=train"]
+    _run(tmp_path / "single", *args, "--strategy=default")
+    _run(tmp_path / "mirrored", *args, *MIRRORED)
+    single = _weights(tmp_path / "single/export/model.keras")
+    mirrored = _weights(tmp_path / "mirrored/export/model.keras")
+    # Synchronized batch statistics come from an all-reduced sum and sum of squares, not
+    # one pass over the batch: 5e-4 apart after 9 steps. Unsynchronized replicas, each with
+    # its half batch, end 3e-2 apart (measured by switching synchronization off).
+    assert _max_difference(mirrored, single) < 2e-3
+    moved = [p for p in single if "moving_mean" in p]
+    pretrained = {v.path: v.numpy() for v in keras.saving.load_model(PRETRAINED).weights}
+    assert all(not np.array_equal(mirrored[p], pretrained[p.split("/", 1)[1]]) for p in moved)
+    assert moved
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _start_worker(index: int, ports: list[int], workdir, *args: str) -> subprocess.Popen:
+    tf_config = {
+        "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+        "task": {"type": "worker", "index": index},
+    }
+    env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env["PYTHONPATH"] = REPO
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tlloop.run",
+            *args,
+            "--strategy=multi_worker",
+            f"--workdir={workdir}",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(processes: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Each process's stderr; any still running after `timeout` is SIGKILLed by its pid."""
+    deadline = time.monotonic() + timeout
+    outputs = []
+    try:
+        for process in processes:
+            remaining = max(deadline - time.monotonic(), 0.1)
+            try:
+                outputs.append(process.communicate(timeout=remaining)[1])
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)  # they ignore SIGTERM while in collectives
+                outputs.append(process.communicate()[1])
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+    return outputs
+
+
+def test_two_worker_cluster_on_localhost(tmp_path, single_device):
+    workdir = tmp_path / "run"
+    ports = _free_ports(2)
+    workers = [_start_worker(i, ports, workdir, *SMALL) for i in range(2)]
+    logs = _finish(workers, timeout=240)
+    assert [w.returncode for w in workers] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+
+    digests = [
+        line.rsplit(" ", 1)[-1]
+        for log in logs
+        for line in log.splitlines()
+        if "final weights sha256" in line
+    ]
+    assert len(digests) == 2 and digests[0] == digests[1]  # the same weights on both workers
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["replicas"] == 2 and results["weights_sha256"] == digests[0]
+    assert [phase["eval"]["examples"] for phase in results["phases"]] == [269, 269]
+
+    # Only the chief wrote: one export, one event file per writer, all from one process.
+    assert sorted(p.name for p in (workdir / "export").iterdir()) == [
+        "backbone.keras",
+        "model.keras",
+    ]
+    events = sorted((workdir / "tensorboard").glob("*/events.out.tfevents.*"))
+    assert [p.parent.name for p in events] == ["eval", "train"]
+    assert len({p.name.split(".")[4] for p in events}) == 1  # one writer process (its pid)
+    multi = _weights(workdir / "export/model.keras")
+    assert _max_difference(multi, _weights(single_device / "export/model.keras")) < 1e-5
+
+
+def test_a_worker_whose_peer_never_starts_exits_with_a_clear_error(tmp_path):
+    workdir = tmp_path / "run"
+    started = time.monotonic()
+    (worker,) = [_start_worker(0, _free_ports(2), workdir, "--cluster_timeout_secs=3")]
+    (log,) = _finish([worker], timeout=90)
+    assert worker.returncode != 0
+    assert time.monotonic() - started < 60
+    error = [line for line in log.splitlines() if line.startswith("tlloop: error:")]
+    assert len(error) == 1 and "--cluster_timeout_secs=3" in error[0]
+    assert "did not come up" in error[0] and "waiting for 127.0.0.1:" in error[0]
+    assert not workdir.exists()
+
+
+def test_distribution_config_errors_name_the_flag(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match=r"^--strategy=multi_worker: TF_CONFIG is not set"):
+        distribute.make_strategy(DistributeConfig(strategy="multi_worker"))
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["a:1"]}, "task": {"index": 3}}')
+    with pytest.raises(ConfigError, match=r"TF_CONFIG is not a cluster with this task"):
+        distribute.make_strategy(DistributeConfig(strategy="multi_worker"))
+    with pytest.raises(ConfigError, match=r"^--devices='/gpu:7': no such devices"):
+        distribute.make_strategy(DistributeConfig(strategy="mirrored", devices=("/gpu:7",)))
+    with pytest.raises(ConfigError, match=r"^--devices=.*does not apply to --strategy=default"):
+        DistributeConfig(strategy="default", devices=("/cpu:0",))
+
+
+def test_state_created_outside_the_scope_is_refused():
+    strategy = tf.distribute.MirroredStrategy(devices=["/cpu:0"])
+    model = build_model(ModelConfig(image_size=16), 3)  # all of this outside the scope
+    optimizer = keras.optimizers.Adam()
+    optimizer.build(model.trainable_variables)
+    metrics, step = Metrics(), tf.Variable(0, dtype=tf.int64)
+    with strategy.scope(), pytest.raises(ValueError, match=r"model variable .* outside the scope"):
+        TrainStep(model, optimizer, ModeTable(), metrics, step, global_batch_size=4)
+    with strategy.scope():
+        inside = build_model(ModelConfig(image_size=16), 3)
+    outside_step = tf.Variable(0, dtype=tf.int64)
+    with strategy.scope():
+        optimizer = keras.optimizers.Adam()
+        optimizer.build(inside.trainable_variables)
+        with pytest.raises(ValueError, match=r"step counter variable"):
+            TrainStep(inside, optimizer, ModeTable(), Metrics(), outside_step, global_batch_size=4)
+
+
+def test_is_chief_and_describe_on_one_host():
+    strategy = tf.distribute.get_strategy()
+    assert distribute.is_chief(strategy)
+    assert distribute.describe(strategy).endswith("with 1 replica(s)")

@@ -1,0 +1,153 @@
+"""Distribution: the strategy --strategy names, logical devices, and a cluster-start deadline.
+
+tlloop writes no distribution code of its own: it picks one of TensorFlow's strategies, creates
+all state under its scope (trainer.py) and lets `strategy.run` and the Keras optimizer do the
+all-reduce. This module only chooses and checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import tensorflow as tf
+
+from tlloop.config import ConfigError, DistributeConfig
+
+# Runs in a separate process: a thread cannot end a process whose main thread is blocked in
+# TensorFlow's cluster start (that call holds the GIL, measured), and the process ignores
+# SIGTERM, so the watchdog prints the error and sends SIGKILL. It checks that its parent is
+# still the process it guards, so it never kills a recycled pid.
+_WATCHDOG = """
+import os, signal, sys, time
+pid, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+time.sleep(seconds)
+if os.getppid() == pid:
+    sys.stderr.write(message + "\\n")
+    sys.stderr.flush()
+    os.kill(pid, signal.SIGKILL)
+"""
+
+
+def configure_logical_devices(count: int, gpu_memory_mb: int) -> None:
+    """Splits the first GPU (or, without one, the CPU) into `count` logical devices.
+
+    Each logical GPU gets `gpu_memory_mb` of memory. Must run before TensorFlow initialises its
+    devices; `count` 0 leaves the devices as they are.
+    """
+    if count == 0:
+        return
+    gpus = tf.config.list_physical_devices("GPU")
+    device = gpus[0] if gpus else tf.config.list_physical_devices("CPU")[0]
+    memory = gpu_memory_mb if gpus else None
+    logical = [tf.config.LogicalDeviceConfiguration(memory_limit=memory) for _ in range(count)]
+    tf.config.set_logical_device_configuration(device, logical)
+
+
+def make_strategy(config: DistributeConfig) -> tf.distribute.Strategy:
+    """The strategy `config` names; raises ConfigError for devices or a cluster that can't be."""
+    kind = config.strategy
+    if kind == "multi_worker":
+        # First, before anything initialises the runtime: collectives are configured at start.
+        _check_tf_config()
+        with cluster_start_deadline(config.cluster_timeout_secs, _cluster_message(config)):
+            return tf.distribute.MultiWorkerMirroredStrategy()
+    if kind == "auto":
+        kind = "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "default"
+    if kind == "default":
+        return tf.distribute.get_strategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    available = [d.name for d in tf.config.list_logical_devices()]
+    devices = list(config.devices) or [
+        d.name for d in (gpus or tf.config.list_logical_devices("CPU"))
+    ]
+    unknown = [d for d in devices if _canonical(d) not in map(_canonical, available)]
+    if unknown:
+        raise ConfigError(
+            f"--devices={','.join(config.devices)!r}: no such devices {unknown}; accepted: "
+            f"{', '.join(available)}"
+        )
+    if kind == "one_device":
+        return tf.distribute.OneDeviceStrategy(devices[0])
+    return tf.distribute.MirroredStrategy(devices=devices)
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the one task that writes logs, exports and results (every single-host run)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def describe(strategy: tf.distribute.Strategy) -> str:
+    """One line: the strategy's class, replica count and, for a cluster, this task."""
+    text = f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)"
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is not None and resolver.task_type:
+        text += f", task {resolver.task_type}:{resolver.task_id}"
+    return text
+
+
+@contextlib.contextmanager
+def cluster_start_deadline(seconds: float, message: str):
+    """Ends this process with `message` on stderr if the block does not finish in `seconds`."""
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds), message],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        watchdog.kill()
+        watchdog.wait()
+
+
+def _check_tf_config() -> None:
+    accepted = (
+        'TF_CONFIG as JSON, e.g. {"cluster": {"worker": ["host1:port", "host2:port"]}, '
+        '"task": {"type": "worker", "index": 0}}'
+    )
+    raw = os.environ.get("TF_CONFIG", "")
+    if not raw:
+        raise ConfigError(f"--strategy=multi_worker: TF_CONFIG is not set; accepted: {accepted}")
+    try:
+        tf_config = json.loads(raw)
+        task, cluster = tf_config["task"], tf_config["cluster"]
+        members = cluster[task["type"]]
+        ok = isinstance(members, list) and 0 <= int(task["index"]) < len(members)
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"--strategy=multi_worker: TF_CONFIG is not a cluster with this task in it; "
+            f"accepted: {accepted}"
+        )
+
+
+def _cluster_message(config: DistributeConfig) -> str:
+    tf_config = json.loads(os.environ["TF_CONFIG"])
+    task = tf_config["task"]
+    peers = [
+        address
+        for kind, addresses in tf_config["cluster"].items()
+        for i, address in enumerate(addresses)
+        if (kind, i) != (task["type"], int(task["index"]))
+    ]
+    return (
+        f"tlloop: error: --strategy=multi_worker: the cluster in TF_CONFIG did not come up "
+        f"within --cluster_timeout_secs={config.cluster_timeout_secs:g} (this task: "
+        f"{task['type']}:{task['index']}; waiting for {', '.join(peers)}); accepted: start every "
+        "task of TF_CONFIG, or a longer --cluster_timeout_secs"
+    )
+
+
+def _canonical(name: str) -> str:
+    """'/job:localhost/replica:0/task:0/device:CPU:1' and '/cpu:1' both become 'cpu:1'."""
+    return name.lower().rsplit("device:", 1)[-1].lstrip("/")
