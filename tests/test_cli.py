@@ -40,10 +40,12 @@ def test_quickstart_end_to_end_on_a_small_budget(tmp_path):
     assert results["phases"][0]["eval"]["accuracy"] > 0.3  # well above chance (0.2)
 
     # One global step across phases, per-epoch scalars in both writers.
-    train_loss = _scalars(os.path.join(workdir, "tensorboard", "train"), "loss")
+    train_loss = _scalars(os.path.join(workdir, "tensorboard", "train"), "epoch/loss")
     eval_accuracy = _scalars(os.path.join(workdir, "tensorboard", "eval"), "accuracy")
     assert [step for step, _ in train_loss] == list(range(1, 13))
     assert [step for step, _ in eval_accuracy] == list(range(1, 13))
+    step_loss = _scalars(os.path.join(workdir, "tensorboard", "train"), "loss")
+    assert [step for step, _ in step_loss] == [10]  # --log_every_steps=10
     assert eval_accuracy[-1][1] == pytest.approx(results["phases"][1]["eval"]["accuracy"])
 
     # The export loads with Keras alone (after importing tlloop) and predicts like the run did.

@@ -39,6 +39,7 @@ SMALL = [
     "--dropout=0",
     "--augment=",
     "--eval_batch_size=7",
+    "--log_every_steps=1",
 ]
 MIRRORED = ["--strategy=mirrored", "--logical_devices=2"]
 
@@ -96,10 +97,22 @@ def test_mirrored_matches_one_device(tmp_path, single_device, jit):
     assert statistics
     for path in statistics:  # backbone/bn1/moving_mean in the model, bn1/moving_mean alone
         assert np.array_equal(mirrored[f"backbone/{path}"], pretrained[path])
+    # Logged per-step values are those of the global batch, whatever the replica count.
+    logged = [_train_rows(tmp_path / "run"), _train_rows(single_device)]
+    assert [row["step"] for row in logged[0]] == [row["step"] for row in logged[1]]
+    for mirrored_row, single_row in zip(*logged, strict=True):
+        for key in ("loss", "accuracy", "gradient_norm"):
+            assert mirrored_row[key] == pytest.approx(single_row[key], rel=1e-4, abs=1e-6)
+
     initial = _initial_weights(*SMALL, *MIRRORED, *extra)
     for path in (p for p in initial if p.startswith("head/")):
         assert not np.array_equal(mirrored[path], initial[path])
     assert results["phases"][0]["eval"]["accuracy"] > 0.3  # chance is 0.2
+
+
+def _train_rows(workdir: pathlib.Path) -> list[dict]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if row["kind"] == "train"]
 
 
 def _initial_weights(*args: str) -> dict[str, np.ndarray]:

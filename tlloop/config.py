@@ -253,6 +253,37 @@ class DistributeConfig:
         )
 
 
+def parse_profile_steps(spec: str) -> tuple[int, ...]:
+    """Parses `--profile_steps=START,END` (global steps, 1 <= START <= END); empty: no profile."""
+    if not spec:
+        return ()
+    accepted = "START,END with 1 <= START <= END (global steps), or empty"
+    match = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", spec)
+    _require(match is not None, "profile_steps", spec, "not two step numbers", accepted)
+    start, end = int(match.group(1)), int(match.group(2))
+    _require(1 <= start <= end, "profile_steps", spec, "not an ordered range", accepted)
+    return (start, end)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """What is logged, how often, and whether the console shows a progress bar.
+
+    `log_every_steps` and `histogram_every_steps` count global steps, 0 turns them off;
+    `profile_steps` is () or (START, END): the profiler traces global steps START to END.
+    """
+
+    log_every_steps: int = 10
+    histogram_every_steps: int = 0
+    profile_steps: tuple[int, ...] = ()
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("log_every_steps", "histogram_every_steps"):
+            value = getattr(self, name)
+            _require(value >= 0, name, value, "negative", "0 (off) or a step count >= 1")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The whole run: data, model, the phases in order, and how steps are compiled."""
@@ -262,6 +293,7 @@ class RunConfig:
     model: ModelConfig
     phases: tuple[PhaseConfig, ...]
     distribute: DistributeConfig = DistributeConfig()
+    logging: LoggingConfig = LoggingConfig()
     jit_compile: bool = False
     steps_per_loop: int = 1
     seed: int = 0

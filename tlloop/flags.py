@@ -179,6 +179,32 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "error, if the cluster of TF_CONFIG is not up after this many seconds.",
         fv,
     )
+    # What is logged.
+    _define(
+        d.DEFINE_integer,
+        "log_every_steps",
+        10,
+        "Write train loss, accuracy, learning "
+        "rate and gradient norm every this many global steps; 0: never.",
+        fv,
+    )
+    _define(
+        d.DEFINE_integer,
+        "histogram_every_steps",
+        0,
+        "Write histograms of trainable "
+        "weights and their gradients every this many global steps; 0: never.",
+        fv,
+    )
+    _define(
+        d.DEFINE_string,
+        "profile_steps",
+        "",
+        "START,END: trace global steps START to END "
+        "with the TensorFlow profiler (TensorBoard's profile tab).",
+        fv,
+    )
+    _define(d.DEFINE_bool, "quiet", False, "No progress bar: log lines only.", fv)
     # Compilation.
     _define(
         d.DEFINE_bool,
@@ -240,6 +266,12 @@ def to_config(flag_values: flags.FlagValues) -> config_lib.RunConfig:
             logical_devices=f.logical_devices,
             logical_device_memory_mb=f.logical_device_memory_mb,
             cluster_timeout_secs=f.cluster_timeout_secs,
+        ),
+        logging=config_lib.LoggingConfig(
+            log_every_steps=f.log_every_steps,
+            histogram_every_steps=f.histogram_every_steps,
+            profile_steps=config_lib.parse_profile_steps(f.profile_steps),
+            quiet=f.quiet,
         ),
         jit_compile=f.jit_compile,
         steps_per_loop=f.steps_per_loop,

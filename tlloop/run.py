@@ -9,6 +9,7 @@ is touched.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from absl import app, flags
@@ -44,8 +45,16 @@ def main(argv: list[str]) -> int:
     except ConfigError as error:
         print(f"tlloop: error: {error}", file=sys.stderr)
         return 2
-    trainer.train(experiment, config.workdir)
+    # SIGTERM (a scheduler's preemption) unwinds like an exception, so every writer is flushed
+    # and closed on the way out; exit code 128 + 15 as for a process the signal ended.
+    signal.signal(signal.SIGTERM, _terminate)
+    trainer.train(experiment, config.workdir, tlloop_flags.flags_text(FLAGS))
     return 0
+
+
+def _terminate(signum, frame) -> None:
+    print("tlloop: stopped by SIGTERM", file=sys.stderr)
+    raise SystemExit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ state fails or hangs later, far from its cause.
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tlloop.models import ModeTable, TransferModel
@@ -27,10 +28,13 @@ class Metrics:
     must be read outside `strategy.run`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, num_classes: int = 0) -> None:
+        """With `num_classes` > 0, also a weighted confusion matrix (rows: labels)."""
         self.loss = keras.metrics.Mean(name="loss")
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.examples = keras.metrics.Sum(name="examples")
+        self.confusion = ConfusionMatrix(num_classes) if num_classes else None
+        self._all = [m for m in (self.loss, self.accuracy, self.examples, self.confusion) if m]
 
     def update(self, per_example_loss, labels, logits, weights=None) -> None:
         if weights is None:
@@ -38,21 +42,52 @@ class Metrics:
         self.loss.update_state(per_example_loss, sample_weight=weights)
         self.accuracy.update_state(labels, logits, sample_weight=weights)
         self.examples.update_state(weights)
+        if self.confusion is not None:
+            self.confusion.update_state(labels, logits, sample_weight=weights)
 
-    def result(self) -> dict[str, float]:
-        return {
+    def result(self) -> dict:
+        """loss, accuracy, examples; and `confusion`, a nested list, when it is kept."""
+        values = {
             "loss": float(self.loss.result()),
             "accuracy": float(self.accuracy.result()),
             "examples": round(float(self.examples.result())),
         }
+        if self.confusion is not None:
+            values["confusion"] = np.rint(np.asarray(self.confusion.result())).astype(int).tolist()
+        return values
 
     @property
     def variables(self) -> list:
-        return [v for metric in (self.loss, self.accuracy, self.examples) for v in metric.variables]
+        return [v for metric in self._all for v in metric.variables]
 
     def reset(self) -> None:
-        for metric in (self.loss, self.accuracy, self.examples):
+        for metric in self._all:
             metric.reset_state()
+
+
+class ConfusionMatrix(keras.metrics.Metric):
+    """Weighted counts of (label, predicted class) pairs, summed over replicas when read."""
+
+    def __init__(self, num_classes: int, name: str = "confusion", **kwargs) -> None:
+        super().__init__(name=name, **kwargs)
+        self.num_classes = num_classes
+        self.matrix = self.add_variable(
+            shape=(num_classes, num_classes), initializer="zeros", name="matrix", aggregation="sum"
+        )
+
+    def update_state(self, labels, logits, sample_weight=None) -> None:
+        predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
+        counts = tf.math.confusion_matrix(
+            tf.cast(labels, tf.int32),
+            predictions,
+            num_classes=self.num_classes,
+            weights=sample_weight,
+            dtype=self.matrix.dtype,
+        )
+        self.matrix.assign_add(counts)
+
+    def result(self):
+        return tf.convert_to_tensor(self.matrix)
 
 
 def check_created_in_scope(strategy: tf.distribute.Strategy, variables, what: str) -> None:
@@ -76,6 +111,10 @@ def per_example_loss(labels, logits):
     )
 
 
+# Columns of the rows a train call returns, one row per logged step.
+LOG_COLUMNS = ("step", "loss", "accuracy", "learning_rate", "gradient_norm")
+
+
 class TrainStep:
     """One compiled training step for the model's trainable set at construction time.
 
@@ -83,7 +122,13 @@ class TrainStep:
     is the per-example loss averaged over the global batch (`tf.nn.compute_average_loss`), plus
     the model's regularisation losses, so gradients do not depend on the replica count. With
     `jit_compile`, only the loss-and-gradient computation is compiled by XLA: augmentation
-    layers (RandomRotation) and the update stay outside, where every op and device can run.
+    layers (RandomRotation), summaries and the update stay outside, where every op can run.
+
+    Every `log_every_steps` steps (0: never) it writes scalars to the default summary writer
+    and returns a row of `LOG_COLUMNS`; every `histogram_every_steps` steps, histograms of the
+    trainable weights and their gradients (both of the global batch: with several replicas, a
+    logged step reduces the gradients once more). The cadence is decided in the graph, on the
+    step counter, so nothing retraces.
     """
 
     def __init__(
@@ -96,6 +141,8 @@ class TrainStep:
         *,
         global_batch_size: int,
         jit_compile: bool = False,
+        log_every_steps: int = 0,
+        histogram_every_steps: int = 0,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -103,6 +150,8 @@ class TrainStep:
         self.metrics = metrics
         self.global_step = global_step
         self.global_batch_size = global_batch_size
+        self.log_every_steps = log_every_steps
+        self.histogram_every_steps = histogram_every_steps
         self.variables = list(model.trainable_variables)
         self.strategy = tf.distribute.get_strategy()
         if not self.variables:
@@ -122,9 +171,12 @@ class TrainStep:
             a is b for a, b in zip(current, self.variables, strict=True)
         )
 
-    def __call__(self, iterator, num_steps: int) -> None:
-        """Runs `num_steps` steps on batches from `iterator`; the global step advances by that."""
-        self._loop(iterator, tf.constant(num_steps, tf.int32))
+    def __call__(self, iterator, num_steps: int) -> np.ndarray:
+        """Runs `num_steps` steps on batches from `iterator`; the global step advances by that.
+
+        Returns the logged rows, shape (logged steps, len(LOG_COLUMNS)).
+        """
+        return self._loop(iterator, tf.constant(num_steps, tf.int32)).numpy()
 
     def _loss_and_grads(self, images, labels):
         with tf.GradientTape() as tape:
@@ -136,17 +188,62 @@ class TrainStep:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
         return tape.gradient(loss, self.variables), losses, logits
 
-    def _replica_step(self, images, labels) -> None:
+    def _replica_step(self, images, labels):
         images = self.model.augment(images, training=self.modes.augment)
         grads, losses, logits = self._grads(images, labels)
+        # In replica context the Keras optimizer all-reduces (sums) the gradients itself.
         self.optimizer.apply(grads, self.variables)
         self.metrics.update(losses, labels, logits)
+        correct = tf.cast(tf.argmax(logits, -1, output_type=labels.dtype) == labels, tf.float32)
+        # This replica's shares of the global batch's mean loss and accuracy.
+        share = 1.0 / self.global_batch_size
+        return tf.reduce_sum(losses) * share, tf.reduce_sum(correct) * share, grads
 
-    def _run_loop(self, iterator, num_steps) -> None:
+    def _run_loop(self, iterator, num_steps):
+        rows = tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=(5,))
         for _ in tf.range(num_steps):
             images, labels = next(iterator)
-            self.strategy.run(self._replica_step, args=(images, labels))
-            self.global_step.assign_add(1)
+            loss, correct, grads = self.strategy.run(self._replica_step, args=(images, labels))
+            step = self.global_step.assign_add(1)
+            if self.log_every_steps and step % self.log_every_steps == 0:
+                row = self._log(step, loss, correct, grads)
+                rows = rows.write(rows.size(), row)
+            if self.histogram_every_steps and step % self.histogram_every_steps == 0:
+                self._histograms(step, grads)
+        return rows.stack()
+
+    def _log(self, step, loss, correct, grads):
+        sum_ = tf.distribute.ReduceOp.SUM
+        loss = self.strategy.reduce(sum_, loss, axis=None)
+        accuracy = self.strategy.reduce(sum_, correct, axis=None)
+        norm = tf.linalg.global_norm(self._global_gradients(grads))
+        rate = tf.cast(self.optimizer.learning_rate, tf.float32)
+        values = {"loss": loss, "accuracy": accuracy, "learning_rate": rate, "gradient_norm": norm}
+        with _top_level_name_scope():
+            for name, value in values.items():
+                tf.summary.scalar(name, value, step=step)
+        return tf.stack([tf.cast(step, tf.float32), loss, accuracy, rate, norm])
+
+    def _global_gradients(self, grads) -> list:
+        """The gradients of the global batch: the sum of every replica's.
+
+        The optimizer's own all-reduce is internal to Keras, so logged steps reduce once more;
+        with one replica this is the identity.
+        """
+        return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, g, axis=None) for g in grads]
+
+    def _histograms(self, step, grads) -> None:
+        grads = self._global_gradients(grads)
+        with _top_level_name_scope():
+            for variable, grad in zip(self.variables, grads, strict=True):
+                tf.summary.histogram(f"weights/{variable.path}", variable, step=step)
+                tf.summary.histogram(f"gradients/{variable.path}", grad, step=step)
+
+
+def _top_level_name_scope():
+    """A name scope at the top of the graph: summary tags take the current scope as a prefix,
+    which inside the step's loop and conditions would be "while/cond/"."""
+    return tf.compat.v1.get_default_graph().name_scope(None)
 
 
 class EvalStep:

@@ -1,23 +1,39 @@
-"""TensorBoard summaries: one writer per split under WORKDIR/tensorboard/{train,eval}."""
+"""What a researcher inspects: TensorBoard summaries and a machine-readable metrics.jsonl.
+
+Writers live under WORKDIR/tensorboard: `train` and `eval` hold the scalars, images,
+histograms and text; the directory itself holds the run's hparams, so several runs under one
+`--logdir` compare in the HParams dashboard. On a non-chief task everything is a no-op.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 
+import numpy as np
 import tensorflow as tf
+from tensorboard.plugins.hparams import api as hparams_api
 
 
 class Summaries:
-    """Scalar and text summaries on one global step shared by every phase."""
+    """TensorBoard writers for one run, plus WORKDIR/metrics.jsonl; all on one global step."""
 
-    def __init__(self, logdir: str, *, enabled: bool = True) -> None:
-        """Writers under `logdir`; with `enabled` False (a non-chief task) they write nothing."""
+    def __init__(self, workdir: str, *, enabled: bool = True) -> None:
+        logdir = os.path.join(workdir, "tensorboard")
+        self.enabled = enabled
         self.writers = {
-            split: tf.summary.create_file_writer(os.path.join(logdir, split))
+            name: tf.summary.create_file_writer(os.path.join(logdir, name))
             if enabled
             else tf.summary.create_noop_writer()
-            for split in ("train", "eval")
+            for name in ("train", "eval")
         }
+        self.root = tf.summary.create_file_writer(logdir) if enabled else None
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None  # noqa: SIM115
+
+    def default(self, split: str = "train"):
+        """A context in which in-graph summaries (the train step's) go to `split`'s writer."""
+        return self.writers[split].as_default()
 
     def scalars(self, split: str, values: dict[str, float], step: int) -> None:
         with self.writers[split].as_default(step=step):
@@ -28,10 +44,67 @@ class Summaries:
         with self.writers["train"].as_default(step=step):
             tf.summary.text(name, markdown)
 
+    def image(self, split: str, name: str, pixels: np.ndarray, step: int) -> None:
+        """One image, float pixels in [0, 1], shape (height, width, channels)."""
+        with self.writers[split].as_default(step=step):
+            tf.summary.image(name, np.asarray(pixels, np.float32)[None], step=step)
+
+    def hparams(self, values: dict, trial: str) -> None:
+        """Records the run's hyperparameters for the HParams dashboard."""
+        if self.root is not None:
+            with self.root.as_default():
+                hparams_api.hparams(values, trial_id=trial)
+            self.root.flush()
+
+    def record(self, kind: str, step: int, values: dict) -> None:
+        """Appends one line to metrics.jsonl: {"kind": kind, "step": step, **values}."""
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+            self._jsonl.flush()
+
     def flush(self) -> None:
         for writer in self.writers.values():
             writer.flush()
 
     def close(self) -> None:
-        for writer in self.writers.values():
-            writer.close()
+        for writer in (*self.writers.values(), self.root):
+            if writer is not None:
+                writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+
+def image_grid(images: np.ndarray, max_images: int = 16) -> np.ndarray:
+    """Up to `max_images` images (pixels in [0, 255]) tiled in a square grid, scaled to [0, 1]."""
+    images = np.clip(np.asarray(images[:max_images], np.float32) / 255.0, 0.0, 1.0)
+    count, height, width, channels = images.shape
+    side = math.ceil(math.sqrt(count))
+    grid = np.ones((side * (height + 1) + 1, side * (width + 1) + 1, channels), np.float32)
+    for i, image in enumerate(images):
+        row, column = divmod(i, side)
+        top, left = 1 + row * (height + 1), 1 + column * (width + 1)
+        grid[top : top + height, left : left + width] = image
+    return grid
+
+
+def confusion_image(matrix: list[list[int]], cell: int = 12) -> np.ndarray:
+    """A heat map of a confusion matrix: rows are labels, columns predictions.
+
+    Each row is normalised by its count, so the diagonal shows per-class recall; white is 0,
+    dark blue is 1.
+    """
+    counts = np.asarray(matrix, np.float32)
+    recall = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    white, blue = np.array([1.0, 1.0, 1.0]), np.array([0.03, 0.19, 0.42])
+    colours = white + recall[..., None] * (blue - white)
+    return np.kron(colours, np.ones((cell, cell, 1))).astype(np.float32)
+
+
+def confusion_text(matrix: list[list[int]], class_names: tuple[str, ...]) -> str:
+    """A Markdown table of the confusion counts (rows: labels, columns: predictions)."""
+    header = "| label \\\\ predicted | " + " | ".join(class_names) + " |"
+    lines = [header, "|---" * (len(class_names) + 1) + "|"]
+    for name, row in zip(class_names, matrix, strict=True):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines)

@@ -25,8 +25,8 @@ from tlloop.distribute import describe, is_chief
 from tlloop.export import export_model
 from tlloop.models import TransferModel, build_model
 from tlloop.optim import make_optimizer
-from tlloop.steps import EvalStep, Metrics, TrainStep
-from tlloop.summaries import Summaries
+from tlloop.steps import LOG_COLUMNS, EvalStep, Metrics, TrainStep
+from tlloop.summaries import Summaries, confusion_image, confusion_text, image_grid
 from tlloop.workdir import write_json
 
 
@@ -57,17 +57,22 @@ def build_experiment(
     return Experiment(config, strategy, data, model, plan)
 
 
-def train(experiment: Experiment, workdir: str) -> dict:
+def train(experiment: Experiment, workdir: str, flags_text: str = "") -> dict:
     """Runs every phase, evaluating after each epoch; the chief exports and writes results.json.
 
     Returns the results: per phase, its steps, time and last train and eval metrics; and a
     SHA-256 of the final weights, which every task logs (equal on all tasks of a cluster).
+    Summaries are flushed at every evaluation and closed on the way out, whatever ends the run.
     """
     strategy = experiment.strategy
     chief = is_chief(strategy)
     logging.info("strategy: %s", describe(strategy))
-    with strategy.scope():
-        results = _train_in_scope(experiment, workdir, chief)
+    summaries = Summaries(workdir, enabled=chief)
+    try:
+        with strategy.scope():
+            results = _train_in_scope(experiment, workdir, summaries, flags_text, chief)
+    finally:
+        summaries.close()
     logging.info("final weights sha256: %s", results["weights_sha256"])
     if chief:
         results["export"] = export_model(experiment.model, os.path.join(workdir, "export"))
@@ -75,14 +80,38 @@ def train(experiment: Experiment, workdir: str) -> dict:
     return results
 
 
-def _train_in_scope(experiment: Experiment, workdir: str, chief: bool) -> dict:
+def hparams_of(config: RunConfig) -> dict:
+    """The run's hyperparameters as flat str/int/float/bool values, for the HParams dashboard."""
+    return {
+        "dataset": config.data.dataset,
+        "classes": ",".join(config.data.classes) or "all",
+        "train_examples_per_class": config.data.train_examples_per_class,
+        "image_size": config.data.image_size,
+        "batch_size": config.data.batch_size,
+        "backbone": config.model.backbone,
+        "weights": config.model.weights or "default",
+        "dropout": config.model.dropout,
+        "augment": ",".join(f"{op.name}:{op.factor:g}" for op in config.model.augment) or "none",
+        **{f"{p.name}_epochs": p.epochs for p in config.phases},
+        **{f"{p.name}_lr": p.learning_rate for p in config.phases},
+        "unfreeze": str(config.phases[-1].unfreeze),
+        "bn_mode": config.phases[-1].bn_mode,
+        "strategy": config.distribute.strategy,
+        "jit_compile": config.jit_compile,
+        "seed": config.seed,
+    }
+
+
+def _train_in_scope(
+    experiment: Experiment, workdir: str, summaries: Summaries, flags_text: str, chief: bool
+) -> dict:
     config, data, model, strategy = (
         experiment.config,
         experiment.data,
         experiment.model,
         experiment.strategy,
     )
-    summaries = Summaries(os.path.join(workdir, "tensorboard"), enabled=chief)
+    log_config = config.logging
     global_step = tf.Variable(
         0,
         dtype=tf.int64,
@@ -90,12 +119,16 @@ def _train_in_scope(experiment: Experiment, workdir: str, chief: bool) -> dict:
         name="global_step",
         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
     )
-    train_metrics, eval_metrics = Metrics(), Metrics()
+    train_metrics, eval_metrics = Metrics(), Metrics(data.num_classes)
     eval_step = EvalStep(
         model, experiment.phases[0].modes, eval_metrics, jit_compile=config.jit_compile
     )
     train_batches = iter(_distribute(strategy, data.train))
     eval_batches = _distribute(strategy, data.eval)
+    profiler = _Profiler(log_config.profile_steps, os.path.join(workdir, "tensorboard", "train"))
+    summaries.hparams(hparams_of(config), trial=os.path.basename(os.path.abspath(workdir)))
+    if flags_text:
+        summaries.text("flags", "```\n" + flags_text + "```", 0)
     results = {
         "class_names": list(data.class_names),
         "train_size": data.train_size,
@@ -103,8 +136,9 @@ def _train_in_scope(experiment: Experiment, workdir: str, chief: bool) -> dict:
         "replicas": strategy.num_replicas_in_sync,
         "phases": [],
     }
-    try:
+    with summaries.default("train"):  # the train step writes its scalars in the graph
         for phase in experiment.phases:
+            step_now = int(global_step.numpy())
             phase_lib.apply_trainability(model, phase)
             # BatchNorm that uses batch statistics must see the global batch, not a replica's.
             phase_lib.synchronize_batch_norm(
@@ -113,9 +147,11 @@ def _train_in_scope(experiment: Experiment, workdir: str, chief: bool) -> dict:
             report = phase_lib.trainability_report(model, phase)
             logging.info("mode table:\n%s", phase.modes.to_text())
             logging.info("trainability:\n%s", report)
-            step_now = int(global_step.numpy())
             summaries.text("mode_table", phase.modes.to_text(), step_now)
             summaries.text("trainability", report, step_now)
+            summaries.scalars("train", {"phase": phase.index + 1}, step_now)
+            inputs = model.augment(data.preview, training=phase.modes.train.augment)
+            summaries.image("train", "augmented_inputs", image_grid(np.asarray(inputs)), step_now)
             optimizer = make_optimizer(phase.config, model.trainable_variables)
             train_step = TrainStep(
                 model,
@@ -125,6 +161,8 @@ def _train_in_scope(experiment: Experiment, workdir: str, chief: bool) -> dict:
                 global_step,
                 global_batch_size=config.data.batch_size,
                 jit_compile=config.jit_compile,
+                log_every_steps=log_config.log_every_steps,
+                histogram_every_steps=log_config.histogram_every_steps,
             )
             started = time.perf_counter()
             for epoch in range(phase.config.epochs):
@@ -132,29 +170,25 @@ def _train_in_scope(experiment: Experiment, workdir: str, chief: bool) -> dict:
                 if not train_step.matches(model):
                     raise RuntimeError("the trainable set changed under a compiled train step")
                 train_metrics.reset()
-                epoch_start = time.perf_counter()
-                _run_steps(train_step, train_batches, data.steps_per_epoch, config.steps_per_loop)
-                seconds = time.perf_counter() - epoch_start
+                progress = keras.utils.Progbar(
+                    data.steps_per_epoch,
+                    verbose=1 if chief and not log_config.quiet else 0,
+                    stateful_metrics=["examples/s"],
+                )
+                seconds = _run_epoch(
+                    train_step,
+                    train_batches,
+                    data.steps_per_epoch,
+                    config,
+                    phase,
+                    profiler,
+                    summaries,
+                    progress,
+                )
                 train_result = train_metrics.result()
                 eval_result = evaluate(eval_step, eval_metrics, eval_batches, data.eval_steps)
                 step_now = int(global_step.numpy())
-                summaries.scalars(
-                    "train",
-                    {
-                        "loss": train_result["loss"],
-                        "accuracy": train_result["accuracy"],
-                        "learning_rate": phase.config.learning_rate,
-                        "phase": phase.index + 1,
-                        "examples_per_second": train_result["examples"] / seconds,
-                    },
-                    step_now,
-                )
-                summaries.scalars(
-                    "eval",
-                    {"loss": eval_result["loss"], "accuracy": eval_result["accuracy"]},
-                    step_now,
-                )
-                summaries.flush()
+                _write_epoch(summaries, phase, epoch, step_now, train_result, eval_result, data)
                 logging.info(
                     "%s epoch %d/%d step %d: train loss %.4f acc %.4f | eval loss %.4f acc %.4f "
                     "(%d examples) | %.1f s",
@@ -169,6 +203,7 @@ def _train_in_scope(experiment: Experiment, workdir: str, chief: bool) -> dict:
                     eval_result["examples"],
                     seconds,
                 )
+            summaries.flush()
             results["phases"].append(
                 {
                     "name": phase.name,
@@ -179,10 +214,83 @@ def _train_in_scope(experiment: Experiment, workdir: str, chief: bool) -> dict:
                     "eval": eval_result,
                 }
             )
-    finally:
-        summaries.close()
+    profiler.stop()
     results["weights_sha256"] = weights_digest(model)
     return results
+
+
+def _run_epoch(step, batches, count, config, phase, profiler, summaries, progress) -> float:
+    """Runs one epoch's steps in calls of up to --steps_per_loop; returns its seconds."""
+    done, seconds = 0, 0.0
+    while done < count:
+        current = int(step.global_step.numpy())
+        profiler.at(current)
+        chunk = profiler.limit(current, min(count - done, config.steps_per_loop))
+        started = time.perf_counter()
+        rows = step(batches, chunk)
+        elapsed = time.perf_counter() - started
+        done, seconds = done + chunk, seconds + elapsed
+        speed = {
+            "examples_per_second": config.data.batch_size * chunk / elapsed,
+            "step_time_ms": 1000.0 * elapsed / chunk,
+        }
+        for row in rows:
+            values = dict(zip(LOG_COLUMNS, (float(v) for v in row), strict=True))
+            logged_step = int(values.pop("step"))
+            summaries.scalars("train", speed, logged_step)
+            summaries.record("train", logged_step, {"phase": phase.name, **values, **speed})
+        shown = (
+            [("loss", float(rows[-1][1])), ("accuracy", float(rows[-1][2]))] if len(rows) else []
+        )
+        progress.update(done, values=[*shown, ("examples/s", speed["examples_per_second"])])
+    profiler.at(int(step.global_step.numpy()))
+    return seconds
+
+
+def _write_epoch(summaries, phase, epoch, step, train_result, eval_result, data) -> None:
+    summaries.scalars(
+        "train",
+        {"epoch/loss": train_result["loss"], "epoch/accuracy": train_result["accuracy"]},
+        step,
+    )
+    summaries.scalars(
+        "eval", {"loss": eval_result["loss"], "accuracy": eval_result["accuracy"]}, step
+    )
+    summaries.image("eval", "confusion_matrix", confusion_image(eval_result["confusion"]), step)
+    summaries.text(
+        "confusion_matrix", confusion_text(eval_result["confusion"], data.class_names), step
+    )
+    summaries.record("eval", step, {"phase": phase.name, "epoch": epoch + 1, **eval_result})
+    summaries.flush()
+
+
+class _Profiler:
+    """Traces global steps START..END with the TensorFlow profiler, on loop boundaries."""
+
+    def __init__(self, steps: tuple[int, ...], logdir: str) -> None:
+        self.first, self.last = steps if steps else (0, -1)
+        self.logdir = logdir
+        self.running = False
+
+    def limit(self, step: int, chunk: int) -> int:
+        """`chunk` cut so that a call ends where the trace starts or stops."""
+        for boundary in (self.first - 1, self.last):
+            if step < boundary:
+                chunk = min(chunk, boundary - step)
+        return chunk
+
+    def at(self, step: int) -> None:
+        """Starts or stops the trace when `step` (the steps done so far) calls for it."""
+        if not self.running and self.first - 1 <= step < self.last:
+            tf.profiler.experimental.start(self.logdir)
+            self.running = True
+        elif self.running and step >= self.last:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.running:
+            tf.profiler.experimental.stop()
+            self.running = False
 
 
 def evaluate(eval_step: EvalStep, metrics: Metrics, batches, steps: int) -> dict:

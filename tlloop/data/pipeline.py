@@ -31,6 +31,7 @@ class Data:
     class_names: tuple[str, ...]
     train: tf.data.Dataset
     eval: tf.data.Dataset
+    preview: tf.Tensor  # the first (up to) 16 training images, unshuffled
     train_size: int
     eval_size: int
     steps_per_epoch: int
@@ -44,9 +45,10 @@ class Data:
 def load_data(config: DataConfig) -> Data:
     """Loads the source `config` names and builds its train and eval pipelines."""
     source = load_source(config)
-    train = images_dataset(source.train, config.image_size).cache()
+    examples = images_dataset(source.train, config.image_size).cache()
+    preview = next(iter(examples.map(lambda image, label: image).batch(16)))
     train = (
-        train.shuffle(len(source.train), seed=config.seed, reshuffle_each_iteration=True)
+        examples.shuffle(len(source.train), seed=config.seed, reshuffle_each_iteration=True)
         .repeat()
         .batch(config.batch_size, drop_remainder=True)
         .prefetch(AUTOTUNE)
@@ -56,6 +58,7 @@ def load_data(config: DataConfig) -> Data:
         class_names=source.class_names,
         train=train,
         eval=evaluation,
+        preview=preview,
         train_size=len(source.train),
         eval_size=len(source.eval),
         steps_per_epoch=math.ceil(len(source.train) / config.batch_size),

@@ -1,0 +1,213 @@
+"""TensorBoard and metrics.jsonl, read back the way a researcher reads them."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import REPO, run_cli
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.util import tensor_util
+
+from tlloop.summaries import confusion_image, image_grid
+
+# 25 examples, batch 32: one step per epoch; 6 + 4 epochs = 10 global steps.
+ARGS = [
+    "--flagfile=experiments/quickstart.flags",
+    "--head_epochs=6",
+    "--finetune_epochs=4",
+    "--log_every_steps=2",
+    "--histogram_every_steps=5",
+    "--profile_steps=3,4",
+    "--quiet",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> pathlib.Path:
+    workdir = tmp_path_factory.mktemp("summaries") / "run"
+    result = run_cli(*ARGS, f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def _events(logdir: pathlib.Path) -> event_accumulator.EventAccumulator:
+    # TF2 summaries are tensor events; the default size guidance keeps only 10 per tag.
+    sizes = {kind: 0 for kind in ("tensors", "images", "histograms")}
+    events = event_accumulator.EventAccumulator(str(logdir), size_guidance=sizes)
+    events.Reload()
+    return events
+
+
+def _scalars(events, tag: str) -> dict[int, float]:
+    return {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)}
+
+
+def _jsonl(workdir: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_scalars_follow_the_cadence_and_match_metrics_jsonl(run):
+    train = _events(run / "tensorboard/train")
+    rows = [row for row in _jsonl(run) if row["kind"] == "train"]
+    assert [row["step"] for row in rows] == [2, 4, 6, 8, 10]
+    for tag in ("loss", "accuracy", "learning_rate", "gradient_norm", "examples_per_second"):
+        values = _scalars(train, tag)
+        assert sorted(values) == [2, 4, 6, 8, 10], tag
+        for row in rows:
+            assert values[row["step"]] == pytest.approx(row[tag], rel=1e-6), (tag, row["step"])
+    rates = _scalars(train, "learning_rate")
+    assert rates[6] == pytest.approx(3e-2) and rates[8] == pytest.approx(3e-4)  # head, finetune
+    assert all(row["gradient_norm"] > 0 for row in rows)
+    assert _scalars(train, "phase") == {0: 1.0, 6: 2.0}
+    assert sorted(_scalars(train, "epoch/loss")) == list(range(1, 11))
+
+
+def test_eval_scalars_every_evaluation_and_match_metrics_jsonl(run):
+    evaluation = _events(run / "tensorboard/eval")
+    rows = [row for row in _jsonl(run) if row["kind"] == "eval"]
+    assert [row["step"] for row in rows] == list(range(1, 11))
+    accuracy = _scalars(evaluation, "accuracy")
+    for row in rows:
+        assert accuracy[row["step"]] == pytest.approx(row["accuracy"])
+        assert row["examples"] == 269 and sum(map(sum, row["confusion"])) == 269
+        correct = sum(row["confusion"][i][i] for i in range(5))
+        assert correct / 269 == pytest.approx(row["accuracy"], abs=1e-6)
+
+
+def test_steps_never_repeat_or_go_back(run):
+    steps = [row["step"] for row in _jsonl(run)]
+    assert steps == sorted(steps)
+    train_steps = [row["step"] for row in _jsonl(run) if row["kind"] == "train"]
+    assert len(set(train_steps)) == len(train_steps)
+
+
+def test_histograms_images_text_and_profile(run):
+    train = _events(run / "tensorboard/train")
+    histograms = train.Tags()["histograms"] or train.Tags()["tensors"]
+    weights = [t for t in histograms if t.startswith("weights/")]
+    gradients = [t for t in histograms if t.startswith("gradients/")]
+    assert "weights/logits/kernel" in weights and "gradients/logits/kernel" in gradients
+    steps = {e.step for e in train.Tensors("gradients/logits/kernel")}
+    assert steps == {5, 10}
+    # The backbone trains only in the fine-tune phase: its gradients appear at step 10 only.
+    assert {e.step for e in train.Tensors("gradients/conv1/kernel")} == {10}
+
+    assert {e.step for e in train.Tensors("augmented_inputs")} == {0, 6}
+    evaluation = _events(run / "tensorboard/eval")
+    assert len(evaluation.Tensors("confusion_matrix")) == 10
+    texts = {e.step: e for e in train.Tensors("trainability")}
+    assert sorted(texts) == [0, 6]
+    report = tensor_util.make_ndarray(texts[6].tensor_proto).item().decode()
+    assert "| backbone | False | 93,024 |" in report  # conv kernels train, BatchNorm does not
+    flags_text = tensor_util.make_ndarray(train.Tensors("flags")[0].tensor_proto).item().decode()
+    assert "--head_epochs=6" in flags_text
+    assert list((run / "tensorboard/train/plugins/profile").glob("*/*.xplane.pb"))
+
+
+def test_hparams_are_recorded_for_the_dashboard(run):
+    root = event_accumulator.EventAccumulator(str(run / "tensorboard"))
+    root.Reload()
+    content = root.PluginTagToContent("hparams")
+    assert content
+    data = plugin_data_pb2.HParamsPluginData.FromString(next(iter(content.values())))
+    hparams = data.session_start_info.hparams
+    assert hparams["head_epochs"].number_value == 6
+    assert hparams["backbone"].string_value.endswith("small_cnn_digits0-4.keras")
+    assert hparams["unfreeze"].string_value == "all"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_real_tensorboard_serves_the_scalar_tags(run):
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            f"--logdir={run / 'tensorboard'}",
+            f"--port={port}",
+            "--host=127.0.0.1",
+            "--load_fast=false",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline, tags = time.monotonic() + 60, {}
+        while time.monotonic() < deadline and not (tags.get("train") and tags.get("eval")):
+            try:
+                url = f"http://127.0.0.1:{port}/data/plugin/scalars/tags"
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    tags = json.loads(response.read())
+            except OSError:
+                time.sleep(0.5)
+        assert {"loss", "accuracy", "gradient_norm", "learning_rate"} <= set(tags["train"])
+        assert {"loss", "accuracy"} <= set(tags["eval"])
+    finally:
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def test_sigterm_flushes_the_writers_and_exits_143(tmp_path):
+    workdir = tmp_path / "run"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tlloop.run",
+            *ARGS,
+            "--head_epochs=100000",
+            "--log_every_steps=1",
+            "--profile_steps=",
+            f"--workdir={workdir}",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        jsonl = workdir / "metrics.jsonl"
+        while time.monotonic() < deadline and (
+            not jsonl.exists() or jsonl.read_text().count('"eval"') < 3
+        ):
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 143, stderr[-2000:]
+    assert "stopped by SIGTERM" in stderr
+    rows = [row for row in _jsonl(workdir) if row["kind"] == "train"]
+    losses = _scalars(_events(workdir / "tensorboard/train"), "loss")
+    assert len(rows) >= 3
+    assert {row["step"] for row in rows} <= set(losses)
+
+
+def test_image_helpers_shape_and_range():
+    grid = image_grid(__import__("numpy").full((5, 4, 4, 3), 255.0))
+    assert grid.shape == (3 * 5 + 1, 3 * 5 + 1, 3) and grid.max() == 1.0
+    heat = confusion_image([[2, 0], [1, 1]], cell=3)
+    assert heat.shape == (6, 6, 3)
+    assert heat[0, 0].tolist() == pytest.approx([0.03, 0.19, 0.42])  # recall 1: dark
+    assert heat[0, 3].tolist() == [1.0, 1.0, 1.0]  # recall 0: white
