@@ -277,6 +277,7 @@ class LoggingConfig:
     histogram_every_steps: int = 0
     profile_steps: tuple[int, ...] = ()
     quiet: bool = False
+    summaries: bool = True  # False: no TensorBoard event files and no metrics.jsonl
 
     def __post_init__(self) -> None:
         for name in ("log_every_steps", "histogram_every_steps"):

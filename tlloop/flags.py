@@ -205,6 +205,14 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         fv,
     )
     _define(d.DEFINE_bool, "quiet", False, "No progress bar: log lines only.", fv)
+    _define(
+        d.DEFINE_bool,
+        "summaries",
+        True,
+        "Write TensorBoard summaries and metrics.jsonl; "
+        "--nosummaries writes neither (results.json and the export are still written).",
+        fv,
+    )
     # Compilation.
     _define(
         d.DEFINE_bool,
@@ -272,6 +280,7 @@ def to_config(flag_values: flags.FlagValues) -> config_lib.RunConfig:
             histogram_every_steps=f.histogram_every_steps,
             profile_steps=config_lib.parse_profile_steps(f.profile_steps),
             quiet=f.quiet,
+            summaries=f.summaries,
         ),
         jit_compile=f.jit_compile,
         steps_per_loop=f.steps_per_loop,

@@ -67,7 +67,7 @@ def train(experiment: Experiment, workdir: str, flags_text: str = "") -> dict:
     strategy = experiment.strategy
     chief = is_chief(strategy)
     logging.info("strategy: %s", describe(strategy))
-    summaries = Summaries(workdir, enabled=chief)
+    summaries = Summaries(workdir, enabled=chief and experiment.config.logging.summaries)
     try:
         with strategy.scope():
             results = _train_in_scope(experiment, workdir, summaries, flags_text, chief)
