@@ -286,6 +286,35 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """When the run saves a checkpoint (besides each phase start, the end and on SIGTERM).
+
+    `every_secs` applies to single-host runs only: tasks of a cluster would not agree on time.
+    """
+
+    every_steps: int = 0
+    every_secs: float = 600.0
+    keep: int = 3
+
+    def __post_init__(self) -> None:
+        _require(
+            self.every_steps >= 0,
+            "checkpoint_every_steps",
+            self.every_steps,
+            "negative",
+            "0 (off) or a step count",
+        )
+        _require(
+            self.every_secs >= 0,
+            "checkpoint_every_secs",
+            self.every_secs,
+            "negative",
+            "0 (off) or seconds",
+        )
+        _require(self.keep >= 1, "keep_checkpoints", self.keep, "too small", ">= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The whole run: data, model, the phases in order, and how steps are compiled."""
 
@@ -295,6 +324,8 @@ class RunConfig:
     phases: tuple[PhaseConfig, ...]
     distribute: DistributeConfig = DistributeConfig()
     logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    deterministic: bool = False
     jit_compile: bool = False
     steps_per_loop: int = 1
     seed: int = 0

@@ -213,6 +213,33 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "--nosummaries writes neither (results.json and the export are still written).",
         fv,
     )
+    # Checkpoints.
+    _define(
+        d.DEFINE_integer,
+        "checkpoint_every_steps",
+        0,
+        "Save a checkpoint every this many "
+        "global steps; 0: only by time, at phase starts, at the end and on SIGTERM.",
+        fv,
+    )
+    _define(
+        d.DEFINE_float,
+        "checkpoint_every_secs",
+        600,
+        "Save a checkpoint when this many "
+        "seconds have passed since the last (single-host runs); 0: never by time.",
+        fv,
+    )
+    _define(d.DEFINE_integer, "keep_checkpoints", 3, "Checkpoints kept in WORKDIR/checkpoints.", fv)
+    _define(
+        d.DEFINE_bool,
+        "deterministic",
+        False,
+        "Deterministic ops "
+        "(tf.config.experimental.enable_op_determinism): with the same seed, a run killed "
+        "and resumed ends bit-identical to one that was not.",
+        fv,
+    )
     # Compilation.
     _define(
         d.DEFINE_bool,
@@ -282,6 +309,12 @@ def to_config(flag_values: flags.FlagValues) -> config_lib.RunConfig:
             quiet=f.quiet,
             summaries=f.summaries,
         ),
+        checkpoint=config_lib.CheckpointConfig(
+            every_steps=f.checkpoint_every_steps,
+            every_secs=f.checkpoint_every_secs,
+            keep=f.keep_checkpoints,
+        ),
+        deterministic=f.deterministic,
         jit_compile=f.jit_compile,
         steps_per_loop=f.steps_per_loop,
         seed=f.seed,

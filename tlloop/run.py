@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 from absl import app, flags
 
@@ -38,23 +39,26 @@ def main(argv: list[str]) -> int:
         strategy = distribute.make_strategy(config.distribute)
         experiment = trainer.build_experiment(config, strategy)
         if distribute.is_chief(strategy):
-            workdir.prepare(config.workdir, overwrite=config.overwrite)
-            workdir.write_text(
-                os.path.join(config.workdir, "flags.txt"), tlloop_flags.flags_text(FLAGS)
+            workdir.prepare(
+                config.workdir, tlloop_flags.flags_text(FLAGS), overwrite=config.overwrite
             )
     except ConfigError as error:
         print(f"tlloop: error: {error}", file=sys.stderr)
         return 2
-    # SIGTERM (a scheduler's preemption) unwinds like an exception, so every writer is flushed
-    # and closed on the way out; exit code 128 + 15 as for a process the signal ended.
-    signal.signal(signal.SIGTERM, _terminate)
-    trainer.train(experiment, config.workdir, tlloop_flags.flags_text(FLAGS))
+    # SIGTERM (a scheduler's preemption) asks the trainer to stop after the step under way:
+    # it saves a checkpoint, flushes and closes its writers; exit code 128 + 15, as for a
+    # process the signal ended.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        trainer.train(experiment, config.workdir, tlloop_flags.flags_text(FLAGS), stop=stop)
+    except ConfigError as error:  # a checkpoint in the workdir that does not fit
+        print(f"tlloop: error: {error}", file=sys.stderr)
+        return 2
+    except trainer.Stopped:
+        print("tlloop: stopped by SIGTERM; the same command resumes the run", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
-
-
-def _terminate(signum, frame) -> None:
-    print("tlloop: stopped by SIGTERM", file=sys.stderr)
-    raise SystemExit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ import os
 import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
+from tensorflow.core.util import event_pb2
+from tensorflow.python.ops import summary_ops_v2
+
+from tlloop.workdir import write_text
 
 
 class Summaries:
@@ -29,7 +33,32 @@ class Summaries:
             for name in ("train", "eval")
         }
         self.root = tf.summary.create_file_writer(logdir) if enabled else None
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None  # noqa: SIM115
+        self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self._jsonl = None
+        if enabled:
+            self._jsonl = open(self._jsonl_path, "a")  # noqa: SIM115  closed in close()
+
+    def start_session(self, step: int) -> None:
+        """Marks a (re)start at `step`: TensorBoard then drops what a killed run wrote past it.
+
+        Each writer gets a SessionLog.START event at step + 1. TensorBoard ignores a run's
+        first START and, at each later one, discards the events at or after its step; the
+        resumed run writes those steps again. metrics.jsonl drops its lines past `step` too.
+        """
+        if self._jsonl is None:
+            return
+        start = event_pb2.Event(
+            step=step + 1, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        )
+        for writer in self.writers.values():
+            with writer.as_default():
+                # No public TF2 call writes a SessionLog; this op is what writes raw events.
+                summary_ops_v2.import_event(tf.constant(start.SerializeToString()))
+        self._jsonl.close()
+        with open(self._jsonl_path) as file:
+            kept = [line for line in file if json.loads(line)["step"] <= step]
+        write_text(self._jsonl_path, "".join(kept))
+        self._jsonl = open(self._jsonl_path, "a")  # noqa: SIM115  closed in close()
 
     def default(self, split: str = "train"):
         """A context in which in-graph summaries (the train step's) go to `split`'s writer."""

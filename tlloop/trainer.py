@@ -8,9 +8,11 @@ loop (the collectives need all of them) and only the chief writes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
+import threading
 import time
 
 import keras
@@ -18,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tlloop import checkpoints as checkpoint_lib
 from tlloop import phases as phase_lib
 from tlloop.config import RunConfig
 from tlloop.data import Data, load_data
@@ -50,6 +53,8 @@ def build_experiment(
     """
     strategy = strategy or tf.distribute.get_strategy()
     keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
     data = load_data(config.data)
     with strategy.scope():
         model = build_model(config.model, data.num_classes, seed=config.seed)
@@ -57,20 +62,59 @@ def build_experiment(
     return Experiment(config, strategy, data, model, plan)
 
 
-def train(experiment: Experiment, workdir: str, flags_text: str = "") -> dict:
+class Stopped(Exception):
+    """Raised when training stopped on request (`stop` set), after saving a checkpoint."""
+
+
+def train(
+    experiment: Experiment,
+    workdir: str,
+    flags_text: str = "",
+    stop: threading.Event | None = None,
+) -> dict:
     """Runs every phase, evaluating after each epoch; the chief exports and writes results.json.
 
-    Returns the results: per phase, its steps, time and last train and eval metrics; and a
-    SHA-256 of the final weights, which every task logs (equal on all tasks of a cluster).
-    Summaries are flushed at every evaluation and closed on the way out, whatever ends the run.
+    If WORKDIR/checkpoints holds a checkpoint, the run resumes from it: same phase, next step,
+    the batch it would have seen next. Returns the results: per phase, its steps, time and
+    last train and eval metrics; and a SHA-256 of the final weights, which every task logs
+    (equal on all tasks of a cluster). Summaries are flushed at every evaluation and closed on
+    the way out, whatever ends the run. When `stop` is set, training ends after the step under
+    way with a checkpoint and raises `Stopped`; KeyboardInterrupt also saves one first.
     """
     strategy = experiment.strategy
     chief = is_chief(strategy)
     logging.info("strategy: %s", describe(strategy))
+    directory = os.path.join(workdir, "checkpoints")
+    resume_from = checkpoint_lib.latest(directory)
+    start = checkpoint_lib.position(resume_from) if resume_from else (0, 0)
+    if resume_from:
+        phases = len(experiment.phases)
+        where = f"phase {start[0] + 1} of {phases}" if start[0] < phases else "finished run"
+        logging.info("resuming from %s: %s, step %d", resume_from, where, start[1])
+    checkpoints = checkpoint_lib.Checkpoints(
+        directory, keep=experiment.config.checkpoint.keep, chief=chief
+    )
+    if resume_from:
+        checkpoints.check(resume_from, experiment.model)
     summaries = Summaries(workdir, enabled=chief and experiment.config.logging.summaries)
+    summaries.start_session(start[1])
+    # Outside the strategy's scope: the same on every task, and a distributed string variable
+    # cannot be broadcast by MultiWorkerMirroredStrategy.
+    state = checkpoint_lib.RunState()
     try:
         with strategy.scope():
-            results = _train_in_scope(experiment, workdir, summaries, flags_text, chief)
+            results = _train_in_scope(
+                experiment,
+                workdir,
+                summaries,
+                flags_text,
+                chief,
+                checkpoints,
+                resume_from,
+                start,
+                stop,
+                state,
+            )
     finally:
         summaries.close()
     logging.info("final weights sha256: %s", results["weights_sha256"])
@@ -103,7 +147,16 @@ def hparams_of(config: RunConfig) -> dict:
 
 
 def _train_in_scope(
-    experiment: Experiment, workdir: str, summaries: Summaries, flags_text: str, chief: bool
+    experiment: Experiment,
+    workdir: str,
+    summaries: Summaries,
+    flags_text: str,
+    chief: bool,
+    checkpoints: checkpoint_lib.Checkpoints,
+    resume_from: str | None,
+    start: tuple[int, int],
+    stop: threading.Event | None,
+    state: checkpoint_lib.RunState,
 ) -> dict:
     config, data, model, strategy = (
         experiment.config,
@@ -123,12 +176,15 @@ def _train_in_scope(
     eval_step = EvalStep(
         model, experiment.phases[0].modes, eval_metrics, jit_compile=config.jit_compile
     )
-    train_batches = iter(_distribute(strategy, data.train))
+    # The input position is the global step: one batch per step, from one seeded stream.
+    train_batches = iter(_distribute(strategy, data.train.skip(start[1])))
     eval_batches = _distribute(strategy, data.eval)
+    saver = _Saver(checkpoints, config, global_step, single_host=_single_host(strategy), stop=stop)
     profiler = _Profiler(log_config.profile_steps, os.path.join(workdir, "tensorboard", "train"))
-    summaries.hparams(hparams_of(config), trial=os.path.basename(os.path.abspath(workdir)))
-    if flags_text:
-        summaries.text("flags", "```\n" + flags_text + "```", 0)
+    if not resume_from:
+        summaries.hparams(hparams_of(config), trial=os.path.basename(os.path.abspath(workdir)))
+        if flags_text:
+            summaries.text("flags", "```\n" + flags_text + "```", 0)
     results = {
         "class_names": list(data.class_names),
         "train_size": data.train_size,
@@ -136,8 +192,8 @@ def _train_in_scope(
         "replicas": strategy.num_replicas_in_sync,
         "phases": [],
     }
-    with summaries.default("train"):  # the train step writes its scalars in the graph
-        for phase in experiment.phases:
+    with summaries.default("train"), _save_when_stopped(saver):
+        for phase in experiment.phases[start[0] :]:
             step_now = int(global_step.numpy())
             phase_lib.apply_trainability(model, phase)
             # BatchNorm that uses batch statistics must see the global batch, not a replica's.
@@ -164,12 +220,34 @@ def _train_in_scope(
                 log_every_steps=log_config.log_every_steps,
                 histogram_every_steps=log_config.histogram_every_steps,
             )
+            checkpoints.track(
+                model=model,
+                optimizer=optimizer,
+                step=global_step,
+                state=state,
+                metrics=train_metrics.variables,
+                rng=checkpoint_lib.rng_states(model),
+            )
+            if resume_from:
+                checkpoints.restore(resume_from)
+                results["phases"] = state.finished_phases()
+                resume_from = None
+                if len(results["phases"]) > phase.index:
+                    continue  # the checkpoint was this phase's last
+            else:
+                state.phase.assign(phase.index)
+                state.phase_start.assign(global_step)
+                saver.save()
+            done = int(global_step.numpy() - state.phase_start.numpy())
+            first_epoch, offset = divmod(done, data.steps_per_epoch)
             started = time.perf_counter()
-            for epoch in range(phase.config.epochs):
+            train_result = eval_result = None
+            for epoch in range(first_epoch, phase.config.epochs):
                 # A stale compiled step would silently keep updating an old trainable set.
                 if not train_step.matches(model):
                     raise RuntimeError("the trainable set changed under a compiled train step")
-                train_metrics.reset()
+                if not offset:
+                    train_metrics.reset()  # a resumed epoch goes on with its restored metrics
                 progress = keras.utils.Progbar(
                     data.steps_per_epoch,
                     verbose=1 if chief and not log_config.quiet else 0,
@@ -178,13 +256,15 @@ def _train_in_scope(
                 seconds = _run_epoch(
                     train_step,
                     train_batches,
-                    data.steps_per_epoch,
+                    data.steps_per_epoch - offset,
                     config,
                     phase,
                     profiler,
                     summaries,
                     progress,
+                    saver,
                 )
+                offset = 0
                 train_result = train_metrics.result()
                 eval_result = evaluate(eval_step, eval_metrics, eval_batches, data.eval_steps)
                 step_now = int(global_step.numpy())
@@ -203,6 +283,9 @@ def _train_in_scope(
                     eval_result["examples"],
                     seconds,
                 )
+            if eval_result is None:  # resumed after the phase's last step, before its end
+                train_result = train_metrics.result()
+                eval_result = evaluate(eval_step, eval_metrics, eval_batches, data.eval_steps)
             summaries.flush()
             results["phases"].append(
                 {
@@ -214,18 +297,31 @@ def _train_in_scope(
                     "eval": eval_result,
                 }
             )
+            state.record(results["phases"])
+            saver.save()  # the end of the phase
+    state.phase.assign(len(experiment.phases))
+    if resume_from:  # the checkpoint was of a finished run: only its results are needed
+        checkpoints.track(model=model, step=global_step, state=state)
+        checkpoints.restore(resume_from)
+        results["phases"] = state.finished_phases()
+    else:
+        saver.save()
     profiler.stop()
     results["weights_sha256"] = weights_digest(model)
     return results
 
 
-def _run_epoch(step, batches, count, config, phase, profiler, summaries, progress) -> float:
-    """Runs one epoch's steps in calls of up to --steps_per_loop; returns its seconds."""
+def _run_epoch(step, batches, count, config, phase, profiler, summaries, progress, saver) -> float:
+    """Runs `count` steps in calls of up to --steps_per_loop; returns their seconds.
+
+    Calls end where the profiler or a step-count checkpoint needs the host.
+    """
     done, seconds = 0, 0.0
     while done < count:
         current = int(step.global_step.numpy())
         profiler.at(current)
-        chunk = profiler.limit(current, min(count - done, config.steps_per_loop))
+        chunk = min(count - done, config.steps_per_loop)
+        chunk = saver.limit(current, profiler.limit(current, chunk))
         started = time.perf_counter()
         rows = step(batches, chunk)
         elapsed = time.perf_counter() - started
@@ -243,6 +339,9 @@ def _run_epoch(step, batches, count, config, phase, profiler, summaries, progres
             [("loss", float(rows[-1][1])), ("accuracy", float(rows[-1][2]))] if len(rows) else []
         )
         progress.update(done, values=[*shown, ("examples/s", speed["examples_per_second"])])
+        saver.maybe_save()
+        if saver.stop is not None and saver.stop.is_set():
+            raise Stopped()
     profiler.at(int(step.global_step.numpy()))
     return seconds
 
@@ -262,6 +361,64 @@ def _write_epoch(summaries, phase, epoch, step, train_result, eval_result, data)
     )
     summaries.record("eval", step, {"phase": phase.name, "epoch": epoch + 1, **eval_result})
     summaries.flush()
+
+
+class _Saver:
+    """Saves checkpoints every --checkpoint_every_steps and every --checkpoint_every_secs."""
+
+    def __init__(
+        self,
+        checkpoints,
+        config: RunConfig,
+        global_step,
+        *,
+        single_host: bool,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.checkpoints = checkpoints
+        self.every_steps = config.checkpoint.every_steps
+        # Tasks of a cluster must save together, and their clocks do not agree.
+        self.every_secs = config.checkpoint.every_secs if single_host else 0.0
+        self.global_step = global_step
+        self.last = time.monotonic()
+        self.stop = stop  # set by the entry point on SIGTERM
+
+    def limit(self, step: int, chunk: int) -> int:
+        """`chunk` cut so that a call ends on a checkpoint step."""
+        if self.every_steps:
+            chunk = min(chunk, self.every_steps - step % self.every_steps)
+        return chunk
+
+    def maybe_save(self) -> None:
+        step = int(self.global_step.numpy())
+        due_by_steps = self.every_steps and step % self.every_steps == 0
+        due_by_time = self.every_secs and time.monotonic() - self.last >= self.every_secs
+        if due_by_steps or due_by_time:
+            self.save()
+
+    def save(self) -> None:
+        step = int(self.global_step.numpy())
+        self.checkpoints.save(step)
+        self.last = time.monotonic()
+        logging.info("checkpoint saved at step %d", step)
+
+
+@contextlib.contextmanager
+def _save_when_stopped(saver: _Saver):
+    """Saves a checkpoint at the current step when the run is stopped (Stopped, SIGINT).
+
+    Both arrive between host calls, so the state saved is that of whole steps.
+    """
+    try:
+        yield
+    except (Stopped, KeyboardInterrupt):
+        saver.save()
+        raise
+
+
+def _single_host(strategy: tf.distribute.Strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return resolver is None or not resolver.task_type
 
 
 class _Profiler:

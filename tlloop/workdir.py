@@ -12,23 +12,31 @@ from absl import logging
 from tlloop.config import ConfigError
 
 # What a run writes at the top of its workdir; --overwrite removes exactly these.
-RUN_OUTPUTS = ("flags.txt", "tensorboard", "export", "results.json")
+RUN_OUTPUTS = ("flags.txt", "checkpoints", "tensorboard", "metrics.jsonl", "export", "results.json")
+FLAGS_FILE = "flags.txt"
+# Flags that say what to do with the workdir, not what the run is: they may differ on resume.
+_ACTION_FLAGS = ("overwrite",)
 
 
-def prepare(path: str, *, overwrite: bool) -> None:
-    """Makes `path` ready for a new run, or raises ConfigError before writing anything.
+def prepare(path: str, flags_text: str, *, overwrite: bool) -> bool:
+    """Makes `path` ready for the run `flags_text` describes; True if that run is to resume.
 
-    A workdir that holds a previous run is refused unless `overwrite`, which then removes that
-    run's outputs (and only those), saying what it removes.
+    A workdir that holds a run with the same flags resumes it; with other flags it is refused,
+    with the flags that differ. `overwrite` removes a previous run's outputs (and only those),
+    saying what it removes, and starts afresh. Raises ConfigError before writing anything.
     """
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"--workdir={path!r}: is a file; accepted: a directory (new or empty)")
     previous = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(path, name))]
-    if previous and not overwrite:
-        raise ConfigError(
-            f"--workdir={path!r}: holds a previous run ({', '.join(previous)}); accepted: a new "
-            "directory, or --overwrite to replace that run's outputs"
-        )
+    resume = bool(previous) and not overwrite
+    if resume:
+        differences = _flag_differences(os.path.join(path, FLAGS_FILE), flags_text)
+        if differences:
+            raise ConfigError(
+                f"--workdir={path!r}: holds a run with other flags ({'; '.join(differences)}); "
+                "accepted: the same flags (to resume it), a new directory, or --overwrite to "
+                "replace that run"
+            )
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as error:
@@ -37,13 +45,42 @@ def prepare(path: str, *, overwrite: bool) -> None:
         ) from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"--workdir={path!r}: not writable; accepted: a writable directory")
-    for name in previous:
-        target = os.path.join(path, name)
-        logging.warning("--overwrite: removing %s", target)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        else:
-            os.remove(target)
+    if overwrite:
+        for name in previous:
+            target = os.path.join(path, name)
+            logging.warning("--overwrite: removing %s", target)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            else:
+                os.remove(target)
+    write_text(os.path.join(path, FLAGS_FILE), flags_text)
+    return resume
+
+
+def _flag_lines(text: str) -> dict[str, str]:
+    lines = {}
+    for line in text.splitlines():
+        if line.startswith("--"):
+            name = line[2:].split("=", 1)[0]
+            name = name[2:] if name.startswith("no") and "=" not in line else name
+            if name not in _ACTION_FLAGS:
+                lines[name] = line
+    return lines
+
+
+def _flag_differences(flags_file: str, flags_text: str) -> list[str]:
+    """'was X, now Y' for each flag that differs; a missing or unreadable file differs whole."""
+    try:
+        with open(flags_file, encoding="utf-8") as file:
+            before = _flag_lines(file.read())
+    except OSError:
+        return [f"{FLAGS_FILE} missing"]
+    now = _flag_lines(flags_text)
+    return [
+        f"{before.get(name, f'no --{name}')} -> {now.get(name, f'no --{name}')}"
+        for name in sorted(set(before) | set(now))
+        if before.get(name) != now.get(name)
+    ]
 
 
 def write_atomic(path: str, writer) -> None:
