@@ -88,9 +88,17 @@ def test_mirrored_matches_one_device(tmp_path, single_device, jit):
 
     mirrored = _weights(tmp_path / "run/export/model.keras")
     single = _weights(single_device / "export/model.keras")
-    # The all-reduce adds two half-batch gradients where one device reduces the whole batch,
-    # and XLA reorders float32 sums: measured 7e-7 (1.5e-6 with XLA) after 8 Adam steps.
-    assert _max_difference(mirrored, single) < 1e-5
+    # The all-reduce adds two half-batch gradients where one device reduces the whole batch:
+    # measured 1.6e-7. XLA also reorders float32 sums, which can flip the sign of a gradient
+    # that is ~0; Adam then moves that weight by up to its learning rate the other way. So with
+    # XLA: 99% of weights within 1e-5 (measured 99.75%) and none further than Adam can move a
+    # weight in the fine-tune steps (6 x 3e-4; measured 4.7e-4, 17 conv2 kernel elements).
+    differences = np.concatenate([np.abs(mirrored[k] - single[k]).ravel() for k in single])
+    if jit:
+        assert np.mean(differences > 1e-5) < 0.01
+        assert differences.max() <= 6 * 3e-4
+    else:
+        assert differences.max() < 1e-5
 
     pretrained = {v.path: v.numpy() for v in keras.saving.load_model(PRETRAINED).weights}
     statistics = [p for p in pretrained if "moving" in p]
@@ -100,9 +108,12 @@ def test_mirrored_matches_one_device(tmp_path, single_device, jit):
     # Logged per-step values are those of the global batch, whatever the replica count.
     logged = [_train_rows(tmp_path / "run"), _train_rows(single_device)]
     assert [row["step"] for row in logged[0]] == [row["step"] for row in logged[1]]
+    # A per-replica value would be tens of percent off. With XLA the few weights that move
+    # apart (below) shift the last steps' gradient norm by up to 1.4e-3 (measured).
+    tolerance = 1e-2 if jit else 1e-4
     for mirrored_row, single_row in zip(*logged, strict=True):
         for key in ("loss", "accuracy", "gradient_norm"):
-            assert mirrored_row[key] == pytest.approx(single_row[key], rel=1e-4, abs=1e-6)
+            assert mirrored_row[key] == pytest.approx(single_row[key], rel=tolerance, abs=1e-6)
 
     initial = _initial_weights(*SMALL, *MIRRORED, *extra)
     for path in (p for p in initial if p.startswith("head/")):
