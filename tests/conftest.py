@@ -83,19 +83,26 @@ def changed(before: dict, after: dict) -> set[str]:
     return {path for path in before if not np.array_equal(before[path], after[path])}
 
 
-def run_cli(
-    *args: str, cwd: str = REPO, timeout: int = 300, env: dict | None = None
-) -> subprocess.CompletedProcess:
+def _cli(args, env: dict | None) -> dict:
+    return {
+        "args": [sys.executable, "-m", "tlloop.run", *args],
+        "cwd": REPO,
+        "env": {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO, **(env or {})},
+        "text": True,
+    }
+
+
+def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m tlloop.run ARGS` in a subprocess (extra `env`); killed after `timeout` s."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "tlloop.run", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return subprocess.run(**_cli(args, env), capture_output=True, timeout=timeout)
+
+
+def start_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """`python -m tlloop.run ARGS` started in the background; stderr piped, stdout dropped.
+
+    The caller ends it: wait for it, or SIGKILL it by its pid in a `finally`.
+    """
+    return subprocess.Popen(**_cli(args, env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 @pytest.fixture

@@ -8,12 +8,11 @@ import pathlib
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import tensorflow as tf
-from conftest import REPO, run_cli
+from conftest import run_cli, start_cli
 from tensorboard.backend.event_processing import plugin_event_accumulator
 
 # 65 examples, batch 32: 3 steps per epoch; head steps 1-60, fine-tune steps 61-90. Dropout
@@ -32,15 +31,7 @@ HEAD_STEPS, TOTAL_STEPS = 60, 90
 
 
 def _start(workdir: pathlib.Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
-    return subprocess.Popen(
-        [sys.executable, "-m", "tlloop.run", *ARGS, *extra, f"--workdir={workdir}"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_cli(*ARGS, *extra, f"--workdir={workdir}")
 
 
 def _train_steps(workdir: pathlib.Path) -> list[int]:

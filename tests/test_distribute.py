@@ -12,7 +12,6 @@ import pathlib
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import keras
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
-from conftest import PRETRAINED, REPO, run_cli
+from conftest import PRETRAINED, REPO, run_cli, start_cli
 
 import tlloop.models  # noqa: F401  registers tlloop's Keras classes
 from tlloop import distribute, trainer
@@ -171,22 +170,11 @@ def _start_worker(index: int, ports: list[int], workdir, *args: str) -> subproce
         "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
         "task": {"type": "worker", "index": index},
     }
-    env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env["PYTHONPATH"] = REPO
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tlloop.run",
-            *args,
-            "--strategy=multi_worker",
-            f"--workdir={workdir}",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    return start_cli(
+        *args,
+        "--strategy=multi_worker",
+        f"--workdir={workdir}",
+        env={"TF_CONFIG": json.dumps(tf_config)},
     )
 
 
@@ -288,3 +276,16 @@ def test_is_chief_and_describe_on_one_host():
     strategy = tf.distribute.get_strategy()
     assert distribute.is_chief(strategy)
     assert distribute.describe(strategy).endswith("with 1 replica(s)")
+
+
+def test_auto_and_one_device_strategies_on_this_machine():
+    # No GPU here: auto is the default strategy; one_device places every variable on its device.
+    auto = distribute.make_strategy(DistributeConfig(strategy="auto"))
+    assert auto is tf.distribute.get_strategy()
+    one = distribute.make_strategy(DistributeConfig(strategy="one_device", devices=("/cpu:0",)))
+    assert isinstance(one, tf.distribute.OneDeviceStrategy)
+    with one.scope():
+        model = build_model(ModelConfig(image_size=16), 3)
+    assert {v.value.device for v in model.weights} == {
+        "/job:localhost/replica:0/task:0/device:CPU:0"
+    }

@@ -13,7 +13,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import run_cli, start_cli
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
@@ -165,23 +165,12 @@ def test_a_real_tensorboard_serves_the_scalar_tags(run):
 
 def test_sigterm_flushes_the_writers_and_exits_143(tmp_path):
     workdir = tmp_path / "run"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tlloop.run",
-            *ARGS,
-            "--head_epochs=100000",
-            "--log_every_steps=1",
-            "--profile_steps=",
-            f"--workdir={workdir}",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    process = start_cli(
+        *ARGS,
+        "--head_epochs=100000",
+        "--log_every_steps=1",
+        "--profile_steps=",
+        f"--workdir={workdir}",
     )
     try:
         deadline = time.monotonic() + 120
