@@ -119,8 +119,11 @@ def test_hparams_are_recorded_for_the_dashboard(run):
     root.Reload()
     content = root.PluginTagToContent("hparams")
     assert content
-    data = plugin_data_pb2.HParamsPluginData.FromString(next(iter(content.values())))
-    hparams = data.session_start_info.hparams
+    records = [plugin_data_pb2.HParamsPluginData.FromString(c) for c in content.values()]
+    (start,) = [r for r in records if r.HasField("session_start_info")]
+    hparams = start.session_start_info.hparams
+    (config,) = [r for r in records if r.HasField("experiment")]
+    assert {m.name.tag for m in config.experiment.metric_infos} == {"accuracy", "loss"}
     assert hparams["head_epochs"].number_value == 6
     assert hparams["backbone"].string_value.endswith("small_cnn_digits0-4.keras")
     assert hparams["unfreeze"].string_value == "all"
@@ -158,6 +161,18 @@ def test_a_real_tensorboard_serves_the_scalar_tags(run):
                 time.sleep(0.5)
         assert {"loss", "accuracy", "gradient_norm", "learning_rate"} <= set(tags["train"])
         assert {"loss", "accuracy"} <= set(tags["eval"])
+        # The HParams dashboard: this run's hyperparameters, and its eval scalars as metrics.
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/data/plugin/hparams/experiment",
+            data=json.dumps({"experimentName": ""}).encode(),
+            headers={"Content-Type": "application/json", "X-TensorBoard-Feature-Flags": "{}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            experiment = json.loads(response.read())
+        names = {info["name"] for info in experiment["hparamInfos"]}
+        assert {"backbone", "head_lr", "finetune_lr", "unfreeze", "seed"} <= names
+        metrics = {(m["name"]["group"], m["name"]["tag"]) for m in experiment["metricInfos"]}
+        assert {("eval", "accuracy"), ("eval", "loss")} <= metrics
     finally:
         os.kill(server.pid, signal.SIGKILL)
         server.wait()

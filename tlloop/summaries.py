@@ -79,9 +79,17 @@ class Summaries:
             tf.summary.image(name, np.asarray(pixels, np.float32)[None], step=step)
 
     def hparams(self, values: dict, trial: str) -> None:
-        """Records the run's hyperparameters for the HParams dashboard."""
+        """Records the run's hyperparameters, and the eval scalars as its metrics, for the
+        HParams dashboard (which infers no metrics without this experiment config)."""
         if self.root is not None:
+            metrics = [
+                hparams_api.Metric(tag, group="eval", display_name=f"eval {tag}")
+                for tag in ("accuracy", "loss")
+            ]
             with self.root.as_default():
+                hparams_api.hparams_config(
+                    hparams=[hparams_api.HParam(name) for name in values], metrics=metrics
+                )
                 hparams_api.hparams(values, trial_id=trial)
             self.root.flush()
 
