@@ -75,24 +75,28 @@ def make_strategy(config: DistributeConfig) -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy(devices=devices)
 
 
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    """True on the one task that writes logs, exports and results (every single-host run)."""
+def cluster_task(strategy: tf.distribute.Strategy) -> tuple[str, int] | None:
+    """(task type, task index) of this process in a multi-worker cluster; None on one host."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
+        return None
+    return resolver.task_type, resolver.task_id
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the one task that writes logs, exports and results (every single-host run)."""
+    task = cluster_task(strategy)
+    if task is None or task[0] == "chief":
         return True
-    if resolver.task_type == "chief":
-        return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+    has_chief = "chief" in strategy.cluster_resolver.cluster_spec().as_dict()
+    return task == ("worker", 0) and not has_chief
 
 
 def describe(strategy: tf.distribute.Strategy) -> str:
     """One line: the strategy's class, replica count and, for a cluster, this task."""
     text = f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)"
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is not None and resolver.task_type:
-        text += f", task {resolver.task_type}:{resolver.task_id}"
-    return text
+    task = cluster_task(strategy)
+    return text + (f", task {task[0]}:{task[1]}" if task else "")
 
 
 @contextlib.contextmanager

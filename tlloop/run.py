@@ -38,27 +38,30 @@ def main(argv: list[str]) -> int:
         )
         strategy = distribute.make_strategy(config.distribute)
         experiment = trainer.build_experiment(config, strategy)
+        flags_text = tlloop_flags.flags_text(FLAGS)
         if distribute.is_chief(strategy):
-            workdir.prepare(
-                config.workdir, tlloop_flags.flags_text(FLAGS), overwrite=config.overwrite
-            )
+            workdir.prepare(config.workdir, flags_text, overwrite=config.overwrite)
     except ConfigError as error:
-        print(f"tlloop: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(error)
     # SIGTERM (a scheduler's preemption) asks the trainer to stop after the step under way:
     # it saves a checkpoint, flushes and closes its writers; exit code 128 + 15, as for a
     # process the signal ended.
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
-        trainer.train(experiment, config.workdir, tlloop_flags.flags_text(FLAGS), stop=stop)
+        trainer.train(experiment, config.workdir, flags_text, stop=stop)
     except ConfigError as error:  # a checkpoint in the workdir that does not fit
-        print(f"tlloop: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(error)
     except trainer.Stopped:
         print("tlloop: stopped by SIGTERM; the same command resumes the run", file=sys.stderr)
         return 128 + signal.SIGTERM
     return 0
+
+
+def _fail(error: ConfigError) -> int:
+    """The one line every bad input gets, and its exit code."""
+    print(f"tlloop: error: {error}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

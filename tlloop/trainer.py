@@ -24,7 +24,7 @@ from tlloop import checkpoints as checkpoint_lib
 from tlloop import phases as phase_lib
 from tlloop.config import RunConfig
 from tlloop.data import Data, load_data
-from tlloop.distribute import describe, is_chief
+from tlloop.distribute import cluster_task, describe, is_chief
 from tlloop.export import export_model
 from tlloop.models import TransferModel, build_model
 from tlloop.optim import make_optimizer
@@ -179,7 +179,9 @@ def _train_in_scope(
     # The input position is the global step: one batch per step, from one seeded stream.
     train_batches = iter(_distribute(strategy, data.train.skip(start[1])))
     eval_batches = _distribute(strategy, data.eval)
-    saver = _Saver(checkpoints, config, global_step, single_host=_single_host(strategy), stop=stop)
+    saver = _Saver(
+        checkpoints, config, global_step, single_host=cluster_task(strategy) is None, stop=stop
+    )
     profiler = _Profiler(log_config.profile_steps, os.path.join(workdir, "tensorboard", "train"))
     if not resume_from:
         summaries.hparams(hparams_of(config), trial=os.path.basename(os.path.abspath(workdir)))
@@ -414,11 +416,6 @@ def _save_when_stopped(saver: _Saver):
     except (Stopped, KeyboardInterrupt):
         saver.save()
         raise
-
-
-def _single_host(strategy: tf.distribute.Strategy) -> bool:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    return resolver is None or not resolver.task_type
 
 
 class _Profiler:
