@@ -151,3 +151,46 @@ def test_jit_compiled_step_matches_the_plain_step():
     # agree to 3.3e-6 here, far below the 1e-2 scale of one update.
     for a, b in zip(plain, jitted, strict=True):
         assert np.allclose(a, b, atol=1e-4)
+
+
+def _nan_policy_step(model, policy: str):
+    optimizer = keras.optimizers.Adam(learning_rate=1e-2)
+    optimizer.build(model.trainable_variables)
+    counter = tf.Variable(0, dtype=tf.int64)
+    metrics = Metrics()
+    step = TrainStep(
+        model, optimizer, ModeTable(), metrics, counter, global_batch_size=16, nan_policy=policy
+    )
+    return step, optimizer, metrics
+
+
+def _batches_with_nan_at(positions: set[int], count: int):
+    images, labels = _batch()
+    poisoned = tf.tensor_scatter_nd_update(images, [[3, 0, 0, 0]], [float("nan")])
+    batches = [(poisoned if i in positions else images, labels) for i in range(count)]
+    return tf.data.Dataset.from_tensor_slices(
+        (tf.stack([b[0] for b in batches]), tf.stack([b[1] for b in batches]))
+    )
+
+
+def test_a_nan_step_applies_no_update_and_skip_step_goes_on():
+    model = build_model(ModelConfig(image_size=16), 3)
+    step, optimizer, metrics = _nan_policy_step(model, "skip_step")
+    batches = iter(_batches_with_nan_at({1}, 3))
+    step(batches, 1)
+    before, iterations = snapshot(model), int(optimizer.iterations.numpy())
+    result = step(batches, 1)  # the poisoned batch: one image holds a NaN pixel
+    assert result.nonfinite.tolist() == [2] and int(step.global_step.numpy()) == 2
+    assert changed(before, snapshot(model)) == set()
+    assert int(optimizer.iterations.numpy()) == iterations
+    assert np.isfinite(metrics.result()["loss"]) and metrics.result()["examples"] == 16
+    result = step(batches, 1)
+    assert result.nonfinite.tolist() == [] and changed(before, snapshot(model))
+
+
+def test_nan_policy_stop_ends_the_call_at_the_bad_step():
+    model = build_model(ModelConfig(image_size=16), 3)
+    step, optimizer, _ = _nan_policy_step(model, "stop")
+    result = step(iter(_batches_with_nan_at({1}, 4)), 4)
+    assert result.nonfinite.tolist() == [2]
+    assert int(step.global_step.numpy()) == 2 and int(optimizer.iterations.numpy()) == 1

@@ -14,6 +14,8 @@ state fails or hangs later, far from its cause.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -113,6 +115,18 @@ def per_example_loss(labels, logits):
 
 # Columns of the rows a train call returns, one row per logged step.
 LOG_COLUMNS = ("step", "loss", "accuracy", "learning_rate", "gradient_norm")
+NAN_POLICIES = ("stop", "skip_step")
+
+
+class StepsResult(NamedTuple):
+    """What one call of a TrainStep returns.
+
+    `rows`: one row of LOG_COLUMNS per logged step. `nonfinite`: the global steps whose loss
+    or gradients held a NaN or Inf; their update was not applied.
+    """
+
+    rows: np.ndarray
+    nonfinite: np.ndarray
 
 
 class TrainStep:
@@ -129,6 +143,11 @@ class TrainStep:
     trainable weights and their gradients (both of the global batch: with several replicas, a
     logged step reduces the gradients once more). The cadence is decided in the graph, on the
     step counter, so nothing retraces.
+
+    A step whose loss or gradients hold a NaN or Inf on any replica applies no update and
+    leaves the metrics alone (the decision is reduced over replicas, so all agree); the step
+    still counts, since it consumed its batch. With `nan_policy` "stop" the call returns right
+    after such a step; with "skip_step" it goes on.
     """
 
     def __init__(
@@ -143,7 +162,11 @@ class TrainStep:
         jit_compile: bool = False,
         log_every_steps: int = 0,
         histogram_every_steps: int = 0,
+        nan_policy: str = "stop",
     ) -> None:
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy {nan_policy!r}; known: {', '.join(NAN_POLICIES)}")
+        self.stop_on_nonfinite = nan_policy == "stop"
         self.model = model
         self.optimizer = optimizer
         self.modes = modes.row("train")
@@ -171,12 +194,11 @@ class TrainStep:
             a is b for a, b in zip(current, self.variables, strict=True)
         )
 
-    def __call__(self, iterator, num_steps: int) -> np.ndarray:
-        """Runs `num_steps` steps on batches from `iterator`; the global step advances by that.
-
-        Returns the logged rows, shape (logged steps, len(LOG_COLUMNS)).
-        """
-        return self._loop(iterator, tf.constant(num_steps, tf.int32)).numpy()
+    def __call__(self, iterator, num_steps: int) -> StepsResult:
+        """Runs `num_steps` steps on batches from `iterator`; the global step advances by that
+        (by fewer only when nan_policy "stop" ended the call at a non-finite step)."""
+        rows, nonfinite = self._loop(iterator, tf.constant(num_steps, tf.int32))
+        return StepsResult(rows.numpy(), nonfinite.numpy())
 
     def _loss_and_grads(self, images, labels):
         with tf.GradientTape() as tape:
@@ -188,29 +210,47 @@ class TrainStep:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
         return tape.gradient(loss, self.variables), losses, logits
 
-    def _replica_step(self, images, labels):
+    def _replica_gradients(self, images, labels):
         images = self.model.augment(images, training=self.modes.augment)
         grads, losses, logits = self._grads(images, labels)
+        correct = tf.cast(tf.argmax(logits, -1, output_type=labels.dtype) == labels, tf.float32)
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(losses)))
+        # This replica's shares of the global batch's mean loss and accuracy.
+        share = 1.0 / self.global_batch_size
+        loss, accuracy = tf.reduce_sum(losses) * share, tf.reduce_sum(correct) * share
+        return loss, accuracy, grads, losses, logits, 1.0 - tf.cast(finite, tf.float32)
+
+    def _replica_apply(self, grads, labels, losses, logits) -> None:
         # In replica context the Keras optimizer all-reduces (sums) the gradients itself.
         self.optimizer.apply(grads, self.variables)
         self.metrics.update(losses, labels, logits)
-        correct = tf.cast(tf.argmax(logits, -1, output_type=labels.dtype) == labels, tf.float32)
-        # This replica's shares of the global batch's mean loss and accuracy.
-        share = 1.0 / self.global_batch_size
-        return tf.reduce_sum(losses) * share, tf.reduce_sum(correct) * share, grads
 
     def _run_loop(self, iterator, num_steps):
         rows = tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=(5,))
+        nonfinite = tf.TensorArray(tf.int64, size=0, dynamic_size=True, element_shape=())
         for _ in tf.range(num_steps):
             images, labels = next(iterator)
-            loss, correct, grads = self.strategy.run(self._replica_step, args=(images, labels))
+            loss, correct, grads, losses, logits, bad = self.strategy.run(
+                self._replica_gradients, args=(images, labels)
+            )
+            # Decided in cross-replica context on the sum over replicas: every replica takes the
+            # same branch, and the optimizer's all-reduce (a merge_call) is never inside a
+            # replica-context cond, which tf.distribute does not support.
+            finite = self.strategy.reduce(tf.distribute.ReduceOp.SUM, bad, axis=None) == 0.0
+            if finite:
+                self.strategy.run(self._replica_apply, args=(grads, labels, losses, logits))
             step = self.global_step.assign_add(1)
             if self.log_every_steps and step % self.log_every_steps == 0:
                 row = self._log(step, loss, correct, grads)
                 rows = rows.write(rows.size(), row)
             if self.histogram_every_steps and step % self.histogram_every_steps == 0:
                 self._histograms(step, grads)
-        return rows.stack()
+            if not finite:
+                nonfinite = nonfinite.write(nonfinite.size(), step)
+                if self.stop_on_nonfinite:
+                    break
+        return rows.stack(), nonfinite.stack()
 
     def _log(self, step, loss, correct, grads):
         sum_ = tf.distribute.ReduceOp.SUM
