@@ -90,3 +90,91 @@ def test_image_folder_errors_name_the_flag(tmp_path):
     (tmp_path / "one_empty" / "dog").mkdir()
     with pytest.raises(ConfigError, match=r"^--data_dir=.*'dog' holds no images"):
         load_source(DataConfig(dataset="folder", data_dir=str(tmp_path / "one_empty")))
+
+
+def _folder_config(root, **kw) -> DataConfig:
+    return DataConfig(dataset="folder", data_dir=str(root), image_size=8, batch_size=4, **kw)
+
+
+def test_unreadable_images_fail_naming_the_file_or_are_skipped_and_counted(tmp_path):
+    _write_folder(tmp_path / "images", {"cat": 5, "dog": 5, "eel": 5})
+    (tmp_path / "images" / "dog" / "9.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    (tmp_path / "images" / "eel" / "9.jpg").write_bytes(b"")
+    with pytest.raises(
+        ConfigError,
+        match=r"^image file '.*/dog/9.png': cannot be read or decoded \(.+\); accepted: JPG, "
+        r"JPEG, PNG, BMP, GIF images, or --bad_images=skip to leave them out \(1 more ",
+    ):
+        load_data(_folder_config(tmp_path / "images"))
+    data = load_data(_folder_config(tmp_path / "images", bad_images="skip"))
+    assert sorted(data.skipped_files) == sorted(
+        str(tmp_path / "images" / name) for name in ("dog/9.png", "eel/9.jpg")
+    )
+    assert data.train_size + data.eval_size == 15
+    # Every kept example is a decoded image of the right shape and label.
+    batches = list(data.eval)
+    assert {tuple(images.shape) for images, _, _ in batches} == {(4, 8, 8, 3)}
+
+
+def test_skipping_the_only_image_of_a_class_is_refused(tmp_path):
+    _write_folder(tmp_path / "images", {"cat": 4, "dog": 4})
+    (tmp_path / "images" / "emu").mkdir()
+    (tmp_path / "images" / "emu" / "0.png").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match=r"^class 'emu': no readable images left"):
+        load_data(_folder_config(tmp_path / "images", bad_images="skip"))
+
+
+def test_gif_and_bmp_files_decode(tmp_path):
+    root = tmp_path / "images"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        pixels = np.full((6, 6, 3), 200 if name == "a" else 50, np.uint8)
+        (root / name / "0.bmp").write_bytes(_bmp(pixels))
+        (root / name / "1.gif").write_bytes(_gif(pixels[..., 0]))
+    data = load_data(_folder_config(root, val_split=0.5))
+    means = {int(y): float(tf.reduce_mean(x)) for x, y, w in data.eval.unbatch() if w}
+    assert abs(means[0] - 200) < 1 and abs(means[1] - 50) < 1
+
+
+def _bmp(pixels: np.ndarray) -> bytes:
+    """An uncompressed 24-bit BMP: rows bottom-up, BGR, each padded to 4 bytes."""
+    height, width, _ = pixels.shape
+    row = width * 3 + (-width * 3) % 4
+    body = b"".join(
+        pixels[y, :, ::-1].tobytes() + bytes(row - width * 3) for y in range(height - 1, -1, -1)
+    )
+    le = int.to_bytes
+    header = b"BM" + le(54 + len(body), 4, "little") + bytes(4) + le(54, 4, "little")
+    info = (
+        le(40, 4, "little")
+        + le(width, 4, "little")
+        + le(height, 4, "little")
+        + le(1, 2, "little")
+        + le(24, 2, "little")
+        + bytes(24)
+    )
+    return header + info + body
+
+
+def _gif(grey: np.ndarray) -> bytes:
+    """A one-frame GIF of a constant grey image (a minimal encoder: TensorFlow has none)."""
+    height, width = grey.shape
+    value = int(grey[0, 0])
+    header = b"GIF89a" + width.to_bytes(2, "little") + height.to_bytes(2, "little")
+    palette = bytes([0x80, 0, 0]) + bytes([0, 0, 0, value, value, value])  # 2 colours
+    image = b"," + bytes(4) + width.to_bytes(2, "little") + height.to_bytes(2, "little") + b"\0"
+    # LZW, minimum code size 2: clear (4), then colour 1 per pixel, then end (5); 3-bit codes
+    # while the table grows, so use clear codes often enough to stay at 3 bits.
+    codes = []
+    for i in range(height * width):
+        if i % 2 == 0:
+            codes.append(4)
+        codes.append(1)
+    codes.append(5)
+    bits = "".join(format(code, "03b")[::-1] for code in codes)
+    bits += "0" * (-len(bits) % 8)
+    data = bytes(int(bits[i : i + 8][::-1], 2) for i in range(0, len(bits), 8))
+    blocks = b"".join(
+        bytes([len(data[i : i + 255])]) + data[i : i + 255] for i in range(0, len(data), 255)
+    )
+    return header + palette + image + b"\x02" + blocks + b"\0;"

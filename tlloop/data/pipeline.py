@@ -1,5 +1,8 @@
 """tf.data pipelines: decode, resize, cache, shuffle, batch.
 
+Image files are decoded and resized once, in parallel, when the data is loaded: an unreadable
+file is found (and named, or skipped with --bad_images=skip) before anything is written, and
+the decoded examples are kept in memory as uint8, a quarter of the float32 cache's size.
 Training batches always have the full static batch shape (the stream repeats before it is
 batched, so no partial batch retraces the step). Evaluation pads its last batch to full size
 with examples of weight 0, so every example counts exactly once and none twice.
@@ -9,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
-from tlloop.config import DataConfig
-from tlloop.data.sources import Split, load_source
+from tlloop.config import ConfigError, DataConfig
+from tlloop.data.sources import IMAGE_EXTENSIONS, Split, load_source
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -25,55 +30,151 @@ class Data:
 
     `train` yields (images float32 [B, S, S, 3] in [0, 255], labels int32 [B]) forever;
     `eval` yields (images, labels, weights float32 [B]) for `eval_steps` batches, and the
-    weights sum to `eval_size`.
+    weights sum to `eval_size`. Loaded for evaluation only, `train` and `preview` are None.
     """
 
     class_names: tuple[str, ...]
-    train: tf.data.Dataset
+    train: tf.data.Dataset | None
     eval: tf.data.Dataset
-    preview: tf.Tensor  # the first (up to) 16 training images, unshuffled
+    preview: tf.Tensor | None  # the first (up to) 16 training images, unshuffled
     train_size: int
     eval_size: int
     steps_per_epoch: int
     eval_steps: int
+    skipped_files: tuple[str, ...] = ()  # unreadable image files left out (--bad_images=skip)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
-def load_data(config: DataConfig) -> Data:
-    """Loads the source `config` names and builds its train and eval pipelines."""
+def load_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
+    """Loads the source `config` names and builds its train and eval pipelines (only the
+    eval pipeline, and no training image decoded, with `evaluation_only`)."""
     source = load_source(config)
-    examples = images_dataset(source.train, config.image_size).cache()
+    skip = config.bad_images == "skip"
+    eval_split, skipped = decode_files(source.eval, config.image_size, skip=skip)
+    _check_every_class(eval_split, source.class_names, skipped)
+    evaluation = padded_eval_dataset(eval_split, config.image_size, config.eval_batch)
+    data = Data(
+        class_names=source.class_names,
+        train=None,
+        eval=evaluation,
+        preview=None,
+        train_size=0,
+        eval_size=len(eval_split),
+        steps_per_epoch=0,
+        eval_steps=math.ceil(len(eval_split) / config.eval_batch),
+        skipped_files=skipped,
+    )
+    if evaluation_only:
+        return data
+    train_split, train_skipped = decode_files(source.train, config.image_size, skip=skip)
+    skipped = train_skipped + skipped
+    _check_every_class(train_split, source.class_names, skipped)
+    examples = images_dataset(train_split, config.image_size).cache()
     preview = next(iter(examples.map(lambda image, label: image).batch(16)))
     train = (
-        examples.shuffle(len(source.train), seed=config.seed, reshuffle_each_iteration=True)
+        examples.shuffle(len(train_split), seed=config.seed, reshuffle_each_iteration=True)
         .repeat()
         .batch(config.batch_size, drop_remainder=True)
         .prefetch(AUTOTUNE)
     )
-    evaluation = padded_eval_dataset(source.eval, config.image_size, config.eval_batch)
-    return Data(
-        class_names=source.class_names,
+    return dataclasses.replace(
+        data,
         train=train,
-        eval=evaluation,
         preview=preview,
-        train_size=len(source.train),
-        eval_size=len(source.eval),
-        steps_per_epoch=math.ceil(len(source.train) / config.batch_size),
-        eval_steps=math.ceil(len(source.eval) / config.eval_batch),
+        train_size=len(train_split),
+        steps_per_epoch=math.ceil(len(train_split) / config.batch_size),
+        skipped_files=skipped,
     )
 
 
-def images_dataset(split: Split, image_size: int) -> tf.data.Dataset:
-    """(image float32 [S, S, 3] in [0, 255], label int32) pairs, in the split's order."""
+def decode_files(split: Split, image_size: int, *, skip: bool) -> tuple[Split, tuple[str, ...]]:
+    """`split` with its image files decoded and resized to uint8 arrays, and the files skipped.
+
+    A file that cannot be read or decoded raises ConfigError naming it, or with `skip` is left
+    out (logged, and returned). A split that already holds arrays is returned as it is.
+    """
     if isinstance(split.images, np.ndarray):
-        pixels = tf.data.Dataset.from_tensor_slices(split.images)
-    else:
-        pixels = tf.data.Dataset.from_tensor_slices(split.images).map(
-            _decode_file, num_parallel_calls=AUTOTUNE
+        return split, ()
+    paths = split.images
+    if not paths:
+        return Split(np.zeros((0, image_size, image_size, 3), np.uint8), split.labels), ()
+
+    def load(index, path):
+        image = tf.round(_resize(_decode_file(path), image_size))
+        return index, tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8)
+
+    decoded = (
+        tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
+        .map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+        .ignore_errors()  # a bad file drops out; which ones is found from the indices
+        .batch(256)
+    )
+    indices, images = [], []
+    for index, pixels in decoded:
+        indices.append(index.numpy())
+        images.append(pixels.numpy())
+    kept = np.concatenate(indices) if indices else np.zeros((0,), np.int64)
+    bad = sorted(set(range(len(paths))) - set(kept.tolist()))
+    skipped = tuple(paths[i] for i in bad)
+    if skipped and not skip:
+        try:
+            read_image(skipped[0])
+            problem = f"image file {skipped[0]!r}: cannot be decoded"
+        except ConfigError as error:
+            problem = str(error)
+        more = f" ({len(skipped) - 1} more unreadable files)" if len(skipped) > 1 else ""
+        raise ConfigError(f"{problem}, or --bad_images=skip to leave them out{more}")
+    if skipped:
+        logging.warning(
+            "--bad_images=skip: skipped %d unreadable image file(s) of %d: %s",
+            len(skipped),
+            len(paths),
+            ", ".join(skipped),
         )
+    pixels = (
+        np.concatenate(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+    )
+    return Split(pixels, split.labels[kept]), skipped
+
+
+def read_image(path: str) -> np.ndarray:
+    """The image file `path` as uint8 (height, width, 3); the first frame of an animated GIF.
+
+    Raises ConfigError naming the file, with TensorFlow's reason, if it cannot be read or
+    decoded.
+    """
+    try:
+        return _decode_file(tf.constant(path)).numpy()
+    except (tf.errors.OpError, ValueError) as error:
+        message = getattr(error, "message", str(error))
+        # TensorFlow wraps the reason in op and device names a user cannot act on.
+        noise = r"\{\{[^}]*\}\}|\[Op:[^\]]*\]|\bname:\s*$"
+        message = re.sub(noise, "", " ".join(message.split())).strip()[:160]
+        raise ConfigError(
+            f"image file {path!r}: cannot be read or decoded ({message}); accepted: "
+            f"{', '.join(e[1:].upper() for e in IMAGE_EXTENSIONS)} images"
+        ) from None
+
+
+def _check_every_class(split: Split, names: tuple[str, ...], skipped: tuple[str, ...]) -> None:
+    """Raises ConfigError if skipping unreadable files emptied a class."""
+    empty = [name for label, name in enumerate(names) if not np.any(split.labels == label)]
+    if empty and skipped:
+        raise ConfigError(
+            f"class {empty[0]!r}: no readable images left after skipping {len(skipped)} "
+            "unreadable file(s); accepted: at least one readable image per class in each split"
+        )
+
+
+def images_dataset(split: Split, image_size: int) -> tf.data.Dataset:
+    """(image float32 [S, S, 3] in [0, 255], label int32) pairs, in the split's order.
+
+    The split holds arrays (see `decode_files`).
+    """
+    pixels = tf.data.Dataset.from_tensor_slices(split.images)
     pixels = pixels.map(lambda image: _resize(image, image_size), num_parallel_calls=AUTOTUNE)
     labels = tf.data.Dataset.from_tensor_slices(split.labels)
     return tf.data.Dataset.zip(pixels, labels)
