@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import keras
 import numpy as np
 import pytest
@@ -115,19 +113,6 @@ def test_other_application_families_build_with_preprocessing(name):
     backbone = build_backbone(name, "none", 32)
     assert backbone.get_layer("preprocess").application == name
     assert len(backbone(_pixels(32, 1), training=False).shape) == 4
-
-
-def test_exported_keras_files_load_back(tmp_path):
-    from tlloop.export import export_model
-
-    model = build_model(ModelConfig(image_size=16), 3)
-    paths = export_model(model, str(tmp_path / "export"))
-    assert oct(os.stat(paths["model"]).st_mode & 0o777) != oct(0o600)
-    loaded = keras.saving.load_model(paths["model"])
-    x = _pixels(16)
-    assert np.array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
-    backbone = keras.saving.load_model(paths["backbone"])
-    assert np.array_equal(np.asarray(backbone(x)), np.asarray(model.backbone(x)))
 
 
 @pytest.mark.filterwarnings("ignore:Skipping nested container")

@@ -1,0 +1,35 @@
+"""Client side of the exported SavedModel: load it, decode image files, rank classes."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from tlloop.data.pipeline import read_image
+
+
+class Predictor:
+    """A tlloop SavedModel (see tlloop.export) ready to rank classes for image files."""
+
+    def __init__(self, directory: str) -> None:
+        loaded = tf.saved_model.load(directory)
+        self._serve = loaded.signatures["serving_uint8"]
+        names = loaded.signatures["class_names"]()["class_names"].numpy()
+        self.class_names = tuple(name.decode() for name in names)
+        self._loaded = loaded  # the signatures need the object alive
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities (batch, classes) for uint8 images (batch, height, width, 3)."""
+        return self._serve(images=tf.constant(images, tf.uint8))["probabilities"].numpy()
+
+    def top_k(self, path: str, k: int) -> list[tuple[str, float]]:
+        """The `k` most probable (class name, probability) for the image file `path`, most
+        probable first. Raises ConfigError naming the file if it cannot be read or decoded."""
+        image = read_image(path)
+        probabilities = self.probabilities(image[None])[0]
+        order = np.argsort(-probabilities, kind="stable")[:k]
+        return [(self.class_names[i], float(probabilities[i])) for i in order]
