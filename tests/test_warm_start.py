@@ -1,0 +1,110 @@
+"""--init_checkpoint: a warm start loads backbone weights, reports them, and fails clearly."""
+
+from __future__ import annotations
+
+import threading
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import make_config, snapshot
+
+from tlloop import trainer
+from tlloop.config import ConfigError, ModelConfig
+from tlloop.models import build_model
+from tlloop.warm_start import warm_start
+
+
+def _model(seed: int):
+    keras.utils.set_random_seed(seed)
+    return build_model(ModelConfig(backbone="small_cnn", image_size=16), 3)
+
+
+def test_warm_start_loads_every_backbone_weight_from_a_tlloop_checkpoint(tmp_path):
+    source = _model(1)
+    path = tf.train.Checkpoint(model=source).save(str(tmp_path / "ckpt"))
+    target = _model(2)
+    head_before = snapshot(target.head)
+    assert not np.array_equal(source.backbone.weights[0].numpy(), target.backbone.weights[0])
+    report = warm_start(target.backbone, path)
+    assert report.root == "model/backbone"
+    assert len(report.matched) == len(target.backbone.weights) and not report.missing
+    assert not report.unmatched
+    for a, b in zip(source.backbone.weights, target.backbone.weights, strict=True):
+        assert np.array_equal(a.numpy(), b.numpy())
+    # The head is not the backbone: untouched.
+    assert all(np.array_equal(v, snapshot(target.head)[k]) for k, v in head_before.items())
+
+
+def test_warm_start_from_a_plain_checkpoint_of_a_keras_model(tmp_path):
+    source = _model(1)
+    tf.train.Checkpoint(model=source.backbone).save(str(tmp_path / "plain"))
+    target = _model(2)
+    report = warm_start(target.backbone, str(tmp_path))  # a checkpoint directory
+    assert report.root == "model" and len(report.matched) == len(target.backbone.weights)
+    assert np.array_equal(source.backbone.weights[0].numpy(), target.backbone.weights[0].numpy())
+
+
+def _dense_backbone(units: int, extra: bool = False) -> keras.Model:
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(units, name="features")(inputs)
+    if extra:
+        x = keras.layers.Dense(units, name="more")(x)
+    return keras.Model(inputs, x, name="backbone")
+
+
+def test_warm_start_reports_missing_and_unmatched_variables(tmp_path):
+    source = _dense_backbone(3, extra=True)
+    path = tf.train.Checkpoint(backbone=source).save(str(tmp_path / "ckpt"))
+    target = _dense_backbone(3)  # the first Dense matches, the second is only in the file
+    report = warm_start(target, path)
+    assert len(report.matched) == 2 and not report.missing
+    assert len(report.unmatched) == 2 and all("VARIABLE_VALUE" in k for k in report.unmatched)
+    assert "2 matched, 2 unmatched, 0 missing" in report.to_text()
+
+
+def test_a_shape_mismatch_names_the_variable_and_loads_nothing(tmp_path):
+    path = tf.train.Checkpoint(backbone=_dense_backbone(3)).save(str(tmp_path / "ckpt"))
+    target = _dense_backbone(5)
+    before = snapshot(target)
+    with pytest.raises(
+        ConfigError,
+        match=r"^--init_checkpoint=.*: variable 'features/kernel' "
+        r"has shape \(4, 5\) here but \(4, 3\)",
+    ):
+        warm_start(target, path)
+    assert all(np.array_equal(v, snapshot(target)[k]) for k, v in before.items())
+
+
+def test_nothing_matched_or_no_checkpoint_is_refused(tmp_path):
+    unrelated = tf.Module()
+    unrelated.other = tf.Variable(np.zeros((2, 2), np.float32))
+    path = tf.train.Checkpoint(thing=unrelated).save(str(tmp_path / "ckpt"))
+    with pytest.raises(ConfigError, match="no backbone variable matched"):
+        warm_start(_dense_backbone(3), path)
+    with pytest.raises(ConfigError, match=r"^--init_checkpoint='.*nowhere': no checkpoint there"):
+        warm_start(_dense_backbone(3), str(tmp_path / "nowhere"))
+
+
+def test_a_run_warm_started_from_another_run_and_resumed_ignores_the_warm_start(tmp_path):
+    donor = str(tmp_path / "donor")
+    trainer.train(trainer.build_experiment(make_config(donor, head_epochs=1)), donor)
+    config = make_config(str(tmp_path / "run"), init_checkpoint=donor, head_epochs=2)
+    experiment = trainer.build_experiment(config)
+    report = experiment.warm_start
+    assert report.checkpoint.endswith("checkpoints/best/ckpt-" + report.checkpoint.split("-")[-1])
+    assert len(report.matched) == len(experiment.model.backbone.weights)
+    uninterrupted = trainer.train(experiment, str(tmp_path / "run"))
+    assert uninterrupted["init_checkpoint"]["matched"]
+
+    # Stopped after its first step, then resumed: the warm start is applied again when the
+    # experiment is built, and the run's own checkpoint replaces it; the end is the same.
+    stop = threading.Event()
+    stop.set()
+    workdir = str(tmp_path / "stopped")
+    config = make_config(workdir, init_checkpoint=donor, head_epochs=2)
+    with pytest.raises(trainer.Stopped):
+        trainer.train(trainer.build_experiment(config), workdir, stop=stop)
+    resumed = trainer.train(trainer.build_experiment(config), workdir)
+    assert resumed["weights_sha256"] == uninterrupted["weights_sha256"]
