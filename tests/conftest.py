@@ -36,6 +36,9 @@ def make_config(workdir: str, **overrides) -> config_lib.RunConfig:
         "bn_mode": "frozen",
         "jit_compile": False,
         "steps_per_loop": 1,
+        "init_checkpoint": "",
+        "checkpoint": config_lib.CheckpointConfig(),
+        "nan_policy": "stop",
     }
     values.update(overrides)
     data = config_lib.DataConfig(
@@ -50,6 +53,7 @@ def make_config(workdir: str, **overrides) -> config_lib.RunConfig:
         image_size=values["image_size"],
         dropout=values["dropout"],
         augment=config_lib.parse_augment(values["augment"]),
+        init_checkpoint=values["init_checkpoint"],
     )
     phases = (
         config_lib.PhaseConfig(
@@ -70,6 +74,8 @@ def make_config(workdir: str, **overrides) -> config_lib.RunConfig:
         phases=phases,
         jit_compile=values["jit_compile"],
         steps_per_loop=values["steps_per_loop"],
+        checkpoint=values["checkpoint"],
+        nan_policy=values["nan_policy"],
     )
 
 
@@ -83,18 +89,21 @@ def changed(before: dict, after: dict) -> set[str]:
     return {path for path in before if not np.array_equal(before[path], after[path])}
 
 
-def _cli(args, env: dict | None) -> dict:
+def _cli(args, env: dict | None, module: str = "tlloop.run") -> dict:
     return {
-        "args": [sys.executable, "-m", "tlloop.run", *args],
+        "args": [sys.executable, "-m", module, *args],
         "cwd": REPO,
         "env": {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO, **(env or {})},
         "text": True,
     }
 
 
-def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m tlloop.run ARGS` in a subprocess (extra `env`); killed after `timeout` s."""
-    return subprocess.run(**_cli(args, env), capture_output=True, timeout=timeout)
+def run_cli(
+    *args: str, timeout: int = 300, env: dict | None = None, module: str = "tlloop.run", **kw
+) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` in a subprocess (extra `env`, and subprocess.run's `kw`, e.g.
+    preexec_fn); killed after `timeout` s."""
+    return subprocess.run(**_cli(args, env, module), capture_output=True, timeout=timeout, **kw)
 
 
 def start_cli(*args: str, env: dict | None = None) -> subprocess.Popen:

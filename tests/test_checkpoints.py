@@ -69,7 +69,13 @@ def uninterrupted(tmp_path_factory) -> dict:
     workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
     result = run_cli(*ARGS, f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((workdir / "results.json").read_text())
+    return {**json.loads((workdir / "results.json").read_text()), "rows": _train_rows(workdir)}
+
+
+def _train_rows(workdir: pathlib.Path) -> dict[int, dict]:
+    """Train rows of metrics.jsonl by step: loss and accuracy of that step's batch."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: (row["loss"], row["accuracy"]) for row in rows if row["kind"] == "train"}
 
 
 def test_killed_twice_and_resumed_ends_bit_identical(tmp_path, uninterrupted):
@@ -82,6 +88,10 @@ def test_killed_twice_and_resumed_ends_bit_identical(tmp_path, uninterrupted):
 
     second = rng.randint(HEAD_STEPS + 3, TOTAL_STEPS - 12)
     _run_until(workdir, second, signal.SIGKILL)
+    # The resumed run's first step saw the batch the uninterrupted run saw at that step: the
+    # same loss and accuracy, bit for bit, on the same weights.
+    resumed_first = killed_at + 1
+    assert _train_rows(workdir)[resumed_first] == uninterrupted["rows"][resumed_first]
     killed_at = _latest_step(workdir)
     assert HEAD_STEPS < killed_at < TOTAL_STEPS, (
         f"second kill should land in fine-tune: {killed_at}"
@@ -90,8 +100,10 @@ def test_killed_twice_and_resumed_ends_bit_identical(tmp_path, uninterrupted):
     result = run_cli(*ARGS, f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stderr
+    assert _train_rows(workdir)[killed_at + 1] == uninterrupted["rows"][killed_at + 1]
     results = json.loads((workdir / "results.json").read_text())
     assert results["weights_sha256"] == uninterrupted["weights_sha256"]
+    assert results["best"] == uninterrupted["best"]  # the best so far survives the kills
     assert results["phases"] == uninterrupted["phases"] or [
         (p["name"], p["last_step"], p["eval"]) for p in results["phases"]
     ] == [(p["name"], p["last_step"], p["eval"]) for p in uninterrupted["phases"]]

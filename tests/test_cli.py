@@ -59,7 +59,10 @@ def test_quickstart_end_to_end_on_a_small_budget(tmp_path):
         hits = (np.argmax(model(images), -1) == labels.numpy()) * weights.numpy()
         correct, total = correct + hits.sum(), total + weights.numpy().sum()
     assert total == 269
-    assert correct / total == pytest.approx(results["phases"][1]["eval"]["accuracy"], abs=1e-6)
+    # --export=best (the default): the export scores the best evaluation of the run.
+    assert results["export"]["weights"] == "best"
+    assert correct / total == pytest.approx(results["best"]["value"], abs=1e-6)
+    assert results["best"]["value"] == max(accuracy for _, accuracy in eval_accuracy)
 
     # flags.txt re-runs the same experiment: on its own workdir, that resumes the finished run.
     flags_file = os.path.join(workdir, "flags.txt")
@@ -104,6 +107,13 @@ BAD_INPUTS = [
     (["--classes=5-12"], ["--classes", "'10'", "accepted"]),
     (["--unfreeze=top:9"], ["--unfreeze=top:9", "only 3 layers"]),
     (["stray"], ["unexpected arguments", "accepted"]),
+    (["--best_metric=f1"], ["--best_metric='f1': unknown metric", "accuracy, loss"]),
+    (["--best_metric=loss:up"], ["--best_metric='loss:up': unknown direction"]),
+    (["--early_stopping_patience=-1"], ["--early_stopping_patience=-1", "accepted"]),
+    (["--export=first"], ["--export", "best|last"]),
+    (["--nan_policy=ignore"], ["--nan_policy", "stop|skip_step"]),
+    (["--bad_images=keep"], ["--bad_images", "fail|skip"]),
+    (["--init_checkpoint=nowhere"], ["--init_checkpoint='nowhere': no checkpoint there"]),
 ]
 
 

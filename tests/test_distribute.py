@@ -12,6 +12,7 @@ import pathlib
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import keras
@@ -39,6 +40,7 @@ SMALL = [
     "--augment=",
     "--eval_batch_size=7",
     "--log_every_steps=1",
+    "--export=last",  # compare the final weights, whichever evaluation was best
 ]
 MIRRORED = ["--strategy=mirrored", "--logical_devices=2"]
 
@@ -220,6 +222,7 @@ def test_two_worker_cluster_on_localhost(tmp_path, single_device):
     assert sorted(p.name for p in (workdir / "export").iterdir()) == [
         "backbone.keras",
         "model.keras",
+        "saved_model",
     ]
     events = sorted((workdir / "tensorboard").glob("*/events.out.tfevents.*"))
     assert [p.parent.name for p in events] == ["eval", "train"]
@@ -288,4 +291,64 @@ def test_auto_and_one_device_strategies_on_this_machine():
         model = build_model(ModelConfig(image_size=16), 3)
     assert {v.value.device for v in model.weights} == {
         "/job:localhost/replica:0/task:0/device:CPU:0"
+    }
+
+
+# One replica's half of the global batch holds a NaN pixel, the other's does not.
+_ONE_REPLICA_NAN = """
+import json, sys
+import numpy as np, tensorflow as tf, keras
+sys.path.insert(0, "tests")
+from tlloop import distribute
+from tlloop.config import ModelConfig
+from tlloop.models import ModeTable, build_model
+from tlloop.steps import Metrics, TrainStep
+
+distribute.configure_logical_devices(2, 1024)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    model = build_model(ModelConfig(image_size=16), 3)
+    optimizer = keras.optimizers.Adam(1e-2)
+    optimizer.build(model.trainable_variables)
+    counter = tf.Variable(0, dtype=tf.int64)
+    step = TrainStep(model, optimizer, ModeTable(), Metrics(), counter, global_batch_size=8,
+                     nan_policy="skip_step")
+rng = np.random.default_rng(0)
+images = rng.uniform(0, 255, (3, 8, 16, 16, 3)).astype(np.float32)
+images[1, 6, 0, 0, 0] = np.nan  # batch 2, example 7: the second replica's half
+labels = rng.integers(0, 3, (3, 8)).astype(np.int32)
+batches = iter(strategy.experimental_distribute_dataset(
+    tf.data.Dataset.from_tensor_slices((images, labels))))
+step(batches, 1)
+before = [np.array(v.numpy()) for v in model.trainable_variables]
+skipped = step(batches, 1).nonfinite.tolist()
+unchanged = all(np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables))
+replicas_equal = all(
+    np.array_equal(*[np.asarray(t) for t in strategy.experimental_local_results(v.value)])
+    for v in model.trainable_variables)
+moved = step(batches, 1).nonfinite.tolist() == [] and not all(
+    np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables))
+print(json.dumps({"skipped": skipped, "unchanged": unchanged, "moved": moved,
+                  "iterations": int(optimizer.iterations.numpy()),
+                  "replicas_equal": replicas_equal}))
+"""
+
+
+def test_a_nan_on_one_replica_skips_the_update_on_every_replica():
+    result = subprocess.run(
+        [sys.executable, "-c", _ONE_REPLICA_NAN],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome == {
+        "skipped": [2],
+        "unchanged": True,
+        "moved": True,
+        "iterations": 2,
+        "replicas_equal": True,
     }

@@ -15,6 +15,11 @@ DATASETS = ("digits", "folder")
 BN_MODES = ("frozen", "train")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 AUGMENT_OPS = ("flip", "rotate", "zoom", "contrast", "translate")
+BAD_IMAGES = ("fail", "skip")
+NAN_POLICIES = ("stop", "skip_step")
+EXPORTS = ("best", "last")
+# Evaluation metrics a run can track as its best, with the direction that is better.
+BEST_METRICS = {"accuracy": "max", "loss": "min"}
 
 
 class ConfigError(ValueError):
@@ -115,9 +120,13 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int = 0  # 0: the training batch size
     seed: int = 0
+    bad_images: str = "fail"  # an unreadable image file: "fail" the run, or "skip" it
 
     def __post_init__(self) -> None:
         _require(self.dataset in DATASETS, "dataset", self.dataset, "unknown", ", ".join(DATASETS))
+        _require(
+            self.bad_images in BAD_IMAGES, "bad_images", self.bad_images, "unknown", "fail, skip"
+        )
         if self.dataset == "folder":
             _require(
                 bool(self.data_dir),
@@ -173,6 +182,7 @@ class ModelConfig:
     dropout: float = 0.2
     augment: tuple[AugmentOp, ...] = ()
     unsafe_deserialization: bool = False
+    init_checkpoint: str = ""  # warm start: the backbone's weights from this checkpoint
 
     def __post_init__(self) -> None:
         _require(bool(self.backbone), "backbone", self.backbone, "empty", "a name or a path")
@@ -286,15 +296,50 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BestMetric:
+    """The evaluation metric whose best value the run keeps a checkpoint of."""
+
+    name: str = "accuracy"
+    direction: str = "max"
+
+    @classmethod
+    def parse(cls, spec: str) -> BestMetric:
+        """Parses `--best_metric`: accuracy or loss, optionally :max or :min (default: the
+        metric's natural direction)."""
+        accepted = "accuracy, loss, optionally with :max or :min (e.g. loss:min)"
+        name, _, direction = spec.partition(":")
+        _require(name in BEST_METRICS, "best_metric", spec, "unknown metric", accepted)
+        direction = direction or BEST_METRICS[name]
+        _require(direction in ("max", "min"), "best_metric", spec, "unknown direction", accepted)
+        return cls(name, direction)
+
+    def better(self, value: float, than: float) -> bool:
+        """True if `value` is strictly better than `than` (anything beats NaN, the unset)."""
+        if than != than:
+            return value == value
+        return value > than if self.direction == "max" else value < than
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.direction}"
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    """When the run saves a checkpoint (besides each phase start, the end and on SIGTERM).
+    """When the run saves a checkpoint (besides each phase start, the end and on SIGTERM),
+    which evaluation is the best, when a phase stops early, and what is exported.
 
     `every_secs` applies to single-host runs only: tasks of a cluster would not agree on time.
+    `early_stopping_patience` > 0 ends a phase after that many evaluations without a better
+    `best_metric` than the phase's best so far. `export` "best" exports the weights of the best
+    evaluation, "last" those at the end.
     """
 
     every_steps: int = 0
     every_secs: float = 600.0
     keep: int = 3
+    best_metric: BestMetric = BestMetric()
+    early_stopping_patience: int = 0
+    export: str = "best"
 
     def __post_init__(self) -> None:
         _require(
@@ -312,6 +357,14 @@ class CheckpointConfig:
             "0 (off) or seconds",
         )
         _require(self.keep >= 1, "keep_checkpoints", self.keep, "too small", ">= 1")
+        _require(
+            self.early_stopping_patience >= 0,
+            "early_stopping_patience",
+            self.early_stopping_patience,
+            "negative",
+            "0 (off) or a number of evaluations",
+        )
+        _require(self.export in EXPORTS, "export", self.export, "unknown", "best, last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,9 +383,17 @@ class RunConfig:
     steps_per_loop: int = 1
     seed: int = 0
     overwrite: bool = False
+    nan_policy: str = "stop"  # a NaN/Inf loss or gradient: "stop" the run, or "skip_step"
 
     def __post_init__(self) -> None:
         _require(bool(self.workdir), "workdir", self.workdir, "empty", "a directory path")
+        _require(
+            self.nan_policy in NAN_POLICIES,
+            "nan_policy",
+            self.nan_policy,
+            "unknown",
+            "stop, skip_step",
+        )
         _require(
             self.steps_per_loop >= 1, "steps_per_loop", self.steps_per_loop, "too small", ">= 1"
         )

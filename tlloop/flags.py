@@ -7,24 +7,41 @@ the flag.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from absl import flags
 
 from tlloop import config as config_lib
 
 # Every flag this module defines, in the order flags.txt lists them.
 FLAG_NAMES: list[str] = []
+# The flags that say which examples a run evaluates on; tlloop.evaluate takes these.
+DATA_FLAGS = (
+    "dataset",
+    "data_dir",
+    "val_dir",
+    "val_split",
+    "classes",
+    "bad_images",
+    "eval_batch_size",
+)
 
 
-def _define(kind, name: str, default, help_text: str, flag_values: flags.FlagValues, **kw):
+def _define_one(kind, name: str, default, help_text: str, flag_values: flags.FlagValues, **kw):
     kind(name, default, help=help_text, flag_values=flag_values, **kw)
     FLAG_NAMES.append(name)
 
 
-def define_flags(flag_values: flags.FlagValues) -> None:
-    """Defines tlloop's flags on `flag_values`."""
+def define_flags(flag_values: flags.FlagValues, only: Collection[str] | None = None) -> None:
+    """Defines tlloop's flags on `flag_values` (those named in `only`, if given)."""
     FLAG_NAMES.clear()
     d = flags
     fv = flag_values
+
+    def _define(kind, name: str, default, help_text: str, flag_values, **kw):
+        if only is None or name in only:
+            _define_one(kind, name, default, help_text, flag_values, **kw)
+
     # Run.
     _define(d.DEFINE_string, "workdir", None, "Directory for this run's outputs.", fv)
     _define(
@@ -76,6 +93,15 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "Keep this many training examples per class (few-shot); 0: all.",
         fv,
     )
+    _define(
+        d.DEFINE_enum,
+        "bad_images",
+        "fail",
+        "An image file that cannot be read or decoded: fail (the run stops before training, "
+        "naming it) or skip (skipped files are counted and logged).",
+        fv,
+        enum_values=list(config_lib.BAD_IMAGES),
+    )
     _define(d.DEFINE_integer, "image_size", 32, "Images are resized to this square size.", fv)
     _define(d.DEFINE_integer, "batch_size", 32, "Global training batch size.", fv)
     _define(d.DEFINE_integer, "eval_batch_size", 0, "Evaluation batch size; 0: --batch_size.", fv)
@@ -113,6 +139,15 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         False,
         "Allow a .keras backbone to run "
         "code (Lambda layers) when loaded. Only for files you trust.",
+        fv,
+    )
+    _define(
+        d.DEFINE_string,
+        "init_checkpoint",
+        "",
+        "Warm start: load the backbone's weights from another tlloop run (its workdir: the "
+        "best checkpoint, else the latest), a checkpoint directory or a checkpoint path; a "
+        "report lists matched, unmatched and missing variables. Not applied when resuming.",
         fv,
     )
     # Phases.
@@ -232,6 +267,39 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     )
     _define(d.DEFINE_integer, "keep_checkpoints", 3, "Checkpoints kept in WORKDIR/checkpoints.", fv)
     _define(
+        d.DEFINE_string,
+        "best_metric",
+        "accuracy",
+        "Evaluation metric whose best value is kept in WORKDIR/checkpoints/best: accuracy or "
+        "loss, optionally :max or :min.",
+        fv,
+    )
+    _define(
+        d.DEFINE_integer,
+        "early_stopping_patience",
+        0,
+        "End a phase after this many evaluations without a better --best_metric than the "
+        "phase's best so far; 0: never.",
+        fv,
+    )
+    _define(
+        d.DEFINE_enum,
+        "export",
+        "best",
+        "Weights to export at the end: best (of --best_metric) or last.",
+        fv,
+        enum_values=list(config_lib.EXPORTS),
+    )
+    _define(
+        d.DEFINE_enum,
+        "nan_policy",
+        "stop",
+        "A NaN or Inf loss or gradient: stop (exit with an error naming the step; no "
+        "checkpoint is written over the last good one) or skip_step (no update; counted).",
+        fv,
+        enum_values=list(config_lib.NAN_POLICIES),
+    )
+    _define(
         d.DEFINE_bool,
         "deterministic",
         False,
@@ -271,6 +339,7 @@ def to_config(flag_values: flags.FlagValues) -> config_lib.RunConfig:
         batch_size=f.batch_size,
         eval_batch_size=f.eval_batch_size,
         seed=f.seed,
+        bad_images=f.bad_images,
     )
     model = config_lib.ModelConfig(
         backbone=f.backbone,
@@ -279,6 +348,7 @@ def to_config(flag_values: flags.FlagValues) -> config_lib.RunConfig:
         dropout=f.dropout,
         augment=config_lib.parse_augment(f.augment),
         unsafe_deserialization=f.unsafe_deserialization,
+        init_checkpoint=f.init_checkpoint,
     )
     phases = (
         config_lib.PhaseConfig("head", f.head_epochs, f.head_lr, config_lib.Unfreeze("none")),
@@ -313,13 +383,36 @@ def to_config(flag_values: flags.FlagValues) -> config_lib.RunConfig:
             every_steps=f.checkpoint_every_steps,
             every_secs=f.checkpoint_every_secs,
             keep=f.keep_checkpoints,
+            best_metric=config_lib.BestMetric.parse(f.best_metric),
+            early_stopping_patience=f.early_stopping_patience,
+            export=f.export,
         ),
         deterministic=f.deterministic,
         jit_compile=f.jit_compile,
         steps_per_loop=f.steps_per_loop,
         seed=f.seed,
         overwrite=f.overwrite,
+        nan_policy=f.nan_policy,
     )
+
+
+def run_flags(flags_file: str, overrides: flags.FlagValues | None = None) -> flags.FlagValues:
+    """The flags of a past run, read from its flags.txt, with the `overrides` given on the
+    command line (flags present there) applied on top. Raises ConfigError naming the file."""
+    values = flags.FlagValues()
+    define_flags(values)
+    try:
+        values(["tlloop", f"--flagfile={flags_file}"])
+    except (flags.Error, OSError) as error:
+        raise config_lib.ConfigError(
+            f"{flags_file!r}: not a readable tlloop flags file ({error}); accepted: the "
+            "flags.txt a tlloop run writes into its workdir"
+        ) from None
+    if overrides is not None:
+        for name in FLAG_NAMES:
+            if name in overrides and overrides[name].present:
+                values[name].value = overrides[name].value
+    return values
 
 
 def flags_text(flag_values: flags.FlagValues) -> str:

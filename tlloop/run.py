@@ -3,7 +3,8 @@
 Wiring only: flags -> config -> devices and strategy -> experiment (data, model, plan) ->
 workdir (the chief's) -> train. Any bad
 input is reported as one line naming the flag or file, with exit code 2, before the workdir
-is touched.
+is touched. A run that fails later (NaN loss, a write that fails) exits 1 with one line too;
+its last checkpoint is intact.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from absl import app, flags
 
 from tlloop import flags as tlloop_flags
 from tlloop.config import ConfigError
+from tlloop.errors import RunFailed
 
 FLAGS = flags.FLAGS
 tlloop_flags.define_flags(FLAGS)
@@ -52,16 +54,18 @@ def main(argv: list[str]) -> int:
         trainer.train(experiment, config.workdir, flags_text, stop=stop)
     except ConfigError as error:  # a checkpoint in the workdir that does not fit
         return _fail(error)
+    except RunFailed as error:
+        return _fail(error, code=1)
     except trainer.Stopped:
         print("tlloop: stopped by SIGTERM; the same command resumes the run", file=sys.stderr)
         return 128 + signal.SIGTERM
     return 0
 
 
-def _fail(error: ConfigError) -> int:
-    """The one line every bad input gets, and its exit code."""
+def _fail(error: Exception, code: int = 2) -> int:
+    """The one line every bad input (exit 2) or failed run (exit 1) gets; returns the code."""
     print(f"tlloop: error: {error}", file=sys.stderr)
-    return 2
+    return code
 
 
 if __name__ == "__main__":

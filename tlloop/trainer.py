@@ -25,11 +25,14 @@ from tlloop import phases as phase_lib
 from tlloop.config import RunConfig
 from tlloop.data import Data, load_data
 from tlloop.distribute import cluster_task, describe, is_chief
+from tlloop.errors import RunFailed
+from tlloop.evaluation import evaluate
 from tlloop.export import export_model
 from tlloop.models import TransferModel, build_model
 from tlloop.optim import make_optimizer
 from tlloop.steps import LOG_COLUMNS, EvalStep, Metrics, TrainStep
 from tlloop.summaries import Summaries, confusion_image, confusion_text, image_grid
+from tlloop.warm_start import WarmStartReport, warm_start
 from tlloop.workdir import write_json
 
 
@@ -42,12 +45,14 @@ class Experiment:
     data: Data
     model: TransferModel
     phases: list[phase_lib.Phase]
+    warm_start: WarmStartReport | None = None
 
 
 def build_experiment(
     config: RunConfig, strategy: tf.distribute.Strategy | None = None
 ) -> Experiment:
-    """Seeds, loads data, builds the model under `strategy` and plans the phases; writes nothing.
+    """Seeds, loads data, builds the model under `strategy` (warm-started from
+    --init_checkpoint if given) and plans the phases; writes nothing.
 
     Raises ConfigError (naming the flag or file) on bad input.
     """
@@ -58,8 +63,12 @@ def build_experiment(
     data = load_data(config.data)
     with strategy.scope():
         model = build_model(config.model, data.num_classes, seed=config.seed)
+    report = None
+    if config.model.init_checkpoint:
+        report = warm_start(model.backbone, config.model.init_checkpoint)
+        logging.info("%s", report.to_text())
     plan = phase_lib.plan_phases(config.phases, model)
-    return Experiment(config, strategy, data, model, plan)
+    return Experiment(config, strategy, data, model, plan, report)
 
 
 class Stopped(Exception):
@@ -75,13 +84,18 @@ def train(
     """Runs every phase, evaluating after each epoch; the chief exports and writes results.json.
 
     If WORKDIR/checkpoints holds a checkpoint, the run resumes from it: same phase, next step,
-    the batch it would have seen next. Returns the results: per phase, its steps, time and
-    last train and eval metrics; and a SHA-256 of the final weights, which every task logs
-    (equal on all tasks of a cluster). Summaries are flushed at every evaluation and closed on
-    the way out, whatever ends the run. When `stop` is set, training ends after the step under
-    way with a checkpoint and raises `Stopped`; KeyboardInterrupt also saves one first.
+    the batch it would have seen next. Every evaluation is checked against --best_metric; the
+    best one's weights are kept in WORKDIR/checkpoints/best and exported at the end (or the last
+    weights, with --export=last). Returns the results: per phase, its steps, time and last train
+    and eval metrics; the best evaluation; and a SHA-256 of the final weights, which every task
+    logs (equal on all tasks of a cluster). Summaries are flushed at every evaluation and closed
+    on the way out, whatever ends the run. When `stop` is set, training ends after the step
+    under way with a checkpoint and raises `Stopped`; KeyboardInterrupt also saves one first.
+    Raises RunFailed (the last checkpoint intact) on a NaN/Inf step under --nan_policy=stop and
+    when a checkpoint or the export cannot be written.
     """
     strategy = experiment.strategy
+    config = experiment.config
     chief = is_chief(strategy)
     logging.info("strategy: %s", describe(strategy))
     directory = os.path.join(workdir, "checkpoints")
@@ -91,12 +105,15 @@ def train(
         phases = len(experiment.phases)
         where = f"phase {start[0] + 1} of {phases}" if start[0] < phases else "finished run"
         logging.info("resuming from %s: %s, step %d", resume_from, where, start[1])
-    checkpoints = checkpoint_lib.Checkpoints(
-        directory, keep=experiment.config.checkpoint.keep, chief=chief
-    )
+        if experiment.warm_start:
+            logging.info("resuming: the run's own checkpoint replaces the warm-started weights")
+    checkpoints = checkpoint_lib.Checkpoints(directory, keep=config.checkpoint.keep, chief=chief)
     if resume_from:
         checkpoints.check(resume_from, experiment.model)
-    summaries = Summaries(workdir, enabled=chief and experiment.config.logging.summaries)
+    best = checkpoint_lib.Checkpoints(
+        os.path.join(directory, checkpoint_lib.BEST), keep=1, chief=chief
+    )
+    summaries = Summaries(workdir, enabled=chief and config.logging.summaries)
     summaries.start_session(start[1])
     # Outside the strategy's scope: the same on every task, and a distributed string variable
     # cannot be broadcast by MultiWorkerMirroredStrategy.
@@ -110,6 +127,7 @@ def train(
                 flags_text,
                 chief,
                 checkpoints,
+                best,
                 resume_from,
                 start,
                 stop,
@@ -119,9 +137,36 @@ def train(
         summaries.close()
     logging.info("final weights sha256: %s", results["weights_sha256"])
     if chief:
-        results["export"] = export_model(experiment.model, os.path.join(workdir, "export"))
+        results["export"] = _export(experiment, best, results, os.path.join(workdir, "export"))
         write_json(os.path.join(workdir, "results.json"), results)
     return results
+
+
+def _export(experiment: Experiment, best, results: dict, directory: str) -> dict:
+    """Exports the best evaluation's weights (or the last, per --export); returns what it did."""
+    model = experiment.model
+    exported = {"weights": "last", "step": results["phases"][-1]["last_step"]}
+    best_path = checkpoint_lib.latest(best.directory)
+    if best_path:
+        # The file is the truth: after a non-deterministic resume it may hold an evaluation
+        # the run's state never saw.
+        results["best"].update(
+            step=int(tf.train.load_variable(best_path, "step/.ATTRIBUTES/VARIABLE_VALUE")),
+            value=float(tf.train.load_variable(best_path, "value/.ATTRIBUTES/VARIABLE_VALUE")),
+        )
+    if experiment.config.checkpoint.export == "best" and best_path:
+        tf.train.Checkpoint(model=model).restore(best_path).expect_partial()
+        exported = {"weights": "best", "step": results["best"]["step"]}
+    try:
+        paths = export_model(model, directory, experiment.data.class_names)
+    except (OSError, tf.errors.OpError) as error:
+        raise RunFailed(
+            f"export to {directory!r} failed ({getattr(error, 'strerror', None) or error}); the "
+            "checkpoints are intact; accepted: free space and write access, then the same "
+            "command exports again"
+        ) from None
+    logging.info("exported the %s weights (step %d) to %s", *exported.values(), directory)
+    return {**exported, **paths}
 
 
 def hparams_of(config: RunConfig) -> dict:
@@ -153,6 +198,7 @@ def _train_in_scope(
     flags_text: str,
     chief: bool,
     checkpoints: checkpoint_lib.Checkpoints,
+    best: checkpoint_lib.Checkpoints,
     resume_from: str | None,
     start: tuple[int, int],
     stop: threading.Event | None,
@@ -182,18 +228,26 @@ def _train_in_scope(
     saver = _Saver(
         checkpoints, config, global_step, single_host=cluster_task(strategy) is None, stop=stop
     )
+    tracker = _BestTracker(config.checkpoint.best_metric, state, best, model, global_step)
     profiler = _Profiler(log_config.profile_steps, os.path.join(workdir, "tensorboard", "train"))
     if not resume_from:
         summaries.hparams(hparams_of(config), trial=os.path.basename(os.path.abspath(workdir)))
         if flags_text:
             summaries.text("flags", "```\n" + flags_text + "```", 0)
+        if experiment.warm_start:
+            summaries.text("init_checkpoint", experiment.warm_start.to_text(), 0)
     results = {
         "class_names": list(data.class_names),
         "train_size": data.train_size,
         "eval_size": data.eval_size,
+        "skipped_images": list(data.skipped_files),
         "replicas": strategy.num_replicas_in_sync,
+        "init_checkpoint": dataclasses.asdict(experiment.warm_start)
+        if experiment.warm_start
+        else None,
         "phases": [],
     }
+    patience = config.checkpoint.early_stopping_patience
     with summaries.default("train"), _save_when_stopped(saver):
         for phase in experiment.phases[start[0] :]:
             step_now = int(global_step.numpy())
@@ -221,6 +275,7 @@ def _train_in_scope(
                 jit_compile=config.jit_compile,
                 log_every_steps=log_config.log_every_steps,
                 histogram_every_steps=log_config.histogram_every_steps,
+                nan_policy=config.nan_policy,
             )
             checkpoints.track(
                 model=model,
@@ -237,13 +292,20 @@ def _train_in_scope(
                 if len(results["phases"]) > phase.index:
                     continue  # the checkpoint was this phase's last
             else:
-                state.phase.assign(phase.index)
-                state.phase_start.assign(global_step)
+                state.start_phase(phase.index, int(global_step.numpy()))
                 saver.save()
             done = int(global_step.numpy() - state.phase_start.numpy())
             first_epoch, offset = divmod(done, data.steps_per_epoch)
+            if (
+                done
+                and not offset
+                and int(state.evaluated_step.numpy()) != done + int(state.phase_start.numpy())
+            ):
+                # Resumed after an epoch's last step but before its evaluation: evaluate it.
+                first_epoch, offset = first_epoch - 1, data.steps_per_epoch
             started = time.perf_counter()
             train_result = eval_result = None
+            stopped_early = False
             for epoch in range(first_epoch, phase.config.epochs):
                 # A stale compiled step would silently keep updating an old trainable set.
                 if not train_step.matches(model):
@@ -265,15 +327,18 @@ def _train_in_scope(
                     summaries,
                     progress,
                     saver,
+                    state,
                 )
                 offset = 0
                 train_result = train_metrics.result()
                 eval_result = evaluate(eval_step, eval_metrics, eval_batches, data.eval_steps)
                 step_now = int(global_step.numpy())
+                state.evaluated_step.assign(step_now)
                 _write_epoch(summaries, phase, epoch, step_now, train_result, eval_result, data)
+                is_best = tracker.update(eval_result)
                 logging.info(
                     "%s epoch %d/%d step %d: train loss %.4f acc %.4f | eval loss %.4f acc %.4f "
-                    "(%d examples) | %.1f s",
+                    "(%d examples)%s | %.1f s",
                     phase.name,
                     epoch + 1,
                     phase.config.epochs,
@@ -283,9 +348,22 @@ def _train_in_scope(
                     eval_result["loss"],
                     eval_result["accuracy"],
                     eval_result["examples"],
+                    " | best so far" if is_best else "",
                     seconds,
                 )
-            if eval_result is None:  # resumed after the phase's last step, before its end
+                if patience and int(state.since_phase_best.numpy()) >= patience:
+                    logging.info(
+                        "%s phase stopped early at epoch %d: %d evaluations without a better "
+                        "%s (--early_stopping_patience=%d)",
+                        phase.name,
+                        epoch + 1,
+                        patience,
+                        config.checkpoint.best_metric,
+                        patience,
+                    )
+                    stopped_early = True
+                    break
+            if eval_result is None:  # resumed after the phase's evaluated last step
                 train_result = train_metrics.result()
                 eval_result = evaluate(eval_step, eval_metrics, eval_batches, data.eval_steps)
             summaries.flush()
@@ -293,6 +371,7 @@ def _train_in_scope(
                 {
                     "name": phase.name,
                     "epochs": phase.config.epochs,
+                    "stopped_early": stopped_early,
                     "last_step": int(global_step.numpy()),
                     "seconds": round(time.perf_counter() - started, 3),
                     "train": train_result,
@@ -309,14 +388,20 @@ def _train_in_scope(
     else:
         saver.save()
     profiler.stop()
+    results["best"] = tracker.summary()
+    results["nonfinite_steps_skipped"] = int(state.nonfinite_steps.numpy())
     results["weights_sha256"] = weights_digest(model)
     return results
 
 
-def _run_epoch(step, batches, count, config, phase, profiler, summaries, progress, saver) -> float:
+def _run_epoch(
+    step, batches, count, config, phase, profiler, summaries, progress, saver, state
+) -> float:
     """Runs `count` steps in calls of up to --steps_per_loop; returns their seconds.
 
-    Calls end where the profiler or a step-count checkpoint needs the host.
+    Calls end where the profiler or a step-count checkpoint needs the host. A NaN/Inf step
+    raises RunFailed under --nan_policy=stop (before any checkpoint is saved after it) and is
+    counted and logged under skip_step.
     """
     done, seconds = 0, 0.0
     while done < count:
@@ -325,8 +410,26 @@ def _run_epoch(step, batches, count, config, phase, profiler, summaries, progres
         chunk = min(count - done, config.steps_per_loop)
         chunk = saver.limit(current, profiler.limit(current, chunk))
         started = time.perf_counter()
-        rows = step(batches, chunk)
+        rows, nonfinite = step(batches, chunk)
         elapsed = time.perf_counter() - started
+        if len(nonfinite) and config.nan_policy == "stop":
+            last = checkpoint_lib.latest(saver.checkpoints.directory)
+            raise RunFailed(
+                f"--nan_policy=stop: the loss or a gradient is NaN or Inf at step "
+                f"{int(nonfinite[0])} ({phase.name} phase); no update was applied and the last "
+                f"checkpoint ({last}) is intact; accepted: a lower --{phase.name}_lr, clean "
+                "data, or --nan_policy=skip_step to skip such steps"
+            )
+        if len(nonfinite):
+            state.nonfinite_steps.assign_add(len(nonfinite))
+            logging.warning(
+                "--nan_policy=skip_step: NaN/Inf at step(s) %s: no update applied (%d so far)",
+                ", ".join(str(int(s)) for s in nonfinite),
+                int(state.nonfinite_steps.numpy()),
+            )
+            summaries.scalars(
+                "train", {"nonfinite_steps": float(state.nonfinite_steps.numpy())}, current + chunk
+            )
         done, seconds = done + chunk, seconds + elapsed
         speed = {
             "examples_per_second": config.data.batch_size * chunk / elapsed,
@@ -346,6 +449,43 @@ def _run_epoch(step, batches, count, config, phase, profiler, summaries, progres
             raise Stopped()
     profiler.at(int(step.global_step.numpy()))
     return seconds
+
+
+class _BestTracker:
+    """Keeps the best evaluation of --best_metric: its value and step in the run state (so a
+    resumed run knows them) and its weights in WORKDIR/checkpoints/best. Also counts the
+    phase's evaluations since its own best improved, for early stopping."""
+
+    def __init__(self, metric, state, checkpoints, model, global_step) -> None:
+        self.metric = metric
+        self.state = state
+        self.checkpoints = checkpoints
+        self.global_step = global_step
+        checkpoints.track(model=model, step=global_step, value=state.best)
+
+    def update(self, eval_result: dict) -> bool:
+        """Records one evaluation; True (and the weights saved) if it is the best so far."""
+        value = float(eval_result[self.metric.name])
+        state = self.state
+        if self.metric.better(value, float(state.phase_best.numpy())):
+            state.phase_best.assign(value)
+            state.since_phase_best.assign(0)
+        else:
+            state.since_phase_best.assign_add(1)
+        if not self.metric.better(value, float(state.best.numpy())):
+            return False
+        step = int(self.global_step.numpy())
+        state.best.assign(value)
+        state.best_step.assign(step)
+        self.checkpoints.save(step)
+        return True
+
+    def summary(self) -> dict:
+        return {
+            "metric": str(self.metric),
+            "value": float(self.state.best.numpy()),
+            "step": int(self.state.best_step.numpy()),
+        }
 
 
 def _write_epoch(summaries, phase, epoch, step, train_result, eval_result, data) -> None:
@@ -447,13 +587,6 @@ class _Profiler:
             self.running = False
 
 
-def evaluate(eval_step: EvalStep, metrics: Metrics, batches, steps: int) -> dict:
-    """Loss, accuracy and example count over the whole evaluation set."""
-    metrics.reset()
-    eval_step(iter(batches), steps)
-    return metrics.result()
-
-
 def weights_digest(model: keras.Model) -> str:
     """SHA-256 of every weight (RNG states excluded), in order: equal iff the weights are."""
     digest = hashlib.sha256()
@@ -469,10 +602,3 @@ def _distribute(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset):
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return strategy.experimental_distribute_dataset(dataset.with_options(options))
-
-
-def _run_steps(step: TrainStep, batches, count: int, steps_per_loop: int) -> None:
-    while count > 0:
-        chunk = min(count, steps_per_loop)
-        step(batches, chunk)
-        count -= chunk

@@ -43,8 +43,16 @@ def prepare(path: str, flags_text: str, *, overwrite: bool) -> bool:
         raise ConfigError(
             f"--workdir={path!r}: cannot be created ({error.strerror}); accepted: a writable path"
         ) from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"--workdir={path!r}: not writable; accepted: a writable directory")
+    # A real write, not os.access: that says yes to root, and knows nothing of read-only
+    # mounts, immutable directories or quotas.
+    try:
+        handle, probe = tempfile.mkstemp(dir=path, prefix=".tlloop-write-test-")
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise ConfigError(
+            f"--workdir={path!r}: not writable ({error.strerror}); accepted: a writable directory"
+        ) from None
     if overwrite:
         for name in previous:
             target = os.path.join(path, name)

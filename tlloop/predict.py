@@ -1,0 +1,68 @@
+"""Entry point: `python -m tlloop.predict --workdir=WORKDIR [--top_k=3] IMAGE [IMAGE ...]`.
+
+Prints the top-k classes of each image file with their probabilities, one line per image:
+`PATH<TAB>CLASS PROB<TAB>CLASS PROB...`. The model is the run's exported SavedModel (or any
+tlloop SavedModel, `--saved_model=DIR`), called through its `serving_uint8` signature, so this
+is exactly what a server would answer. Images of any size are resized inside the model.
+Bad input: one line naming the flag or file, exit 2 (`--bad_images=skip` reports an unreadable
+file on stderr and goes on).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+from tlloop.config import BAD_IMAGES, ConfigError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "", "The workdir of a finished tlloop run (uses its export).")
+flags.DEFINE_string("saved_model", "", "A tlloop SavedModel directory, instead of --workdir.")
+flags.DEFINE_integer("top_k", 3, "Classes to print per image, most probable first.")
+flags.DEFINE_enum("bad_images", "fail", list(BAD_IMAGES), "An unreadable image: fail or skip.")
+
+
+def main(argv: list[str]) -> int:
+    try:
+        paths = argv[1:]
+        if not paths:
+            raise ConfigError("no image files given; accepted: one or more image file paths")
+        if bool(FLAGS.workdir) == bool(FLAGS.saved_model):
+            raise ConfigError(
+                "--workdir / --saved_model: give exactly one; accepted: --workdir=RUN or "
+                "--saved_model=DIR"
+            )
+        directory = FLAGS.saved_model or os.path.join(FLAGS.workdir, "export", "saved_model")
+        if not os.path.isfile(os.path.join(directory, "saved_model.pb")):
+            raise ConfigError(
+                f"{'--saved_model' if FLAGS.saved_model else '--workdir'}: no SavedModel at "
+                f"{directory!r}; accepted: a finished tlloop run or its export/saved_model"
+            )
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+        from tlloop.serving import Predictor
+
+        predictor = Predictor(directory)
+        if not 1 <= FLAGS.top_k <= predictor.num_classes:
+            raise ConfigError(
+                f"--top_k={FLAGS.top_k}: the model has {predictor.num_classes} classes; "
+                f"accepted: 1 to {predictor.num_classes}"
+            )
+        for path in paths:
+            try:
+                ranked = predictor.top_k(path, FLAGS.top_k)
+            except ConfigError as error:
+                if FLAGS.bad_images == "fail":
+                    raise
+                print(f"tlloop.predict: skipped: {error}", file=sys.stderr)
+                continue
+            print("\t".join([path, *(f"{name} {p:.4f}" for name, p in ranked)]), flush=True)
+    except ConfigError as error:
+        print(f"tlloop.predict: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
