@@ -163,3 +163,20 @@ def test_a_corrupt_image_fails_naming_it_or_is_skipped(tmp_path):
     results = json.loads((tmp_path / "skip" / "results.json").read_text())
     assert results["skipped_images"] == [f"{data}/b/3.png"]
     assert results["train_size"] + results["eval_size"] == 17
+
+
+def test_an_export_that_cannot_be_written_fails_with_the_checkpoints_intact(tmp_path):
+    from conftest import make_config
+
+    from tlloop import trainer
+    from tlloop.errors import RunFailed
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "export").write_text("a file where the export directory goes")
+    experiment = trainer.build_experiment(make_config(str(workdir), finetune_epochs=0))
+    with pytest.raises(RunFailed, match=r"^export to '.*export' failed \(.+\); the checkpoints"):
+        trainer.train(experiment, str(workdir))
+    latest = tf.train.latest_checkpoint(str(workdir / "checkpoints"))
+    assert latest.endswith("ckpt-3") and _checkpoint_values(latest)
+    assert not (workdir / "results.json").exists()
