@@ -39,6 +39,7 @@ def make_config(workdir: str, **overrides) -> config_lib.RunConfig:
         "init_checkpoint": "",
         "checkpoint": config_lib.CheckpointConfig(),
         "nan_policy": "stop",
+        "training": config_lib.TrainingConfig(),
     }
     values.update(overrides)
     data = config_lib.DataConfig(
@@ -76,6 +77,7 @@ def make_config(workdir: str, **overrides) -> config_lib.RunConfig:
         steps_per_loop=values["steps_per_loop"],
         checkpoint=values["checkpoint"],
         nan_policy=values["nan_policy"],
+        training=values["training"],
     )
 
 

@@ -18,6 +18,8 @@ AUGMENT_OPS = ("flip", "rotate", "zoom", "contrast", "translate")
 BAD_IMAGES = ("fail", "skip")
 NAN_POLICIES = ("stop", "skip_step")
 EXPORTS = ("best", "last")
+OPTIMIZERS = ("adam", "adamw", "sgd", "lamb")
+LR_SCHEDULES = ("constant", "cosine", "linear", "step")
 # Evaluation metrics a run can track as its best, with the direction that is better.
 BEST_METRICS = {"accuracy": "max", "loss": "min"}
 
@@ -213,6 +215,86 @@ class PhaseConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """How every phase trains: optimizer, learning-rate schedule, gradients and loss.
+
+    `weight_decay` is decoupled (Keras 3 applies it to the weights, scaled by the learning
+    rate) and never applied to biases or BatchNormalization weights. The schedule runs over each
+    phase's optimizer steps, after `warmup_steps` (or `warmup_epochs`) of linear warmup from 0.
+    `clip_grad_norm` > 0 clips the global batch's gradient to that global norm.
+    `grad_accum_steps` batches make one optimizer step. `class_weights` "auto" weighs each
+    example's loss by N / (classes x count of its class) in the training data.
+    """
+
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    warmup_epochs: int = 0
+    clip_grad_norm: float = 0.0
+    grad_accum_steps: int = 1
+    label_smoothing: float = 0.0
+    class_weights: str = ""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.optimizer in OPTIMIZERS,
+            "optimizer",
+            self.optimizer,
+            "unknown",
+            ", ".join(OPTIMIZERS),
+        )
+        _require(
+            self.lr_schedule in LR_SCHEDULES,
+            "lr_schedule",
+            self.lr_schedule,
+            "unknown",
+            ", ".join(LR_SCHEDULES),
+        )
+        _require(
+            0 <= self.weight_decay < 1, "weight_decay", self.weight_decay, "out of range", "[0, 1)"
+        )
+        for name in ("warmup_steps", "warmup_epochs"):
+            value = getattr(self, name)
+            _require(value >= 0, name, value, "negative", "0 (none) or a count")
+        _require(
+            not (self.warmup_steps and self.warmup_epochs),
+            "warmup_steps",
+            self.warmup_steps,
+            "given together with --warmup_epochs",
+            "one of the two",
+        )
+        _require(
+            self.clip_grad_norm >= 0,
+            "clip_grad_norm",
+            self.clip_grad_norm,
+            "negative",
+            "0 (off) or a norm > 0",
+        )
+        _require(
+            self.grad_accum_steps >= 1,
+            "grad_accum_steps",
+            self.grad_accum_steps,
+            "too small",
+            "1 (off) or more batches per optimizer step",
+        )
+        _require(
+            0 <= self.label_smoothing < 1,
+            "label_smoothing",
+            self.label_smoothing,
+            "out of range",
+            "0 <= x < 1",
+        )
+        _require(
+            self.class_weights in ("", "auto"),
+            "class_weights",
+            self.class_weights,
+            "unknown",
+            "auto, or empty for none",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class DistributeConfig:
     """Which tf.distribute strategy runs the steps, on which devices.
 
@@ -375,6 +457,7 @@ class RunConfig:
     data: DataConfig
     model: ModelConfig
     phases: tuple[PhaseConfig, ...]
+    training: TrainingConfig = TrainingConfig()
     distribute: DistributeConfig = DistributeConfig()
     logging: LoggingConfig = LoggingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

@@ -173,6 +173,55 @@ def define_flags(flag_values: flags.FlagValues, only: Collection[str] | None = N
         fv,
         enum_values=list(config_lib.BN_MODES),
     )
+    # How each phase trains.
+    _define(
+        d.DEFINE_enum,
+        "optimizer",
+        "adam",
+        "Optimizer of every phase (a fresh one per phase): adam, adamw, sgd (momentum 0.9), lamb.",
+        fv,
+        enum_values=list(config_lib.OPTIMIZERS),
+    )
+    _define(
+        d.DEFINE_float,
+        "weight_decay",
+        0.0,
+        "Decoupled weight decay; never applied to biases or BatchNorm weights; 0: none.",
+        fv,
+    )
+    _define(
+        d.DEFINE_enum,
+        "lr_schedule",
+        "constant",
+        "Learning rate over each phase's optimizer steps: constant, cosine (to 0), linear (to "
+        "0), step (x0.1 at 50% and 75%).",
+        fv,
+        enum_values=list(config_lib.LR_SCHEDULES),
+    )
+    _define(d.DEFINE_integer, "warmup_steps", 0, "Linear warmup from 0, optimizer steps.", fv)
+    _define(d.DEFINE_integer, "warmup_epochs", 0, "Linear warmup from 0, in epochs.", fv)
+    _define(
+        d.DEFINE_float,
+        "clip_grad_norm",
+        0.0,
+        "Clip the global batch's gradient to this global norm; 0: off.",
+        fv,
+    )
+    _define(
+        d.DEFINE_integer,
+        "grad_accum_steps",
+        1,
+        "Batches per optimizer step (gradients averaged): a k-times larger effective batch.",
+        fv,
+    )
+    _define(d.DEFINE_float, "label_smoothing", 0.0, "Label smoothing of the training loss.", fv)
+    _define(
+        d.DEFINE_string,
+        "class_weights",
+        "",
+        "auto: weigh each training example's loss inversely to its class's frequency.",
+        fv,
+    )
     # Distribution.
     _define(
         d.DEFINE_enum,
@@ -360,11 +409,23 @@ def to_config(flag_values: flags.FlagValues) -> config_lib.RunConfig:
             bn_mode=f.bn_mode,
         ),
     )
+    training = config_lib.TrainingConfig(
+        optimizer=f.optimizer,
+        weight_decay=f.weight_decay,
+        lr_schedule=f.lr_schedule,
+        warmup_steps=f.warmup_steps,
+        warmup_epochs=f.warmup_epochs,
+        clip_grad_norm=f.clip_grad_norm,
+        grad_accum_steps=f.grad_accum_steps,
+        label_smoothing=f.label_smoothing,
+        class_weights=f.class_weights,
+    )
     return config_lib.RunConfig(
         workdir=f.workdir,
         data=data,
         model=model,
         phases=phases,
+        training=training,
         distribute=config_lib.DistributeConfig(
             strategy=f.strategy,
             devices=tuple(f.devices),

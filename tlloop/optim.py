@@ -8,13 +8,76 @@ distribution strategy must be built inside the scope before the first step.
 
 from __future__ import annotations
 
+import math
+
 import keras
 
-from tlloop.config import PhaseConfig
+from tlloop.config import PhaseConfig, TrainingConfig
 
 
-def make_optimizer(config: PhaseConfig, variables: list) -> keras.optimizers.Optimizer:
-    """An Adam optimizer at the phase's learning rate, built on `variables`."""
-    optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
+@keras.saving.register_keras_serializable(package="tlloop")
+class PhaseSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """The learning rate of one phase at optimizer step t (0-based).
+
+    Linear warmup from 0 to `peak` over `warmup` steps, then `kind` over the remaining steps:
+    constant, cosine (to 0), linear (to 0), step (x0.1 at 50% and again at 75%).
+    """
+
+    def __init__(self, peak: float, kind: str, total: int, warmup: int = 0) -> None:
+        self.peak, self.kind, self.total, self.warmup = peak, kind, max(total, 1), warmup
+
+    def __call__(self, step):
+        t = keras.ops.cast(step, "float32")
+        warmup = float(self.warmup)
+        span = float(max(self.total - self.warmup, 1))
+        # Progress after warmup, in [0, 1].
+        progress = keras.ops.clip((t - warmup) / span, 0.0, 1.0)
+        if self.kind == "cosine":
+            rate = 0.5 * self.peak * (1.0 + keras.ops.cos(math.pi * progress))
+        elif self.kind == "linear":
+            rate = self.peak * (1.0 - progress)
+        elif self.kind == "step":
+            rate = self.peak * keras.ops.where(
+                progress >= 0.75, 0.01, keras.ops.where(progress >= 0.5, 0.1, 1.0)
+            )
+        else:
+            rate = self.peak + 0.0 * t
+        if self.warmup:
+            rate = rate * keras.ops.minimum(1.0, (t + 1.0) / warmup)
+        return rate
+
+    def get_config(self) -> dict:
+        return {"peak": self.peak, "kind": self.kind, "total": self.total, "warmup": self.warmup}
+
+
+def make_optimizer(
+    phase: PhaseConfig,
+    variables: list,
+    training: TrainingConfig | None = None,
+    *,
+    steps: int = 1,
+    warmup_steps: int = 0,
+    no_decay: tuple = (),
+) -> keras.optimizers.Optimizer:
+    """The phase's optimizer, built on `variables`.
+
+    `steps` is the phase's number of optimizer steps (what the schedule spans), `warmup_steps`
+    its warmup, `no_decay` the variables weight decay must not touch (biases, BatchNorm).
+    """
+    training = training or TrainingConfig()
+    rate = phase.learning_rate
+    if training.lr_schedule != "constant" or warmup_steps:
+        rate = PhaseSchedule(phase.learning_rate, training.lr_schedule, steps, warmup_steps)
+    decay = training.weight_decay or None
+    if training.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(rate, momentum=0.9, weight_decay=decay)
+    elif training.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(rate, weight_decay=training.weight_decay)
+    elif training.optimizer == "lamb":
+        optimizer = keras.optimizers.Lamb(rate, weight_decay=decay)
+    else:
+        optimizer = keras.optimizers.Adam(rate, weight_decay=decay)
+    if no_decay:
+        optimizer.exclude_from_weight_decay(var_list=list(no_decay))
     optimizer.build(variables)
     return optimizer

@@ -95,6 +95,18 @@ def apply_trainability(model: TransferModel, phase: Phase) -> None:
             layer.trainable = id(layer) in chosen_ids
 
 
+def no_decay_variables(model: TransferModel) -> list:
+    """Trainable weights weight decay must leave alone: biases and BatchNormalization weights
+    (decaying a BatchNorm scale or a bias toward 0 is not regularisation, it is damage)."""
+    chosen = []
+    for name in SUBMODULES:
+        for layer in leaf_layers(getattr(model, name)):
+            for variable in layer.trainable_weights:
+                if is_batch_norm(layer) or variable.path.endswith("bias"):
+                    chosen.append(variable)
+    return chosen
+
+
 def synchronize_batch_norm(model: TransferModel, synchronized: bool) -> None:
     """Sets `synchronized` on every BatchNormalization layer of the model.
 

@@ -144,6 +144,12 @@ class TrainStep:
     logged step reduces the gradients once more). The cadence is decided in the graph, on the
     step counter, so nothing retraces.
 
+    The training loss may use `label_smoothing` and per-class `class_weights` (evaluation never
+    does). With `grad_accum_steps` k > 1 the gradients of k consecutive batches are summed in
+    per-replica accumulators and their mean is applied once (`accumulators` must be
+    checkpointed with the optimizer). `clip_grad_norm` > 0 clips the gradient of the global
+    batch (summed over replicas first: each replica's own norm would clip the wrong thing).
+
     A step whose loss or gradients hold a NaN or Inf on any replica applies no update and
     leaves the metrics alone (the decision is reduced over replicas, so all agree); the step
     still counts, since it consumed its batch. With `nan_policy` "stop" the call returns right
@@ -163,6 +169,10 @@ class TrainStep:
         log_every_steps: int = 0,
         histogram_every_steps: int = 0,
         nan_policy: str = "stop",
+        label_smoothing: float = 0.0,
+        class_weights=None,
+        clip_grad_norm: float = 0.0,
+        grad_accum_steps: int = 1,
     ) -> None:
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy {nan_policy!r}; known: {', '.join(NAN_POLICIES)}")
@@ -179,6 +189,33 @@ class TrainStep:
         self.strategy = tf.distribute.get_strategy()
         if not self.variables:
             raise ValueError("nothing to train: the model has no trainable variables")
+        self.label_smoothing = label_smoothing
+        self.class_weights = (
+            None if class_weights is None else tf.constant(class_weights, tf.float32)
+        )
+        self.clip_grad_norm = clip_grad_norm
+        self.grad_accum_steps = grad_accum_steps
+        # Per-replica sums of the gradients of the batches since the last update, and their
+        # count: state to checkpoint (a resumed run goes on with a half-full accumulation).
+        self.accumulators = []
+        if grad_accum_steps > 1:
+            self.accumulated = tf.Variable(
+                0,
+                dtype=tf.int64,
+                trainable=False,
+                name="accumulated_batches",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+            self.accumulators = [self.accumulated] + [
+                tf.Variable(
+                    tf.zeros(v.shape, v.dtype),
+                    trainable=False,
+                    name="accumulated_gradient",
+                    synchronization=tf.VariableSynchronization.ON_READ,
+                    aggregation=tf.VariableAggregation.SUM,
+                )
+                for v in self.variables
+            ]
         check_created_in_scope(self.strategy, model.weights, "model")
         check_created_in_scope(self.strategy, optimizer.variables, "optimizer")
         check_created_in_scope(self.strategy, metrics.variables, "metric")
@@ -204,7 +241,7 @@ class TrainStep:
         with tf.GradientTape() as tape:
             features = self.model.backbone(images, training=self.modes.backbone)
             logits = self.model.head(features, training=self.modes.head)
-            losses = per_example_loss(labels, logits)
+            losses = self._training_loss(labels, logits)
             loss = tf.nn.compute_average_loss(losses, global_batch_size=self.global_batch_size)
             if self.model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
@@ -221,10 +258,45 @@ class TrainStep:
         loss, accuracy = tf.reduce_sum(losses) * share, tf.reduce_sum(correct) * share
         return loss, accuracy, grads, losses, logits, 1.0 - tf.cast(finite, tf.float32)
 
+    def _training_loss(self, labels, logits):
+        if self.label_smoothing:
+            one_hot = tf.one_hot(labels, tf.shape(logits)[-1])
+            losses = keras.losses.categorical_crossentropy(
+                one_hot,
+                tf.cast(logits, tf.float32),
+                from_logits=True,
+                label_smoothing=self.label_smoothing,
+            )
+        else:
+            losses = per_example_loss(labels, logits)
+        if self.class_weights is not None:
+            losses *= tf.gather(self.class_weights, labels)
+        return losses
+
     def _replica_apply(self, grads, labels, losses, logits) -> None:
+        self.metrics.update(losses, labels, logits)
+        self._update(grads)
+
+    def _update(self, grads) -> None:
+        if self.clip_grad_norm:
+            context = tf.distribute.get_replica_context()
+            total = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            clipped, _ = tf.clip_by_global_norm(total, self.clip_grad_norm)
+            # The optimizer sums over replicas again: each contributes its share.
+            grads = [g / context.num_replicas_in_sync for g in clipped]
         # In replica context the Keras optimizer all-reduces (sums) the gradients itself.
         self.optimizer.apply(grads, self.variables)
+
+    def _replica_accumulate(self, grads, labels, losses, logits) -> None:
         self.metrics.update(losses, labels, logits)
+        for accumulator, grad in zip(self.accumulators[1:], grads, strict=True):
+            accumulator.assign_add(grad)
+
+    def _replica_apply_accumulated(self) -> None:
+        sums = self.accumulators[1:]
+        self._update([tf.identity(a) / self.grad_accum_steps for a in sums])
+        for accumulator in sums:
+            accumulator.assign(tf.zeros_like(accumulator))
 
     def _run_loop(self, iterator, num_steps):
         rows = tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=(5,))
@@ -238,11 +310,21 @@ class TrainStep:
             # same branch, and the optimizer's all-reduce (a merge_call) is never inside a
             # replica-context cond, which tf.distribute does not support.
             finite = self.strategy.reduce(tf.distribute.ReduceOp.SUM, bad, axis=None) == 0.0
+            # The rate this step's update uses (a schedule reads the optimizer's iterations).
+            rate = tf.cast(self.optimizer.learning_rate, tf.float32)
             if finite:
-                self.strategy.run(self._replica_apply, args=(grads, labels, losses, logits))
+                if self.grad_accum_steps == 1:
+                    self.strategy.run(self._replica_apply, args=(grads, labels, losses, logits))
+                else:
+                    self.strategy.run(
+                        self._replica_accumulate, args=(grads, labels, losses, logits)
+                    )
+                    count = self.accumulated.assign_add(1)
+                    if count % self.grad_accum_steps == 0:
+                        self.strategy.run(self._replica_apply_accumulated)
             step = self.global_step.assign_add(1)
             if self.log_every_steps and step % self.log_every_steps == 0:
-                row = self._log(step, loss, correct, grads)
+                row = self._log(step, loss, correct, grads, rate)
                 rows = rows.write(rows.size(), row)
             if self.histogram_every_steps and step % self.histogram_every_steps == 0:
                 self._histograms(step, grads)
@@ -252,12 +334,11 @@ class TrainStep:
                     break
         return rows.stack(), nonfinite.stack()
 
-    def _log(self, step, loss, correct, grads):
+    def _log(self, step, loss, correct, grads, rate):
         sum_ = tf.distribute.ReduceOp.SUM
         loss = self.strategy.reduce(sum_, loss, axis=None)
         accuracy = self.strategy.reduce(sum_, correct, axis=None)
         norm = tf.linalg.global_norm(self._global_gradients(grads))
-        rate = tf.cast(self.optimizer.learning_rate, tf.float32)
         values = {"loss": loss, "accuracy": accuracy, "learning_rate": rate, "gradient_norm": norm}
         with _top_level_name_scope():
             for name, value in values.items():

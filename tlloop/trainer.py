@@ -264,7 +264,7 @@ def _train_in_scope(
             summaries.scalars("train", {"phase": phase.index + 1}, step_now)
             inputs = model.augment(data.preview, training=phase.modes.train.augment)
             summaries.image("train", "augmented_inputs", image_grid(np.asarray(inputs)), step_now)
-            optimizer = make_optimizer(phase.config, model.trainable_variables)
+            optimizer = _phase_optimizer(config, phase, model, data.steps_per_epoch)
             train_step = TrainStep(
                 model,
                 optimizer,
@@ -276,10 +276,15 @@ def _train_in_scope(
                 log_every_steps=log_config.log_every_steps,
                 histogram_every_steps=log_config.histogram_every_steps,
                 nan_policy=config.nan_policy,
+                label_smoothing=config.training.label_smoothing,
+                class_weights=_class_weights(config, data),
+                clip_grad_norm=config.training.clip_grad_norm,
+                grad_accum_steps=config.training.grad_accum_steps,
             )
             checkpoints.track(
                 model=model,
                 optimizer=optimizer,
+                accumulators=train_step.accumulators,
                 step=global_step,
                 state=state,
                 metrics=train_metrics.variables,
@@ -449,6 +454,31 @@ def _run_epoch(
             raise Stopped()
     profiler.at(int(step.global_step.numpy()))
     return seconds
+
+
+def _phase_optimizer(config: RunConfig, phase, model, steps_per_epoch: int):
+    """The phase's fresh optimizer; its schedule spans the phase's optimizer steps."""
+    training = config.training
+    steps = phase.config.epochs * steps_per_epoch // training.grad_accum_steps
+    warmup = training.warmup_steps or (
+        training.warmup_epochs * steps_per_epoch // training.grad_accum_steps
+    )
+    return make_optimizer(
+        phase.config,
+        model.trainable_variables,
+        training,
+        steps=steps,
+        warmup_steps=warmup,
+        no_decay=tuple(phase_lib.no_decay_variables(model)),
+    )
+
+
+def _class_weights(config: RunConfig, data) -> np.ndarray | None:
+    """--class_weights=auto: N / (classes x count) per class, so every class weighs the same."""
+    if config.training.class_weights != "auto":
+        return None
+    counts = np.asarray(data.class_counts, np.float64)
+    return (counts.sum() / (len(counts) * np.maximum(counts, 1))).astype(np.float32)
 
 
 class _BestTracker:

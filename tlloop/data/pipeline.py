@@ -42,6 +42,7 @@ class Data:
     steps_per_epoch: int
     eval_steps: int
     skipped_files: tuple[str, ...] = ()  # unreadable image files left out (--bad_images=skip)
+    class_counts: tuple[int, ...] = ()  # training examples per class, in label order
 
     @property
     def num_classes(self) -> int:
@@ -87,6 +88,9 @@ def load_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
         train_size=len(train_split),
         steps_per_epoch=math.ceil(len(train_split) / config.batch_size),
         skipped_files=skipped,
+        class_counts=tuple(
+            int(n) for n in np.bincount(train_split.labels, minlength=len(source.class_names))
+        ),
     )
 
 

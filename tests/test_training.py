@@ -1,0 +1,187 @@
+"""How a phase trains: optimizers, weight decay, schedules, clipping, accumulation, loss."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import make_config, snapshot
+
+from tlloop import phases as phase_lib
+from tlloop import trainer
+from tlloop.config import LoggingConfig, ModelConfig, PhaseConfig, TrainingConfig, Unfreeze
+from tlloop.models import ModeTable, build_model
+from tlloop.optim import PhaseSchedule, make_optimizer
+from tlloop.steps import Metrics, TrainStep
+
+
+def _model(seed: int = 0):
+    keras.utils.set_random_seed(seed)
+    return build_model(ModelConfig(image_size=16, dropout=0.0), 3)
+
+
+def _examples(count: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 255, (count, 16, 16, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, count).astype(np.int32)
+    return images, labels
+
+
+def _phase(unfreeze: str = "none", lr: float = 0.1, bn_mode: str = "frozen"):
+    config = PhaseConfig("p", 1, lr, Unfreeze.parse(unfreeze), bn_mode=bn_mode)
+    modes = ModeTable().with_backbone_training(bn_mode == "train" and unfreeze != "none")
+    return phase_lib.Phase(0, config, modes)
+
+
+def _train(model, phase, batches, steps, *, batch, training=None, **step_args):
+    phase_lib.apply_trainability(model, phase)
+    optimizer = make_optimizer(
+        phase.config,
+        model.trainable_variables,
+        training,
+        steps=steps,
+        no_decay=tuple(phase_lib.no_decay_variables(model)),
+    )
+    metrics = Metrics()
+    step = TrainStep(
+        model,
+        optimizer,
+        phase.modes,
+        metrics,
+        tf.Variable(0, dtype=tf.int64),
+        global_batch_size=batch,
+        **step_args,
+    )
+    step(iter(batches), steps)
+    return step, metrics
+
+
+def test_gradient_accumulation_matches_a_k_times_larger_batch():
+    images, labels = _examples(32)
+    sgd = TrainingConfig(optimizer="sgd")
+    big, small = _model(), _model()
+    phase = _phase()
+    _train(
+        big,
+        phase,
+        tf.data.Dataset.from_tensor_slices((images, labels)).batch(16),
+        2,
+        batch=16,
+        training=sgd,
+    )
+    before = snapshot(small.head)
+    accumulate = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+    step, _ = _train(small, phase, accumulate.take(1), 1, batch=8, training=sgd, grad_accum_steps=2)
+    assert snapshot(small.head).keys() == before.keys()
+    assert all(np.array_equal(before[k], v) for k, v in snapshot(small.head).items())
+    step(iter(accumulate.skip(1)), 3)  # 4 batches of 8 = 2 optimizer steps on 16 each
+    for path, value in snapshot(big.head).items():
+        np.testing.assert_allclose(snapshot(small.head)[path], value, rtol=0, atol=2e-6)
+
+
+def test_gradient_clipping_bounds_the_update_to_the_global_norm():
+    images, labels = _examples(16)
+    model = _model()
+    before = snapshot(model.head)
+    training = TrainingConfig(optimizer="sgd", clip_grad_norm=1e-3)
+    _train(
+        model,
+        _phase(lr=1.0),
+        tf.data.Dataset.from_tensors((images, labels)),
+        1,
+        batch=16,
+        training=training,
+        clip_grad_norm=1e-3,
+    )
+    # SGD's first step moves the weights by lr x gradient: here the clipped one.
+    moved = np.sqrt(sum(np.sum((v - before[k]) ** 2) for k, v in snapshot(model.head).items()))
+    assert moved == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_weight_decay_spares_biases_and_batch_norm():
+    images, labels = _examples(16)
+    phase = _phase("all", lr=1.0, bn_mode="train")
+    batch = tf.data.Dataset.from_tensors((images, labels))
+    plain, decayed = _model(), _model()
+    start = {v.path: v.numpy() for v in plain.trainable_variables}
+    _train(plain, phase, batch, 1, batch=16, training=TrainingConfig(optimizer="sgd"))
+    _train(
+        decayed,
+        phase,
+        batch,
+        1,
+        batch=16,
+        training=TrainingConfig(optimizer="sgd", weight_decay=0.5),
+    )
+    spared = {v.path for v in phase_lib.no_decay_variables(decayed)}
+    assert any("gamma" in p for p in spared) and any(p.endswith("bias") for p in spared)
+    for a, b in zip(plain.trainable_variables, decayed.trainable_variables, strict=True):
+        difference = b.numpy() - a.numpy()
+        if a.path in spared:
+            np.testing.assert_allclose(difference, 0, atol=1e-6)
+        else:  # decoupled decay: w -= lr x decay x w, on top of the same gradient step
+            np.testing.assert_allclose(difference, -0.5 * start[a.path], rtol=1e-4, atol=1e-5)
+
+
+def test_schedules_and_warmup():
+    cosine = PhaseSchedule(1.0, "cosine", total=100)
+    assert float(cosine(0)) == pytest.approx(1.0) and float(cosine(50)) == pytest.approx(0.5)
+    assert float(cosine(100)) == pytest.approx(0.0, abs=1e-7)
+    linear = PhaseSchedule(2.0, "linear", total=110, warmup=10)
+    assert float(linear(0)) == pytest.approx(0.2) and float(linear(9)) == pytest.approx(2.0)
+    assert float(linear(60)) == pytest.approx(1.0)
+    step = PhaseSchedule(1.0, "step", total=100)
+    assert [float(step(t)) for t in (49, 50, 74, 75)] == pytest.approx([1, 0.1, 0.1, 0.01])
+    assert float(PhaseSchedule(0.5, "constant", total=10)(7)) == pytest.approx(0.5)
+
+
+def test_the_logged_learning_rate_follows_the_phase_schedule(workdir):
+    training = TrainingConfig(lr_schedule="linear", warmup_steps=2)
+    config = make_config(workdir, head_epochs=3, finetune_epochs=0, training=training)
+    config = dataclasses.replace(config, logging=LoggingConfig(log_every_steps=1))
+    trainer.train(trainer.build_experiment(config), workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as file:
+        rows = [json.loads(line) for line in file if '"train"' in line]
+    rates = {row["step"]: row["learning_rate"] for row in rows}
+    total = 9  # 3 epochs x 3 steps
+    assert sorted(rates) == list(range(1, total + 1))
+    for step, rate in rates.items():
+        expected = float(PhaseSchedule(1e-2, "linear", total, 2)(step - 1))
+        assert rate == pytest.approx(expected, rel=1e-5)
+
+
+def test_label_smoothing_and_class_weights_shape_the_training_loss():
+    images, labels = _examples(16)
+    weights = np.array([0.5, 1.0, 2.0], np.float32)
+    model = _model()
+    logits = model.head(model.backbone(images, training=False), training=True)
+    expected = (
+        keras.losses.categorical_crossentropy(
+            tf.one_hot(labels, 3), logits, from_logits=True, label_smoothing=0.2
+        ).numpy()
+        * weights[labels]
+    )
+    _, metrics = _train(
+        model,
+        _phase(lr=1e-12),
+        tf.data.Dataset.from_tensors((images, labels)),
+        1,
+        batch=16,
+        label_smoothing=0.2,
+        class_weights=weights,
+    )
+    # The metric is the mean of what the step minimises.
+    assert metrics.result()["loss"] == pytest.approx(float(np.mean(expected)), rel=1e-5)
+
+
+def test_auto_class_weights_balance_the_classes(workdir):
+    config = make_config(workdir, training=TrainingConfig(class_weights="auto"))
+    data = trainer.build_experiment(config).data
+    weights = trainer._class_weights(config, data)
+    counts = np.asarray(data.class_counts)
+    np.testing.assert_allclose(weights * counts, counts.sum() / len(counts), rtol=1e-6)
