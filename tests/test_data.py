@@ -178,3 +178,40 @@ def _gif(grey: np.ndarray) -> bytes:
         bytes([len(data[i : i + 255])]) + data[i : i + 255] for i in range(0, len(data), 255)
     )
     return header + palette + image + b"\x02" + blocks + b"\0;"
+
+
+def _stripes() -> np.ndarray:
+    """10 x 20: a red left quarter, a green middle half, a blue right quarter."""
+    image = np.zeros((10, 20, 3), np.uint8)
+    image[:, :5, 0] = image[:, 5:15, 1] = image[:, 15:, 2] = 255
+    return image
+
+
+def test_resize_modes_squash_crop_and_pad():
+    from tlloop.data.pipeline import resize_images
+
+    image = _stripes()
+    squash = resize_images(image, 8, "squash").numpy()
+    assert squash[:, 0, 0].min() > 200 and squash[:, -1, 2].min() > 200  # all three stripes
+    crop = resize_images(image, 8, "crop").numpy()
+    np.testing.assert_allclose(crop[..., 1], 255, atol=1)  # only the green centre is left
+    np.testing.assert_allclose(crop[..., [0, 2]], 0, atol=1)
+    pad = resize_images(image, 8, "pad").numpy()
+    assert np.all(pad[:2] == 0) and np.all(pad[-2:] == 0)  # 8 x 4 of content, black above/below
+    assert pad[2:6, 0, 0].min() > 200 and pad[2:6, -1, 2].min() > 200
+    # A batch resizes as its images do.
+    both = resize_images(np.stack([image, image]), 8, "crop").numpy()
+    np.testing.assert_array_equal(both[1], crop)
+
+
+def test_folder_images_are_resized_with_the_chosen_mode(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            (tmp_path / name / f"{i}.png").write_bytes(tf.io.encode_png(_stripes()).numpy())
+    data = load_data(
+        DataConfig(dataset="folder", data_dir=str(tmp_path), image_size=8, resize="crop")
+    )
+    images = np.concatenate([x.numpy()[w.numpy() > 0] for x, _, w in data.eval])
+    assert len(images) == 2  # one per class held out
+    np.testing.assert_allclose(images[..., 1], 255, atol=1)

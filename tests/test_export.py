@@ -117,3 +117,17 @@ def test_predictor_ranks_classes_of_image_files(exported, tmp_path):
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(ConfigError, match=r"^image file '.*bad.jpg': cannot be read or decoded"):
         predictor.top_k(str(bad), 1)
+
+
+def test_saved_model_resizes_as_the_run_did(tmp_path):
+    from tlloop.data.pipeline import resize_images
+
+    model = build_model(ModelConfig(image_size=16, dropout=0.0), 2)
+    paths = export_model(model, str(tmp_path / "export"), ("a", "b"), resize="pad")
+    serve = tf.saved_model.load(paths["saved_model"]).signatures["serving_uint8"]
+    x = np.random.default_rng(5).integers(0, 256, (3, 20, 36, 3)).astype(np.uint8)
+    expected = tf.nn.softmax(model(resize_images(x, 16, "pad"), training=False)).numpy()
+    squashed = tf.nn.softmax(model(resize_images(x, 16, "squash"), training=False)).numpy()
+    assert not np.allclose(expected, squashed, atol=1e-4)
+    served = serve(images=tf.constant(x))["probabilities"].numpy()
+    np.testing.assert_allclose(served, expected, rtol=0, atol=1e-5)

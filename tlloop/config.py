@@ -16,6 +16,7 @@ BN_MODES = ("frozen", "train")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 AUGMENT_OPS = ("flip", "rotate", "zoom", "contrast", "translate")
 BAD_IMAGES = ("fail", "skip")
+RESIZE_MODES = ("squash", "crop", "pad")
 NAN_POLICIES = ("stop", "skip_step")
 EXPORTS = ("best", "last")
 OPTIMIZERS = ("adam", "adamw", "sgd", "lamb")
@@ -123,8 +124,10 @@ class DataConfig:
     eval_batch_size: int = 0  # 0: the training batch size
     seed: int = 0
     bad_images: str = "fail"  # an unreadable image file: "fail" the run, or "skip" it
+    resize: str = "squash"  # to the square size: squash, crop (centre) or pad (black borders)
 
     def __post_init__(self) -> None:
+        _require(self.resize in RESIZE_MODES, "resize", self.resize, "unknown", "squash, crop, pad")
         _require(self.dataset in DATASETS, "dataset", self.dataset, "unknown", ", ".join(DATASETS))
         _require(
             self.bad_images in BAD_IMAGES, "bad_images", self.bad_images, "unknown", "fail, skip"

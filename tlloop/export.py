@@ -6,9 +6,10 @@ WORKDIR/export/ holds:
   backbone trained by tlloop is transferred.
 - `saved_model/`: signatures for serving, inference mode baked in (augmentation off, BatchNorm
   on its moving statistics, Dropout off). `serving_default` takes float32 pixels in [0, 255],
-  `serving_uint8` uint8 pixels; both any batch size and any image size (resized, as the
-  training pipeline resizes, to the model's size), and return `probabilities` (batch, classes),
-  `class_id` and `class_name`. `class_names` (no input) returns every class name in label order.
+  `serving_uint8` uint8 pixels; both any batch size and any image size (resized to the
+  model's size the way training resized them, --resize), and return `probabilities` (batch,
+  classes), `class_id` and `class_name`. `class_names` (no input) returns every class name in
+  label order.
 
 Load the .keras files with `keras.saving.load_model` after `import tlloop` (which registers
 tlloop's classes); the SavedModel needs only TensorFlow.
@@ -23,6 +24,7 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from tlloop.data.pipeline import resize_images
 from tlloop.models import INFERENCE, TransferModel
 from tlloop.workdir import write_atomic
 
@@ -30,10 +32,14 @@ SIGNATURES = ("serving_default", "serving_uint8", "class_names")
 
 
 def export_model(
-    model: TransferModel, directory: str, class_names: tuple[str, ...] | list[str]
+    model: TransferModel,
+    directory: str,
+    class_names: tuple[str, ...] | list[str],
+    resize: str = "squash",
 ) -> dict[str, str]:
-    """Writes `model.keras`, `backbone.keras` and `saved_model/` into `directory`; returns
-    their paths. Each replaces its previous version in one step, never half-written."""
+    """Writes `model.keras`, `backbone.keras` and `saved_model/` (resizing inputs as --resize
+    did in training) into `directory`; returns their paths. Each replaces its previous version
+    in one step, never half-written."""
     paths = {
         "model": os.path.join(directory, "model.keras"),
         "backbone": os.path.join(directory, "backbone.keras"),
@@ -42,20 +48,23 @@ def export_model(
     write_atomic(paths["model"], model.save)
     write_atomic(paths["backbone"], model.backbone.save)
     _replace_directory(
-        paths["saved_model"], lambda path: write_saved_model(model, path, class_names)
+        paths["saved_model"], lambda path: write_saved_model(model, path, class_names, resize)
     )
     return paths
 
 
 def write_saved_model(
-    model: TransferModel, path: str, class_names: tuple[str, ...] | list[str]
+    model: TransferModel,
+    path: str,
+    class_names: tuple[str, ...] | list[str],
+    resize: str = "squash",
 ) -> None:
     """Writes the SavedModel described in this module's docstring to `path`."""
-    size = tuple(model.backbone.inputs[0].shape[1:3])
+    size = int(model.backbone.inputs[0].shape[1])
     names = tf.constant(list(class_names), tf.string)
 
     def serve(images):
-        pixels = tf.image.resize(tf.cast(images, tf.float32), size)
+        pixels = resize_images(images, size, resize)
         logits = model.forward(pixels, INFERENCE)
         probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
         class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int32)

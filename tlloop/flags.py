@@ -102,6 +102,15 @@ def define_flags(flag_values: flags.FlagValues, only: Collection[str] | None = N
         fv,
         enum_values=list(config_lib.BAD_IMAGES),
     )
+    _define(
+        d.DEFINE_enum,
+        "resize",
+        "squash",
+        "How images become --image_size squares: squash (ignore the aspect ratio), crop (scale "
+        "the short side, crop the centre) or pad (scale the long side, pad with black).",
+        fv,
+        enum_values=list(config_lib.RESIZE_MODES),
+    )
     _define(d.DEFINE_integer, "image_size", 32, "Images are resized to this square size.", fv)
     _define(d.DEFINE_integer, "batch_size", 32, "Global training batch size.", fv)
     _define(d.DEFINE_integer, "eval_batch_size", 0, "Evaluation batch size; 0: --batch_size.", fv)
@@ -389,6 +398,7 @@ def to_config(flag_values: flags.FlagValues) -> config_lib.RunConfig:
         eval_batch_size=f.eval_batch_size,
         seed=f.seed,
         bad_images=f.bad_images,
+        resize=f.resize,
     )
     model = config_lib.ModelConfig(
         backbone=f.backbone,

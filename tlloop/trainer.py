@@ -158,7 +158,9 @@ def _export(experiment: Experiment, best, results: dict, directory: str) -> dict
         tf.train.Checkpoint(model=model).restore(best_path).expect_partial()
         exported = {"weights": "best", "step": results["best"]["step"]}
     try:
-        paths = export_model(model, directory, experiment.data.class_names)
+        paths = export_model(
+            model, directory, experiment.data.class_names, experiment.config.data.resize
+        )
     except (OSError, tf.errors.OpError) as error:
         raise RunFailed(
             f"export to {directory!r} failed ({getattr(error, 'strerror', None) or error}); the "

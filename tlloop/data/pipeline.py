@@ -54,9 +54,13 @@ def load_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
     eval pipeline, and no training image decoded, with `evaluation_only`)."""
     source = load_source(config)
     skip = config.bad_images == "skip"
-    eval_split, skipped = decode_files(source.eval, config.image_size, skip=skip)
+    eval_split, skipped = decode_files(
+        source.eval, config.image_size, skip=skip, resize=config.resize
+    )
     _check_every_class(eval_split, source.class_names, skipped)
-    evaluation = padded_eval_dataset(eval_split, config.image_size, config.eval_batch)
+    evaluation = padded_eval_dataset(
+        eval_split, config.image_size, config.eval_batch, config.resize
+    )
     data = Data(
         class_names=source.class_names,
         train=None,
@@ -70,10 +74,12 @@ def load_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
     )
     if evaluation_only:
         return data
-    train_split, train_skipped = decode_files(source.train, config.image_size, skip=skip)
+    train_split, train_skipped = decode_files(
+        source.train, config.image_size, skip=skip, resize=config.resize
+    )
     skipped = train_skipped + skipped
     _check_every_class(train_split, source.class_names, skipped)
-    examples = images_dataset(train_split, config.image_size).cache()
+    examples = images_dataset(train_split, config.image_size, config.resize).cache()
     preview = next(iter(examples.map(lambda image, label: image).batch(16)))
     train = (
         examples.shuffle(len(train_split), seed=config.seed, reshuffle_each_iteration=True)
@@ -94,7 +100,9 @@ def load_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
     )
 
 
-def decode_files(split: Split, image_size: int, *, skip: bool) -> tuple[Split, tuple[str, ...]]:
+def decode_files(
+    split: Split, image_size: int, *, skip: bool, resize: str = "squash"
+) -> tuple[Split, tuple[str, ...]]:
     """`split` with its image files decoded and resized to uint8 arrays, and the files skipped.
 
     A file that cannot be read or decoded raises ConfigError naming it, or with `skip` is left
@@ -107,7 +115,7 @@ def decode_files(split: Split, image_size: int, *, skip: bool) -> tuple[Split, t
         return Split(np.zeros((0, image_size, image_size, 3), np.uint8), split.labels), ()
 
     def load(index, path):
-        image = tf.round(_resize(_decode_file(path), image_size))
+        image = tf.round(_resize(_decode_file(path), image_size, resize))
         return index, tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8)
 
     decoded = (
@@ -173,20 +181,24 @@ def _check_every_class(split: Split, names: tuple[str, ...], skipped: tuple[str,
         )
 
 
-def images_dataset(split: Split, image_size: int) -> tf.data.Dataset:
+def images_dataset(split: Split, image_size: int, resize: str = "squash") -> tf.data.Dataset:
     """(image float32 [S, S, 3] in [0, 255], label int32) pairs, in the split's order.
 
     The split holds arrays (see `decode_files`).
     """
     pixels = tf.data.Dataset.from_tensor_slices(split.images)
-    pixels = pixels.map(lambda image: _resize(image, image_size), num_parallel_calls=AUTOTUNE)
+    pixels = pixels.map(
+        lambda image: _resize(image, image_size, resize), num_parallel_calls=AUTOTUNE
+    )
     labels = tf.data.Dataset.from_tensor_slices(split.labels)
     return tf.data.Dataset.zip(pixels, labels)
 
 
-def padded_eval_dataset(split: Split, image_size: int, batch_size: int) -> tf.data.Dataset:
+def padded_eval_dataset(
+    split: Split, image_size: int, batch_size: int, resize: str = "squash"
+) -> tf.data.Dataset:
     """(images, labels, weights) full batches; padding examples have weight 0."""
-    real = images_dataset(split, image_size).map(lambda x, y: (x, y, tf.constant(1.0)))
+    real = images_dataset(split, image_size, resize).map(lambda x, y: (x, y, tf.constant(1.0)))
     padding = (-len(split)) % batch_size
     filler = tf.data.Dataset.from_tensors(
         (tf.zeros((image_size, image_size, 3)), tf.constant(0, tf.int32), tf.constant(0.0))
@@ -201,6 +213,23 @@ def _decode_file(path: tf.Tensor) -> tf.Tensor:
     return tf.ensure_shape(image, (None, None, 3))
 
 
-def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    image = tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size))
+def resize_images(images: tf.Tensor, size: int, mode: str = "squash") -> tf.Tensor:
+    """Float32 `size` x `size` images from an image (H, W, 3) or a batch (B, H, W, 3).
+
+    "squash" resizes to the square, ignoring the aspect ratio; "crop" scales the short side to
+    `size` and crops the centre; "pad" scales the long side to `size` and pads with black.
+    Bilinear throughout; the training pipeline and the exported SavedModel both use this.
+    """
+    images = tf.cast(images, tf.float32)
+    if mode == "pad":
+        return tf.image.resize_with_pad(images, size, size)
+    if mode == "crop":
+        shape = tf.cast(tf.shape(images)[-3:-1], tf.float32)
+        scaled = tf.cast(tf.math.ceil(shape * (size / tf.reduce_min(shape))), tf.int32)
+        return tf.image.resize_with_crop_or_pad(tf.image.resize(images, scaled), size, size)
+    return tf.image.resize(images, (size, size))
+
+
+def _resize(image: tf.Tensor, image_size: int, mode: str = "squash") -> tf.Tensor:
+    image = resize_images(image, image_size, mode)
     return tf.ensure_shape(image, (image_size, image_size, 3))
