@@ -108,11 +108,58 @@ def test_top_n_on_mobilenet_selects_the_last_weighted_layers():
     }
 
 
-@pytest.mark.parametrize("name", ["EfficientNetB0", "ResNet50", "MobileNetV3Small"])
-def test_other_application_families_build_with_preprocessing(name):
+# Each family: its last block's layers with weights (BatchNorm aside), as blocks:1 chooses
+# them, and the name of the second-to-last block's first such layer (blocks:2 starts there).
+FAMILIES = {
+    "MobileNetV2": (
+        ["block_16_expand", "block_16_depthwise", "block_16_project", "Conv_1"],
+        "block_15_expand",
+    ),
+    "EfficientNetB0": (
+        [
+            "block7a_expand_conv",
+            "block7a_dwconv",
+            "block7a_se_reduce",
+            "block7a_se_expand",
+            "block7a_project_conv",
+            "top_conv",
+        ],
+        "block6d_expand_conv",
+    ),
+    "ResNet50": (
+        ["conv5_block3_1_conv", "conv5_block3_2_conv", "conv5_block3_3_conv"],
+        "conv5_block2_1_conv",
+    ),
+    "MobileNetV3Small": (
+        [
+            "expanded_conv_10_expand",
+            "expanded_conv_10_depthwise",
+            "expanded_conv_10_squeeze_excite_conv",
+            "expanded_conv_10_squeeze_excite_conv_1",
+            "expanded_conv_10_project",
+            "conv_1",
+        ],
+        "expanded_conv_9_expand",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_application_families_preprocess_and_select_top_and_blocks(name):
     backbone = build_backbone(name, "none", 32)
     assert backbone.get_layer("preprocess").application == name
     assert len(backbone(_pixels(32, 1), training=False).shape) == 4
+    last_block, second_block_start = FAMILIES[name]
+
+    def chosen(spec: str) -> list[str]:
+        return [layer.name for layer in phase_lib.unfrozen_layers(Unfreeze.parse(spec), backbone)]
+
+    assert chosen("blocks:1") == last_block
+    two = chosen("blocks:2")
+    assert two[0] == second_block_start and two[-len(last_block) :] == last_block
+    assert chosen("top:2") == last_block[-2:]
+    assert chosen(f"from:{last_block[0]}") == last_block
+    assert chosen("regex:^" + last_block[0] + "$") == [last_block[0]]
 
 
 @pytest.mark.filterwarnings("ignore:Skipping nested container")

@@ -88,3 +88,40 @@ def test_bn_mode_train_sets_backbone_training_in_the_mode_table(workdir):
     assert finetune.modes.train.backbone is True
     assert finetune.modes.eval.backbone is False
     assert np.all([not getattr(finetune.modes.predict, n) for n in ("augment", "backbone")])
+
+
+@pytest.mark.parametrize(
+    ("spec", "bn_mode", "trainable"),
+    [
+        ("from:conv2", "frozen", ["conv2", "conv3"]),
+        ("from:bn2", "train", ["bn2", "conv3", "bn3"]),
+        ("regex:conv[13]", "frozen", ["conv1", "conv3"]),
+        ("regex:^(conv3|bn1)$", "train", ["bn1", "conv3"]),
+    ],
+)
+def test_from_and_regex_choose_the_backbone_layers_that_train(workdir, spec, bn_mode, trainable):
+    experiment = trainer.build_experiment(make_config(workdir, unfreeze=spec, bn_mode=bn_mode))
+    model, finetune = experiment.model, experiment.phases[1]
+    phase_lib.apply_trainability(model, finetune)
+    training = [
+        layer.name
+        for layer in phase_lib.leaf_layers(model.backbone)
+        if layer.trainable and layer.weights
+    ]
+    assert training == trainable
+    assert {v.path.split("/")[-2] for v in model.backbone.trainable_weights} == set(trainable)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("blocks:1", r"--unfreeze=blocks:1: no known block naming; accepted: blocks:N"),
+        ("from:conv9", r"--unfreeze=from:conv9: no layer 'conv9' in the backbone; accepted"),
+        ("regex:^dense", r"--unfreeze=regex:\^dense: matches no backbone layer with weights"),
+    ],
+)
+def test_unfreeze_policies_that_do_not_fit_the_backbone_are_refused(workdir, spec, message):
+    from tlloop.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        trainer.build_experiment(make_config(workdir, unfreeze=spec))

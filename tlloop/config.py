@@ -39,25 +39,42 @@ class Unfreeze:
     """Which backbone layers train in the fine-tune phase.
 
     kind "all": every layer; "none": no layer; "top": the last `count` layers that hold
-    weights (BatchNormalization layers are not counted: `--bn_mode` decides them).
+    weights (BatchNormalization layers are not counted: `--bn_mode` decides them); "from":
+    the layer named `value` and every layer after it; "blocks": the last `count` blocks of a
+    keras.applications family (with the layers above them); "regex": the layers whose name
+    matches the regular expression `value`.
     """
 
     kind: str
     count: int = 0
+    value: str = ""
 
     @classmethod
     def parse(cls, spec: str) -> Unfreeze:
-        accepted = "all, none, top:N with N >= 1"
+        accepted = "all, none, top:N, blocks:N (N >= 1), from:LAYER_NAME, regex:PATTERN"
         if spec in ("all", "none"):
             return cls(spec)
-        match = re.fullmatch(r"top:(\d+)", spec)
-        _require(match is not None, "unfreeze", spec, "not an unfreeze policy", accepted)
-        count = int(match.group(1))
-        _require(count >= 1, "unfreeze", spec, "N must be at least 1", accepted)
-        return cls("top", count)
+        kind, _, argument = spec.partition(":")
+        if kind in ("top", "blocks"):
+            match = re.fullmatch(r"\d+", argument)
+            _require(match is not None, "unfreeze", spec, "N is not a number", accepted)
+            _require(int(argument) >= 1, "unfreeze", spec, "N must be at least 1", accepted)
+            return cls(kind, int(argument))
+        if kind in ("from", "regex"):
+            _require(bool(argument), "unfreeze", spec, f"{kind}: needs a value", accepted)
+            if kind == "regex":
+                try:
+                    re.compile(argument)
+                except re.error as error:
+                    _require(False, "unfreeze", spec, f"bad regular expression ({error})", accepted)
+            return cls(kind, value=argument)
+        _require(False, "unfreeze", spec, "not an unfreeze policy", accepted)
+        raise AssertionError  # unreachable: _require raised
 
     def __str__(self) -> str:
-        return f"top:{self.count}" if self.kind == "top" else self.kind
+        if self.kind in ("top", "blocks"):
+            return f"{self.kind}:{self.count}"
+        return f"{self.kind}:{self.value}" if self.value else self.kind
 
 
 @dataclasses.dataclass(frozen=True)

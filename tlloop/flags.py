@@ -168,8 +168,10 @@ def define_flags(flag_values: flags.FlagValues, only: Collection[str] | None = N
         d.DEFINE_string,
         "unfreeze",
         "all",
-        "Backbone layers that train in fine-tune: all, "
-        "none, or top:N (the last N layers with weights, BatchNorm not counted).",
+        "Backbone layers that train in fine-tune: all, none, top:N (the last N layers with "
+        "weights, BatchNorm not counted), blocks:N (the last N blocks of a keras.applications "
+        "family), from:LAYER_NAME (that layer and all after it), regex:PATTERN (layers whose "
+        "name matches).",
         fv,
     )
     _define(

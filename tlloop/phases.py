@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import keras
 
@@ -36,7 +37,7 @@ def plan_phases(phases: tuple[PhaseConfig, ...], model: TransferModel) -> list[P
     for config in phases:
         if config.epochs == 0:
             continue
-        _check_unfreeze(config.unfreeze, model.backbone)
+        unfrozen_layers(config.unfreeze, model.backbone)  # raises if it does not fit
         modes = ModeTable().with_backbone_training(
             config.bn_mode == "train" and config.unfreeze.kind != "none"
         )
@@ -61,13 +62,82 @@ def weighted_layers(backbone: keras.Model) -> list[keras.layers.Layer]:
     return [layer for layer in leaf_layers(backbone) if layer.weights and not is_batch_norm(layer)]
 
 
-def _check_unfreeze(unfreeze: Unfreeze, backbone: keras.Model) -> None:
-    available = len(weighted_layers(backbone))
-    if unfreeze.kind == "top" and unfreeze.count > available:
+# Block names of keras.applications families, by the layer-name prefix they share.
+BLOCK_PATTERNS = (
+    r"^(block_\d+)_",  # MobileNetV2
+    r"^(expanded_conv(?:_\d+)?)_",  # MobileNetV3
+    r"^(block\d+[a-z])_",  # EfficientNet, EfficientNetV2
+    r"^(conv\d+_block\d+)_",  # ResNet, ResNetV2, DenseNet
+    r"^(block\d+)_",  # VGG, Xception
+    r"_(stage_\d+_block_\d+)_",  # ConvNeXt
+)
+
+
+def backbone_blocks(backbone: keras.Model) -> list[list[keras.layers.Layer]]:
+    """The backbone's leaf layers grouped into the blocks of its family, in order; the layers
+    after the last block (a final 1x1 conv, its BatchNorm) belong to the last block, the stem
+    before the first to none. Empty if no known naming matches."""
+    leaves = leaf_layers(backbone)
+    best: tuple[int, str] = (0, "")
+    for pattern in BLOCK_PATTERNS:
+        matched = sum(1 for layer in leaves if re.search(pattern, layer.name))
+        best = max(best, (matched, pattern))
+    if best[0] < 2:
+        return []
+    blocks: dict[str, list] = {}
+    last = None
+    for layer in leaves:
+        found = re.search(best[1], layer.name)
+        if found:
+            last = found.group(1)
+        if last is not None:
+            blocks.setdefault(last, []).append(layer)
+    return list(blocks.values())
+
+
+def unfrozen_layers(unfreeze: Unfreeze, backbone: keras.Model) -> list[keras.layers.Layer]:
+    """The leaf layers with weights that `unfreeze` chooses (BatchNorm aside: --bn_mode
+    decides it). Raises ConfigError, naming the flag, when the policy does not fit."""
+    weighted = weighted_layers(backbone)
+    if unfreeze.kind == "none":
+        return []
+    if unfreeze.kind == "all":
+        return weighted
+    if unfreeze.kind == "top":
+        if unfreeze.count > len(weighted):
+            raise ConfigError(
+                f"--unfreeze={unfreeze}: the backbone has only {len(weighted)} layers with "
+                f"weights (BatchNormalization not counted); accepted: top:N with 1 <= N <= "
+                f"{len(weighted)}, or all"
+            )
+        return weighted[-unfreeze.count :]
+    if unfreeze.kind == "blocks":
+        blocks = backbone_blocks(backbone)
+        if not 1 <= unfreeze.count <= len(blocks):
+            known = f"it has {len(blocks)} blocks" if blocks else "no known block naming"
+            raise ConfigError(
+                f"--unfreeze={unfreeze}: {known}; accepted: blocks:N with 1 <= N <= "
+                f"{len(blocks)} (keras.applications families), or top:N, from:, regex:"
+            )
+        chosen = {id(layer) for block in blocks[-unfreeze.count :] for layer in block}
+        return [layer for layer in weighted if id(layer) in chosen]
+    leaves = leaf_layers(backbone)
+    if unfreeze.kind == "from":
+        names = [layer.name for layer in leaves]
+        if unfreeze.value not in names:
+            raise ConfigError(
+                f"--unfreeze={unfreeze}: no layer {unfreeze.value!r} in the backbone; "
+                f"accepted: from:NAME with a backbone layer name, e.g. {', '.join(names[-3:])}"
+            )
+        after = {id(layer) for layer in leaves[names.index(unfreeze.value) :]}
+        return [layer for layer in weighted if id(layer) in after]
+    chosen = [layer for layer in weighted if re.search(unfreeze.value, layer.name)]
+    if not chosen:
         raise ConfigError(
-            f"--unfreeze={unfreeze}: the backbone has only {available} layers with weights "
-            f"(BatchNormalization not counted); accepted: top:N with 1 <= N <= {available}, or all"
+            f"--unfreeze={unfreeze}: matches no backbone layer with weights; accepted: a "
+            f"regular expression matching layer names, e.g. {weighted[-1].name}"
         )
+    return chosen
 
 
 def apply_trainability(model: TransferModel, phase: Phase) -> None:
@@ -83,14 +153,21 @@ def apply_trainability(model: TransferModel, phase: Phase) -> None:
     if unfreeze.kind == "none":
         return
     leaves = leaf_layers(backbone)
-    chosen = leaves
-    if unfreeze.kind == "top":
-        chosen = weighted_layers(backbone)[-unfreeze.count :]
-    first = min(leaves.index(layer) for layer in chosen)
+    chosen = unfrozen_layers(unfreeze, backbone)
+    first = min((leaves.index(layer) for layer in chosen), default=len(leaves))
+    if unfreeze.kind == "from":  # the named layer may itself be a BatchNorm
+        first = [layer.name for layer in leaves].index(unfreeze.value)
     chosen_ids = {id(layer) for layer in chosen}
     for position, layer in enumerate(leaves):
         if is_batch_norm(layer):
-            layer.trainable = bn_mode == "train" and position >= first
+            # With --bn_mode=train, the BatchNorm layers among the chosen ones train: all
+            # after the first chosen layer; for a regex, those it matches.
+            among = (
+                re.search(unfreeze.value, layer.name)
+                if unfreeze.kind == "regex"
+                else position >= first
+            )
+            layer.trainable = bn_mode == "train" and bool(among)
         else:
             layer.trainable = id(layer) in chosen_ids
 
