@@ -11,7 +11,7 @@ import tensorflow as tf
 from conftest import make_config, snapshot
 
 from tlloop import trainer
-from tlloop.config import ConfigError, ModelConfig
+from tlloop.config import CheckpointConfig, ConfigError, ModelConfig
 from tlloop.models import build_model
 from tlloop.warm_start import warm_start
 
@@ -87,24 +87,42 @@ def test_nothing_matched_or_no_checkpoint_is_refused(tmp_path):
         warm_start(_dense_backbone(3), str(tmp_path / "nowhere"))
 
 
+class _StopAfter(threading.Event):
+    """A stop request that reads as set from its `calls`-th check on (one check per step)."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.calls = calls
+
+    def is_set(self) -> bool:
+        self.calls -= 1
+        return self.calls <= 0
+
+
 def test_a_run_warm_started_from_another_run_and_resumed_ignores_the_warm_start(tmp_path):
     donor = str(tmp_path / "donor")
     trainer.train(trainer.build_experiment(make_config(donor, head_epochs=1)), donor)
-    config = make_config(str(tmp_path / "run"), init_checkpoint=donor, head_epochs=2)
-    experiment = trainer.build_experiment(config)
-    report = experiment.warm_start
-    assert report.checkpoint.endswith("checkpoints/best/ckpt-" + report.checkpoint.split("-")[-1])
-    assert len(report.matched) == len(experiment.model.backbone.weights)
-    uninterrupted = trainer.train(experiment, str(tmp_path / "run"))
-    assert uninterrupted["init_checkpoint"]["matched"]
+    last = CheckpointConfig(export="last")  # the model in memory ends with the last weights
 
-    # Stopped after its first step, then resumed: the warm start is applied again when the
-    # experiment is built, and the run's own checkpoint replaces it; the end is the same.
-    stop = threading.Event()
-    stop.set()
+    def config(workdir):
+        return make_config(workdir, init_checkpoint=donor, checkpoint=last, finetune_epochs=2)
+
+    experiment = trainer.build_experiment(config(str(tmp_path / "run")))
+    report = experiment.warm_start
+    assert "/checkpoints/best/ckpt-" in report.checkpoint
+    assert len(report.matched) == len(experiment.model.backbone.weights)
+    results = trainer.train(experiment, str(tmp_path / "run"))
+    assert results["init_checkpoint"]["matched"]
+    uninterrupted = snapshot(experiment.model.backbone)
+
+    # Stopped at step 5, in fine-tuning (3 head steps, then 6 that move the backbone), then
+    # resumed: the warm start is applied again when the experiment is built, and the run's own
+    # checkpoint must replace it. Re-applied after the restore, it would undo 2 fine-tune steps
+    # (about 2 x lr = 2e-3 on many weights).
     workdir = str(tmp_path / "stopped")
-    config = make_config(workdir, init_checkpoint=donor, head_epochs=2)
     with pytest.raises(trainer.Stopped):
-        trainer.train(trainer.build_experiment(config), workdir, stop=stop)
-    resumed = trainer.train(trainer.build_experiment(config), workdir)
-    assert resumed["weights_sha256"] == uninterrupted["weights_sha256"]
+        trainer.train(trainer.build_experiment(config(workdir)), workdir, stop=_StopAfter(5))
+    resumed = trainer.build_experiment(config(workdir))
+    trainer.train(resumed, workdir)
+    for path, value in snapshot(resumed.model.backbone).items():
+        np.testing.assert_allclose(value, uninterrupted[path], rtol=0, atol=1e-5)
