@@ -487,6 +487,7 @@ class RunConfig:
     seed: int = 0
     overwrite: bool = False
     nan_policy: str = "stop"  # a NaN/Inf loss or gradient: "stop" the run, or "skip_step"
+    feature_cache: str = "auto"  # a frozen phase without augmentation trains on cached features
 
     def __post_init__(self) -> None:
         _require(bool(self.workdir), "workdir", self.workdir, "empty", "a directory path")

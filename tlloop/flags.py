@@ -377,6 +377,15 @@ def define_flags(flag_values: flags.FlagValues, only: Collection[str] | None = N
         fv,
     )
     _define(
+        d.DEFINE_enum,
+        "feature_cache",
+        "auto",
+        "auto: a phase with the backbone frozen and no augmentation computes backbone features "
+        "once and trains the head on them (logged per phase); off: never.",
+        fv,
+        enum_values=["auto", "off"],
+    )
+    _define(
         d.DEFINE_integer,
         "steps_per_loop",
         1,
@@ -466,6 +475,7 @@ def to_config(flag_values: flags.FlagValues) -> config_lib.RunConfig:
         seed=f.seed,
         overwrite=f.overwrite,
         nan_policy=f.nan_policy,
+        feature_cache=f.feature_cache,
     )
 
 

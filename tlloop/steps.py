@@ -137,6 +137,8 @@ class TrainStep:
     the model's regularisation losses, so gradients do not depend on the replica count. With
     `jit_compile`, only the loss-and-gradient computation is compiled by XLA: augmentation
     layers (RandomRotation), summaries and the update stay outside, where every op can run.
+    With `features_in`, batches hold backbone features (the feature cache of a frozen phase)
+    and only the head runs.
 
     Every `log_every_steps` steps (0: never) it writes scalars to the default summary writer
     and returns a row of `LOG_COLUMNS`; every `histogram_every_steps` steps, histograms of the
@@ -173,6 +175,7 @@ class TrainStep:
         class_weights=None,
         clip_grad_norm: float = 0.0,
         grad_accum_steps: int = 1,
+        features_in: bool = False,
     ) -> None:
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy {nan_policy!r}; known: {', '.join(NAN_POLICIES)}")
@@ -195,6 +198,7 @@ class TrainStep:
         )
         self.clip_grad_norm = clip_grad_norm
         self.grad_accum_steps = grad_accum_steps
+        self.features_in = features_in
         # Per-replica sums of the gradients of the batches since the last update, and their
         # count: state to checkpoint (a resumed run goes on with a half-full accumulation).
         self.accumulators = []
@@ -239,7 +243,10 @@ class TrainStep:
 
     def _loss_and_grads(self, images, labels):
         with tf.GradientTape() as tape:
-            features = self.model.backbone(images, training=self.modes.backbone)
+            if self.features_in:  # backbone features computed once (a frozen backbone)
+                features = images
+            else:
+                features = self.model.backbone(images, training=self.modes.backbone)
             logits = self.model.head(features, training=self.modes.head)
             losses = self._training_loss(labels, logits)
             loss = tf.nn.compute_average_loss(losses, global_batch_size=self.global_batch_size)
@@ -248,7 +255,8 @@ class TrainStep:
         return tape.gradient(loss, self.variables), losses, logits
 
     def _replica_gradients(self, images, labels):
-        images = self.model.augment(images, training=self.modes.augment)
+        if not self.features_in:
+            images = self.model.augment(images, training=self.modes.augment)
         grads, losses, logits = self._grads(images, labels)
         correct = tf.cast(tf.argmax(logits, -1, output_type=labels.dtype) == labels, tf.float32)
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
@@ -375,9 +383,17 @@ class EvalStep:
     """
 
     def __init__(
-        self, model: TransferModel, modes: ModeTable, metrics: Metrics, *, jit_compile: bool = False
+        self,
+        model: TransferModel,
+        modes: ModeTable,
+        metrics: Metrics,
+        *,
+        jit_compile: bool = False,
+        features_in: bool = False,
     ) -> None:
+        """With `features_in`, batches hold backbone features and only the head runs."""
         self.model = model
+        self.features_in = features_in
         self.modes = modes.row("eval")
         self.metrics = metrics
         self.strategy = tf.distribute.get_strategy()
@@ -392,6 +408,8 @@ class EvalStep:
         self._loop(iterator, tf.constant(num_steps, tf.int32))
 
     def _forward(self, images):
+        if self.features_in:
+            return self.model.head(images, training=self.modes.head)
         return self.model.forward(images, self.modes)
 
     def _replica_step(self, images, labels, weights) -> None:

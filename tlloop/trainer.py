@@ -21,6 +21,7 @@ import tensorflow as tf
 from absl import logging
 
 from tlloop import checkpoints as checkpoint_lib
+from tlloop import feature_cache
 from tlloop import phases as phase_lib
 from tlloop.config import RunConfig
 from tlloop.data import Data, load_data
@@ -224,9 +225,9 @@ def _train_in_scope(
     eval_step = EvalStep(
         model, experiment.phases[0].modes, eval_metrics, jit_compile=config.jit_compile
     )
-    # The input position is the global step: one batch per step, from one seeded stream.
-    train_batches = iter(_distribute(strategy, data.train.skip(start[1])))
     eval_batches = _distribute(strategy, data.eval)
+    feature_eval_step = None  # made when a phase first trains on cached features
+    images = _ImageStream(strategy, data.train)
     saver = _Saver(
         checkpoints, config, global_step, single_host=cluster_task(strategy) is None, stop=stop
     )
@@ -267,6 +268,13 @@ def _train_in_scope(
             inputs = model.augment(data.preview, training=phase.modes.train.augment)
             summaries.image("train", "augmented_inputs", image_grid(np.asarray(inputs)), step_now)
             optimizer = _phase_optimizer(config, phase, model, data.steps_per_epoch)
+            use_cache, cache_reason = feature_cache.decide(
+                config.feature_cache,
+                backbone_frozen=phase.config.unfreeze.kind == "none",
+                augmenting=bool(config.model.augment) and phase.modes.train.augment,
+                model=model,
+                data=data,
+            )
             train_step = TrainStep(
                 model,
                 optimizer,
@@ -282,6 +290,7 @@ def _train_in_scope(
                 class_weights=_class_weights(config, data),
                 clip_grad_norm=config.training.clip_grad_norm,
                 grad_accum_steps=config.training.grad_accum_steps,
+                features_in=use_cache,
             )
             checkpoints.track(
                 model=model,
@@ -301,6 +310,26 @@ def _train_in_scope(
             else:
                 state.start_phase(phase.index, int(global_step.numpy()))
                 saver.save()
+            # The input position is the global step: one batch per step, from one seeded
+            # stream of images, or of their features (which line up batch for batch).
+            phase_eval = (eval_step, eval_batches)
+            if use_cache:
+                cached = feature_cache.compute(model, data)
+                train_batches = iter(
+                    _distribute(strategy, data.stream(cached.train).skip(global_step.numpy()))
+                )
+                feature_eval_step = feature_eval_step or EvalStep(
+                    model,
+                    phase.modes,
+                    eval_metrics,
+                    jit_compile=config.jit_compile,
+                    features_in=True,
+                )
+                phase_eval = (feature_eval_step, _distribute(strategy, cached.eval))
+                cache_reason += f"; computed in {cached.seconds:.2f} s"
+            else:
+                train_batches = images.at(int(global_step.numpy()))
+            logging.info("%s phase feature cache: %s", phase.name, cache_reason)
             done = int(global_step.numpy() - state.phase_start.numpy())
             first_epoch, offset = divmod(done, data.steps_per_epoch)
             if (
@@ -338,7 +367,7 @@ def _train_in_scope(
                 )
                 offset = 0
                 train_result = train_metrics.result()
-                eval_result = evaluate(eval_step, eval_metrics, eval_batches, data.eval_steps)
+                eval_result = evaluate(phase_eval[0], eval_metrics, phase_eval[1], data.eval_steps)
                 step_now = int(global_step.numpy())
                 state.evaluated_step.assign(step_now)
                 _write_epoch(summaries, phase, epoch, step_now, train_result, eval_result, data)
@@ -370,15 +399,18 @@ def _train_in_scope(
                     )
                     stopped_early = True
                     break
+            if not use_cache:
+                images.ran_to(int(global_step.numpy()))
             if eval_result is None:  # resumed after the phase's evaluated last step
                 train_result = train_metrics.result()
-                eval_result = evaluate(eval_step, eval_metrics, eval_batches, data.eval_steps)
+                eval_result = evaluate(phase_eval[0], eval_metrics, phase_eval[1], data.eval_steps)
             summaries.flush()
             results["phases"].append(
                 {
                     "name": phase.name,
                     "epochs": phase.config.epochs,
                     "stopped_early": stopped_early,
+                    "feature_cache": cache_reason,
                     "last_step": int(global_step.numpy()),
                     "seconds": round(time.perf_counter() - started, 3),
                     "train": train_result,
@@ -626,6 +658,32 @@ def weights_digest(model: keras.Model) -> str:
         if "seed_generator" not in variable.path:
             digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
     return digest.hexdigest()
+
+
+class _ImageStream:
+    """The one iterator over the training images, positioned at a global step on demand.
+
+    One per process: a dataset shuffled with reshuffle_each_iteration gives each new iterator
+    another order, so a second iterator would not continue the first one's stream.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, dataset: tf.data.Dataset) -> None:
+        self.strategy, self.dataset = strategy, dataset
+        self.iterator, self.position = None, 0
+
+    def at(self, step: int):
+        """The iterator, its next batch the one of global step `step` + 1."""
+        if self.iterator is None:
+            self.iterator = iter(_distribute(self.strategy, self.dataset.skip(step)))
+            self.position = step
+        for _ in range(step - self.position):  # steps taken meanwhile on cached features
+            next(self.iterator)
+        self.position = step
+        return self.iterator
+
+    def ran_to(self, step: int) -> None:
+        """Records that the training steps up to global step `step` read this iterator."""
+        self.position = step
 
 
 def _distribute(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset):

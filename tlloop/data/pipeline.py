@@ -43,6 +43,16 @@ class Data:
     eval_steps: int
     skipped_files: tuple[str, ...] = ()  # unreadable image files left out (--bad_images=skip)
     class_counts: tuple[int, ...] = ()  # training examples per class, in label order
+    train_examples: tf.data.Dataset | None = None  # (image, label), unshuffled, cached
+    batch_size: int = 0
+    seed: int = 0
+
+    def stream(self, examples: tf.data.Dataset) -> tf.data.Dataset:
+        """`examples` (as many, in the order of `train_examples`) as the training stream:
+        shuffled, repeated, batched exactly as `train` is. tf.data's seeded shuffle depends
+        only on the seed and the element count, so a stream of per-example features lines up
+        batch for batch with the stream of their images."""
+        return training_stream(examples, self.train_size, self.seed, self.batch_size)
 
     @property
     def num_classes(self) -> int:
@@ -81,15 +91,13 @@ def load_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
     _check_every_class(train_split, source.class_names, skipped)
     examples = images_dataset(train_split, config.image_size, config.resize).cache()
     preview = next(iter(examples.map(lambda image, label: image).batch(16)))
-    train = (
-        examples.shuffle(len(train_split), seed=config.seed, reshuffle_each_iteration=True)
-        .repeat()
-        .batch(config.batch_size, drop_remainder=True)
-        .prefetch(AUTOTUNE)
-    )
+    train = training_stream(examples, len(train_split), config.seed, config.batch_size)
     return dataclasses.replace(
         data,
         train=train,
+        train_examples=examples,
+        batch_size=config.batch_size,
+        seed=config.seed,
         preview=preview,
         train_size=len(train_split),
         steps_per_epoch=math.ceil(len(train_split) / config.batch_size),
@@ -97,6 +105,16 @@ def load_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
         class_counts=tuple(
             int(n) for n in np.bincount(train_split.labels, minlength=len(source.class_names))
         ),
+    )
+
+
+def training_stream(examples: tf.data.Dataset, size: int, seed: int, batch: int):
+    """Shuffled with `seed`, reshuffled every pass, repeated, in full batches of `batch`."""
+    return (
+        examples.shuffle(size, seed=seed, reshuffle_each_iteration=True)
+        .repeat()
+        .batch(batch, drop_remainder=True)
+        .prefetch(AUTOTUNE)
     )
 
 
