@@ -14,7 +14,14 @@ from conftest import make_config, snapshot
 
 from tlloop import phases as phase_lib
 from tlloop import trainer
-from tlloop.config import LoggingConfig, ModelConfig, PhaseConfig, TrainingConfig, Unfreeze
+from tlloop.config import (
+    CheckpointConfig,
+    LoggingConfig,
+    ModelConfig,
+    PhaseConfig,
+    TrainingConfig,
+    Unfreeze,
+)
 from tlloop.models import ModeTable, build_model
 from tlloop.optim import PhaseSchedule, make_optimizer
 from tlloop.steps import Metrics, TrainStep
@@ -185,3 +192,57 @@ def test_auto_class_weights_balance_the_classes(workdir):
     weights = trainer._class_weights(config, data)
     counts = np.asarray(data.class_counts)
     np.testing.assert_allclose(weights * counts, counts.sum() / len(counts), rtol=1e-6)
+
+
+def test_moving_averages_follow_the_weights():
+    images, labels = _examples(48)
+    model = _model()
+    phase = _phase(lr=0.05)
+    batches = iter(tf.data.Dataset.from_tensor_slices((images, labels)).batch(16))
+    step, _ = _train(model, phase, batches, 1, batch=16, ema_decay=0.5)
+    # The first call already ran one step: a_1 = 0.5 a_0 + 0.5 w_1, with a_0 = w_0.
+    trajectory = [v.numpy() for v in step.variables]
+    expected = [a.numpy() for a in step.averages]
+    for _ in range(2):
+        step(batches, 1)
+        trajectory = [v.numpy() for v in step.variables]
+        expected = [0.5 * e + 0.5 * w for e, w in zip(expected, trajectory, strict=True)]
+    for average, value in zip(step.averages, expected, strict=True):
+        np.testing.assert_allclose(average.numpy(), value, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(step.averages[0].numpy(), step.variables[0].numpy())
+    raw = [v.numpy() for v in step.variables]
+    step.swap_averages()
+    np.testing.assert_array_equal(step.variables[0].numpy(), expected[0])
+    step.swap_averages()
+    np.testing.assert_array_equal(step.variables[0].numpy(), raw[0])
+
+
+def test_evaluation_and_export_use_the_moving_averages(workdir):
+    training = TrainingConfig(ema_decay=0.7)
+    config = make_config(
+        workdir,
+        head_epochs=3,
+        finetune_epochs=0,
+        training=training,
+        checkpoint=CheckpointConfig(export="last"),
+    )
+    experiment = trainer.build_experiment(config)
+    results = trainer.train(experiment, workdir)
+    exported = keras.saving.load_model(results["export"]["model"])
+    # The final checkpoint: the model holds the averages, `averages` the raw weights.
+    final = tf.train.load_checkpoint(
+        tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    )
+    raw = [
+        final.get_tensor(k)
+        for k in sorted(final.get_variable_to_shape_map())
+        if k.startswith("averages/")
+    ]
+    assert raw and not any(np.array_equal(r, v.numpy()) for r in raw for v in exported.head.weights)
+    assert trainer.weights_digest(exported) == results["weights_sha256"]
+    # The last evaluation was of the averaged weights that were exported.
+    correct = total = 0.0
+    for images, labels, weights in experiment.data.eval:
+        hits = (np.argmax(exported(images), -1) == labels.numpy()) * weights.numpy()
+        correct, total = correct + hits.sum(), total + weights.numpy().sum()
+    assert correct / total == pytest.approx(results["phases"][0]["eval"]["accuracy"], abs=1e-6)

@@ -243,7 +243,9 @@ class TrainingConfig:
     phase's optimizer steps, after `warmup_steps` (or `warmup_epochs`) of linear warmup from 0.
     `clip_grad_norm` > 0 clips the global batch's gradient to that global norm.
     `grad_accum_steps` batches make one optimizer step. `class_weights` "auto" weighs each
-    example's loss by N / (classes x count of its class) in the training data.
+    example's loss by N / (classes x count of its class) in the training data. `ema_decay` > 0
+    keeps exponential moving averages of the weights; evaluations, the best checkpoint and the
+    export use them.
     """
 
     optimizer: str = "adam"
@@ -255,8 +257,10 @@ class TrainingConfig:
     grad_accum_steps: int = 1
     label_smoothing: float = 0.0
     class_weights: str = ""
+    ema_decay: float = 0.0  # > 0: evaluate and export moving averages of the weights
 
     def __post_init__(self) -> None:
+        _require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "out of range", "[0, 1)")
         _require(
             self.optimizer in OPTIMIZERS,
             "optimizer",

@@ -227,6 +227,14 @@ def define_flags(flag_values: flags.FlagValues, only: Collection[str] | None = N
     )
     _define(d.DEFINE_float, "label_smoothing", 0.0, "Label smoothing of the training loss.", fv)
     _define(
+        d.DEFINE_float,
+        "ema_decay",
+        0.0,
+        "Keep exponential moving averages of the weights (e.g. 0.999); evaluations, the best "
+        "checkpoint and the export use them; 0: off.",
+        fv,
+    )
+    _define(
         d.DEFINE_string,
         "class_weights",
         "",
@@ -440,6 +448,7 @@ def to_config(flag_values: flags.FlagValues) -> config_lib.RunConfig:
         grad_accum_steps=f.grad_accum_steps,
         label_smoothing=f.label_smoothing,
         class_weights=f.class_weights,
+        ema_decay=f.ema_decay,
     )
     return config_lib.RunConfig(
         workdir=f.workdir,

@@ -152,6 +152,9 @@ class TrainStep:
     checkpointed with the optimizer). `clip_grad_norm` > 0 clips the gradient of the global
     batch (summed over replicas first: each replica's own norm would clip the wrong thing).
 
+    With `ema_decay` > 0 it keeps `averages`, exponential moving averages of the trainable
+    weights (checkpoint them with the optimizer; `swap_averages` puts them in the model).
+
     A step whose loss or gradients hold a NaN or Inf on any replica applies no update and
     leaves the metrics alone (the decision is reduced over replicas, so all agree); the step
     still counts, since it consumed its batch. With `nan_policy` "stop" the call returns right
@@ -176,6 +179,7 @@ class TrainStep:
         clip_grad_norm: float = 0.0,
         grad_accum_steps: int = 1,
         features_in: bool = False,
+        ema_decay: float = 0.0,
     ) -> None:
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy {nan_policy!r}; known: {', '.join(NAN_POLICIES)}")
@@ -199,6 +203,17 @@ class TrainStep:
         self.clip_grad_norm = clip_grad_norm
         self.grad_accum_steps = grad_accum_steps
         self.features_in = features_in
+        # Exponential moving averages of the trainable weights, updated after every update:
+        # a_t = decay * a_(t-1) + (1 - decay) * w_t, from a_0 = the weights at construction.
+        self.ema_decay = ema_decay
+        self.averages = (
+            [
+                tf.Variable(v, trainable=False, name="ema_" + v.name.replace("/", "_"))
+                for v in self.variables
+            ]
+            if ema_decay
+            else []
+        )
         # Per-replica sums of the gradients of the batches since the last update, and their
         # count: state to checkpoint (a resumed run goes on with a half-full accumulation).
         self.accumulators = []
@@ -295,6 +310,21 @@ class TrainStep:
         # In replica context the Keras optimizer all-reduces (sums) the gradients itself.
         self.optimizer.apply(grads, self.variables)
 
+    def _update_averages(self) -> None:
+        # Cross-replica context: one assignment updates the average on every replica.
+        if not self.averages:
+            return
+        for average, variable in zip(self.averages, self.variables, strict=True):
+            average.assign(self.ema_decay * average + (1.0 - self.ema_decay) * variable)
+
+    def swap_averages(self) -> None:
+        """Exchanges the trainable weights and their moving averages (its own inverse): call it
+        around an evaluation or export that should see the averaged weights."""
+        for average, variable in zip(self.averages, self.variables, strict=True):
+            saved = tf.identity(variable)
+            variable.assign(average)
+            average.assign(saved)
+
     def _replica_accumulate(self, grads, labels, losses, logits) -> None:
         self.metrics.update(losses, labels, logits)
         for accumulator, grad in zip(self.accumulators[1:], grads, strict=True):
@@ -323,6 +353,7 @@ class TrainStep:
             if finite:
                 if self.grad_accum_steps == 1:
                     self.strategy.run(self._replica_apply, args=(grads, labels, losses, logits))
+                    self._update_averages()
                 else:
                     self.strategy.run(
                         self._replica_accumulate, args=(grads, labels, losses, logits)
@@ -330,6 +361,7 @@ class TrainStep:
                     count = self.accumulated.assign_add(1)
                     if count % self.grad_accum_steps == 0:
                         self.strategy.run(self._replica_apply_accumulated)
+                        self._update_averages()
             step = self.global_step.assign_add(1)
             if self.log_every_steps and step % self.log_every_steps == 0:
                 row = self._log(step, loss, correct, grads, rate)

@@ -251,6 +251,7 @@ def _train_in_scope(
         "phases": [],
     }
     patience = config.checkpoint.early_stopping_patience
+    last_step = None
     with summaries.default("train"), _save_when_stopped(saver):
         for phase in experiment.phases[start[0] :]:
             step_now = int(global_step.numpy())
@@ -291,11 +292,14 @@ def _train_in_scope(
                 clip_grad_norm=config.training.clip_grad_norm,
                 grad_accum_steps=config.training.grad_accum_steps,
                 features_in=use_cache,
+                ema_decay=config.training.ema_decay,
             )
+            last_step = train_step
             checkpoints.track(
                 model=model,
                 optimizer=optimizer,
                 accumulators=train_step.accumulators,
+                averages=train_step.averages,
                 step=global_step,
                 state=state,
                 metrics=train_metrics.variables,
@@ -367,11 +371,14 @@ def _train_in_scope(
                 )
                 offset = 0
                 train_result = train_metrics.result()
-                eval_result = evaluate(phase_eval[0], eval_metrics, phase_eval[1], data.eval_steps)
                 step_now = int(global_step.numpy())
+                with _averaged(train_step):  # the moving averages, with --ema_decay
+                    eval_result = evaluate(
+                        phase_eval[0], eval_metrics, phase_eval[1], data.eval_steps
+                    )
+                    is_best = tracker.update(eval_result)
                 state.evaluated_step.assign(step_now)
                 _write_epoch(summaries, phase, epoch, step_now, train_result, eval_result, data)
-                is_best = tracker.update(eval_result)
                 logging.info(
                     "%s epoch %d/%d step %d: train loss %.4f acc %.4f | eval loss %.4f acc %.4f "
                     "(%d examples)%s | %.1f s",
@@ -403,7 +410,10 @@ def _train_in_scope(
                 images.ran_to(int(global_step.numpy()))
             if eval_result is None:  # resumed after the phase's evaluated last step
                 train_result = train_metrics.result()
-                eval_result = evaluate(phase_eval[0], eval_metrics, phase_eval[1], data.eval_steps)
+                with _averaged(train_step):
+                    eval_result = evaluate(
+                        phase_eval[0], eval_metrics, phase_eval[1], data.eval_steps
+                    )
             summaries.flush()
             results["phases"].append(
                 {
@@ -420,6 +430,10 @@ def _train_in_scope(
             state.record(results["phases"])
             saver.save()  # the end of the phase
     state.phase.assign(len(experiment.phases))
+    if not resume_from and last_step.averages:
+        # From here on the model holds the averaged weights: the final checkpoint, the digest
+        # and the export (--export=last) are of those.
+        last_step.swap_averages()
     if resume_from:  # the checkpoint was of a finished run: only its results are needed
         checkpoints.track(model=model, step=global_step, state=state)
         checkpoints.restore(resume_from)
@@ -658,6 +672,19 @@ def weights_digest(model: keras.Model) -> str:
         if "seed_generator" not in variable.path:
             digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _averaged(step: TrainStep):
+    """The model holds `step`'s moving averages inside, its trained weights again after."""
+    if not step.averages:
+        yield
+        return
+    step.swap_averages()
+    try:
+        yield
+    finally:
+        step.swap_averages()
 
 
 class _ImageStream:
