@@ -1,0 +1,61 @@
+"""The learning-rate range test: what it records, what it suggests, what it leaves behind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_config, run_cli, snapshot
+from tensorboard.backend.event_processing import event_accumulator
+
+from tlloop import lr_range, trainer
+
+
+def test_range_test_rises_geometrically_suggests_and_restores_the_model(workdir):
+    experiment = trainer.build_experiment(make_config(workdir))
+    before = snapshot(experiment.model)
+    result = lr_range.range_test(experiment, 0, 1e-5, 1e3, steps=100)
+    assert changed_paths(before, snapshot(experiment.model)) == []
+    rates = np.asarray(result.rates)
+    assert rates[0] == pytest.approx(1e-5, rel=1e-5)
+    np.testing.assert_allclose(rates[1:] / rates[:-1], (1e8) ** (1 / 99), rtol=1e-4)
+    # Adam at rates up to 1e3 blows the loss up: the test stops there.
+    assert result.stopped_early and len(rates) < 100
+    assert result.suggestion == pytest.approx(rates[int(np.argmin(result.smoothed))] / 10)
+    assert min(result.smoothed) < result.smoothed[0]
+
+
+def changed_paths(before: dict, after: dict) -> list[str]:
+    return [path for path in before if not np.array_equal(before[path], after[path])]
+
+
+def test_smoothing_is_bias_corrected():
+    assert lr_range.smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+
+
+def test_lr_find_command_prints_a_suggestion_and_writes_the_curve(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_cli(
+        "--flagfile=experiments/quickstart.flags",
+        f"--workdir={workdir}",
+        "--find_steps=20",
+        "--lr_max=1",
+        module="tlloop.lr_find",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("suggested --head_lr=")
+    events = event_accumulator.EventAccumulator(
+        str(workdir / "lr_find" / "tensorboard" / "train"), size_guidance={"tensors": 0}
+    )
+    events.Reload()
+    assert len(events.Tensors("smoothed_loss")) == len(events.Tensors("learning_rate")) > 5
+    assert {"loss_vs_learning_rate", "suggestion"} <= set(events.Tags()["tensors"])
+    assert sorted(p.name for p in workdir.iterdir()) == ["lr_find"]  # nothing else written
+
+    bad = run_cli(
+        "--flagfile=experiments/quickstart.flags",
+        f"--workdir={workdir}",
+        "--lr_min=1",
+        "--lr_max=0.1",
+        module="tlloop.lr_find",
+    )
+    assert bad.returncode == 2 and "--lr_min=1 / --lr_max=0.1: not a rising range" in bad.stderr

@@ -1,0 +1,80 @@
+"""Entry point: `python -m tlloop.lr_find --flagfile=experiments/NAME.flags [--phase=head]`.
+
+The learning-rate range test (Smith 2017; fastai's lr_find) for one phase of an experiment:
+--find_steps steps with the rate rising geometrically from --lr_min to --lr_max, on the
+experiment's own data, model and optimizer. Prints a suggested rate, writes loss against
+rate to TensorBoard under WORKDIR/lr_find/tensorboard (scalars per step, a plot, the
+suggestion as text), and leaves the model as it was built. Writes nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+from tlloop import flags as tlloop_flags
+from tlloop.config import ConfigError
+
+FLAGS = flags.FLAGS
+tlloop_flags.define_flags(FLAGS)
+flags.mark_flag_as_required("workdir")
+flags.DEFINE_enum("phase", "head", ["head", "finetune"], "The phase to test.")
+flags.DEFINE_float("lr_min", 1e-7, "The first rate.")
+flags.DEFINE_float("lr_max", 10.0, "The last rate.")
+flags.DEFINE_integer("find_steps", 100, "Steps of the test.")
+
+
+def main(argv: list[str]) -> int:
+    try:
+        if len(argv) > 1:
+            raise ConfigError(f"unexpected arguments {argv[1:]}; accepted: only --name=value flags")
+        if not 0 < FLAGS.lr_min < FLAGS.lr_max:
+            raise ConfigError(
+                f"--lr_min={FLAGS.lr_min:g} / --lr_max={FLAGS.lr_max:g}: not a rising range; "
+                "accepted: 0 < lr_min < lr_max"
+            )
+        if FLAGS.find_steps < 5:
+            raise ConfigError(f"--find_steps={FLAGS.find_steps}: too few; accepted: >= 5")
+        config = tlloop_flags.to_config(FLAGS)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+        from tlloop import trainer
+
+        experiment = trainer.build_experiment(config)
+        names = [phase.name for phase in experiment.phases]
+        if FLAGS.phase not in names:
+            raise ConfigError(
+                f"--phase={FLAGS.phase}: that phase has 0 epochs in this experiment; accepted: "
+                f"{', '.join(names)}"
+            )
+    except ConfigError as error:
+        print(f"tlloop.lr_find: error: {error}", file=sys.stderr)
+        return 2
+    from tlloop import lr_range
+    from tlloop.summaries import Summaries
+
+    result = lr_range.range_test(
+        experiment, names.index(FLAGS.phase), FLAGS.lr_min, FLAGS.lr_max, FLAGS.find_steps
+    )
+    summaries = Summaries(os.path.join(config.workdir, "lr_find"))
+    for i, (rate, loss, smoothed) in enumerate(
+        zip(result.rates, result.losses, result.smoothed, strict=True)
+    ):
+        summaries.scalars(
+            "train", {"loss": loss, "smoothed_loss": smoothed, "learning_rate": rate}, i + 1
+        )
+    summaries.image("train", "loss_vs_learning_rate", lr_range.plot(result), 0)
+    message = (
+        f"suggested --{FLAGS.phase}_lr={result.suggestion:.2g} (a tenth of the rate at the "
+        f"smoothed loss's minimum; {len(result.rates)} steps"
+        f"{', stopped when the loss diverged' if result.stopped_early else ''})"
+    )
+    summaries.text("suggestion", message, 0)
+    summaries.close()
+    print(message)
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,125 @@
+"""The learning-rate range test: train one phase briefly with an exponentially rising rate,
+record the loss, suggest a rate, and put the model back as it was."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tlloop import phases as phase_lib
+from tlloop.optim import make_optimizer
+from tlloop.steps import LOG_COLUMNS, Metrics, TrainStep
+
+
+@keras.saving.register_keras_serializable(package="tlloop")
+class ExponentialRange(keras.optimizers.schedules.LearningRateSchedule):
+    """`low` at step 0 rising geometrically to `high` at step `steps` - 1."""
+
+    def __init__(self, low: float, high: float, steps: int) -> None:
+        self.low, self.high, self.steps = low, high, steps
+
+    def __call__(self, step):
+        fraction = keras.ops.cast(step, "float32") / float(max(self.steps - 1, 1))
+        return self.low * (self.high / self.low) ** fraction
+
+    def get_config(self) -> dict:
+        return {"low": self.low, "high": self.high, "steps": self.steps}
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeResult:
+    """Per step: the rate used and the loss of its batch; the smoothed loss; the suggestion."""
+
+    rates: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    suggestion: float
+    stopped_early: bool
+
+
+def smooth(losses: list[float], beta: float = 0.9) -> list[float]:
+    """Exponentially weighted average of `losses`, bias-corrected (as fastai's LR finder)."""
+    average, smoothed = 0.0, []
+    for i, loss in enumerate(losses, start=1):
+        average = beta * average + (1 - beta) * loss
+        smoothed.append(average / (1 - beta**i))
+    return smoothed
+
+
+def suggest(rates: list[float], smoothed: list[float]) -> float:
+    """A tenth of the rate at the smoothed loss's minimum: high enough to learn fast, below the
+    rates where the loss turns up."""
+    return rates[int(np.argmin(smoothed))] / 10.0
+
+
+def range_test(
+    experiment, phase_index: int, low: float, high: float, steps: int, diverge: float = 4.0
+) -> RangeResult:
+    """Runs the test for phase `phase_index` on `experiment`'s training stream, then restores
+    every weight of the model (and its RNG states). Stops early once the smoothed loss
+    exceeds `diverge` x its minimum."""
+    model, phase = experiment.model, experiment.phases[phase_index]
+    saved = [np.array(v.numpy()) for v in model.weights]
+    strategy = experiment.strategy
+    try:
+        with strategy.scope():
+            phase_lib.apply_trainability(model, phase)
+            config = dataclasses.replace(phase.config, learning_rate=low)
+            optimizer = make_optimizer(config, model.trainable_variables)
+            optimizer.learning_rate = ExponentialRange(low, high, steps)
+            counter = tf.Variable(0, dtype=tf.int64, name="range_test_step")
+            step = TrainStep(
+                model,
+                optimizer,
+                phase.modes,
+                Metrics(),
+                counter,
+                global_batch_size=experiment.config.data.batch_size,
+                log_every_steps=1,
+                nan_policy="stop",
+            )
+        batches = iter(strategy.experimental_distribute_dataset(experiment.data.train))
+        rates, losses, stopped = [], [], False
+        while len(losses) < steps:
+            chunk = min(10, steps - len(losses))
+            result = step(batches, chunk)
+            for row in result.rows:
+                values = dict(zip(LOG_COLUMNS, row, strict=True))
+                rates.append(float(values["learning_rate"]))
+                losses.append(float(values["loss"]))
+            smoothed = smooth(losses)
+            if len(result.nonfinite) or smoothed[-1] > diverge * min(smoothed):
+                stopped = True
+                break
+    finally:
+        for variable, value in zip(model.weights, saved, strict=True):
+            variable.assign(value)
+    finite = [i for i, loss in enumerate(losses) if math.isfinite(loss)]
+    rates, losses = [rates[i] for i in finite], [losses[i] for i in finite]
+    smoothed = smooth(losses)
+    return RangeResult(rates, losses, smoothed, suggest(rates, smoothed), stopped)
+
+
+def plot(result: RangeResult, width: int = 320, height: int = 200) -> np.ndarray:
+    """Smoothed loss (y) against log10 of the rate (x) as an RGB image in [0, 1]."""
+    image = np.ones((height, width, 3), np.float32)
+    x = np.log10(np.asarray(result.rates))
+    y = np.asarray(result.smoothed)
+    low, high = np.min(y), min(np.max(y), 4 * np.min(y) + 1e-12)
+    span = max(float(np.ptp(x)), 1e-12)
+    columns = ((x - x.min()) / span * (width - 1)).astype(int)
+    scaled = (np.clip(y, low, high) - low) / max(high - low, 1e-12)
+    rows = ((1 - scaled) * (height - 1)).astype(int)
+    points = list(zip(columns, rows, strict=True))
+    for (c0, r0), (c1, r1) in itertools.pairwise(points):
+        for t in np.linspace(0, 1, max(abs(c1 - c0), abs(r1 - r0), 1) + 1):
+            image[round(r0 + t * (r1 - r0)), round(c0 + t * (c1 - c0))] = (0.1, 0.2, 0.6)
+    suggested = int((math.log10(result.suggestion) - x.min()) / span * (width - 1))
+    if 0 <= suggested < width:
+        image[:, suggested] = (0.8, 0.2, 0.2)
+    return image
