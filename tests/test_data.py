@@ -215,3 +215,83 @@ def test_folder_images_are_resized_with_the_chosen_mode(tmp_path):
     images = np.concatenate([x.numpy()[w.numpy() > 0] for x, _, w in data.eval])
     assert len(images) == 2  # one per class held out
     np.testing.assert_allclose(images[..., 1], 255, atol=1)
+
+
+def _example(image_bytes: bytes, label: int, image_key: str = "image/encoded") -> bytes:
+    feature = {
+        image_key: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes])),
+        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def _write_records(path, labels: list[int], corrupt_at: int = -1, image_key="image/encoded"):
+    rng = np.random.default_rng(len(labels))
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for i, label in enumerate(labels):
+            pixels = np.full((6, 9, 3), 40 * label, np.uint8)
+            pixels[0, 0] = rng.integers(0, 256, 3)
+            data = b"not an image" if i == corrupt_at else tf.io.encode_png(pixels).numpy()
+            writer.write(_example(data, label, image_key))
+
+
+def test_tfrecord_files_of_examples(tmp_path):
+    _write_records(tmp_path / "train-0.tfrecord", [0, 1, 2] * 4)
+    _write_records(tmp_path / "train-1.tfrecord", [2, 1, 0] * 4)
+    _write_records(tmp_path / "val.tfrecord", [0, 1, 2, 2])
+    config = DataConfig(
+        dataset="tfrecord",
+        train_files=str(tmp_path / "train-*.tfrecord"),
+        val_files=str(tmp_path / "val.tfrecord"),
+        image_size=8,
+        batch_size=4,
+    )
+    data = load_data(config)
+    assert data.class_names == ("0", "1", "2")
+    assert (data.train_size, data.eval_size) == (24, 4)
+    assert data.class_counts == (8, 8, 8)
+    rows = [(float(tf.reduce_mean(x[1:, 1:])), int(y)) for x, y, w in data.eval.unbatch() if w]
+    assert [label for _, label in rows] == [0, 1, 2, 2]
+    assert all(abs(mean - 40 * label) < 1 for mean, label in rows)
+    # Without --val_files, --val_split holds out part of --train_files.
+    split = load_data(DataConfig(dataset="tfrecord", train_files=config.train_files, image_size=8))
+    assert split.train_size + split.eval_size == 24
+
+
+def test_tfrecord_errors_name_the_flag(tmp_path):
+    def config(**kw):
+        return DataConfig(dataset="tfrecord", image_size=8, **kw)
+
+    with pytest.raises(ConfigError, match=r"^--train_files=.*matches no file"):
+        load_data(config(train_files=str(tmp_path / "none-*.tfrecord")))
+    _write_records(tmp_path / "keys.tfrecord", [0, 1], image_key="jpeg")
+    with pytest.raises(ConfigError, match=r"--image_feature='image/encoded'.*hold \['image/cla"):
+        load_data(config(train_files=str(tmp_path / "keys.tfrecord")))
+    (tmp_path / "junk.tfrecord").write_bytes(b"\x00" * 40)
+    with pytest.raises(ConfigError, match=r"junk.tfrecord' is not a readable TFRecord file"):
+        load_data(config(train_files=str(tmp_path / "junk.tfrecord")))
+    _write_records(tmp_path / "bad.tfrecord", [0, 1] * 5, corrupt_at=3)
+    with pytest.raises(ConfigError, match=r"^image 'record 3 of .*bad.tfrecord': cannot be decod"):
+        load_data(config(train_files=str(tmp_path / "bad.tfrecord")))
+    skipped = load_data(config(train_files=str(tmp_path / "bad.tfrecord"), bad_images="skip"))
+    assert skipped.skipped_files == (f"record 3 of {tmp_path / 'bad.tfrecord'}",)
+
+
+def test_tfds_without_the_package_is_a_clear_error():
+    try:
+        import tensorflow_datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"^--dataset=tfds:mnist: tensorflow-datasets is"):
+            load_data(DataConfig(dataset="tfds:mnist"))
+    else:
+        pytest.skip("tensorflow-datasets is installed here")
+
+
+def test_tfds_dataset_from_a_local_data_dir(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")  # the optional [tfds] extra
+    tfds.testing.DummyMnist(data_dir=str(tmp_path)).download_and_prepare()  # made locally
+    data = load_data(DataConfig(dataset="tfds:dummy_mnist", tfds_dir=str(tmp_path), image_size=8))
+    assert data.class_names == tuple(str(i) for i in range(10))
+    assert (data.train_size, data.eval_size) == (20, 20)  # its train and test splits
+    with pytest.raises(ConfigError, match=r"^--dataset=tfds:dummy_mnist: not available"):
+        load_data(DataConfig(dataset="tfds:dummy_mnist", tfds_dir=str(tmp_path / "x")))

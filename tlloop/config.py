@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-DATASETS = ("digits", "folder")
+DATASETS = ("digits", "folder", "tfrecord", "tfds:NAME")
 BN_MODES = ("frozen", "train")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 AUGMENT_OPS = ("flip", "rotate", "zoom", "contrast", "translate")
@@ -133,6 +133,11 @@ class DataConfig:
     dataset: str = "digits"
     data_dir: str = ""
     val_dir: str = ""
+    train_files: str = ""  # --dataset=tfrecord: globs, comma-separated
+    val_files: str = ""
+    image_feature: str = "image/encoded"
+    label_feature: str = "image/class/label"
+    tfds_dir: str = ""  # --dataset=tfds:NAME: the TFDS data directory ("": TFDS's default)
     val_split: float = 0.3
     classes: tuple[str, ...] = ()
     train_examples_per_class: int = 0
@@ -145,10 +150,19 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.resize in RESIZE_MODES, "resize", self.resize, "unknown", "squash, crop, pad")
-        _require(self.dataset in DATASETS, "dataset", self.dataset, "unknown", ", ".join(DATASETS))
+        known = self.dataset in DATASETS[:3] or re.fullmatch(r"tfds:\S+", self.dataset)
+        _require(bool(known), "dataset", self.dataset, "unknown", ", ".join(DATASETS))
         _require(
             self.bad_images in BAD_IMAGES, "bad_images", self.bad_images, "unknown", "fail, skip"
         )
+        if self.dataset == "tfrecord":
+            _require(
+                bool(self.train_files),
+                "train_files",
+                self.train_files,
+                "--dataset=tfrecord needs it",
+                "a glob of TFRecord files of tf.train.Example records",
+            )
         if self.dataset == "folder":
             _require(
                 bool(self.data_dir),
@@ -158,7 +172,7 @@ class DataConfig:
                 "a folder with one sub-folder of images per class",
             )
         _require(0 <= self.val_split < 1, "val_split", self.val_split, "out of range", "0 <= x < 1")
-        if not self.val_dir:
+        if not (self.val_dir or self.val_files):
             _require(
                 self.val_split > 0,
                 "val_split",

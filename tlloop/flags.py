@@ -20,6 +20,11 @@ DATA_FLAGS = (
     "dataset",
     "data_dir",
     "val_dir",
+    "train_files",
+    "val_files",
+    "image_feature",
+    "label_feature",
+    "tfds_dir",
     "val_split",
     "classes",
     "bad_images",
@@ -54,15 +59,50 @@ def define_flags(flag_values: flags.FlagValues, only: Collection[str] | None = N
     _define(d.DEFINE_integer, "seed", 0, "Seed for initialisation, shuffling and dropout.", fv)
     # Data.
     _define(
-        d.DEFINE_enum,
+        d.DEFINE_string,
         "dataset",
         "digits",
-        "Examples: digits (embedded UCI optical "
-        "digits) or folder (--data_dir with one sub-folder per class).",
+        "Examples: digits (embedded UCI optical digits), folder (--data_dir with one sub-folder "
+        "per class), tfrecord (--train_files of tf.train.Example records) or tfds:NAME "
+        "(a TensorFlow Datasets dataset already in --tfds_dir; needs tensorflow-datasets).",
         fv,
-        enum_values=list(config_lib.DATASETS),
     )
     _define(d.DEFINE_string, "data_dir", "", "For --dataset=folder: one sub-folder per class.", fv)
+    _define(
+        d.DEFINE_string,
+        "train_files",
+        "",
+        "For --dataset=tfrecord: glob(s) of TFRecord files, comma-separated.",
+        fv,
+    )
+    _define(
+        d.DEFINE_string,
+        "val_files",
+        "",
+        "For --dataset=tfrecord: evaluation TFRecord glob(s); empty: hold out --val_split.",
+        fv,
+    )
+    _define(
+        d.DEFINE_string,
+        "image_feature",
+        "image/encoded",
+        "For --dataset=tfrecord: the feature holding the encoded image (JPEG, PNG, ...).",
+        fv,
+    )
+    _define(
+        d.DEFINE_string,
+        "label_feature",
+        "image/class/label",
+        "For --dataset=tfrecord: the int64 feature holding the class index.",
+        fv,
+    )
+    _define(
+        d.DEFINE_string,
+        "tfds_dir",
+        "",
+        "For --dataset=tfds:NAME: the TensorFlow Datasets data directory; empty: its default.",
+        fv,
+    )
     _define(
         d.DEFINE_string,
         "val_dir",
@@ -409,6 +449,11 @@ def to_config(flag_values: flags.FlagValues) -> config_lib.RunConfig:
         dataset=f.dataset,
         data_dir=f.data_dir,
         val_dir=f.val_dir,
+        train_files=f.train_files,
+        val_files=f.val_files,
+        image_feature=f.image_feature,
+        label_feature=f.label_feature,
+        tfds_dir=f.tfds_dir,
         val_split=f.val_split,
         classes=config_lib.parse_classes(f.classes),
         train_examples_per_class=f.train_examples_per_class,

@@ -121,25 +121,29 @@ def training_stream(examples: tf.data.Dataset, size: int, seed: int, batch: int)
 def decode_files(
     split: Split, image_size: int, *, skip: bool, resize: str = "squash"
 ) -> tuple[Split, tuple[str, ...]]:
-    """`split` with its image files decoded and resized to uint8 arrays, and the files skipped.
+    """`split` with its image files (or encoded images) decoded and resized to uint8 arrays,
+    and the files (or record origins) skipped.
 
-    A file that cannot be read or decoded raises ConfigError naming it, or with `skip` is left
+    One that cannot be read or decoded raises ConfigError naming it, or with `skip` is left
     out (logged, and returned). A split that already holds arrays is returned as it is.
     """
     if isinstance(split.images, np.ndarray):
         return split, ()
-    paths = split.images
-    if not paths:
+    items = split.images
+    if not items:
         return Split(np.zeros((0, image_size, image_size, 3), np.uint8), split.labels), ()
+    files = isinstance(items[0], str)
+    decode = _decode_file if files else _decode_bytes
+    origins = items if files else split.origins or [f"example {i}" for i in range(len(items))]
 
-    def load(index, path):
-        image = tf.round(_resize(_decode_file(path), image_size, resize))
+    def load(index, item):
+        image = tf.round(_resize(decode(item), image_size, resize))
         return index, tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8)
 
     decoded = (
-        tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
+        tf.data.Dataset.from_tensor_slices((np.arange(len(items)), items))
         .map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
-        .ignore_errors()  # a bad file drops out; which ones is found from the indices
+        .ignore_errors()  # a bad image drops out; which ones is found from the indices
         .batch(256)
     )
     indices, images = [], []
@@ -147,21 +151,29 @@ def decode_files(
         indices.append(index.numpy())
         images.append(pixels.numpy())
     kept = np.concatenate(indices) if indices else np.zeros((0,), np.int64)
-    bad = sorted(set(range(len(paths))) - set(kept.tolist()))
-    skipped = tuple(paths[i] for i in bad)
+    bad = sorted(set(range(len(items))) - set(kept.tolist()))
+    skipped = tuple(origins[i] for i in bad)
     if skipped and not skip:
         try:
-            read_image(skipped[0])
-            problem = f"image file {skipped[0]!r}: cannot be decoded"
+            if files:
+                read_image(skipped[0])
+            else:
+                _decode_bytes(tf.constant(items[bad[0]]))
+            problem = f"image {skipped[0]!r}: cannot be decoded"
         except ConfigError as error:
             problem = str(error)
-        more = f" ({len(skipped) - 1} more unreadable files)" if len(skipped) > 1 else ""
+        except (tf.errors.OpError, ValueError) as error:
+            problem = (
+                f"image {skipped[0]!r}: cannot be decoded ({_reason(error)}); accepted: "
+                f"{', '.join(e[1:].upper() for e in IMAGE_EXTENSIONS)} images"
+            )
+        more = f" ({len(skipped) - 1} more unreadable images)" if len(skipped) > 1 else ""
         raise ConfigError(f"{problem}, or --bad_images=skip to leave them out{more}")
     if skipped:
         logging.warning(
             "--bad_images=skip: skipped %d unreadable image file(s) of %d: %s",
             len(skipped),
-            len(paths),
+            len(items),
             ", ".join(skipped),
         )
     pixels = (
@@ -179,14 +191,17 @@ def read_image(path: str) -> np.ndarray:
     try:
         return _decode_file(tf.constant(path)).numpy()
     except (tf.errors.OpError, ValueError) as error:
-        message = getattr(error, "message", str(error))
-        # TensorFlow wraps the reason in op and device names a user cannot act on.
-        noise = r"\{\{[^}]*\}\}|\[Op:[^\]]*\]|\bname:\s*$"
-        message = re.sub(noise, "", " ".join(message.split())).strip()[:160]
         raise ConfigError(
-            f"image file {path!r}: cannot be read or decoded ({message}); accepted: "
+            f"image file {path!r}: cannot be read or decoded ({_reason(error)}); accepted: "
             f"{', '.join(e[1:].upper() for e in IMAGE_EXTENSIONS)} images"
         ) from None
+
+
+def _reason(error: Exception) -> str:
+    """TensorFlow's reason for an error, without the op and device names around it."""
+    message = getattr(error, "message", str(error))
+    noise = r"\{\{[^}]*\}\}|\[Op:[^\]]*\]|\bname:\s*$"
+    return re.sub(noise, "", " ".join(message.split())).strip()[:160]
 
 
 def _check_every_class(split: Split, names: tuple[str, ...], skipped: tuple[str, ...]) -> None:
@@ -227,7 +242,11 @@ def padded_eval_dataset(
 
 
 def _decode_file(path: tf.Tensor) -> tf.Tensor:
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    return _decode_bytes(tf.io.read_file(path))
+
+
+def _decode_bytes(data: tf.Tensor) -> tf.Tensor:
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
     return tf.ensure_shape(image, (None, None, 3))
 
 

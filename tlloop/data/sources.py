@@ -20,21 +20,21 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Images (N, H, W, 3) uint8 or a list of file paths, and int32 labels (N,)."""
+    """Images: (N, H, W, 3) uint8, a list of file paths, or a list of encoded images (bytes);
+    int32 labels (N,); and for encoded images, where each came from (for error messages)."""
 
-    images: np.ndarray | list[str]
+    images: np.ndarray | list[str] | list[bytes]
     labels: np.ndarray
+    origins: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, index: np.ndarray) -> Split:
-        images = (
-            self.images[index]
-            if isinstance(self.images, np.ndarray)
-            else [self.images[i] for i in index]
-        )
-        return Split(images, self.labels[index])
+        if isinstance(self.images, np.ndarray):
+            return Split(self.images[index], self.labels[index])
+        origins = None if self.origins is None else [self.origins[i] for i in index]
+        return Split([self.images[i] for i in index], self.labels[index], origins)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,23 @@ def load_source(config: DataConfig) -> Source:
     if config.dataset == "digits":
         names, everything = _digits()
         train, evaluation = _split(everything, config.val_split)
+    elif config.dataset == "tfrecord":
+        from tlloop.data.records import read_records
+
+        keys = (config.image_feature, config.label_feature)
+        train = read_records(config.train_files, "train_files", *keys)
+        if config.val_files:
+            evaluation = read_records(config.val_files, "val_files", *keys)
+        else:
+            train, evaluation = _split(train, config.val_split)
+        count = int(max(train.labels.max(initial=0), evaluation.labels.max(initial=0))) + 1
+        names = tuple(str(i) for i in range(count))
+    elif config.dataset.startswith("tfds:"):
+        from tlloop.data.records import read_tfds
+
+        names, train, evaluation = read_tfds(config.dataset[5:], config.tfds_dir)
+        if evaluation is None:
+            train, evaluation = _split(train, config.val_split)
     else:
         names, train = _folder(config.data_dir, "data_dir")
         if config.val_dir:
