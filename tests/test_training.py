@@ -246,3 +246,39 @@ def test_evaluation_and_export_use_the_moving_averages(workdir):
         hits = (np.argmax(exported(images), -1) == labels.numpy()) * weights.numpy()
         correct, total = correct + hits.sum(), total + weights.numpy().sum()
     assert correct / total == pytest.approx(results["phases"][0]["eval"]["accuracy"], abs=1e-6)
+
+
+def test_layer_lr_decay_scales_each_layers_update(tmp_path):
+    images, labels = _examples(16)
+    model = _model()
+    phase = _phase("all", lr=1e-2)
+    phase_lib.apply_trainability(model, phase)
+    multipliers = phase_lib.lr_multipliers(model, 0.5)
+    optimizer = make_optimizer(phase.config, model.trainable_variables, multipliers=multipliers)
+    assert len(optimizer.optimizers) == 4  # head 1, conv3 0.5, conv2 0.25, conv1 0.125
+    before = {v.path: v.numpy() for v in model.trainable_variables}
+    step = TrainStep(
+        model,
+        optimizer,
+        phase.modes,
+        Metrics(),
+        tf.Variable(0, dtype=tf.int64),
+        global_batch_size=16,
+    )
+    step(iter(tf.data.Dataset.from_tensors((images, labels))), 1)
+    # Adam's first step moves a weight by its rate x |g| / (|g| + eps): the largest, by the rate.
+    moved = {
+        v.path: float(np.max(np.abs(v.numpy() - before[v.path])))
+        for v in model.trainable_variables
+        if v.path.endswith("kernel")
+    }
+    rates = {path.split("/")[-2]: value for path, value in moved.items()}
+    assert rates["logits"] == pytest.approx(1e-2, rel=1e-3)
+    for layer, expected in (("conv3", 5e-3), ("conv2", 2.5e-3), ("conv1", 1.25e-3)):
+        assert rates[layer] == pytest.approx(expected, rel=1e-3), layer
+    # The grouped optimizer checkpoints and restores like one optimizer.
+    path = tf.train.Checkpoint(optimizer=optimizer).save(str(tmp_path / "ckpt"))
+    other = make_optimizer(phase.config, model.trainable_variables, multipliers=multipliers)
+    tf.train.Checkpoint(optimizer=other).restore(path).assert_existing_objects_matched()
+    for a, b in zip(optimizer.variables, other.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -272,8 +272,16 @@ class TrainingConfig:
     label_smoothing: float = 0.0
     class_weights: str = ""
     ema_decay: float = 0.0  # > 0: evaluate and export moving averages of the weights
+    layer_lr_decay: float = 0.0  # R in (0, 1): each backbone block/layer down gets R x the rate
 
     def __post_init__(self) -> None:
+        _require(
+            0 <= self.layer_lr_decay <= 1,
+            "layer_lr_decay",
+            self.layer_lr_decay,
+            "out of range",
+            "0 (off) or 0 < R <= 1",
+        )
         _require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "out of range", "[0, 1)")
         _require(
             self.optimizer in OPTIMIZERS,

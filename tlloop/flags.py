@@ -268,6 +268,14 @@ def define_flags(flag_values: flags.FlagValues, only: Collection[str] | None = N
     _define(d.DEFINE_float, "label_smoothing", 0.0, "Label smoothing of the training loss.", fv)
     _define(
         d.DEFINE_float,
+        "layer_lr_decay",
+        0.0,
+        "Discriminative learning rates: the top backbone block (or layer) trains at R x the "
+        "phase's rate, the next at R^2, ...; the head at the rate; 0: off.",
+        fv,
+    )
+    _define(
+        d.DEFINE_float,
         "ema_decay",
         0.0,
         "Keep exponential moving averages of the weights (e.g. 0.999); evaluations, the best "
@@ -494,6 +502,7 @@ def to_config(flag_values: flags.FlagValues) -> config_lib.RunConfig:
         label_smoothing=f.label_smoothing,
         class_weights=f.class_weights,
         ema_decay=f.ema_decay,
+        layer_lr_decay=f.layer_lr_decay,
     )
     return config_lib.RunConfig(
         workdir=f.workdir,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import keras
+import tensorflow as tf
 
 from tlloop.config import PhaseConfig, TrainingConfig
 
@@ -50,6 +51,35 @@ class PhaseSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return {"peak": self.peak, "kind": self.kind, "total": self.total, "warmup": self.warmup}
 
 
+class GroupedOptimizer(tf.Module):
+    """One Keras optimizer per group of variables, each at its own learning rate: what
+    discriminative (layer-wise) learning rates need, since Keras 3 has no MultiOptimizer and
+    scaling an Adam gradient does not scale its update. `apply` takes all gradients in the
+    order of `variables`; `learning_rate` and `iterations` are the first group's (the head's).
+    """
+
+    def __init__(self, optimizers: list, groups: list[list[int]]) -> None:
+        super().__init__(name="grouped_optimizer")
+        self.optimizers = optimizers
+        self.groups = groups
+
+    def apply(self, grads, variables) -> None:
+        for optimizer, indices in zip(self.optimizers, self.groups, strict=True):
+            optimizer.apply([grads[i] for i in indices], [variables[i] for i in indices])
+
+    @property
+    def variables(self) -> list:
+        return [v for optimizer in self.optimizers for v in optimizer.variables]
+
+    @property
+    def learning_rate(self):
+        return self.optimizers[0].learning_rate
+
+    @property
+    def iterations(self):
+        return self.optimizers[0].iterations
+
+
 def make_optimizer(
     phase: PhaseConfig,
     variables: list,
@@ -58,16 +88,35 @@ def make_optimizer(
     steps: int = 1,
     warmup_steps: int = 0,
     no_decay: tuple = (),
-) -> keras.optimizers.Optimizer:
+    multipliers: dict[int, float] | None = None,
+):
     """The phase's optimizer, built on `variables`.
 
     `steps` is the phase's number of optimizer steps (what the schedule spans), `warmup_steps`
     its warmup, `no_decay` the variables weight decay must not touch (biases, BatchNorm).
+    `multipliers` (by `id` of a variable; missing: 1) scale the learning rate per variable; with
+    more than one distinct value the result is a GroupedOptimizer, one optimizer per value.
     """
     training = training or TrainingConfig()
-    rate = phase.learning_rate
+    scales = [(multipliers or {}).get(id(v), 1.0) for v in variables]
+    distinct = sorted(set(scales), reverse=True)  # 1.0 (the head) first
+    if len(distinct) == 1:
+        return _one_optimizer(phase, variables, training, steps, warmup_steps, no_decay, 1.0)
+    groups = [[i for i, s in enumerate(scales) if s == scale] for scale in distinct]
+    optimizers = [
+        _one_optimizer(
+            phase, [variables[i] for i in group], training, steps, warmup_steps, no_decay, scale
+        )
+        for scale, group in zip(distinct, groups, strict=True)
+    ]
+    return GroupedOptimizer(optimizers, groups)
+
+
+def _one_optimizer(phase, variables, training, steps, warmup_steps, no_decay, scale):
+    peak = phase.learning_rate * scale
+    rate = peak
     if training.lr_schedule != "constant" or warmup_steps:
-        rate = PhaseSchedule(phase.learning_rate, training.lr_schedule, steps, warmup_steps)
+        rate = PhaseSchedule(peak, training.lr_schedule, steps, warmup_steps)
     decay = training.weight_decay or None
     if training.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(rate, momentum=0.9, weight_decay=decay)
@@ -77,7 +126,8 @@ def make_optimizer(
         optimizer = keras.optimizers.Lamb(rate, weight_decay=decay)
     else:
         optimizer = keras.optimizers.Adam(rate, weight_decay=decay)
-    if no_decay:
-        optimizer.exclude_from_weight_decay(var_list=list(no_decay))
+    exclude = [v for v in no_decay if any(v is w for w in variables)]
+    if exclude:
+        optimizer.exclude_from_weight_decay(var_list=exclude)
     optimizer.build(variables)
     return optimizer

@@ -172,6 +172,25 @@ def apply_trainability(model: TransferModel, phase: Phase) -> None:
             layer.trainable = id(layer) in chosen_ids
 
 
+def lr_multipliers(model: TransferModel, decay: float) -> dict[int, float]:
+    """Layer-wise learning-rate decay: by `id` of each backbone variable, `decay` ** (its depth
+    below the head). Depth counts blocks for a keras.applications family (else layers with
+    weights): the top one is 1; a layer between them (a BatchNorm) goes with the one before;
+    the stem below the first is one deeper still. The head (absent here) keeps 1."""
+    if not decay or decay == 1.0:
+        return {}
+    backbone = model.backbone
+    units = backbone_blocks(backbone) or [[layer] for layer in weighted_layers(backbone)]
+    unit_of = {id(layer): i for i, unit in enumerate(units) for layer in unit}
+    multipliers, depth = {}, len(units) + 1
+    for layer in leaf_layers(backbone):
+        if id(layer) in unit_of:
+            depth = len(units) - unit_of[id(layer)]
+        for variable in layer.weights:
+            multipliers[id(variable)] = decay**depth
+    return multipliers
+
+
 def no_decay_variables(model: TransferModel) -> list:
     """Trainable weights weight decay must leave alone: biases and BatchNormalization weights
     (decaying a BatchNorm scale or a bias toward 0 is not regularisation, it is damage)."""

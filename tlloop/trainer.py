@@ -518,6 +518,7 @@ def _phase_optimizer(config: RunConfig, phase, model, steps_per_epoch: int):
         steps=steps,
         warmup_steps=warmup,
         no_decay=tuple(phase_lib.no_decay_variables(model)),
+        multipliers=phase_lib.lr_multipliers(model, training.layer_lr_decay),
     )
 
 
