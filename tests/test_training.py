@@ -282,3 +282,43 @@ def test_layer_lr_decay_scales_each_layers_update(tmp_path):
     tf.train.Checkpoint(optimizer=other).restore(path).assert_existing_objects_matched()
     for a, b in zip(optimizer.variables, other.variables, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("policy", ["float16", "bfloat16"])
+def test_mixed_precision_computes_low_and_keeps_float32_weights_and_output(policy):
+    config = ModelConfig(image_size=16, dropout=0.0, mixed_precision=policy)
+    model = build_model(config, 3)
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is put back
+    conv = model.backbone.get_layer("conv1")
+    assert conv.compute_dtype == policy and conv.variable_dtype == "float32"
+    images, _ = _examples(2)
+    assert model.backbone(images).dtype == policy
+    assert model(images).dtype == "float32"
+
+
+def test_float16_overflow_is_left_to_the_loss_scale_optimizer():
+    keras.utils.set_random_seed(0)
+    model = build_model(ModelConfig(image_size=16, dropout=0.0, mixed_precision="float16"), 3)
+    phase = _phase(lr=1e-2)
+    phase_lib.apply_trainability(model, phase)
+    optimizer = make_optimizer(phase.config, model.trainable_variables, loss_scale=True)
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    step = TrainStep(
+        model,
+        optimizer,
+        phase.modes,
+        Metrics(),
+        tf.Variable(0, dtype=tf.int64),
+        global_batch_size=16,
+    )
+    images, labels = _examples(16)
+    batches = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
+    optimizer.dynamic_scale.assign(2.0**120)  # float16 gradients overflow at this scale
+    before = snapshot(model.head)
+    result = step(batches, 1)
+    assert result.nonfinite.tolist() == []  # the loss is finite: not a NaN step for tlloop
+    assert float(optimizer.dynamic_scale.numpy()) == 2.0**119  # the optimizer backed off
+    assert all(np.array_equal(v, snapshot(model.head)[k]) for k, v in before.items())
+    optimizer.dynamic_scale.assign(2.0**10)
+    step(batches, 1)
+    assert any(not np.array_equal(v, snapshot(model.head)[k]) for k, v in before.items())

@@ -219,10 +219,18 @@ class ModelConfig:
     augment: tuple[AugmentOp, ...] = ()
     unsafe_deserialization: bool = False
     init_checkpoint: str = ""  # warm start: the backbone's weights from this checkpoint
+    mixed_precision: str = ""  # "float16" or "bfloat16": compute in it, keep float32 weights
 
     def __post_init__(self) -> None:
         _require(bool(self.backbone), "backbone", self.backbone, "empty", "a name or a path")
         _require(0 <= self.dropout < 1, "dropout", self.dropout, "out of range", "0 <= x < 1")
+        _require(
+            self.mixed_precision in ("", "float16", "bfloat16"),
+            "mixed_precision",
+            self.mixed_precision,
+            "unknown",
+            "float16, bfloat16, or empty for float32",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -533,6 +541,13 @@ class RunConfig:
             self.model.image_size,
             "data and model disagree",
             "one value",
+        )
+        _require(
+            not (self.model.mixed_precision == "float16" and self.training.layer_lr_decay),
+            "mixed_precision",
+            self.model.mixed_precision,
+            "float16 loss scaling and --layer_lr_decay do not combine",
+            "bfloat16 (no loss scaling), or no --layer_lr_decay",
         )
         _require(
             any(phase.epochs for phase in self.phases),

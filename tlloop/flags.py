@@ -199,6 +199,15 @@ def define_flags(flag_values: flags.FlagValues, only: Collection[str] | None = N
         "report lists matched, unmatched and missing variables. Not applied when resuming.",
         fv,
     )
+    _define(
+        d.DEFINE_string,
+        "mixed_precision",
+        "",
+        "float16 (with dynamic loss scaling) or bfloat16: compute in it, keep weights and the "
+        "head's output in float32 (keras.applications and small_cnn backbones; a .keras "
+        "backbone keeps the dtypes it was saved with); empty: float32.",
+        fv,
+    )
     # Phases.
     _define(d.DEFINE_integer, "head_epochs", 5, "Epochs of the head phase (backbone frozen).", fv)
     _define(d.DEFINE_float, "head_lr", 1e-3, "Learning rate of the head phase.", fv)
@@ -480,6 +489,7 @@ def to_config(flag_values: flags.FlagValues) -> config_lib.RunConfig:
         augment=config_lib.parse_augment(f.augment),
         unsafe_deserialization=f.unsafe_deserialization,
         init_checkpoint=f.init_checkpoint,
+        mixed_precision=f.mixed_precision,
     )
     phases = (
         config_lib.PhaseConfig("head", f.head_epochs, f.head_lr, config_lib.Unfreeze("none")),

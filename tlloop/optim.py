@@ -89,6 +89,7 @@ def make_optimizer(
     warmup_steps: int = 0,
     no_decay: tuple = (),
     multipliers: dict[int, float] | None = None,
+    loss_scale: bool = False,
 ):
     """The phase's optimizer, built on `variables`.
 
@@ -96,12 +97,19 @@ def make_optimizer(
     its warmup, `no_decay` the variables weight decay must not touch (biases, BatchNorm).
     `multipliers` (by `id` of a variable; missing: 1) scale the learning rate per variable; with
     more than one distinct value the result is a GroupedOptimizer, one optimizer per value.
+    `loss_scale` (float16) wraps the optimizer in Keras' dynamic LossScaleOptimizer.
     """
     training = training or TrainingConfig()
     scales = [(multipliers or {}).get(id(v), 1.0) for v in variables]
     distinct = sorted(set(scales), reverse=True)  # 1.0 (the head) first
     if len(distinct) == 1:
-        return _one_optimizer(phase, variables, training, steps, warmup_steps, no_decay, 1.0)
+        optimizer = _one_optimizer(phase, variables, training, steps, warmup_steps, no_decay, 1.0)
+        if loss_scale:
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            optimizer.build(variables)
+        return optimizer
+    if loss_scale:
+        raise ValueError("loss scaling takes a single optimizer, not layer-wise groups")
     groups = [[i for i, s in enumerate(scales) if s == scale] for scale in distinct]
     optimizers = [
         _one_optimizer(

@@ -203,6 +203,9 @@ class TrainStep:
         self.clip_grad_norm = clip_grad_norm
         self.grad_accum_steps = grad_accum_steps
         self.features_in = features_in
+        # float16: the loss is scaled up before the gradient and the optimizer scales back,
+        # skipping (and lowering the scale) when the scaled gradients overflow.
+        self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         # Exponential moving averages of the trainable weights, updated after every update:
         # a_t = decay * a_(t-1) + (1 - decay) * w_t, from a_0 = the weights at construction.
         self.ema_decay = ema_decay
@@ -267,6 +270,8 @@ class TrainStep:
             loss = tf.nn.compute_average_loss(losses, global_batch_size=self.global_batch_size)
             if self.model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
+            if self.loss_scaled:
+                loss = self.optimizer.scale_loss(loss)
         return tape.gradient(loss, self.variables), losses, logits
 
     def _replica_gradients(self, images, labels):
@@ -274,8 +279,11 @@ class TrainStep:
             images = self.model.augment(images, training=self.modes.augment)
         grads, losses, logits = self._grads(images, labels)
         correct = tf.cast(tf.argmax(logits, -1, output_type=labels.dtype) == labels, tf.float32)
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-        finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(losses)))
+        finite = tf.reduce_all(tf.math.is_finite(losses))
+        if not self.loss_scaled:  # overflowing scaled gradients are the optimizer's to handle
+            finite = tf.logical_and(
+                finite, tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+            )
         # This replica's shares of the global batch's mean loss and accuracy.
         share = 1.0 / self.global_batch_size
         loss, accuracy = tf.reduce_sum(losses) * share, tf.reduce_sum(correct) * share
@@ -304,7 +312,8 @@ class TrainStep:
         if self.clip_grad_norm:
             context = tf.distribute.get_replica_context()
             total = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-            clipped, _ = tf.clip_by_global_norm(total, self.clip_grad_norm)
+            scale = self.optimizer.dynamic_scale if self.loss_scaled else 1.0
+            clipped, _ = tf.clip_by_global_norm(total, self.clip_grad_norm * scale)
             # The optimizer sums over replicas again: each contributes its share.
             grads = [g / context.num_replicas_in_sync for g in clipped]
         # In replica context the Keras optimizer all-reduces (sums) the gradients itself.
@@ -379,6 +388,8 @@ class TrainStep:
         loss = self.strategy.reduce(sum_, loss, axis=None)
         accuracy = self.strategy.reduce(sum_, correct, axis=None)
         norm = tf.linalg.global_norm(self._global_gradients(grads))
+        if self.loss_scaled:
+            norm /= tf.cast(self.optimizer.dynamic_scale, tf.float32)
         values = {"loss": loss, "accuracy": accuracy, "learning_rate": rate, "gradient_norm": norm}
         with _top_level_name_scope():
             for name, value in values.items():

@@ -519,6 +519,7 @@ def _phase_optimizer(config: RunConfig, phase, model, steps_per_epoch: int):
         warmup_steps=warmup,
         no_decay=tuple(phase_lib.no_decay_variables(model)),
         multipliers=phase_lib.lr_multipliers(model, training.layer_lr_decay),
+        loss_scale=config.model.mixed_precision == "float16",
     )
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import keras
+
 from tlloop.config import ModelConfig
 from tlloop.models.augment import build_augment
 from tlloop.models.backbones import build_backbone
@@ -13,16 +17,36 @@ __all__ = ["INFERENCE", "ModeTable", "Modes", "TransferModel", "build_model"]
 
 
 def build_model(config: ModelConfig, num_classes: int, seed: int = 0) -> TransferModel:
-    """The TransferModel `config` describes, with a head for `num_classes` classes."""
-    backbone = build_backbone(
-        config.backbone,
-        config.weights,
-        config.image_size,
-        safe_mode=not config.unsafe_deserialization,
-    )
-    feature_shape = tuple(backbone.outputs[0].shape[1:])
-    head = build_head(feature_shape, num_classes, config.dropout)
-    augment = build_augment(config.augment, config.image_size, seed)
-    model = TransferModel(augment, backbone, head, name="transfer_model")
+    """The TransferModel `config` describes, with a head for `num_classes` classes.
+
+    With `config.mixed_precision`, its layers are made under Keras' mixed policy (the global
+    policy is put back afterwards) and the head ends in a float32 layer.
+    """
+    with _dtype_policy(f"mixed_{config.mixed_precision}" if config.mixed_precision else None):
+        backbone = build_backbone(
+            config.backbone,
+            config.weights,
+            config.image_size,
+            safe_mode=not config.unsafe_deserialization,
+        )
+        feature_shape = tuple(backbone.outputs[0].shape[1:])
+        head = build_head(
+            feature_shape, num_classes, config.dropout, float32_output=bool(config.mixed_precision)
+        )
+        augment = build_augment(config.augment, config.image_size, seed)
+        model = TransferModel(augment, backbone, head, name="transfer_model")
     model.build((None, config.image_size, config.image_size, 3))
     return model
+
+
+@contextlib.contextmanager
+def _dtype_policy(name: str | None):
+    if name is None:
+        yield
+        return
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)

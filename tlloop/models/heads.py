@@ -5,10 +5,14 @@ from __future__ import annotations
 import keras
 
 
-def build_head(feature_shape: tuple[int, ...], num_classes: int, dropout: float) -> keras.Model:
+def build_head(
+    feature_shape: tuple[int, ...], num_classes: int, dropout: float, float32_output: bool = False
+) -> keras.Model:
     """A model named "head": global average pooling (for feature maps), Dropout, Dense logits.
 
     It outputs logits (no softmax): losses use `from_logits=True`, which is numerically safer.
+    With `float32_output` (mixed precision) a last float32 layer casts the logits, so the
+    softmax and the loss never run in float16.
     """
     inputs = keras.Input(feature_shape, name="features")
     x = inputs
@@ -18,4 +22,6 @@ def build_head(feature_shape: tuple[int, ...], num_classes: int, dropout: float)
         raise ValueError(f"backbone output must be a feature map or vector, got {feature_shape}")
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     logits = keras.layers.Dense(num_classes, name="logits")(x)
+    if float32_output:
+        logits = keras.layers.Activation("linear", dtype="float32", name="logits_float32")(logits)
     return keras.Model(inputs, logits, name="head")
