@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+
 import numpy as np
 import pytest
 from conftest import changed, make_config, snapshot
 
 from tlloop import phases as phase_lib
 from tlloop import trainer
+from tlloop.config import CheckpointConfig
 
 
 def _train(config):
@@ -125,3 +129,39 @@ def test_unfreeze_policies_that_do_not_fit_the_backbone_are_refused(workdir, spe
 
     with pytest.raises(ConfigError, match=message):
         trainer.build_experiment(make_config(workdir, unfreeze=spec))
+
+
+class _StopAfter(threading.Event):
+    """A stop request that reads as set from its `calls`-th check on (one check per step)."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.calls = calls
+
+    def is_set(self) -> bool:
+        self.calls -= 1
+        return self.calls <= 0
+
+
+def test_gradual_unfreeze_adds_layers_each_epoch_and_resumes_in_its_stage(workdir):
+    # Fine-tune only, 3 epochs of 3 steps, gradual:1 over conv1..conv3: epoch 1 trains conv3,
+    # epoch 2 conv2 and conv3, epoch 3 all three. Stopped at the end of epochs 1 and 2 and
+    # resumed each time (the optimizer of the checkpoint's stage must be rebuilt to restore).
+    last = CheckpointConfig(export="last")  # the model in memory ends with the last weights
+    config = make_config(workdir, head_epochs=0, finetune_epochs=3, checkpoint=last)
+    config = dataclasses.replace(
+        config, phases=(config.phases[0], dataclasses.replace(config.phases[1], gradual=1))
+    )
+    experiment = trainer.build_experiment(config)
+    start = snapshot(experiment.model.backbone)
+
+    def kernels_changed(model) -> set[str]:
+        return {p.split("/")[-2] for p in changed(start, snapshot(model.backbone))}
+
+    for stop_at, trained in ((3, {"conv3"}), (3, {"conv2", "conv3"})):
+        with pytest.raises(trainer.Stopped):
+            trainer.train(experiment, workdir, stop=_StopAfter(stop_at))
+        assert kernels_changed(experiment.model) == trained
+        experiment = trainer.build_experiment(config)
+    trainer.train(experiment, workdir)
+    assert kernels_changed(experiment.model) == {"conv1", "conv2", "conv3"}

@@ -89,6 +89,11 @@ def position(path: str) -> tuple[int, int]:
     return int(phase), int(step)
 
 
+def phase_start(path: str) -> int:
+    """The global step at which the phase under way in checkpoint `path` began."""
+    return int(tf.train.load_variable(path, "state/phase_start/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
 class Checkpoints:
     """Saves and restores one run. On a non-chief task saves go to a temporary directory that
     is deleted again (TensorFlow's convention: every task must save, because reading

@@ -247,8 +247,16 @@ class PhaseConfig:
     learning_rate: float
     unfreeze: Unfreeze
     bn_mode: str = "frozen"
+    gradual: int = 0  # K > 0: epoch e trains only the top K x (e + 1) blocks/layers of `unfreeze`
 
     def __post_init__(self) -> None:
+        _require(
+            self.gradual >= 0,
+            "unfreeze_schedule",
+            f"gradual:{self.gradual}",
+            "K must be positive",
+            "gradual:K with K >= 1, or empty",
+        )
         _require(self.epochs >= 0, f"{self.name}_epochs", self.epochs, "negative", ">= 0")
         _require(
             self.learning_rate > 0, f"{self.name}_lr", self.learning_rate, "not positive", "> 0"
@@ -397,6 +405,21 @@ class DistributeConfig:
             "not positive",
             "> 0",
         )
+
+
+def parse_unfreeze_schedule(spec: str) -> int:
+    """Parses `--unfreeze_schedule`: "gradual:K" gives K, empty gives 0 (all at once)."""
+    if not spec:
+        return 0
+    match = re.fullmatch(r"gradual:(\d+)", spec)
+    _require(
+        match is not None and int(match.group(1)) >= 1,
+        "unfreeze_schedule",
+        spec,
+        "not a schedule",
+        "gradual:K with K >= 1 (K more blocks or layers each epoch), or empty",
+    )
+    return int(match.group(1))
 
 
 def parse_profile_steps(spec: str) -> tuple[int, ...]:

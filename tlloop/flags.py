@@ -224,6 +224,14 @@ def define_flags(flag_values: flags.FlagValues, only: Collection[str] | None = N
         fv,
     )
     _define(
+        d.DEFINE_string,
+        "unfreeze_schedule",
+        "",
+        "gradual:K: in fine-tune, epoch e trains only the top K x (e + 1) blocks (blocks:N) or "
+        "layers of --unfreeze (ULMFiT); empty: all at once.",
+        fv,
+    )
+    _define(
         d.DEFINE_enum,
         "bn_mode",
         "frozen",
@@ -499,6 +507,7 @@ def to_config(flag_values: flags.FlagValues) -> config_lib.RunConfig:
             f.finetune_lr,
             config_lib.Unfreeze.parse(f.unfreeze),
             bn_mode=f.bn_mode,
+            gradual=config_lib.parse_unfreeze_schedule(f.unfreeze_schedule),
         ),
     )
     training = config_lib.TrainingConfig(

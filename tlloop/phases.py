@@ -140,8 +140,21 @@ def unfrozen_layers(unfreeze: Unfreeze, backbone: keras.Model) -> list[keras.lay
     return chosen
 
 
-def apply_trainability(model: TransferModel, phase: Phase) -> None:
-    """Sets which weights train in `phase`: the head always, the backbone per its policy."""
+def stage_layers(unfreeze: Unfreeze, backbone: keras.Model, units: int) -> list:
+    """The layers of the top `units` units of what `unfreeze` chooses: blocks for blocks:N,
+    layers with weights otherwise (a gradual unfreeze's stage)."""
+    chosen = unfrozen_layers(unfreeze, backbone)
+    if unfreeze.kind != "blocks":
+        return chosen[-units:]
+    ids = {id(layer) for layer in chosen}
+    blocks = [b for b in backbone_blocks(backbone) if any(id(layer) in ids for layer in b)]
+    kept = {id(layer) for block in blocks[-units:] for layer in block}
+    return [layer for layer in chosen if id(layer) in kept]
+
+
+def apply_trainability(model: TransferModel, phase: Phase, epoch: int = 0) -> None:
+    """Sets which weights train in `phase` (at `epoch`, for a gradual unfreeze): the head
+    always, the backbone per its policy."""
     unfreeze, bn_mode = phase.config.unfreeze, phase.config.bn_mode
     # Each submodule is set by itself: Keras 3 does not carry `model.trainable = True` down
     # into a submodule that an earlier phase set to False.
@@ -154,8 +167,10 @@ def apply_trainability(model: TransferModel, phase: Phase) -> None:
         return
     leaves = leaf_layers(backbone)
     chosen = unfrozen_layers(unfreeze, backbone)
+    if phase.config.gradual:
+        chosen = stage_layers(unfreeze, backbone, phase.config.gradual * (epoch + 1))
     first = min((leaves.index(layer) for layer in chosen), default=len(leaves))
-    if unfreeze.kind == "from":  # the named layer may itself be a BatchNorm
+    if unfreeze.kind == "from" and not phase.config.gradual:  # it may name a BatchNorm
         first = [layer.name for layer in leaves].index(unfreeze.value)
     chosen_ids = {id(layer) for layer in chosen}
     for position, layer in enumerate(leaves):

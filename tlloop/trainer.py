@@ -255,7 +255,12 @@ def _train_in_scope(
     with summaries.default("train"), _save_when_stopped(saver):
         for phase in experiment.phases[start[0] :]:
             step_now = int(global_step.numpy())
-            phase_lib.apply_trainability(model, phase)
+            # A gradual unfreeze resumes in the stage its checkpoint was saved in.
+            stage = 0
+            if resume_from and phase.config.gradual:
+                done = start[1] - checkpoint_lib.phase_start(resume_from)
+                stage = max(done - 1, 0) // data.steps_per_epoch
+            phase_lib.apply_trainability(model, phase, stage)
             # BatchNorm that uses batch statistics must see the global batch, not a replica's.
             phase_lib.synchronize_batch_norm(
                 model, phase.modes.train.backbone and strategy.num_replicas_in_sync > 1
@@ -268,7 +273,6 @@ def _train_in_scope(
             summaries.scalars("train", {"phase": phase.index + 1}, step_now)
             inputs = model.augment(data.preview, training=phase.modes.train.augment)
             summaries.image("train", "augmented_inputs", image_grid(np.asarray(inputs)), step_now)
-            optimizer = _phase_optimizer(config, phase, model, data.steps_per_epoch)
             use_cache, cache_reason = feature_cache.decide(
                 config.feature_cache,
                 backbone_frozen=phase.config.unfreeze.kind == "none",
@@ -276,35 +280,42 @@ def _train_in_scope(
                 model=model,
                 data=data,
             )
-            train_step = TrainStep(
-                model,
-                optimizer,
-                phase.modes,
-                train_metrics,
-                global_step,
-                global_batch_size=config.data.batch_size,
-                jit_compile=config.jit_compile,
-                log_every_steps=log_config.log_every_steps,
-                histogram_every_steps=log_config.histogram_every_steps,
-                nan_policy=config.nan_policy,
-                label_smoothing=config.training.label_smoothing,
-                class_weights=_class_weights(config, data),
-                clip_grad_norm=config.training.clip_grad_norm,
-                grad_accum_steps=config.training.grad_accum_steps,
-                features_in=use_cache,
-                ema_decay=config.training.ema_decay,
-            )
-            last_step = train_step
-            checkpoints.track(
-                model=model,
-                optimizer=optimizer,
-                accumulators=train_step.accumulators,
-                averages=train_step.averages,
-                step=global_step,
-                state=state,
-                metrics=train_metrics.variables,
-                rng=checkpoint_lib.rng_states(model),
-            )
+
+            def make_step(phase=phase, use_cache=use_cache) -> TrainStep:
+                """A fresh optimizer and compiled step for the current trainable set, and the
+                checkpoint tracking them."""
+                optimizer = _phase_optimizer(config, phase, model, data.steps_per_epoch)
+                step = TrainStep(
+                    model,
+                    optimizer,
+                    phase.modes,
+                    train_metrics,
+                    global_step,
+                    global_batch_size=config.data.batch_size,
+                    jit_compile=config.jit_compile,
+                    log_every_steps=log_config.log_every_steps,
+                    histogram_every_steps=log_config.histogram_every_steps,
+                    nan_policy=config.nan_policy,
+                    label_smoothing=config.training.label_smoothing,
+                    class_weights=_class_weights(config, data),
+                    clip_grad_norm=config.training.clip_grad_norm,
+                    grad_accum_steps=config.training.grad_accum_steps,
+                    features_in=use_cache,
+                    ema_decay=config.training.ema_decay,
+                )
+                checkpoints.track(
+                    model=model,
+                    optimizer=optimizer,
+                    accumulators=step.accumulators,
+                    averages=step.averages,
+                    step=global_step,
+                    state=state,
+                    metrics=train_metrics.variables,
+                    rng=checkpoint_lib.rng_states(model),
+                )
+                return step
+
+            train_step = last_step = make_step()
             if resume_from:
                 checkpoints.restore(resume_from)
                 results["phases"] = state.finished_phases()
@@ -347,6 +358,15 @@ def _train_in_scope(
             train_result = eval_result = None
             stopped_early = False
             for epoch in range(first_epoch, phase.config.epochs):
+                if phase.config.gradual:  # the next stage: more layers train
+                    phase_lib.apply_trainability(model, phase, epoch)
+                    if not train_step.matches(model):
+                        train_step = last_step = make_step()
+                        logging.info(
+                            "gradual unfreeze, epoch %d:\n%s",
+                            epoch + 1,
+                            phase_lib.trainability_report(model, phase),
+                        )
                 # A stale compiled step would silently keep updating an old trainable set.
                 if not train_step.matches(model):
                     raise RuntimeError("the trainable set changed under a compiled train step")
