@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -79,6 +80,28 @@ def make_config(workdir: str, **overrides) -> config_lib.RunConfig:
         nan_policy=values["nan_policy"],
         training=values["training"],
     )
+
+
+class StopAfter(threading.Event):
+    """A stop request for `trainer.train` that reads as set from its `calls`-th check on: the
+    trainer checks once per host call, so with --steps_per_loop=1 it stops after that step."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.calls = calls
+
+    def is_set(self) -> bool:
+        self.calls -= 1
+        return self.calls <= 0
+
+
+def eval_accuracy(model, eval_batches) -> tuple[float, float]:
+    """(accuracy, example count) of `model` (logits) over padded, weighted eval batches."""
+    correct = total = 0.0
+    for images, labels, weights in eval_batches:
+        hits = (np.argmax(model(images), -1) == labels.numpy()) * weights.numpy()
+        correct, total = correct + hits.sum(), total + weights.numpy().sum()
+    return correct / total, total
 
 
 def snapshot(layer) -> dict[str, np.ndarray]:

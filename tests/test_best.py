@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_config
+from conftest import eval_accuracy, make_config
 
 from tlloop import trainer
 from tlloop.config import BestMetric, CheckpointConfig
@@ -48,11 +48,8 @@ def test_the_best_evaluation_is_kept_and_exported(tmp_path):
 
     model = keras.saving.load_model(results["export"]["model"])
     experiment = trainer.build_experiment(make_config(workdir))
-    correct = total = 0.0
-    for images, labels, weights in experiment.data.eval:
-        hits = (np.argmax(model(images), -1) == labels.numpy()) * weights.numpy()
-        correct, total = correct + hits.sum(), total + weights.numpy().sum()
-    assert correct / total == pytest.approx(results["best"]["value"], abs=1e-6)
+    accuracy, _ = eval_accuracy(model, experiment.data.eval)
+    assert accuracy == pytest.approx(results["best"]["value"], abs=1e-6)
 
 
 def test_export_last_exports_the_final_weights(tmp_path):

@@ -7,7 +7,6 @@ import os
 import pathlib
 
 import keras
-import numpy as np
 import pytest
 from conftest import REPO, run_cli
 from tensorboard.backend.event_processing import event_accumulator
@@ -54,14 +53,11 @@ def test_quickstart_end_to_end_on_a_small_budget(tmp_path):
     model = keras.saving.load_model(os.path.join(workdir, "export", "model.keras"))
     assert [layer.name for layer in model.layers] == ["augment", "backbone", "head"]
     data = load_data(DataConfig(classes=parse_classes("5-9"), train_examples_per_class=5))
-    correct = total = 0
-    for images, labels, weights in data.eval:
-        hits = (np.argmax(model(images), -1) == labels.numpy()) * weights.numpy()
-        correct, total = correct + hits.sum(), total + weights.numpy().sum()
+    accuracy, total = eval_accuracy(model, data.eval)
     assert total == 269
     # --export=best (the default): the export scores the best evaluation of the run.
     assert results["export"]["weights"] == "best"
-    assert correct / total == pytest.approx(results["best"]["value"], abs=1e-6)
+    assert accuracy == pytest.approx(results["best"]["value"], abs=1e-6)
     assert results["best"]["value"] == max(accuracy for _, accuracy in eval_accuracy)
 
     # flags.txt re-runs the same experiment: on its own workdir, that resumes the finished run.

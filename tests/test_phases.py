@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
 
 import numpy as np
 import pytest
-from conftest import changed, make_config, snapshot
+from conftest import StopAfter, changed, make_config, snapshot
 
 from tlloop import phases as phase_lib
 from tlloop import trainer
@@ -131,18 +130,6 @@ def test_unfreeze_policies_that_do_not_fit_the_backbone_are_refused(workdir, spe
         trainer.build_experiment(make_config(workdir, unfreeze=spec))
 
 
-class _StopAfter(threading.Event):
-    """A stop request that reads as set from its `calls`-th check on (one check per step)."""
-
-    def __init__(self, calls: int) -> None:
-        super().__init__()
-        self.calls = calls
-
-    def is_set(self) -> bool:
-        self.calls -= 1
-        return self.calls <= 0
-
-
 def test_gradual_unfreeze_adds_layers_each_epoch_and_resumes_in_its_stage(workdir):
     # Fine-tune only, 3 epochs of 3 steps, gradual:1 over conv1..conv3: epoch 1 trains conv3,
     # epoch 2 conv2 and conv3, epoch 3 all three. Stopped at the end of epochs 1 and 2 and
@@ -160,7 +147,7 @@ def test_gradual_unfreeze_adds_layers_each_epoch_and_resumes_in_its_stage(workdi
 
     for stop_at, trained in ((3, {"conv3"}), (3, {"conv2", "conv3"})):
         with pytest.raises(trainer.Stopped):
-            trainer.train(experiment, workdir, stop=_StopAfter(stop_at))
+            trainer.train(experiment, workdir, stop=StopAfter(stop_at))
         assert kernels_changed(experiment.model) == trained
         experiment = trainer.build_experiment(config)
     trainer.train(experiment, workdir)

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_config, snapshot
+from conftest import eval_accuracy, make_config, snapshot
 
 from tlloop import phases as phase_lib
 from tlloop import trainer
@@ -43,6 +43,18 @@ def _phase(unfreeze: str = "none", lr: float = 0.1, bn_mode: str = "frozen"):
     config = PhaseConfig("p", 1, lr, Unfreeze.parse(unfreeze), bn_mode=bn_mode)
     modes = ModeTable().with_backbone_training(bn_mode == "train" and unfreeze != "none")
     return phase_lib.Phase(0, config, modes)
+
+
+def _compiled(model, optimizer, phase, batch: int = 16, **step_args) -> TrainStep:
+    return TrainStep(
+        model,
+        optimizer,
+        phase.modes,
+        Metrics(),
+        tf.Variable(0, dtype=tf.int64),
+        global_batch_size=batch,
+        **step_args,
+    )
 
 
 def _train(model, phase, batches, steps, *, batch, training=None, **step_args):
@@ -241,11 +253,8 @@ def test_evaluation_and_export_use_the_moving_averages(workdir):
     assert raw and not any(np.array_equal(r, v.numpy()) for r in raw for v in exported.head.weights)
     assert trainer.weights_digest(exported) == results["weights_sha256"]
     # The last evaluation was of the averaged weights that were exported.
-    correct = total = 0.0
-    for images, labels, weights in experiment.data.eval:
-        hits = (np.argmax(exported(images), -1) == labels.numpy()) * weights.numpy()
-        correct, total = correct + hits.sum(), total + weights.numpy().sum()
-    assert correct / total == pytest.approx(results["phases"][0]["eval"]["accuracy"], abs=1e-6)
+    accuracy, _ = eval_accuracy(exported, experiment.data.eval)
+    assert accuracy == pytest.approx(results["phases"][0]["eval"]["accuracy"], abs=1e-6)
 
 
 def test_layer_lr_decay_scales_each_layers_update(tmp_path):
@@ -257,14 +266,7 @@ def test_layer_lr_decay_scales_each_layers_update(tmp_path):
     optimizer = make_optimizer(phase.config, model.trainable_variables, multipliers=multipliers)
     assert len(optimizer.optimizers) == 4  # head 1, conv3 0.5, conv2 0.25, conv1 0.125
     before = {v.path: v.numpy() for v in model.trainable_variables}
-    step = TrainStep(
-        model,
-        optimizer,
-        phase.modes,
-        Metrics(),
-        tf.Variable(0, dtype=tf.int64),
-        global_batch_size=16,
-    )
+    step = _compiled(model, optimizer, phase)
     step(iter(tf.data.Dataset.from_tensors((images, labels))), 1)
     # Adam's first step moves a weight by its rate x |g| / (|g| + eps): the largest, by the rate.
     moved = {
@@ -303,14 +305,7 @@ def test_float16_overflow_is_left_to_the_loss_scale_optimizer():
     phase_lib.apply_trainability(model, phase)
     optimizer = make_optimizer(phase.config, model.trainable_variables, loss_scale=True)
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-    step = TrainStep(
-        model,
-        optimizer,
-        phase.modes,
-        Metrics(),
-        tf.Variable(0, dtype=tf.int64),
-        global_batch_size=16,
-    )
+    step = _compiled(model, optimizer, phase)
     images, labels = _examples(16)
     batches = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
     optimizer.dynamic_scale.assign(2.0**120)  # float16 gradients overflow at this scale

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import threading
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_config, snapshot
+from conftest import StopAfter, make_config, snapshot
 
 from tlloop import trainer
 from tlloop.config import CheckpointConfig, ConfigError, ModelConfig
@@ -87,18 +85,6 @@ def test_nothing_matched_or_no_checkpoint_is_refused(tmp_path):
         warm_start(_dense_backbone(3), str(tmp_path / "nowhere"))
 
 
-class _StopAfter(threading.Event):
-    """A stop request that reads as set from its `calls`-th check on (one check per step)."""
-
-    def __init__(self, calls: int) -> None:
-        super().__init__()
-        self.calls = calls
-
-    def is_set(self) -> bool:
-        self.calls -= 1
-        return self.calls <= 0
-
-
 def test_a_run_warm_started_from_another_run_and_resumed_ignores_the_warm_start(tmp_path):
     donor = str(tmp_path / "donor")
     trainer.train(trainer.build_experiment(make_config(donor, head_epochs=1)), donor)
@@ -121,7 +107,7 @@ def test_a_run_warm_started_from_another_run_and_resumed_ignores_the_warm_start(
     # (about 2 x lr = 2e-3 on many weights).
     workdir = str(tmp_path / "stopped")
     with pytest.raises(trainer.Stopped):
-        trainer.train(trainer.build_experiment(config(workdir)), workdir, stop=_StopAfter(5))
+        trainer.train(trainer.build_experiment(config(workdir)), workdir, stop=StopAfter(5))
     resumed = trainer.build_experiment(config(workdir))
     trainer.train(resumed, workdir)
     for path, value in snapshot(resumed.model.backbone).items():
