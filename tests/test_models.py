@@ -141,14 +141,46 @@ FAMILIES = {
         ],
         "expanded_conv_9_expand",
     ),
+    "VGG16": (["block5_conv1", "block5_conv2", "block5_conv3"], "block4_conv1"),
+    "DenseNet121": (["conv5_block16_1_conv", "conv5_block16_2_conv"], "conv5_block15_1_conv"),
+    "Xception": (["block14_sepconv1", "block14_sepconv2"], "block13_sepconv1"),
+    "ConvNeXtTiny": (
+        [
+            *(
+                f"convnext_tiny_stage_3_block_2_{part}"
+                for part in (
+                    "depthwise_conv",
+                    "layernorm",
+                    "pointwise_conv_1",
+                    "pointwise_conv_2",
+                    "layer_scale",
+                )
+            ),
+            "layer_normalization",
+        ],
+        "convnext_tiny_stage_3_block_1_depthwise_conv",
+    ),
+    "EfficientNetV2B0": (
+        [
+            "block6h_expand_conv",
+            "block6h_dwconv2",
+            "block6h_se_reduce",
+            "block6h_se_expand",
+            "block6h_project_conv",
+            "top_conv",
+        ],
+        "block6g_expand_conv",
+    ),
 }
+SIZES = {"Xception": 75}  # its smallest input; 32 px for the others
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_application_families_preprocess_and_select_top_and_blocks(name):
-    backbone = build_backbone(name, "none", 32)
+    size = SIZES.get(name, 32)
+    backbone = build_backbone(name, "none", size)
     assert backbone.get_layer("preprocess").application == name
-    assert len(backbone(_pixels(32, 1), training=False).shape) == 4
+    assert len(backbone(_pixels(size, 1), training=False).shape) == 4
     last_block, second_block_start = FAMILIES[name]
 
     def chosen(spec: str) -> list[str]:
@@ -173,3 +205,21 @@ def test_small_cnn_loads_a_weights_file_and_refuses_a_wrong_size(tmp_path):
         assert np.array_equal(a.numpy(), b.numpy())
     with pytest.raises(ConfigError, match=r"^--weights='.*small.weights.h5': does not fit"):
         build_backbone("MobileNetV2", path, 32)
+
+
+def test_random_resized_crop_augments_in_training_only_and_saves(tmp_path):
+    from tlloop.checkpoints import rng_states
+    from tlloop.config import parse_augment
+
+    keras.utils.set_random_seed(2)
+    model = build_model(ModelConfig(image_size=16, augment=parse_augment("crop:0.5")), 3)
+    x = _pixels(16, 4)
+    np.testing.assert_array_equal(np.asarray(model.augment(x, training=False)), x)
+    cropped = np.asarray(model.augment(x, training=True))
+    assert cropped.shape == x.shape and not np.allclose(cropped, x)
+    # A crop enlarges a region: neighbouring pixels get closer (smoother images).
+    assert np.abs(np.diff(cropped, axis=1)).mean() < np.abs(np.diff(x, axis=1)).mean()
+    assert rng_states(model)  # its seed generator is among the checkpointed RNG states
+    model.save(str(tmp_path / "model.keras"))
+    loaded = keras.saving.load_model(str(tmp_path / "model.keras"))
+    assert loaded.augment.get_layer("crop_0").factor == 0.5

@@ -14,7 +14,7 @@ import re
 DATASETS = ("digits", "folder", "tfrecord", "tfds:NAME")
 BN_MODES = ("frozen", "train")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
-AUGMENT_OPS = ("flip", "rotate", "zoom", "contrast", "translate")
+AUGMENT_OPS = ("flip", "rotate", "zoom", "contrast", "translate", "crop")
 BAD_IMAGES = ("fail", "skip")
 RESIZE_MODES = ("squash", "crop", "pad")
 NAN_POLICIES = ("stop", "skip_step")
@@ -86,8 +86,12 @@ class AugmentOp:
 
 
 def parse_augment(spec: str) -> tuple[AugmentOp, ...]:
-    """Parses `--augment`, e.g. "flip,rotate:0.1,zoom:0.1"; empty means no augmentation."""
-    accepted = "a comma list of flip, rotate:F, zoom:F, contrast:F, translate:F with 0 < F <= 1"
+    """Parses `--augment`, e.g. "flip,rotate:0.1,zoom:0.1,crop:0.2"; empty: no augmentation.
+
+    crop:F crops a random square of side (1 - F)..1 of the image and resizes it back."""
+    accepted = (
+        "a comma list of flip, rotate:F, zoom:F, contrast:F, translate:F, crop:F with 0 < F <= 1"
+    )
     ops = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, factor = item.partition(":")

@@ -179,7 +179,8 @@ def define_flags(flag_values: flags.FlagValues, only: Collection[str] | None = N
         "augment",
         "",
         "Training augmentation, e.g. "
-        "flip,rotate:0.1,zoom:0.1,contrast:0.2,translate:0.1; empty: none.",
+        "flip,rotate:0.1,zoom:0.1,contrast:0.2,translate:0.1,crop:0.2 (a random square of "
+        "0.8..1 of the side, resized back); empty: none.",
         fv,
     )
     _define(
