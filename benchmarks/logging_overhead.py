@@ -50,6 +50,7 @@ def main(argv: list[str]) -> None:
         data=config_lib.DataConfig(image_size=32, batch_size=32),
         model=config_lib.ModelConfig(backbone="small_cnn", image_size=32),
         phases=(config_lib.PhaseConfig("finetune", 1, 1e-3, config_lib.Unfreeze("all")),),
+        checkpoint=config_lib.CheckpointConfig(every_secs=0),
     )
     experiment = trainer.build_experiment(config)
     model, data, (phase,) = experiment.model, experiment.data, experiment.phases
@@ -79,8 +80,18 @@ def main(argv: list[str]) -> None:
         profiler = trainer._Profiler((), workdir)
         with summaries.default("train"):
             started = time.perf_counter()
+            saver = trainer._Saver(None, config, global_step, single_host=True)
             trainer._run_epoch(
-                steps[name], batches, count, config, phase, profiler, summaries, progress
+                steps[name],
+                batches,
+                count,
+                config,
+                phase,
+                profiler,
+                summaries,
+                progress,
+                saver,
+                None,
             )
             return time.perf_counter() - started
 

@@ -8,7 +8,7 @@ import pathlib
 
 import keras
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, eval_accuracy, run_cli
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
@@ -40,12 +40,12 @@ def test_quickstart_end_to_end_on_a_small_budget(tmp_path):
 
     # One global step across phases, per-epoch scalars in both writers.
     train_loss = _scalars(os.path.join(workdir, "tensorboard", "train"), "epoch/loss")
-    eval_accuracy = _scalars(os.path.join(workdir, "tensorboard", "eval"), "accuracy")
+    eval_scalars = _scalars(os.path.join(workdir, "tensorboard", "eval"), "accuracy")
     assert [step for step, _ in train_loss] == list(range(1, 13))
-    assert [step for step, _ in eval_accuracy] == list(range(1, 13))
+    assert [step for step, _ in eval_scalars] == list(range(1, 13))
     step_loss = _scalars(os.path.join(workdir, "tensorboard", "train"), "loss")
     assert [step for step, _ in step_loss] == [10]  # --log_every_steps=10
-    assert eval_accuracy[-1][1] == pytest.approx(results["phases"][1]["eval"]["accuracy"])
+    assert eval_scalars[-1][1] == pytest.approx(results["phases"][1]["eval"]["accuracy"])
 
     # The export loads with Keras alone (after importing tlloop) and predicts like the run did.
     import tlloop.models  # noqa: F401  registers tlloop's Keras classes
@@ -58,7 +58,7 @@ def test_quickstart_end_to_end_on_a_small_budget(tmp_path):
     # --export=best (the default): the export scores the best evaluation of the run.
     assert results["export"]["weights"] == "best"
     assert accuracy == pytest.approx(results["best"]["value"], abs=1e-6)
-    assert results["best"]["value"] == max(accuracy for _, accuracy in eval_accuracy)
+    assert results["best"]["value"] == max(accuracy for _, accuracy in eval_scalars)
 
     # flags.txt re-runs the same experiment: on its own workdir, that resumes the finished run.
     flags_file = os.path.join(workdir, "flags.txt")
@@ -82,7 +82,7 @@ BAD_INPUTS = [
     (["--nosuchflag=1"], ["nosuchflag"]),
     (["--unfreeze=top:x"], ["--unfreeze", "accepted"]),
     (["--unfreeze=top:0"], ["--unfreeze", "accepted"]),
-    (["--dataset=imagenet"], ["--dataset", "digits|folder"]),
+    (["--dataset=imagenet"], ["--dataset", "digits, folder, tfrecord, tfds:NAME"]),
     (["--batch_size=0"], ["--batch_size", "accepted"]),
     (["--augment=blur"], ["--augment", "accepted"]),
     (["--head_epochs=0", "--finetune_epochs=0"], ["--head_epochs", "accepted"]),
