@@ -26,13 +26,6 @@ from absl import app, flags, logging
 from tlloop import config as config_lib
 from tlloop import trainer
 
-_EPOCHS = flags.DEFINE_integer("epochs", 10, "Frozen epochs.")
-_BACKBONE = flags.DEFINE_string("backbone", "MobileNetV2", "A keras.applications class name.")
-_SIZE = flags.DEFINE_integer("image_size", 96, "Image size.")
-_PER_CLASS = flags.DEFINE_integer("per_class", 32, "Training examples per class.")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Runs of each setting, alternating.")
-_OUTPUT = flags.DEFINE_string("output", "", "Also write the results as JSON here.")
-
 
 def phase_seconds(feature_cache: str, epochs: int, backbone: str, size: int, per_class: int):
     """Seconds of one frozen phase (with the feature computation, when cached), and its
@@ -83,13 +76,21 @@ def measure(epochs: int, backbone: str, size: int, per_class: int, repeats: int)
 
 def main(argv: list[str]) -> None:
     del argv
-    result = measure(_EPOCHS.value, _BACKBONE.value, _SIZE.value, _PER_CLASS.value, _REPEATS.value)
+    f = flags.FLAGS
+    result = measure(f.epochs, f.backbone, f.image_size, f.per_class, f.repeats)
     text = json.dumps(result, indent=2)
     print(text)
-    if _OUTPUT.value:
-        with open(_OUTPUT.value, "w") as file:
+    if f.output:
+        with open(f.output, "w") as file:
             file.write(text + "\n")
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: benchmarks.run imports `measure` and has flags of its own.
+    flags.DEFINE_integer("epochs", 10, "Frozen epochs.")
+    flags.DEFINE_string("backbone", "MobileNetV2", "A keras.applications class name.")
+    flags.DEFINE_integer("image_size", 96, "Image size.")
+    flags.DEFINE_integer("per_class", 32, "Training examples per class.")
+    flags.DEFINE_integer("repeats", 2, "Runs of each setting, alternating.")
+    flags.DEFINE_string("output", "", "Also write the results as JSON here.")
     app.run(main)

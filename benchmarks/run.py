@@ -254,27 +254,32 @@ def overhead(workload: Workload, rounds: int) -> dict:
 
 
 def memory_child(spec: str) -> None:
-    """Runs one contender for a while in this (fresh) process; the parent reads its peak RSS."""
+    """Runs one contender for a while in this (fresh) process and prints its peak resident set
+    (VmHWM: per address space, so the parent's memory, inherited at fork, does not count)."""
     name, contender = spec.split(":")
     workload = next(w for w in workloads(False) if w.name == name)
     runner = {"tlloop": Tlloop, "fit": Fit}[contender](workload, finetune=True, jit=False)
     runner.run(workload.steps * 2)
+    with open("/proc/self/status") as status:
+        peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    print(f"peak_kb={peak_kb}")
 
 
 def peak_memory_mb(workload: Workload) -> dict:
     """Peak resident set of a fresh process per contender (fine-tune phase, same steps)."""
     peaks = {}
     for contender in ("tlloop", "fit"):
-        process = subprocess.Popen(
+        child = subprocess.run(
             [sys.executable, "-m", "benchmarks.run", f"--memory_child={workload.name}:{contender}"],
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
-        _, status, usage = os.wait4(process.pid, 0)
-        if status:
-            raise RuntimeError(f"memory run {workload.name}:{contender} failed ({status})")
-        peaks[contender] = usage.ru_maxrss / 1024  # kilobytes on Linux
+        found = [line for line in child.stdout.splitlines() if line.startswith("peak_kb=")]
+        if child.returncode or not found:
+            raise RuntimeError(f"memory run {workload.name}:{contender}: {child.stderr[-500:]}")
+        peaks[contender] = int(found[0].split("=")[1]) / 1024
     return peaks
 
 
