@@ -69,8 +69,8 @@ class Workload:
 
 def workloads(quick: bool) -> list[Workload]:
     chosen = [
-        Workload("demo CNN 32px", "small_cnn", 32, 1024, 40),
-        Workload("MobileNetV2 96px", "MobileNetV2", 96, 256, 8 if quick else 16),
+        Workload("demo CNN 32px", "small_cnn", 32, 1024, 30 if quick else 40),
+        Workload("MobileNetV2 96px", "MobileNetV2", 96, 256, 6 if quick else 16),
     ]
     if not quick:
         chosen.append(Workload("ResNet50 96px", "ResNet50", 96, 256, 6))
