@@ -317,3 +317,31 @@ def test_float16_overflow_is_left_to_the_loss_scale_optimizer():
     optimizer.dynamic_scale.assign(2.0**10)
     step(batches, 1)
     assert any(not np.array_equal(v, snapshot(model.head)[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("adam", keras.optimizers.Adam),
+        ("adamw", keras.optimizers.AdamW),
+        ("sgd", keras.optimizers.SGD),
+        ("lamb", keras.optimizers.Lamb),
+    ],
+)
+def test_each_optimizer_is_built_on_the_phase_variables_and_trains(name, kind):
+    images, labels = _examples(16)
+    model = _model()
+    phase = _phase(lr=1e-2)
+    before = snapshot(model.head)
+    step, _ = _train(
+        model,
+        phase,
+        tf.data.Dataset.from_tensors((images, labels)),
+        1,
+        batch=16,
+        training=TrainingConfig(optimizer=name, weight_decay=0.01),
+    )
+    assert type(step.optimizer) is kind
+    assert step.optimizer.weight_decay == pytest.approx(0.01)
+    assert int(step.optimizer.iterations.numpy()) == 1
+    assert all(not np.array_equal(v, snapshot(model.head)[k]) for k, v in before.items())
