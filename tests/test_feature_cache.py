@@ -8,12 +8,17 @@ import numpy as np
 from conftest import make_config
 
 from tlloop import trainer
-from tlloop.config import CheckpointConfig
+from tlloop.config import CheckpointConfig, TrainingConfig
 
 
 def _run(workdir: str, feature_cache: str, **overrides):
+    # SGD: Adam would turn last-bit feature differences (other batch sizes) near a zero
+    # gradient into full learning-rate steps of either sign.
     values = {"head_epochs": 3, "finetune_epochs": 1, **overrides}
-    config = make_config(workdir, checkpoint=CheckpointConfig(export="last"), **values)
+    sgd = TrainingConfig(optimizer="sgd")
+    config = make_config(
+        workdir, checkpoint=CheckpointConfig(export="last"), training=sgd, **values
+    )
     experiment = trainer.build_experiment(dataclasses.replace(config, feature_cache=feature_cache))
     return experiment, trainer.train(experiment, workdir)
 
