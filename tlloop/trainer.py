@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import threading
@@ -251,6 +252,7 @@ def _train_in_scope(
         "phases": [],
     }
     patience = config.checkpoint.early_stopping_patience
+    class_weights = _class_weights(config, data)
     last_step = None
     with summaries.default("train"), _save_when_stopped(saver):
         for phase in experiment.phases[start[0] :]:
@@ -297,7 +299,7 @@ def _train_in_scope(
                     histogram_every_steps=log_config.histogram_every_steps,
                     nan_policy=config.nan_policy,
                     label_smoothing=config.training.label_smoothing,
-                    class_weights=_class_weights(config, data),
+                    class_weights=class_weights,
                     clip_grad_norm=config.training.clip_grad_norm,
                     grad_accum_steps=config.training.grad_accum_steps,
                     features_in=use_cache,
@@ -327,7 +329,9 @@ def _train_in_scope(
                 saver.save()
             # The input position is the global step: one batch per step, from one seeded
             # stream of images, or of their features (which line up batch for batch).
-            phase_eval = (eval_step, eval_batches)
+            run_eval = functools.partial(
+                evaluate, eval_step, eval_metrics, eval_batches, data.eval_steps
+            )
             if use_cache:
                 cached = feature_cache.compute(model, data)
                 train_batches = iter(
@@ -340,7 +344,13 @@ def _train_in_scope(
                     jit_compile=config.jit_compile,
                     features_in=True,
                 )
-                phase_eval = (feature_eval_step, _distribute(strategy, cached.eval))
+                run_eval = functools.partial(
+                    evaluate,
+                    feature_eval_step,
+                    eval_metrics,
+                    _distribute(strategy, cached.eval),
+                    data.eval_steps,
+                )
                 cache_reason += f"; computed in {cached.seconds:.2f} s"
             else:
                 train_batches = images.at(int(global_step.numpy()))
@@ -393,9 +403,7 @@ def _train_in_scope(
                 train_result = train_metrics.result()
                 step_now = int(global_step.numpy())
                 with _averaged(train_step):  # the moving averages, with --ema_decay
-                    eval_result = evaluate(
-                        phase_eval[0], eval_metrics, phase_eval[1], data.eval_steps
-                    )
+                    eval_result = run_eval()
                     is_best = tracker.update(eval_result)
                 state.evaluated_step.assign(step_now)
                 _write_epoch(summaries, phase, epoch, step_now, train_result, eval_result, data)
@@ -431,9 +439,7 @@ def _train_in_scope(
             if eval_result is None:  # resumed after the phase's evaluated last step
                 train_result = train_metrics.result()
                 with _averaged(train_step):
-                    eval_result = evaluate(
-                        phase_eval[0], eval_metrics, phase_eval[1], data.eval_steps
-                    )
+                    eval_result = run_eval()
             summaries.flush()
             results["phases"].append(
                 {
