@@ -25,10 +25,10 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras
 import tensorflow as tf
 from absl import app, flags, logging
 
-from benchmarks.harness import run_trainer_loop
 from tlloop import config as config_lib
 from tlloop import phases as phase_lib
 from tlloop import trainer
@@ -75,9 +75,25 @@ def main(argv: list[str]) -> None:
         )
 
     def round_seconds(name: str, count: int) -> float:
-        started = time.perf_counter()
-        run_trainer_loop(steps[name], batches, count, config, phase, settings[name][1], workdir)
-        return time.perf_counter() - started
+        summaries = settings[name][1]
+        progress = keras.utils.Progbar(count, verbose=0)
+        profiler = trainer._Profiler((), workdir)
+        with summaries.default("train"):
+            started = time.perf_counter()
+            saver = trainer._Saver(None, config, global_step, single_host=True)
+            trainer._run_epoch(
+                steps[name],
+                batches,
+                count,
+                config,
+                phase,
+                profiler,
+                summaries,
+                progress,
+                saver,
+                None,
+            )
+            return time.perf_counter() - started
 
     for name in settings:  # warm-up: traces, data cache
         round_seconds(name, 20)

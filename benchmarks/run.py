@@ -42,9 +42,9 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from benchmarks.harness import run_trainer_loop
 from tlloop import config as config_lib
 from tlloop import phases as phase_lib
+from tlloop import trainer
 from tlloop.models import ModeTable, build_model
 from tlloop.optim import make_optimizer
 from tlloop.steps import Metrics, TrainStep, per_example_loss
@@ -230,9 +230,19 @@ def overhead(workload: Workload, rounds: int) -> dict:
 
     class Full:
         def run(self, steps):
-            run_trainer_loop(
-                runner.step, runner.batches, steps, config, phase_of(True), summaries, workdir
-            )
+            with summaries.default("train"):
+                trainer._run_epoch(
+                    runner.step,
+                    runner.batches,
+                    steps,
+                    config,
+                    phase_of(True),
+                    trainer._Profiler((), workdir),
+                    summaries,
+                    keras.utils.Progbar(steps, verbose=0),
+                    trainer._Saver(None, config, runner.step.global_step, single_host=True),
+                    None,
+                )
 
     class Tight:
         def run(self, steps):

@@ -219,7 +219,7 @@ class TrainStep:
         )
         # Per-replica sums of the gradients of the batches since the last update, and their
         # count: state to checkpoint (a resumed run goes on with a half-full accumulation).
-        self.accumulated, self.gradient_sums = None, []
+        self.accumulators = []
         if grad_accum_steps > 1:
             self.accumulated = tf.Variable(
                 0,
@@ -228,7 +228,7 @@ class TrainStep:
                 name="accumulated_batches",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
-            self.gradient_sums = [
+            self.accumulators = [self.accumulated] + [
                 tf.Variable(
                     tf.zeros(v.shape, v.dtype),
                     trainable=False,
@@ -245,11 +245,6 @@ class TrainStep:
         grads = self._loss_and_grads
         self._grads = tf.function(grads, jit_compile=True) if jit_compile else grads
         self._loop = tf.function(self._run_loop)
-
-    @property
-    def accumulators(self) -> list:
-        """The accumulation state to checkpoint: the batch count, then the gradient sums."""
-        return [self.accumulated, *self.gradient_sums] if self.gradient_sums else []
 
     def matches(self, model: TransferModel) -> bool:
         """True while `model`'s trainable variables are exactly the ones this step updates."""
@@ -341,13 +336,14 @@ class TrainStep:
 
     def _replica_accumulate(self, grads, labels, losses, logits) -> None:
         self.metrics.update(losses, labels, logits)
-        for total, grad in zip(self.gradient_sums, grads, strict=True):
-            total.assign_add(grad)
+        for accumulator, grad in zip(self.accumulators[1:], grads, strict=True):
+            accumulator.assign_add(grad)
 
     def _replica_apply_accumulated(self) -> None:
-        self._update([tf.identity(total) / self.grad_accum_steps for total in self.gradient_sums])
-        for total in self.gradient_sums:
-            total.assign(tf.zeros_like(total))
+        sums = self.accumulators[1:]
+        self._update([tf.identity(a) / self.grad_accum_steps for a in sums])
+        for accumulator in sums:
+            accumulator.assign(tf.zeros_like(accumulator))
 
     def _run_loop(self, iterator, num_steps):
         rows = tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=(5,))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import os
 import threading
@@ -252,7 +251,6 @@ def _train_in_scope(
         "phases": [],
     }
     patience = config.checkpoint.early_stopping_patience
-    class_weights = _class_weights(config, data)
     last_step = None
     with summaries.default("train"), _save_when_stopped(saver):
         for phase in experiment.phases[start[0] :]:
@@ -299,7 +297,7 @@ def _train_in_scope(
                     histogram_every_steps=log_config.histogram_every_steps,
                     nan_policy=config.nan_policy,
                     label_smoothing=config.training.label_smoothing,
-                    class_weights=class_weights,
+                    class_weights=_class_weights(config, data),
                     clip_grad_norm=config.training.clip_grad_norm,
                     grad_accum_steps=config.training.grad_accum_steps,
                     features_in=use_cache,
@@ -329,9 +327,7 @@ def _train_in_scope(
                 saver.save()
             # The input position is the global step: one batch per step, from one seeded
             # stream of images, or of their features (which line up batch for batch).
-            run_eval = functools.partial(
-                evaluate, eval_step, eval_metrics, eval_batches, data.eval_steps
-            )
+            phase_eval = (eval_step, eval_batches)
             if use_cache:
                 cached = feature_cache.compute(model, data)
                 train_batches = iter(
@@ -344,13 +340,7 @@ def _train_in_scope(
                     jit_compile=config.jit_compile,
                     features_in=True,
                 )
-                run_eval = functools.partial(
-                    evaluate,
-                    feature_eval_step,
-                    eval_metrics,
-                    _distribute(strategy, cached.eval),
-                    data.eval_steps,
-                )
+                phase_eval = (feature_eval_step, _distribute(strategy, cached.eval))
                 cache_reason += f"; computed in {cached.seconds:.2f} s"
             else:
                 train_batches = images.at(int(global_step.numpy()))
@@ -403,7 +393,9 @@ def _train_in_scope(
                 train_result = train_metrics.result()
                 step_now = int(global_step.numpy())
                 with _averaged(train_step):  # the moving averages, with --ema_decay
-                    eval_result = run_eval()
+                    eval_result = evaluate(
+                        phase_eval[0], eval_metrics, phase_eval[1], data.eval_steps
+                    )
                     is_best = tracker.update(eval_result)
                 state.evaluated_step.assign(step_now)
                 _write_epoch(summaries, phase, epoch, step_now, train_result, eval_result, data)
@@ -439,7 +431,9 @@ def _train_in_scope(
             if eval_result is None:  # resumed after the phase's evaluated last step
                 train_result = train_metrics.result()
                 with _averaged(train_step):
-                    eval_result = run_eval()
+                    eval_result = evaluate(
+                        phase_eval[0], eval_metrics, phase_eval[1], data.eval_steps
+                    )
             summaries.flush()
             results["phases"].append(
                 {

@@ -154,16 +154,19 @@ def decode_files(
     bad = sorted(set(range(len(items))) - set(kept.tolist()))
     skipped = tuple(origins[i] for i in bad)
     if skipped and not skip:
-        what = (
-            f"image file {skipped[0]!r}: cannot be read or"
-            if files
-            else (f"image {skipped[0]!r}: cannot be")
-        )
         try:
-            decode(tf.constant(items[bad[0]]))  # again, eagerly, for TensorFlow's reason
-            problem = f"{what} decoded"
+            if files:
+                read_image(skipped[0])
+            else:
+                _decode_bytes(tf.constant(items[bad[0]]))
+            problem = f"image {skipped[0]!r}: cannot be decoded"
+        except ConfigError as error:
+            problem = str(error)
         except (tf.errors.OpError, ValueError) as error:
-            problem = _undecodable(what, error)
+            problem = (
+                f"image {skipped[0]!r}: cannot be decoded ({_reason(error)}); accepted: "
+                f"{', '.join(e[1:].upper() for e in IMAGE_EXTENSIONS)} images"
+            )
         more = f" ({len(skipped) - 1} more unreadable images)" if len(skipped) > 1 else ""
         raise ConfigError(f"{problem}, or --bad_images=skip to leave them out{more}")
     if skipped:
@@ -188,17 +191,17 @@ def read_image(path: str) -> np.ndarray:
     try:
         return _decode_file(tf.constant(path)).numpy()
     except (tf.errors.OpError, ValueError) as error:
-        raise ConfigError(_undecodable(f"image file {path!r}: cannot be read or", error)) from None
+        raise ConfigError(
+            f"image file {path!r}: cannot be read or decoded ({_reason(error)}); accepted: "
+            f"{', '.join(e[1:].upper() for e in IMAGE_EXTENSIONS)} images"
+        ) from None
 
 
-def _undecodable(what: str, error: Exception) -> str:
-    """ "WHAT decoded (TensorFlow's reason); accepted: ..." without the op and device names
-    TensorFlow wraps its reason in."""
+def _reason(error: Exception) -> str:
+    """TensorFlow's reason for an error, without the op and device names around it."""
     message = getattr(error, "message", str(error))
     noise = r"\{\{[^}]*\}\}|\[Op:[^\]]*\]|\bname:\s*$"
-    reason = re.sub(noise, "", " ".join(message.split())).strip()[:160]
-    accepted = ", ".join(e[1:].upper() for e in IMAGE_EXTENSIONS)
-    return f"{what} decoded ({reason}); accepted: {accepted} images"
+    return re.sub(noise, "", " ".join(message.split())).strip()[:160]
 
 
 def _check_every_class(split: Split, names: tuple[str, ...], skipped: tuple[str, ...]) -> None:
