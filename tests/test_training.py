@@ -25,6 +25,7 @@ from tlloop.config import (
 from tlloop.models import ModeTable, build_model
 from tlloop.optim import PhaseSchedule, make_optimizer
 from tlloop.steps import Metrics, TrainStep
+from tlloop.tasks import Classification, balanced_class_weights
 
 
 def _model(seed: int = 0):
@@ -191,8 +192,7 @@ def test_label_smoothing_and_class_weights_shape_the_training_loss():
         tf.data.Dataset.from_tensors((images, labels)),
         1,
         batch=16,
-        label_smoothing=0.2,
-        class_weights=weights,
+        task=Classification(label_smoothing=0.2, class_weights=weights),
     )
     # The metric is the mean of what the step minimises.
     assert metrics.result()["loss"] == pytest.approx(float(np.mean(expected)), rel=1e-5)
@@ -201,7 +201,7 @@ def test_label_smoothing_and_class_weights_shape_the_training_loss():
 def test_auto_class_weights_balance_the_classes(workdir):
     config = make_config(workdir, training=TrainingConfig(class_weights="auto"))
     data = trainer.build_experiment(config).data
-    weights = trainer._class_weights(config, data)
+    weights = balanced_class_weights(np.asarray(data.class_counts))
     counts = np.asarray(data.class_counts)
     np.testing.assert_allclose(weights * counts, counts.sum() / len(counts), rtol=1e-6)
 

@@ -75,6 +75,15 @@ def make_strategy(config: DistributeConfig) -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy(devices=devices)
 
 
+def distribute_dataset(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset):
+    """`dataset` as the strategy's distributed dataset. Every task builds the same dataset from
+    the same seed; DATA sharding splits each global batch between the tasks, so a cluster sees
+    the same global batches as one device."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return strategy.experimental_distribute_dataset(dataset.with_options(options))
+
+
 def cluster_task(strategy: tf.distribute.Strategy) -> tuple[str, int] | None:
     """(task type, task index) of this process in a multi-worker cluster; None on one host."""
     resolver = getattr(strategy, "cluster_resolver", None)

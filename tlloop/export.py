@@ -23,23 +23,33 @@ import tempfile
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from tlloop.data.pipeline import resize_images
 from tlloop.models import INFERENCE, TransferModel
+from tlloop.tasks import Classification, Task
 from tlloop.workdir import write_atomic
 
-SIGNATURES = ("serving_default", "serving_uint8", "class_names")
+SIGNATURES = ("serving_default", "serving_uint8", "class_names")  # of an image classifier
 
 
 def export_model(
     model: TransferModel,
     directory: str,
-    class_names: tuple[str, ...] | list[str],
+    class_names: tuple[str, ...] | list[str] | None = None,
     resize: str = "squash",
-) -> dict[str, str]:
-    """Writes `model.keras`, `backbone.keras` and `saved_model/` (resizing inputs as --resize
-    did in training) into `directory`; returns their paths. Each replaces its previous version
-    in one step, never half-written."""
+    *,
+    task: Task | None = None,
+) -> dict[str, str | None]:
+    """Writes `model.keras`, `backbone.keras` and `saved_model/` into `directory`; returns
+    their paths (`saved_model` None when the backbone declares no inputs to serve). Each
+    replaces its previous version in one step, never half-written.
+
+    The SavedModel serves the `task`'s outputs (default: classification with `class_names`).
+    A classifier of RGB images gets the image signatures (resizing inputs as `resize` did in
+    training); any other model one `serving_default` signature over its backbone's inputs.
+    """
+    task = task or Classification(class_names=class_names)
     paths = {
         "model": os.path.join(directory, "model.keras"),
         "backbone": os.path.join(directory, "backbone.keras"),
@@ -47,40 +57,69 @@ def export_model(
     }
     write_atomic(paths["model"], model.save)
     write_atomic(paths["backbone"], model.backbone.save)
+    specs = _input_specs(model.backbone)
+    if specs is None:
+        logging.warning("no SavedModel: the backbone declares no inputs (build it functional)")
+        paths["saved_model"] = None
+        return paths
     _replace_directory(
-        paths["saved_model"], lambda path: write_saved_model(model, path, class_names, resize)
+        paths["saved_model"], lambda path: write_saved_model(model, path, task, resize, specs)
     )
     return paths
 
 
 def write_saved_model(
-    model: TransferModel,
-    path: str,
-    class_names: tuple[str, ...] | list[str],
-    resize: str = "squash",
+    model: TransferModel, path: str, task: Task, resize: str = "squash", specs=None
 ) -> None:
     """Writes the SavedModel described in this module's docstring to `path`."""
-    size = int(model.backbone.inputs[0].shape[1])
-    names = tf.constant(list(class_names), tf.string)
-
-    def serve(images):
-        pixels = resize_images(images, size, resize)
-        logits = model.forward(pixels, INFERENCE)
-        probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
-        class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
-        return {
-            "probabilities": probabilities,
-            "class_id": class_id,
-            "class_name": tf.gather(names, class_id),
-        }
-
+    specs = specs if specs is not None else _input_specs(model.backbone)
     archive = keras.export.ExportArchive()
     archive.track(model)
-    for name, dtype in (("serving_default", tf.float32), ("serving_uint8", tf.uint8)):
-        spec = tf.TensorSpec((None, None, None, 3), dtype, name="images")
-        archive.add_endpoint(name, serve, input_signature=[spec])
-    archive.add_endpoint("class_names", lambda: {"class_names": names}, input_signature=[])
+    if _is_image_classifier(specs, task):
+        size = int(specs.shape[1])
+        names = tf.constant(list(task.class_names or ()), tf.string)
+
+        def serve(images):
+            pixels = resize_images(images, size, resize)
+            return task.serving_outputs(model.forward(pixels, INFERENCE))
+
+        for name, dtype in (("serving_default", tf.float32), ("serving_uint8", tf.uint8)):
+            spec = tf.TensorSpec((None, None, None, 3), dtype, name="images")
+            archive.add_endpoint(name, serve, input_signature=[spec])
+        archive.add_endpoint("class_names", lambda: {"class_names": names}, input_signature=[])
+    else:
+
+        def serve_any(inputs):
+            return task.serving_outputs(model.forward(inputs, INFERENCE))
+
+        archive.add_endpoint("serving_default", serve_any, input_signature=[specs])
     archive.write_out(path, verbose=False)
+
+
+def _input_specs(backbone):
+    """TensorSpecs of the backbone's inputs (any batch size), in their structure; None if the
+    backbone declares none (a subclassed model or a layer)."""
+    inputs = getattr(backbone, "inputs", None)
+    if not inputs:
+        return None
+    structure = getattr(backbone, "_inputs_struct", None)
+    structure = structure if structure is not None else inputs
+
+    def spec(tensor):
+        name = getattr(tensor, "name", None) or None
+        return tf.TensorSpec((None, *tensor.shape[1:]), tensor.dtype, name=name)
+
+    return tf.nest.map_structure(spec, structure)
+
+
+def _is_image_classifier(specs, task: Task) -> bool:
+    return (
+        isinstance(task, Classification)
+        and isinstance(specs, tf.TensorSpec)
+        and specs.shape.rank == 4
+        and specs.shape[-1] == 3
+        and specs.shape[1] is not None
+    )
 
 
 def _replace_directory(path: str, writer) -> None:

@@ -2,9 +2,10 @@
 
 The learning-rate range test (Smith 2017; fastai's lr_find) for one phase of an experiment:
 --find_steps steps with the rate rising geometrically from --lr_min to --lr_max, on the
-experiment's own data, model and optimizer. Prints a suggested rate, writes loss against
-rate to TensorBoard under WORKDIR/lr_find/tensorboard (scalars per step, a plot, the
-suggestion as text), and leaves the model as it was built. Writes nothing else.
+experiment's own data, model, strategy and train step (optimizer, weight decay, loss,
+clipping, accumulation, XLA, loss scaling, layer-wise rates). Prints a suggested rate, writes
+loss against rate to TensorBoard under WORKDIR/lr_find/tensorboard (scalars per step, a plot,
+the suggestion as text), and leaves the model as it was built. Writes nothing else.
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"--find_steps={FLAGS.find_steps}: too few; accepted: >= 5")
         config = tlloop_flags.to_config(FLAGS)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-        from tlloop import trainer
+        from tlloop import distribute, trainer
 
-        experiment = trainer.build_experiment(config)
+        distribute.configure_logical_devices(
+            config.distribute.logical_devices, config.distribute.logical_device_memory_mb
+        )
+        experiment = trainer.build_experiment(config, distribute.make_strategy(config.distribute))
         names = [phase.name for phase in experiment.phases]
         if FLAGS.phase not in names:
             raise ConfigError(

@@ -12,8 +12,9 @@ import numpy as np
 import tensorflow as tf
 
 from tlloop import phases as phase_lib
-from tlloop.optim import make_optimizer
-from tlloop.steps import LOG_COLUMNS, Metrics, TrainStep
+from tlloop.controller import build_train_step
+from tlloop.distribute import distribute_dataset
+from tlloop.steps import Metrics
 
 
 @keras.saving.register_keras_serializable(package="tlloop")
@@ -60,36 +61,44 @@ def suggest(rates: list[float], smoothed: list[float]) -> float:
 def range_test(
     experiment, phase_index: int, low: float, high: float, steps: int, diverge: float = 4.0
 ) -> RangeResult:
-    """Runs the test for phase `phase_index` on `experiment`'s training stream, then restores
-    every weight of the model (and its RNG states). Stops early once the smoothed loss
-    exceeds `diverge` x its minimum."""
+    """Runs the test for phase `phase_index` on `experiment`'s training stream with the run's
+    own step (its optimizer kind, weight decay, task loss with label smoothing and class
+    weights, clipping, accumulation, XLA, loss scaling, layer-wise rates, strategy), the
+    rate rising from `low` to `high` over `steps` steps, then restores every weight of the
+    model (and its RNG states). Stops early once the smoothed loss exceeds `diverge` x its
+    minimum."""
     model, phase = experiment.model, experiment.phases[phase_index]
     saved = [np.array(v.numpy()) for v in model.weights]
-    strategy = experiment.strategy
+    strategy, data = experiment.strategy, experiment.data
+    trainer = experiment.trainer()
+    settings = dataclasses.replace(
+        trainer.step_settings(data.batch_size, data.eval_batch_size),
+        log_every_steps=1,
+        histogram_every_steps=0,
+        nan_policy="stop",
+    )
+    task = trainer.task.prepared(data.train_examples.label_counts)
     try:
         with strategy.scope():
             phase_lib.apply_trainability(model, phase)
-            config = dataclasses.replace(phase.config, learning_rate=low)
-            optimizer = make_optimizer(config, model.trainable_variables)
-            optimizer.learning_rate = ExponentialRange(low, high, steps)
-            counter = tf.Variable(0, dtype=tf.int64, name="range_test_step")
-            step = TrainStep(
+            step = build_train_step(
                 model,
-                optimizer,
-                phase.modes,
-                Metrics(),
-                counter,
-                global_batch_size=experiment.config.data.batch_size,
-                log_every_steps=1,
-                nan_policy="stop",
+                phase,
+                task,
+                settings,
+                metrics=Metrics(task=task, evaluation=False),
+                global_step=tf.Variable(0, dtype=tf.int64, name="range_test_step"),
+                steps_per_epoch=data.steps_per_epoch,
+                learning_rate=lambda scale: ExponentialRange(low * scale, high * scale, steps),
             )
-        batches = iter(strategy.experimental_distribute_dataset(experiment.data.train))
+        batches = iter(distribute_dataset(strategy, data.train))
+        columns = step.log_columns
         rates, losses, stopped = [], [], False
         while len(losses) < steps:
             chunk = min(10, steps - len(losses))
             result = step(batches, chunk)
             for row in result.rows:
-                values = dict(zip(LOG_COLUMNS, row, strict=True))
+                values = dict(zip(columns, row, strict=True))
                 rates.append(float(values["learning_rate"]))
                 losses.append(float(values["loss"]))
             smoothed = smooth(losses)

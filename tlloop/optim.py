@@ -90,6 +90,7 @@ def make_optimizer(
     no_decay: tuple = (),
     multipliers: dict[int, float] | None = None,
     loss_scale: bool = False,
+    learning_rate=None,
 ):
     """The phase's optimizer, built on `variables`.
 
@@ -98,12 +99,16 @@ def make_optimizer(
     `multipliers` (by `id` of a variable; missing: 1) scale the learning rate per variable; with
     more than one distinct value the result is a GroupedOptimizer, one optimizer per value.
     `loss_scale` (float16) wraps the optimizer in Keras' dynamic LossScaleOptimizer.
+    `learning_rate`, if given, replaces the phase's schedule: a function of a group's rate
+    multiplier (1 without groups) returning its rate or schedule.
     """
     training = training or TrainingConfig()
     scales = [(multipliers or {}).get(id(v), 1.0) for v in variables]
     distinct = sorted(set(scales), reverse=True)  # 1.0 (the head) first
     if len(distinct) == 1:
-        optimizer = _one_optimizer(phase, variables, training, steps, warmup_steps, no_decay, 1.0)
+        optimizer = _one_optimizer(
+            phase, variables, training, steps, warmup_steps, no_decay, 1.0, learning_rate
+        )
         if loss_scale:
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
             optimizer.build(variables)
@@ -113,17 +118,26 @@ def make_optimizer(
     groups = [[i for i, s in enumerate(scales) if s == scale] for scale in distinct]
     optimizers = [
         _one_optimizer(
-            phase, [variables[i] for i in group], training, steps, warmup_steps, no_decay, scale
+            phase,
+            [variables[i] for i in group],
+            training,
+            steps,
+            warmup_steps,
+            no_decay,
+            scale,
+            learning_rate,
         )
         for scale, group in zip(distinct, groups, strict=True)
     ]
     return GroupedOptimizer(optimizers, groups)
 
 
-def _one_optimizer(phase, variables, training, steps, warmup_steps, no_decay, scale):
+def _one_optimizer(phase, variables, training, steps, warmup_steps, no_decay, scale, override=None):
     peak = phase.learning_rate * scale
     rate = peak
-    if training.lr_schedule != "constant" or warmup_steps:
+    if override is not None:
+        rate = override(scale)
+    elif training.lr_schedule != "constant" or warmup_steps:
         rate = PhaseSchedule(peak, training.lr_schedule, steps, warmup_steps)
     decay = training.weight_decay or None
     if training.optimizer == "sgd":

@@ -21,41 +21,43 @@ import numpy as np
 import tensorflow as tf
 
 from tlloop.models import ModeTable, TransferModel
+from tlloop.tasks import Classification, ConfusionMatrix, Task
 
 
 class Metrics:
-    """Weighted mean loss, accuracy and example count; made under the strategy's scope.
+    """The loss (weighted mean), the task's metrics and the example count of a run of steps;
+    made under the strategy's scope.
 
-    Keras 3 metric variables are sync-on-read: `update` runs in replica context, `result`
-    must be read outside `strategy.run`.
+    Without a `task`, the built-in classification metrics: accuracy, and with `num_classes` > 0
+    a confusion matrix (rows: labels). Keras 3 metric variables are sync-on-read: `update`
+    runs in replica context, `result` must be read outside `strategy.run`.
     """
 
-    def __init__(self, num_classes: int = 0) -> None:
-        """With `num_classes` > 0, also a weighted confusion matrix (rows: labels)."""
+    def __init__(
+        self, num_classes: int = 0, *, task: Task | None = None, evaluation: bool | None = None
+    ) -> None:
+        task = task or Classification(num_classes or None)
+        evaluation = bool(num_classes) if evaluation is None else evaluation
         self.loss = keras.metrics.Mean(name="loss")
-        self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.examples = keras.metrics.Sum(name="examples")
-        self.confusion = ConfusionMatrix(num_classes) if num_classes else None
-        self._all = [m for m in (self.loss, self.accuracy, self.examples, self.confusion) if m]
+        self.task_metrics = task.make_metrics(evaluation=evaluation)
+        self._all = [self.loss, *self.task_metrics, self.examples]
 
-    def update(self, per_example_loss, labels, logits, weights=None) -> None:
+    def update(self, per_example_loss, labels, outputs, weights=None) -> None:
         if weights is None:
             weights = tf.ones_like(per_example_loss)
         self.loss.update_state(per_example_loss, sample_weight=weights)
-        self.accuracy.update_state(labels, logits, sample_weight=weights)
+        for metric in self.task_metrics:
+            metric.update_state(labels, outputs, sample_weight=weights)
         self.examples.update_state(weights)
-        if self.confusion is not None:
-            self.confusion.update_state(labels, logits, sample_weight=weights)
 
     def result(self) -> dict:
-        """loss, accuracy, examples; and `confusion`, a nested list, when it is kept."""
-        values = {
-            "loss": float(self.loss.result()),
-            "accuracy": float(self.accuracy.result()),
-            "examples": round(float(self.examples.result())),
-        }
-        if self.confusion is not None:
-            values["confusion"] = np.rint(np.asarray(self.confusion.result())).astype(int).tolist()
+        """{"loss", each task metric by name, "examples"}: floats, a whole example count, and
+        nested lists for metrics that are not scalars (a confusion matrix: integers)."""
+        values = {"loss": float(self.loss.result())}
+        for metric in self.task_metrics:
+            values[metric.name] = _value(metric)
+        values["examples"] = round(float(self.examples.result()))
         return values
 
     @property
@@ -67,29 +69,13 @@ class Metrics:
             metric.reset_state()
 
 
-class ConfusionMatrix(keras.metrics.Metric):
-    """Weighted counts of (label, predicted class) pairs, summed over replicas when read."""
-
-    def __init__(self, num_classes: int, name: str = "confusion", **kwargs) -> None:
-        super().__init__(name=name, **kwargs)
-        self.num_classes = num_classes
-        self.matrix = self.add_variable(
-            shape=(num_classes, num_classes), initializer="zeros", name="matrix", aggregation="sum"
-        )
-
-    def update_state(self, labels, logits, sample_weight=None) -> None:
-        predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
-        counts = tf.math.confusion_matrix(
-            tf.cast(labels, tf.int32),
-            predictions,
-            num_classes=self.num_classes,
-            weights=sample_weight,
-            dtype=self.matrix.dtype,
-        )
-        self.matrix.assign_add(counts)
-
-    def result(self):
-        return tf.convert_to_tensor(self.matrix)
+def _value(metric: keras.metrics.Metric):
+    value = np.asarray(metric.result())
+    if value.ndim == 0:
+        return float(value)
+    if isinstance(metric, ConfusionMatrix):
+        return np.rint(value).astype(int).tolist()
+    return value.astype(float).tolist()
 
 
 def check_created_in_scope(strategy: tf.distribute.Strategy, variables, what: str) -> None:
@@ -106,23 +92,14 @@ def check_created_in_scope(strategy: tf.distribute.Strategy, variables, what: st
             )
 
 
-def per_example_loss(labels, logits):
-    """Sparse softmax cross-entropy on logits, one value per example, computed in float32."""
-    return keras.losses.sparse_categorical_crossentropy(
-        labels, tf.cast(logits, tf.float32), from_logits=True
-    )
-
-
-# Columns of the rows a train call returns, one row per logged step.
-LOG_COLUMNS = ("step", "loss", "accuracy", "learning_rate", "gradient_norm")
 NAN_POLICIES = ("stop", "skip_step")
 
 
 class StepsResult(NamedTuple):
     """What one call of a TrainStep returns.
 
-    `rows`: one row of LOG_COLUMNS per logged step. `nonfinite`: the global steps whose loss
-    or gradients held a NaN or Inf; their update was not applied.
+    `rows`: one row of the step's `log_columns` per logged step. `nonfinite`: the global steps
+    whose loss or gradients held a NaN or Inf; their update was not applied.
     """
 
     rows: np.ndarray
@@ -141,16 +118,18 @@ class TrainStep:
     and only the head runs.
 
     Every `log_every_steps` steps (0: never) it writes scalars to the default summary writer
-    and returns a row of `LOG_COLUMNS`; every `histogram_every_steps` steps, histograms of the
+    and returns a row of `log_columns` (the step, its loss, the task's step metrics, the learning
+    rate and the gradient norm); every `histogram_every_steps` steps, histograms of the
     trainable weights and their gradients (both of the global batch: with several replicas, a
     logged step reduces the gradients once more). The cadence is decided in the graph, on the
     step counter, so nothing retraces.
 
-    The training loss may use `label_smoothing` and per-class `class_weights` (evaluation never
-    does). With `grad_accum_steps` k > 1 the gradients of k consecutive batches are summed in
-    per-replica accumulators and their mean is applied once (`accumulators` must be
-    checkpointed with the optimizer). `clip_grad_norm` > 0 clips the gradient of the global
-    batch (summed over replicas first: each replica's own norm would clip the wrong thing).
+    The loss and metrics are the `task`'s (default: `Classification()`); its training loss may
+    differ from the evaluation loss (label smoothing, class weights). With `grad_accum_steps`
+    k > 1 the gradients of k consecutive batches are summed in per-replica accumulators and
+    their mean is applied once (`accumulators` must be checkpointed with the optimizer).
+    `clip_grad_norm` > 0 clips the gradient of the global batch (summed over replicas first:
+    each replica's own norm would clip the wrong thing).
 
     With `ema_decay` > 0 it keeps `averages`, exponential moving averages of the trainable
     weights (checkpoint them with the optimizer; `swap_averages` puts them in the model).
@@ -174,8 +153,7 @@ class TrainStep:
         log_every_steps: int = 0,
         histogram_every_steps: int = 0,
         nan_policy: str = "stop",
-        label_smoothing: float = 0.0,
-        class_weights=None,
+        task: Task | None = None,
         clip_grad_norm: float = 0.0,
         grad_accum_steps: int = 1,
         features_in: bool = False,
@@ -196,9 +174,13 @@ class TrainStep:
         self.strategy = tf.distribute.get_strategy()
         if not self.variables:
             raise ValueError("nothing to train: the model has no trainable variables")
-        self.label_smoothing = label_smoothing
-        self.class_weights = (
-            None if class_weights is None else tf.constant(class_weights, tf.float32)
+        self.task = task or Classification()
+        self.log_columns = (
+            "step",
+            "loss",
+            *self.task.step_metrics,
+            "learning_rate",
+            "gradient_norm",
         )
         self.clip_grad_norm = clip_grad_norm
         self.grad_accum_steps = grad_accum_steps
@@ -259,53 +241,39 @@ class TrainStep:
         rows, nonfinite = self._loop(iterator, tf.constant(num_steps, tf.int32))
         return StepsResult(rows.numpy(), nonfinite.numpy())
 
-    def _loss_and_grads(self, images, labels):
+    def _loss_and_grads(self, inputs, labels):
         with tf.GradientTape() as tape:
             if self.features_in:  # backbone features computed once (a frozen backbone)
-                features = images
+                features = inputs
             else:
-                features = self.model.backbone(images, training=self.modes.backbone)
-            logits = self.model.head(features, training=self.modes.head)
-            losses = self._training_loss(labels, logits)
+                features = self.model.backbone(inputs, training=self.modes.backbone)
+            outputs = self.model.head(features, training=self.modes.head)
+            losses = self.task.train_loss(labels, outputs)
             loss = tf.nn.compute_average_loss(losses, global_batch_size=self.global_batch_size)
             if self.model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
             if self.loss_scaled:
                 loss = self.optimizer.scale_loss(loss)
-        return tape.gradient(loss, self.variables), losses, logits
+        return tape.gradient(loss, self.variables), losses, outputs
 
-    def _replica_gradients(self, images, labels):
+    def _replica_gradients(self, inputs, labels):
         if not self.features_in:
-            images = self.model.augment(images, training=self.modes.augment)
-        grads, losses, logits = self._grads(images, labels)
-        correct = tf.cast(tf.argmax(logits, -1, output_type=labels.dtype) == labels, tf.float32)
+            inputs = self.model.augment(inputs, training=self.modes.augment)
+        grads, losses, outputs = self._grads(inputs, labels)
         finite = tf.reduce_all(tf.math.is_finite(losses))
         if not self.loss_scaled:  # overflowing scaled gradients are the optimizer's to handle
             finite = tf.logical_and(
                 finite, tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
             )
-        # This replica's shares of the global batch's mean loss and accuracy.
+        # This replica's shares of the global batch's mean loss and step metrics.
         share = 1.0 / self.global_batch_size
-        loss, accuracy = tf.reduce_sum(losses) * share, tf.reduce_sum(correct) * share
-        return loss, accuracy, grads, losses, logits, 1.0 - tf.cast(finite, tf.float32)
+        values = [tf.reduce_sum(losses) * share] + [
+            tf.reduce_sum(v) * share for v in self.task.step_values(labels, outputs).values()
+        ]
+        return values, grads, losses, outputs, 1.0 - tf.cast(finite, tf.float32)
 
-    def _training_loss(self, labels, logits):
-        if self.label_smoothing:
-            one_hot = tf.one_hot(labels, tf.shape(logits)[-1])
-            losses = keras.losses.categorical_crossentropy(
-                one_hot,
-                tf.cast(logits, tf.float32),
-                from_logits=True,
-                label_smoothing=self.label_smoothing,
-            )
-        else:
-            losses = per_example_loss(labels, logits)
-        if self.class_weights is not None:
-            losses *= tf.gather(self.class_weights, labels)
-        return losses
-
-    def _replica_apply(self, grads, labels, losses, logits) -> None:
-        self.metrics.update(losses, labels, logits)
+    def _replica_apply(self, grads, labels, losses, outputs) -> None:
+        self.metrics.update(losses, labels, outputs)
         self._update(grads)
 
     def _update(self, grads) -> None:
@@ -334,8 +302,8 @@ class TrainStep:
             variable.assign(average)
             average.assign(saved)
 
-    def _replica_accumulate(self, grads, labels, losses, logits) -> None:
-        self.metrics.update(losses, labels, logits)
+    def _replica_accumulate(self, grads, labels, losses, outputs) -> None:
+        self.metrics.update(losses, labels, outputs)
         for accumulator, grad in zip(self.accumulators[1:], grads, strict=True):
             accumulator.assign_add(grad)
 
@@ -346,12 +314,13 @@ class TrainStep:
             accumulator.assign(tf.zeros_like(accumulator))
 
     def _run_loop(self, iterator, num_steps):
-        rows = tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=(5,))
+        width = len(self.log_columns)
+        rows = tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=(width,))
         nonfinite = tf.TensorArray(tf.int64, size=0, dynamic_size=True, element_shape=())
         for _ in tf.range(num_steps):
-            images, labels = next(iterator)
-            loss, correct, grads, losses, logits, bad = self.strategy.run(
-                self._replica_gradients, args=(images, labels)
+            inputs, labels = next(iterator)
+            values, grads, losses, outputs, bad = self.strategy.run(
+                self._replica_gradients, args=(inputs, labels)
             )
             # Decided in cross-replica context on the sum over replicas: every replica takes the
             # same branch, and the optimizer's all-reduce (a merge_call) is never inside a
@@ -361,11 +330,11 @@ class TrainStep:
             rate = tf.cast(self.optimizer.learning_rate, tf.float32)
             if finite:
                 if self.grad_accum_steps == 1:
-                    self.strategy.run(self._replica_apply, args=(grads, labels, losses, logits))
+                    self.strategy.run(self._replica_apply, args=(grads, labels, losses, outputs))
                     self._update_averages()
                 else:
                     self.strategy.run(
-                        self._replica_accumulate, args=(grads, labels, losses, logits)
+                        self._replica_accumulate, args=(grads, labels, losses, outputs)
                     )
                     count = self.accumulated.assign_add(1)
                     if count % self.grad_accum_steps == 0:
@@ -373,7 +342,7 @@ class TrainStep:
                         self._update_averages()
             step = self.global_step.assign_add(1)
             if self.log_every_steps and step % self.log_every_steps == 0:
-                row = self._log(step, loss, correct, grads, rate)
+                row = self._log(step, values, grads, rate)
                 rows = rows.write(rows.size(), row)
             if self.histogram_every_steps and step % self.histogram_every_steps == 0:
                 self._histograms(step, grads)
@@ -383,18 +352,16 @@ class TrainStep:
                     break
         return rows.stack(), nonfinite.stack()
 
-    def _log(self, step, loss, correct, grads, rate):
-        sum_ = tf.distribute.ReduceOp.SUM
-        loss = self.strategy.reduce(sum_, loss, axis=None)
-        accuracy = self.strategy.reduce(sum_, correct, axis=None)
+    def _log(self, step, values, grads, rate):
+        batch = [self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in values]
         norm = tf.linalg.global_norm(self._global_gradients(grads))
         if self.loss_scaled:
             norm /= tf.cast(self.optimizer.dynamic_scale, tf.float32)
-        values = {"loss": loss, "accuracy": accuracy, "learning_rate": rate, "gradient_norm": norm}
+        row = [*batch, rate, norm]
         with _top_level_name_scope():
-            for name, value in values.items():
+            for name, value in zip(self.log_columns[1:], row, strict=True):
                 tf.summary.scalar(name, value, step=step)
-        return tf.stack([tf.cast(step, tf.float32), loss, accuracy, rate, norm])
+        return tf.stack([tf.cast(step, tf.float32), *row])
 
     def _global_gradients(self, grads) -> list:
         """The gradients of the global batch: the sum of every replica's.
@@ -421,8 +388,8 @@ def _top_level_name_scope():
 class EvalStep:
     """Evaluation over weighted batches, every submodule in inference mode.
 
-    Batches are (images, labels, weights); padding examples have weight 0, so `metrics`
-    counts each real example exactly once.
+    Batches are (inputs, labels, weights); padding examples have weight 0, so `metrics`
+    counts each real example exactly once. The loss is the `task`'s evaluation loss.
     """
 
     def __init__(
@@ -433,9 +400,11 @@ class EvalStep:
         *,
         jit_compile: bool = False,
         features_in: bool = False,
+        task: Task | None = None,
     ) -> None:
         """With `features_in`, batches hold backbone features and only the head runs."""
         self.model = model
+        self.task = task or Classification()
         self.features_in = features_in
         self.modes = modes.row("eval")
         self.metrics = metrics
@@ -443,21 +412,21 @@ class EvalStep:
         check_created_in_scope(self.strategy, model.weights, "model")
         check_created_in_scope(self.strategy, metrics.variables, "metric")
         forward = self._forward
-        self._logits = tf.function(forward, jit_compile=True) if jit_compile else forward
+        self._outputs = tf.function(forward, jit_compile=True) if jit_compile else forward
         self._loop = tf.function(self._run_loop)
 
     def __call__(self, iterator, num_steps: int) -> None:
         """Evaluates `num_steps` batches from `iterator` into `metrics`."""
         self._loop(iterator, tf.constant(num_steps, tf.int32))
 
-    def _forward(self, images):
+    def _forward(self, inputs):
         if self.features_in:
-            return self.model.head(images, training=self.modes.head)
-        return self.model.forward(images, self.modes)
+            return self.model.head(inputs, training=self.modes.head)
+        return self.model.forward(inputs, self.modes)
 
-    def _replica_step(self, images, labels, weights) -> None:
-        logits = self._logits(images)
-        self.metrics.update(per_example_loss(labels, logits), labels, logits, weights)
+    def _replica_step(self, inputs, labels, weights) -> None:
+        outputs = self._outputs(inputs)
+        self.metrics.update(self.task.eval_loss(labels, outputs), labels, outputs, weights)
 
     def _run_loop(self, iterator, num_steps) -> None:
         for _ in tf.range(num_steps):

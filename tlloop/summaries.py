@@ -25,6 +25,7 @@ class Summaries:
 
     def __init__(self, workdir: str, *, enabled: bool = True) -> None:
         logdir = os.path.join(workdir, "tensorboard")
+        self.workdir = workdir
         self.enabled = enabled
         self.writers = {
             name: tf.summary.create_file_writer(os.path.join(logdir, name))

@@ -1,45 +1,533 @@
-"""The loop over phases, epochs and steps; evaluation after every epoch; the run's outputs.
+"""The library's front: `Trainer` trains any TransferModel on any data through a phase plan.
 
-`build_experiment` does everything that can fail on bad input (data, backbone, phase plan)
-before anything is written; `train` then runs the plan into a prepared workdir. Every piece of
-state is created under the strategy's scope. In a multi-worker cluster every task runs the same
-loop (the collectives need all of them) and only the chief writes.
+`Trainer(workdir, phases=..., task=..., callbacks=...).fit(model, train, eval_data)` is what a
+script or a notebook calls; `build_experiment` + `train` are the command line's path onto the
+same `Trainer` (the CLI builds the data and the model from its flags first). Everything that can
+fail on bad input is checked before the workdir is touched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
+import re
 import threading
-import time
+from collections.abc import Sequence
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tlloop import actions as action_lib
 from tlloop import checkpoints as checkpoint_lib
-from tlloop import feature_cache
 from tlloop import phases as phase_lib
-from tlloop.config import RunConfig
+from tlloop.actions import Stopped
+from tlloop.config import (
+    CheckpointConfig,
+    ConfigError,
+    LoggingConfig,
+    PhaseConfig,
+    RunConfig,
+    TrainingConfig,
+)
+from tlloop.controller import Controller, StepSettings, averaged, weights_digest
 from tlloop.data import Data, load_data
-from tlloop.distribute import cluster_task, describe, is_chief
+from tlloop.data.examples import Examples, as_examples
+from tlloop.distribute import cluster_task, describe, distribute_dataset, is_chief
 from tlloop.errors import RunFailed
-from tlloop.evaluation import evaluate
 from tlloop.export import export_model
 from tlloop.models import TransferModel, build_model
-from tlloop.optim import make_optimizer
-from tlloop.steps import LOG_COLUMNS, EvalStep, Metrics, TrainStep
-from tlloop.summaries import Summaries, confusion_image, confusion_text, image_grid
+from tlloop.summaries import Summaries
+from tlloop.tasks import Classification, Task
 from tlloop.warm_start import WarmStartReport, warm_start
-from tlloop.workdir import write_json
+from tlloop.workdir import prepare, write_json
+
+__all__ = [
+    "Experiment",
+    "Results",
+    "Stopped",
+    "Trainer",
+    "averaged",
+    "build_experiment",
+    "train",
+    "weights_digest",
+]
+
+
+class Results(dict):
+    """What `Trainer.fit` returns (and writes to WORKDIR/results.json): a dict with attribute
+    access to its main parts: `phases` (per phase: name, epochs, last_step, seconds, stopped
+    early, the feature cache decision, last train and eval metrics), `best` (metric, value,
+    step), `export` (which weights, and the paths written), `weights_sha256`."""
+
+    @property
+    def phases(self) -> list[dict]:
+        return self["phases"]
+
+    @property
+    def best(self) -> dict:
+        return self["best"]
+
+    @property
+    def export(self) -> dict | None:
+        return self.get("export")
+
+    @property
+    def weights_sha256(self) -> str:
+        return self["weights_sha256"]
+
+
+class Trainer:
+    """Trains a `TransferModel` through `phases` (each a `PhaseConfig`: epochs, learning rate
+    or optimizer, what unfreezes, BatchNorm mode), with the `task`'s loss and metrics
+    (default: `Classification()`), the user's Keras `callbacks`, under `strategy` (default: the
+    strategy of the current scope; create the model under the same scope). Outputs go to
+    `workdir`: checkpoints (a call on a workdir that holds a run resumes it), TensorBoard,
+    metrics.jsonl, the best checkpoint, the export and results.json.
+
+    `training`, `checkpoint` and `logging` are the same option objects the command line fills
+    from its flags; `jit_compile`, `steps_per_loop`, `nan_policy`, `feature_cache` and
+    `deterministic` likewise. `resize` is how the exported SavedModel resizes served images
+    ("squash", "crop", "pad"). Raises ValueError/TypeError naming the argument at fault.
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        phases: Sequence[PhaseConfig],
+        task: Task | None = None,
+        callbacks: Sequence[keras.callbacks.Callback] = (),
+        strategy: tf.distribute.Strategy | None = None,
+        seed: int = 0,
+        training: TrainingConfig | None = None,
+        checkpoint: CheckpointConfig | None = None,
+        logging: LoggingConfig | None = None,
+        jit_compile: bool = False,
+        steps_per_loop: int = 1,
+        nan_policy: str = "stop",
+        feature_cache: str = "auto",
+        deterministic: bool = False,
+        overwrite: bool = False,
+        resize: str = "squash",
+        mixed_float16: bool = False,
+    ) -> None:
+        if not workdir:
+            raise ValueError("workdir: empty; accepted: a directory path")
+        phases = tuple(phases)
+        if not phases or not all(isinstance(p, PhaseConfig) for p in phases):
+            raise TypeError("phases: accepted: a non-empty sequence of tlloop.Phase")
+        if not any(p.epochs for p in phases):
+            raise ValueError("phases: every phase has 0 epochs, nothing would train")
+        if task is not None and not isinstance(task, Task):
+            raise TypeError(f"task: {type(task).__name__} is not a tlloop.Task")
+        self.workdir = workdir
+        self.phases = phases
+        self.task = task or Classification()
+        self.callbacks = action_lib.KerasCallbacks(callbacks)  # checks them
+        self.strategy = strategy
+        self.seed = seed
+        self.training = training or TrainingConfig()
+        self.checkpoint = checkpoint or CheckpointConfig()
+        self.logging = logging or LoggingConfig()
+        self.options = dict(
+            jit_compile=jit_compile,
+            steps_per_loop=steps_per_loop,
+            nan_policy=nan_policy,
+            feature_cache=feature_cache,
+            mixed_float16=mixed_float16,
+        )
+        for name, value, accepted in (
+            ("nan_policy", nan_policy, ("stop", "skip_step")),
+            ("feature_cache", feature_cache, ("auto", "off")),
+            ("resize", resize, ("squash", "crop", "pad")),
+        ):
+            if value not in accepted:
+                raise ValueError(f"{name}={value!r}: unknown; accepted: {', '.join(accepted)}")
+        if steps_per_loop < 1:
+            raise ValueError(f"steps_per_loop={steps_per_loop}: accepted: >= 1")
+        self.deterministic = deterministic
+        self.overwrite = overwrite
+        self.resize = resize
+
+    def fit(
+        self,
+        model: TransferModel,
+        train,
+        eval_data,
+        *,
+        batch_size: int = 32,
+        eval_batch_size: int = 0,
+        export: bool = True,
+    ) -> Results:
+        """Trains `model` on `train` through the phases, evaluating on `eval_data` after every
+        epoch; exports at the end (unless `export` is False). Data: (inputs, labels) arrays, a
+        finite `tf.data.Dataset` of (inputs, label) pairs (batched or not), or tlloop
+        `Examples`; see `tlloop.data.examples` for which can be positioned for exact resume."""
+        with _arguments():
+            run = self._prepare(model, train, eval_data, batch_size, eval_batch_size)
+            prepare(self.workdir, None, overwrite=self.overwrite)
+            return self._run(run, export=export)
+
+    # The command line's path (its workdir is prepared with its flags.txt).
+
+    def _prepare(self, model, train, eval_data, batch_size: int, eval_batch_size: int):
+        if not isinstance(model, TransferModel):
+            raise TypeError(
+                f"model: {type(model).__name__} is not a tlloop.TransferModel; accepted: "
+                "TransferModel(backbone, head, augment=None)"
+            )
+        if batch_size < 1 or eval_batch_size < 0:
+            raise ValueError(f"batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+        if self.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        rank = self.task.label_rank
+        train = as_examples(train, argument="train", label_rank=rank)
+        eval_data = as_examples(eval_data, argument="eval_data", label_rank=rank)
+        metric = self.checkpoint.best_metric
+        known = ("loss", *self.task.metric_names)
+        if metric.name not in known:
+            raise ValueError(
+                f"best_metric={metric}: the task has no metric {metric.name!r}; accepted: "
+                f"{', '.join(known)}"
+            )
+        plan = phase_lib.plan_phases(self.phases, model)
+        return _Run(model, train, eval_data, plan, batch_size, eval_batch_size or batch_size)
+
+    def _run(
+        self,
+        run: _Run,
+        *,
+        export: bool = True,
+        stop: threading.Event | None = None,
+        flags_text: str = "",
+        hparams: dict | None = None,
+        header: dict | None = None,
+        texts: Sequence[tuple[str, str]] = (),
+    ) -> Results:
+        strategy = self.strategy or tf.distribute.get_strategy()
+        chief = is_chief(strategy)
+        logging.info("strategy: %s", describe(strategy))
+        task = self.task.prepared(run.train.label_counts)
+        directory = os.path.join(self.workdir, "checkpoints")
+        checkpoints = checkpoint_lib.Checkpoints(directory, keep=self.checkpoint.keep, chief=chief)
+        best = checkpoint_lib.Checkpoints(
+            os.path.join(directory, checkpoint_lib.BEST), keep=1, chief=chief
+        )
+        summaries = Summaries(self.workdir, enabled=chief and self.logging.summaries)
+        keeper = action_lib.BestKeeper(
+            self.checkpoint.best_metric, best, patience=self.checkpoint.early_stopping_patience
+        )
+        class_names = getattr(task, "class_names", None)
+        writer = action_lib.SummaryWriter(
+            summaries,
+            class_names,
+            hparams=hparams,
+            texts=[("flags", f"```\n{flags_text}```")] * bool(flags_text) + list(texts),
+        )
+        actions = [
+            writer,
+            action_lib.Checkpointer(
+                checkpoints,
+                every_steps=self.checkpoint.every_steps,
+                # Tasks of a cluster must save together, and their clocks do not agree.
+                every_secs=self.checkpoint.every_secs if cluster_task(strategy) is None else 0.0,
+                stop=stop,
+            ),
+            keeper,
+            action_lib.Progress(verbose=chief and not self.logging.quiet),
+            self.callbacks,
+        ]
+        if chief and self.logging.summaries and self.logging.profile_steps:
+            logdir = os.path.join(self.workdir, "tensorboard", "train")
+            actions.append(action_lib.Profiler(self.logging.profile_steps, logdir))
+        settings = self.step_settings(run.batch_size, run.eval_batch_size)
+        controller = Controller(
+            model=run.model,
+            task=task,
+            train=run.train,
+            eval_data=run.eval,
+            plan=run.plan,
+            settings=settings,
+            strategy=strategy,
+            checkpoints=checkpoints,
+            actions=actions,
+            distribute=lambda dataset: distribute_dataset(strategy, dataset),
+            train_writer=summaries.default("train"),
+        )
+        try:
+            outcome = controller.run()
+        finally:
+            for action in actions:
+                if isinstance(action, action_lib.Profiler):
+                    action.on_run_end({})
+            summaries.close()
+        results = Results(
+            {
+                **(header or {}),
+                "train_size": run.train.size,
+                "eval_size": run.eval.size,
+                "replicas": strategy.num_replicas_in_sync,
+                **outcome,
+                "best": keeper.summary(),
+            }
+        )
+        logging.info("final weights sha256: %s", results["weights_sha256"])
+        if chief:
+            if export:
+                results["export"] = self._export_best(run.model, task, best, results)
+            write_json(os.path.join(self.workdir, "results.json"), dict(results))
+        return results
+
+    def step_settings(self, batch_size: int, eval_batch_size: int) -> StepSettings:
+        """How this trainer's compiled steps are made, for batches of `batch_size`."""
+        return StepSettings(
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size or batch_size,
+            seed=self.seed,
+            training=self.training,
+            log_every_steps=self.logging.log_every_steps,
+            histogram_every_steps=self.logging.histogram_every_steps,
+            **self.options,
+        )
+
+    def _export_best(self, model, task, best, results: Results) -> dict:
+        """Exports the best evaluation's weights (or the last, per `checkpoint.export`)."""
+        directory = os.path.join(self.workdir, "export")
+        exported = {"weights": "last", "step": results["phases"][-1]["last_step"]}
+        best_path = checkpoint_lib.latest(best.directory)
+        if best_path:
+            # The file is the truth: after a non-deterministic resume it may hold an
+            # evaluation the run's state never saw.
+            results["best"].update(
+                step=int(tf.train.load_variable(best_path, "step/.ATTRIBUTES/VARIABLE_VALUE")),
+                value=float(tf.train.load_variable(best_path, "value/.ATTRIBUTES/VARIABLE_VALUE")),
+            )
+        if self.checkpoint.export == "best" and best_path:
+            tf.train.Checkpoint(model=model).restore(best_path).expect_partial()
+            exported = {"weights": "best", "step": results["best"]["step"]}
+        try:
+            paths = export_model(model, directory, task=task, resize=self.resize)
+        except (OSError, tf.errors.OpError) as error:
+            reason = getattr(error, "strerror", None) or error
+            raise RunFailed(
+                f"export to {directory!r} failed ({reason}); the checkpoints are intact; "
+                "accepted: free space and write access, then the same call exports again"
+            ) from None
+        logging.info("exported the %s weights (step %d) to %s", *exported.values(), directory)
+        return {**exported, **paths}
+
+
+@contextlib.contextmanager
+def _arguments():
+    """The library speaks in arguments: checks it shares with the command line name flags
+    (`--unfreeze=top:9: ...`), and a Python caller gets them as ValueErrors naming the
+    argument (`unfreeze=top:9: ...`)."""
+    try:
+        yield
+    except ConfigError as error:
+        raise ValueError(re.sub(r"(?<![\w-])--(?=\w)", "", str(error))) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """A fit's checked inputs: the model, the data as Examples, the planned phases."""
+
+    model: TransferModel
+    train: Examples
+    eval: Examples
+    plan: list[phase_lib.Phase]
+    batch_size: int
+    eval_batch_size: int
+
+    # The command line's path (its workdir is prepared with its flags.txt).
+
+    def _prepare(self, model, train, eval_data, batch_size: int, eval_batch_size: int):
+        if not isinstance(model, TransferModel):
+            raise TypeError(
+                f"model: {type(model).__name__} is not a tlloop.TransferModel; accepted: "
+                "TransferModel(backbone, head, augment=None)"
+            )
+        if batch_size < 1 or eval_batch_size < 0:
+            raise ValueError(f"batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+        if self.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        rank = self.task.label_rank
+        train = as_examples(train, argument="train", label_rank=rank)
+        eval_data = as_examples(eval_data, argument="eval_data", label_rank=rank)
+        metric = self.checkpoint.best_metric
+        known = ("loss", *self.task.metric_names)
+        if metric.name not in known:
+            raise ValueError(
+                f"best_metric={metric}: the task has no metric {metric.name!r}; accepted: "
+                f"{', '.join(known)}"
+            )
+        plan = phase_lib.plan_phases(self.phases, model)
+        return _Run(model, train, eval_data, plan, batch_size, eval_batch_size or batch_size)
+
+    def _run(
+        self,
+        run: _Run,
+        *,
+        export: bool = True,
+        stop: threading.Event | None = None,
+        flags_text: str = "",
+        hparams: dict | None = None,
+        header: dict | None = None,
+        texts: Sequence[tuple[str, str]] = (),
+    ) -> Results:
+        strategy = self.strategy or tf.distribute.get_strategy()
+        chief = is_chief(strategy)
+        logging.info("strategy: %s", describe(strategy))
+        task = self.task.prepared(run.train.label_counts)
+        directory = os.path.join(self.workdir, "checkpoints")
+        checkpoints = checkpoint_lib.Checkpoints(directory, keep=self.checkpoint.keep, chief=chief)
+        best = checkpoint_lib.Checkpoints(
+            os.path.join(directory, checkpoint_lib.BEST), keep=1, chief=chief
+        )
+        summaries = Summaries(self.workdir, enabled=chief and self.logging.summaries)
+        keeper = action_lib.BestKeeper(
+            self.checkpoint.best_metric, best, patience=self.checkpoint.early_stopping_patience
+        )
+        class_names = getattr(task, "class_names", None)
+        writer = action_lib.SummaryWriter(
+            summaries,
+            class_names,
+            hparams=hparams,
+            texts=[("flags", f"```\n{flags_text}```")] * bool(flags_text) + list(texts),
+        )
+        actions = [
+            writer,
+            action_lib.Checkpointer(
+                checkpoints,
+                every_steps=self.checkpoint.every_steps,
+                # Tasks of a cluster must save together, and their clocks do not agree.
+                every_secs=self.checkpoint.every_secs if cluster_task(strategy) is None else 0.0,
+                stop=stop,
+            ),
+            keeper,
+            action_lib.Progress(verbose=chief and not self.logging.quiet),
+            self.callbacks,
+        ]
+        if chief and self.logging.summaries and self.logging.profile_steps:
+            logdir = os.path.join(self.workdir, "tensorboard", "train")
+            actions.append(action_lib.Profiler(self.logging.profile_steps, logdir))
+        settings = self.step_settings(run.batch_size, run.eval_batch_size)
+        controller = Controller(
+            model=run.model,
+            task=task,
+            train=run.train,
+            eval_data=run.eval,
+            plan=run.plan,
+            settings=settings,
+            strategy=strategy,
+            checkpoints=checkpoints,
+            actions=actions,
+            distribute=lambda dataset: distribute_dataset(strategy, dataset),
+            train_writer=summaries.default("train"),
+        )
+        try:
+            outcome = controller.run()
+        finally:
+            for action in actions:
+                if isinstance(action, action_lib.Profiler):
+                    action.on_run_end({})
+            summaries.close()
+        results = Results(
+            {
+                **(header or {}),
+                "train_size": run.train.size,
+                "eval_size": run.eval.size,
+                "replicas": strategy.num_replicas_in_sync,
+                **outcome,
+                "best": keeper.summary(),
+            }
+        )
+        logging.info("final weights sha256: %s", results["weights_sha256"])
+        if chief:
+            if export:
+                results["export"] = self._export_best(run.model, task, best, results)
+            write_json(os.path.join(self.workdir, "results.json"), dict(results))
+        return results
+
+    def step_settings(self, batch_size: int, eval_batch_size: int) -> StepSettings:
+        """How this trainer's compiled steps are made, for batches of `batch_size`."""
+        return StepSettings(
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size or batch_size,
+            seed=self.seed,
+            training=self.training,
+            log_every_steps=self.logging.log_every_steps,
+            histogram_every_steps=self.logging.histogram_every_steps,
+            **self.options,
+        )
+
+    def _export_best(self, model, task, best, results: Results) -> dict:
+        """Exports the best evaluation's weights (or the last, per `checkpoint.export`)."""
+        directory = os.path.join(self.workdir, "export")
+        exported = {"weights": "last", "step": results["phases"][-1]["last_step"]}
+        best_path = checkpoint_lib.latest(best.directory)
+        if best_path:
+            # The file is the truth: after a non-deterministic resume it may hold an
+            # evaluation the run's state never saw.
+            results["best"].update(
+                step=int(tf.train.load_variable(best_path, "step/.ATTRIBUTES/VARIABLE_VALUE")),
+                value=float(tf.train.load_variable(best_path, "value/.ATTRIBUTES/VARIABLE_VALUE")),
+            )
+        if self.checkpoint.export == "best" and best_path:
+            tf.train.Checkpoint(model=model).restore(best_path).expect_partial()
+            exported = {"weights": "best", "step": results["best"]["step"]}
+        try:
+            paths = export_model(model, directory, task=task, resize=self.resize)
+        except (OSError, tf.errors.OpError) as error:
+            reason = getattr(error, "strerror", None) or error
+            raise RunFailed(
+                f"export to {directory!r} failed ({reason}); the checkpoints are intact; "
+                "accepted: free space and write access, then the same call exports again"
+            ) from None
+        logging.info("exported the %s weights (step %d) to %s", *exported.values(), directory)
+        return {**exported, **paths}
+
+
+@contextlib.contextmanager
+def _arguments():
+    """The library speaks in arguments: checks it shares with the command line name flags
+    (`--unfreeze=top:9: ...`), and a Python caller gets them as ValueErrors naming the
+    argument (`unfreeze=top:9: ...`)."""
+    try:
+        yield
+    except ConfigError as error:
+        raise ValueError(re.sub(r"(?<![\w-])--(?=\w)", "", str(error))) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """A fit's checked inputs: the model, the data as Examples, the planned phases."""
+
+    model: TransferModel
+    train: Examples
+    eval: Examples
+    plan: list[phase_lib.Phase]
+    batch_size: int
+    eval_batch_size: int
+
+
+def distribute(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset):
+    """`dataset` as the strategy's distributed dataset. Every task builds the same dataset from
+    the same seed; DATA sharding splits each global batch between the tasks, so a cluster sees
+    the same global batches as one device."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return strategy.experimental_distribute_dataset(dataset.with_options(options))
+
+
+# The command line's path: a RunConfig -> data and model -> the same Trainer.
 
 
 @dataclasses.dataclass
 class Experiment:
-    """A run ready to train: its config, strategy, data, model and phase plan."""
+    """A command-line run ready to train: its config, strategy, data, model and phase plan."""
 
     config: RunConfig
     strategy: tf.distribute.Strategy
@@ -47,6 +535,32 @@ class Experiment:
     model: TransferModel
     phases: list[phase_lib.Phase]
     warm_start: WarmStartReport | None = None
+
+    def trainer(self, callbacks: Sequence[keras.callbacks.Callback] = ()) -> Trainer:
+        """The Trainer the config describes."""
+        config = self.config
+        return Trainer(
+            config.workdir,
+            phases=config.phases,
+            task=Classification(
+                label_smoothing=config.training.label_smoothing,
+                class_weights=config.training.class_weights or None,
+                class_names=self.data.class_names,
+            ),
+            callbacks=callbacks,
+            strategy=self.strategy,
+            seed=config.seed,
+            training=config.training,
+            checkpoint=config.checkpoint,
+            logging=config.logging,
+            jit_compile=config.jit_compile,
+            steps_per_loop=config.steps_per_loop,
+            nan_policy=config.nan_policy,
+            feature_cache=config.feature_cache,
+            deterministic=config.deterministic,
+            resize=config.data.resize,
+            mixed_float16=config.model.mixed_precision == "float16",
+        )
 
 
 def build_experiment(
@@ -72,104 +586,46 @@ def build_experiment(
     return Experiment(config, strategy, data, model, plan, report)
 
 
-class Stopped(Exception):
-    """Raised when training stopped on request (`stop` set), after saving a checkpoint."""
-
-
 def train(
     experiment: Experiment,
     workdir: str,
     flags_text: str = "",
     stop: threading.Event | None = None,
-) -> dict:
-    """Runs every phase, evaluating after each epoch; the chief exports and writes results.json.
-
-    If WORKDIR/checkpoints holds a checkpoint, the run resumes from it: same phase, next step,
-    the batch it would have seen next. Every evaluation is checked against --best_metric; the
-    best one's weights are kept in WORKDIR/checkpoints/best and exported at the end (or the last
-    weights, with --export=last). Returns the results: per phase, its steps, time and last train
-    and eval metrics; the best evaluation; and a SHA-256 of the final weights, which every task
-    logs (equal on all tasks of a cluster). Summaries are flushed at every evaluation and closed
-    on the way out, whatever ends the run. When `stop` is set, training ends after the step
-    under way with a checkpoint and raises `Stopped`; KeyboardInterrupt also saves one first.
-    Raises RunFailed (the last checkpoint intact) on a NaN/Inf step under --nan_policy=stop and
-    when a checkpoint or the export cannot be written.
-    """
-    strategy = experiment.strategy
-    config = experiment.config
-    chief = is_chief(strategy)
-    logging.info("strategy: %s", describe(strategy))
-    directory = os.path.join(workdir, "checkpoints")
-    resume_from = checkpoint_lib.latest(directory)
-    start = checkpoint_lib.position(resume_from) if resume_from else (0, 0)
-    if resume_from:
-        phases = len(experiment.phases)
-        where = f"phase {start[0] + 1} of {phases}" if start[0] < phases else "finished run"
-        logging.info("resuming from %s: %s, step %d", resume_from, where, start[1])
-        if experiment.warm_start:
-            logging.info("resuming: the run's own checkpoint replaces the warm-started weights")
-    checkpoints = checkpoint_lib.Checkpoints(directory, keep=config.checkpoint.keep, chief=chief)
-    if resume_from:
-        checkpoints.check(resume_from, experiment.model)
-    best = checkpoint_lib.Checkpoints(
-        os.path.join(directory, checkpoint_lib.BEST), keep=1, chief=chief
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> Results:
+    """Runs the experiment into a prepared `workdir` (see `Trainer`); the chief exports and
+    writes results.json. When `stop` is set, training ends after the host call under way with a
+    checkpoint and raises `Stopped`; KeyboardInterrupt also saves one first. Raises RunFailed
+    (the last checkpoint intact) on a NaN/Inf step under --nan_policy=stop and when a
+    checkpoint or the export cannot be written."""
+    config = dataclasses.replace(experiment.config, workdir=workdir)
+    experiment = dataclasses.replace(experiment, config=config)
+    data = experiment.data
+    trainer = experiment.trainer(callbacks)
+    if experiment.warm_start and checkpoint_lib.latest(os.path.join(workdir, "checkpoints")):
+        logging.info("resuming: the run's own checkpoint replaces the warm-started weights")
+    run = _Run(
+        experiment.model,
+        data.train_examples,
+        data.eval_examples,
+        experiment.phases,
+        config.data.batch_size,
+        config.data.eval_batch,
     )
-    summaries = Summaries(workdir, enabled=chief and config.logging.summaries)
-    summaries.start_session(start[1])
-    # Outside the strategy's scope: the same on every task, and a distributed string variable
-    # cannot be broadcast by MultiWorkerMirroredStrategy.
-    state = checkpoint_lib.RunState()
-    try:
-        with strategy.scope():
-            results = _train_in_scope(
-                experiment,
-                workdir,
-                summaries,
-                flags_text,
-                chief,
-                checkpoints,
-                best,
-                resume_from,
-                start,
-                stop,
-                state,
-            )
-    finally:
-        summaries.close()
-    logging.info("final weights sha256: %s", results["weights_sha256"])
-    if chief:
-        results["export"] = _export(experiment, best, results, os.path.join(workdir, "export"))
-        write_json(os.path.join(workdir, "results.json"), results)
-    return results
-
-
-def _export(experiment: Experiment, best, results: dict, directory: str) -> dict:
-    """Exports the best evaluation's weights (or the last, per --export); returns what it did."""
-    model = experiment.model
-    exported = {"weights": "last", "step": results["phases"][-1]["last_step"]}
-    best_path = checkpoint_lib.latest(best.directory)
-    if best_path:
-        # The file is the truth: after a non-deterministic resume it may hold an evaluation
-        # the run's state never saw.
-        results["best"].update(
-            step=int(tf.train.load_variable(best_path, "step/.ATTRIBUTES/VARIABLE_VALUE")),
-            value=float(tf.train.load_variable(best_path, "value/.ATTRIBUTES/VARIABLE_VALUE")),
-        )
-    if experiment.config.checkpoint.export == "best" and best_path:
-        tf.train.Checkpoint(model=model).restore(best_path).expect_partial()
-        exported = {"weights": "best", "step": results["best"]["step"]}
-    try:
-        paths = export_model(
-            model, directory, experiment.data.class_names, experiment.config.data.resize
-        )
-    except (OSError, tf.errors.OpError) as error:
-        raise RunFailed(
-            f"export to {directory!r} failed ({getattr(error, 'strerror', None) or error}); the "
-            "checkpoints are intact; accepted: free space and write access, then the same "
-            "command exports again"
-        ) from None
-    logging.info("exported the %s weights (step %d) to %s", *exported.values(), directory)
-    return {**exported, **paths}
+    report = experiment.warm_start
+    header = {
+        "class_names": list(data.class_names),
+        "skipped_images": list(data.skipped_files),
+        "init_checkpoint": dataclasses.asdict(report) if report else None,
+    }
+    return trainer._run(
+        run,
+        stop=stop,
+        flags_text=flags_text,
+        hparams=hparams_of(config),
+        header=header,
+        texts=[("init_checkpoint", report.to_text())] if report else [],
+    )
 
 
 def hparams_of(config: RunConfig) -> dict:
@@ -192,552 +648,3 @@ def hparams_of(config: RunConfig) -> dict:
         "jit_compile": config.jit_compile,
         "seed": config.seed,
     }
-
-
-def _train_in_scope(
-    experiment: Experiment,
-    workdir: str,
-    summaries: Summaries,
-    flags_text: str,
-    chief: bool,
-    checkpoints: checkpoint_lib.Checkpoints,
-    best: checkpoint_lib.Checkpoints,
-    resume_from: str | None,
-    start: tuple[int, int],
-    stop: threading.Event | None,
-    state: checkpoint_lib.RunState,
-) -> dict:
-    config, data, model, strategy = (
-        experiment.config,
-        experiment.data,
-        experiment.model,
-        experiment.strategy,
-    )
-    log_config = config.logging
-    global_step = tf.Variable(
-        0,
-        dtype=tf.int64,
-        trainable=False,
-        name="global_step",
-        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-    )
-    train_metrics, eval_metrics = Metrics(), Metrics(data.num_classes)
-    eval_step = EvalStep(
-        model, experiment.phases[0].modes, eval_metrics, jit_compile=config.jit_compile
-    )
-    eval_batches = _distribute(strategy, data.eval)
-    feature_eval_step = None  # made when a phase first trains on cached features
-    images = _ImageStream(strategy, data.train)
-    saver = _Saver(
-        checkpoints, config, global_step, single_host=cluster_task(strategy) is None, stop=stop
-    )
-    tracker = _BestTracker(config.checkpoint.best_metric, state, best, model, global_step)
-    profiler = _Profiler(log_config.profile_steps, os.path.join(workdir, "tensorboard", "train"))
-    if not resume_from:
-        summaries.hparams(hparams_of(config), trial=os.path.basename(os.path.abspath(workdir)))
-        if flags_text:
-            summaries.text("flags", "```\n" + flags_text + "```", 0)
-        if experiment.warm_start:
-            summaries.text("init_checkpoint", experiment.warm_start.to_text(), 0)
-    results = {
-        "class_names": list(data.class_names),
-        "train_size": data.train_size,
-        "eval_size": data.eval_size,
-        "skipped_images": list(data.skipped_files),
-        "replicas": strategy.num_replicas_in_sync,
-        "init_checkpoint": dataclasses.asdict(experiment.warm_start)
-        if experiment.warm_start
-        else None,
-        "phases": [],
-    }
-    patience = config.checkpoint.early_stopping_patience
-    last_step = None
-    with summaries.default("train"), _save_when_stopped(saver):
-        for phase in experiment.phases[start[0] :]:
-            step_now = int(global_step.numpy())
-            # A gradual unfreeze resumes in the stage its checkpoint was saved in.
-            stage = 0
-            if resume_from and phase.config.gradual:
-                done = start[1] - checkpoint_lib.phase_start(resume_from)
-                stage = max(done - 1, 0) // data.steps_per_epoch
-            phase_lib.apply_trainability(model, phase, stage)
-            # BatchNorm that uses batch statistics must see the global batch, not a replica's.
-            phase_lib.synchronize_batch_norm(
-                model, phase.modes.train.backbone and strategy.num_replicas_in_sync > 1
-            )
-            report = phase_lib.trainability_report(model, phase)
-            logging.info("mode table:\n%s", phase.modes.to_text())
-            logging.info("trainability:\n%s", report)
-            summaries.text("mode_table", phase.modes.to_text(), step_now)
-            summaries.text("trainability", report, step_now)
-            summaries.scalars("train", {"phase": phase.index + 1}, step_now)
-            inputs = model.augment(data.preview, training=phase.modes.train.augment)
-            summaries.image("train", "augmented_inputs", image_grid(np.asarray(inputs)), step_now)
-            use_cache, cache_reason = feature_cache.decide(
-                config.feature_cache,
-                backbone_frozen=phase.config.unfreeze.kind == "none",
-                augmenting=bool(config.model.augment) and phase.modes.train.augment,
-                model=model,
-                data=data,
-            )
-
-            def make_step(phase=phase, use_cache=use_cache) -> TrainStep:
-                """A fresh optimizer and compiled step for the current trainable set, and the
-                checkpoint tracking them."""
-                optimizer = _phase_optimizer(config, phase, model, data.steps_per_epoch)
-                step = TrainStep(
-                    model,
-                    optimizer,
-                    phase.modes,
-                    train_metrics,
-                    global_step,
-                    global_batch_size=config.data.batch_size,
-                    jit_compile=config.jit_compile,
-                    log_every_steps=log_config.log_every_steps,
-                    histogram_every_steps=log_config.histogram_every_steps,
-                    nan_policy=config.nan_policy,
-                    label_smoothing=config.training.label_smoothing,
-                    class_weights=_class_weights(config, data),
-                    clip_grad_norm=config.training.clip_grad_norm,
-                    grad_accum_steps=config.training.grad_accum_steps,
-                    features_in=use_cache,
-                    ema_decay=config.training.ema_decay,
-                )
-                checkpoints.track(
-                    model=model,
-                    optimizer=optimizer,
-                    accumulators=step.accumulators,
-                    averages=step.averages,
-                    step=global_step,
-                    state=state,
-                    metrics=train_metrics.variables,
-                    rng=checkpoint_lib.rng_states(model),
-                )
-                return step
-
-            train_step = last_step = make_step()
-            if resume_from:
-                checkpoints.restore(resume_from)
-                results["phases"] = state.finished_phases()
-                resume_from = None
-                if len(results["phases"]) > phase.index:
-                    continue  # the checkpoint was this phase's last
-            else:
-                state.start_phase(phase.index, int(global_step.numpy()))
-                saver.save()
-            # The input position is the global step: one batch per step, from one seeded
-            # stream of images, or of their features (which line up batch for batch).
-            phase_eval = (eval_step, eval_batches)
-            if use_cache:
-                cached = feature_cache.compute(model, data)
-                train_batches = iter(
-                    _distribute(strategy, data.stream(cached.train).skip(global_step.numpy()))
-                )
-                feature_eval_step = feature_eval_step or EvalStep(
-                    model,
-                    phase.modes,
-                    eval_metrics,
-                    jit_compile=config.jit_compile,
-                    features_in=True,
-                )
-                phase_eval = (feature_eval_step, _distribute(strategy, cached.eval))
-                cache_reason += f"; computed in {cached.seconds:.2f} s"
-            else:
-                train_batches = images.at(int(global_step.numpy()))
-            logging.info("%s phase feature cache: %s", phase.name, cache_reason)
-            done = int(global_step.numpy() - state.phase_start.numpy())
-            first_epoch, offset = divmod(done, data.steps_per_epoch)
-            if (
-                done
-                and not offset
-                and int(state.evaluated_step.numpy()) != done + int(state.phase_start.numpy())
-            ):
-                # Resumed after an epoch's last step but before its evaluation: evaluate it.
-                first_epoch, offset = first_epoch - 1, data.steps_per_epoch
-            started = time.perf_counter()
-            train_result = eval_result = None
-            stopped_early = False
-            for epoch in range(first_epoch, phase.config.epochs):
-                if phase.config.gradual:  # the next stage: more layers train
-                    phase_lib.apply_trainability(model, phase, epoch)
-                    if not train_step.matches(model):
-                        train_step = last_step = make_step()
-                        logging.info(
-                            "gradual unfreeze, epoch %d:\n%s",
-                            epoch + 1,
-                            phase_lib.trainability_report(model, phase),
-                        )
-                # A stale compiled step would silently keep updating an old trainable set.
-                if not train_step.matches(model):
-                    raise RuntimeError("the trainable set changed under a compiled train step")
-                if not offset:
-                    train_metrics.reset()  # a resumed epoch goes on with its restored metrics
-                progress = keras.utils.Progbar(
-                    data.steps_per_epoch,
-                    verbose=1 if chief and not log_config.quiet else 0,
-                    stateful_metrics=["examples/s"],
-                )
-                seconds = _run_epoch(
-                    train_step,
-                    train_batches,
-                    data.steps_per_epoch - offset,
-                    config,
-                    phase,
-                    profiler,
-                    summaries,
-                    progress,
-                    saver,
-                    state,
-                )
-                offset = 0
-                train_result = train_metrics.result()
-                step_now = int(global_step.numpy())
-                with _averaged(train_step):  # the moving averages, with --ema_decay
-                    eval_result = evaluate(
-                        phase_eval[0], eval_metrics, phase_eval[1], data.eval_steps
-                    )
-                    is_best = tracker.update(eval_result)
-                state.evaluated_step.assign(step_now)
-                _write_epoch(summaries, phase, epoch, step_now, train_result, eval_result, data)
-                logging.info(
-                    "%s epoch %d/%d step %d: train loss %.4f acc %.4f | eval loss %.4f acc %.4f "
-                    "(%d examples)%s | %.1f s",
-                    phase.name,
-                    epoch + 1,
-                    phase.config.epochs,
-                    step_now,
-                    train_result["loss"],
-                    train_result["accuracy"],
-                    eval_result["loss"],
-                    eval_result["accuracy"],
-                    eval_result["examples"],
-                    " | best so far" if is_best else "",
-                    seconds,
-                )
-                if patience and int(state.since_phase_best.numpy()) >= patience:
-                    logging.info(
-                        "%s phase stopped early at epoch %d: %d evaluations without a better "
-                        "%s (--early_stopping_patience=%d)",
-                        phase.name,
-                        epoch + 1,
-                        patience,
-                        config.checkpoint.best_metric,
-                        patience,
-                    )
-                    stopped_early = True
-                    break
-            if not use_cache:
-                images.ran_to(int(global_step.numpy()))
-            if eval_result is None:  # resumed after the phase's evaluated last step
-                train_result = train_metrics.result()
-                with _averaged(train_step):
-                    eval_result = evaluate(
-                        phase_eval[0], eval_metrics, phase_eval[1], data.eval_steps
-                    )
-            summaries.flush()
-            results["phases"].append(
-                {
-                    "name": phase.name,
-                    "epochs": phase.config.epochs,
-                    "stopped_early": stopped_early,
-                    "feature_cache": cache_reason,
-                    "last_step": int(global_step.numpy()),
-                    "seconds": round(time.perf_counter() - started, 3),
-                    "train": train_result,
-                    "eval": eval_result,
-                }
-            )
-            state.record(results["phases"])
-            saver.save()  # the end of the phase
-    state.phase.assign(len(experiment.phases))
-    if not resume_from and last_step.averages:
-        # From here on the model holds the averaged weights: the final checkpoint, the digest
-        # and the export (--export=last) are of those.
-        last_step.swap_averages()
-    if resume_from:  # the checkpoint was of a finished run: only its results are needed
-        checkpoints.track(model=model, step=global_step, state=state)
-        checkpoints.restore(resume_from)
-        results["phases"] = state.finished_phases()
-    else:
-        saver.save()
-    profiler.stop()
-    results["best"] = tracker.summary()
-    results["nonfinite_steps_skipped"] = int(state.nonfinite_steps.numpy())
-    results["weights_sha256"] = weights_digest(model)
-    return results
-
-
-def _run_epoch(
-    step, batches, count, config, phase, profiler, summaries, progress, saver, state
-) -> float:
-    """Runs `count` steps in calls of up to --steps_per_loop; returns their seconds.
-
-    Calls end where the profiler or a step-count checkpoint needs the host. A NaN/Inf step
-    raises RunFailed under --nan_policy=stop (before any checkpoint is saved after it) and is
-    counted and logged under skip_step.
-    """
-    done, seconds = 0, 0.0
-    while done < count:
-        current = int(step.global_step.numpy())
-        profiler.at(current)
-        chunk = min(count - done, config.steps_per_loop)
-        chunk = saver.limit(current, profiler.limit(current, chunk))
-        started = time.perf_counter()
-        rows, nonfinite = step(batches, chunk)
-        elapsed = time.perf_counter() - started
-        if len(nonfinite) and config.nan_policy == "stop":
-            last = checkpoint_lib.latest(saver.checkpoints.directory)
-            raise RunFailed(
-                f"--nan_policy=stop: the loss or a gradient is NaN or Inf at step "
-                f"{int(nonfinite[0])} ({phase.name} phase); no update was applied and the last "
-                f"checkpoint ({last}) is intact; accepted: a lower --{phase.name}_lr, clean "
-                "data, or --nan_policy=skip_step to skip such steps"
-            )
-        if len(nonfinite):
-            state.nonfinite_steps.assign_add(len(nonfinite))
-            logging.warning(
-                "--nan_policy=skip_step: NaN/Inf at step(s) %s: no update applied (%d so far)",
-                ", ".join(str(int(s)) for s in nonfinite),
-                int(state.nonfinite_steps.numpy()),
-            )
-            summaries.scalars(
-                "train", {"nonfinite_steps": float(state.nonfinite_steps.numpy())}, current + chunk
-            )
-        done, seconds = done + chunk, seconds + elapsed
-        speed = {
-            "examples_per_second": config.data.batch_size * chunk / elapsed,
-            "step_time_ms": 1000.0 * elapsed / chunk,
-        }
-        for row in rows:
-            values = dict(zip(LOG_COLUMNS, (float(v) for v in row), strict=True))
-            logged_step = int(values.pop("step"))
-            summaries.scalars("train", speed, logged_step)
-            summaries.record("train", logged_step, {"phase": phase.name, **values, **speed})
-        shown = (
-            [("loss", float(rows[-1][1])), ("accuracy", float(rows[-1][2]))] if len(rows) else []
-        )
-        progress.update(done, values=[*shown, ("examples/s", speed["examples_per_second"])])
-        saver.maybe_save()
-        if saver.stop is not None and saver.stop.is_set():
-            raise Stopped()
-    profiler.at(int(step.global_step.numpy()))
-    return seconds
-
-
-def _phase_optimizer(config: RunConfig, phase, model, steps_per_epoch: int):
-    """The phase's fresh optimizer; its schedule spans the phase's optimizer steps."""
-    training = config.training
-    steps = phase.config.epochs * steps_per_epoch // training.grad_accum_steps
-    warmup = training.warmup_steps or (
-        training.warmup_epochs * steps_per_epoch // training.grad_accum_steps
-    )
-    return make_optimizer(
-        phase.config,
-        model.trainable_variables,
-        training,
-        steps=steps,
-        warmup_steps=warmup,
-        no_decay=tuple(phase_lib.no_decay_variables(model)),
-        multipliers=phase_lib.lr_multipliers(model, training.layer_lr_decay),
-        loss_scale=config.model.mixed_precision == "float16",
-    )
-
-
-def _class_weights(config: RunConfig, data) -> np.ndarray | None:
-    """--class_weights=auto: N / (classes x count) per class, so every class weighs the same."""
-    if config.training.class_weights != "auto":
-        return None
-    counts = np.asarray(data.class_counts, np.float64)
-    return (counts.sum() / (len(counts) * np.maximum(counts, 1))).astype(np.float32)
-
-
-class _BestTracker:
-    """Keeps the best evaluation of --best_metric: its value and step in the run state (so a
-    resumed run knows them) and its weights in WORKDIR/checkpoints/best. Also counts the
-    phase's evaluations since its own best improved, for early stopping."""
-
-    def __init__(self, metric, state, checkpoints, model, global_step) -> None:
-        self.metric = metric
-        self.state = state
-        self.checkpoints = checkpoints
-        self.global_step = global_step
-        checkpoints.track(model=model, step=global_step, value=state.best)
-
-    def update(self, eval_result: dict) -> bool:
-        """Records one evaluation; True (and the weights saved) if it is the best so far."""
-        value = float(eval_result[self.metric.name])
-        state = self.state
-        if self.metric.better(value, float(state.phase_best.numpy())):
-            state.phase_best.assign(value)
-            state.since_phase_best.assign(0)
-        else:
-            state.since_phase_best.assign_add(1)
-        if not self.metric.better(value, float(state.best.numpy())):
-            return False
-        step = int(self.global_step.numpy())
-        state.best.assign(value)
-        state.best_step.assign(step)
-        self.checkpoints.save(step)
-        return True
-
-    def summary(self) -> dict:
-        return {
-            "metric": str(self.metric),
-            "value": float(self.state.best.numpy()),
-            "step": int(self.state.best_step.numpy()),
-        }
-
-
-def _write_epoch(summaries, phase, epoch, step, train_result, eval_result, data) -> None:
-    summaries.scalars(
-        "train",
-        {"epoch/loss": train_result["loss"], "epoch/accuracy": train_result["accuracy"]},
-        step,
-    )
-    summaries.scalars(
-        "eval", {"loss": eval_result["loss"], "accuracy": eval_result["accuracy"]}, step
-    )
-    summaries.image("eval", "confusion_matrix", confusion_image(eval_result["confusion"]), step)
-    summaries.text(
-        "confusion_matrix", confusion_text(eval_result["confusion"], data.class_names), step
-    )
-    summaries.record("eval", step, {"phase": phase.name, "epoch": epoch + 1, **eval_result})
-    summaries.flush()
-
-
-class _Saver:
-    """Saves checkpoints every --checkpoint_every_steps and every --checkpoint_every_secs."""
-
-    def __init__(
-        self,
-        checkpoints,
-        config: RunConfig,
-        global_step,
-        *,
-        single_host: bool,
-        stop: threading.Event | None = None,
-    ) -> None:
-        self.checkpoints = checkpoints
-        self.every_steps = config.checkpoint.every_steps
-        # Tasks of a cluster must save together, and their clocks do not agree.
-        self.every_secs = config.checkpoint.every_secs if single_host else 0.0
-        self.global_step = global_step
-        self.last = time.monotonic()
-        self.stop = stop  # set by the entry point on SIGTERM
-
-    def limit(self, step: int, chunk: int) -> int:
-        """`chunk` cut so that a call ends on a checkpoint step."""
-        if self.every_steps:
-            chunk = min(chunk, self.every_steps - step % self.every_steps)
-        return chunk
-
-    def maybe_save(self) -> None:
-        step = int(self.global_step.numpy())
-        due_by_steps = self.every_steps and step % self.every_steps == 0
-        due_by_time = self.every_secs and time.monotonic() - self.last >= self.every_secs
-        if due_by_steps or due_by_time:
-            self.save()
-
-    def save(self) -> None:
-        step = int(self.global_step.numpy())
-        self.checkpoints.save(step)
-        self.last = time.monotonic()
-        logging.info("checkpoint saved at step %d", step)
-
-
-@contextlib.contextmanager
-def _save_when_stopped(saver: _Saver):
-    """Saves a checkpoint at the current step when the run is stopped (Stopped, SIGINT).
-
-    Both arrive between host calls, so the state saved is that of whole steps.
-    """
-    try:
-        yield
-    except (Stopped, KeyboardInterrupt):
-        saver.save()
-        raise
-
-
-class _Profiler:
-    """Traces global steps START..END with the TensorFlow profiler, on loop boundaries."""
-
-    def __init__(self, steps: tuple[int, ...], logdir: str) -> None:
-        self.first, self.last = steps if steps else (0, -1)
-        self.logdir = logdir
-        self.running = False
-
-    def limit(self, step: int, chunk: int) -> int:
-        """`chunk` cut so that a call ends where the trace starts or stops."""
-        for boundary in (self.first - 1, self.last):
-            if step < boundary:
-                chunk = min(chunk, boundary - step)
-        return chunk
-
-    def at(self, step: int) -> None:
-        """Starts or stops the trace when `step` (the steps done so far) calls for it."""
-        if not self.running and self.first - 1 <= step < self.last:
-            tf.profiler.experimental.start(self.logdir)
-            self.running = True
-        elif self.running and step >= self.last:
-            self.stop()
-
-    def stop(self) -> None:
-        if self.running:
-            tf.profiler.experimental.stop()
-            self.running = False
-
-
-def weights_digest(model: keras.Model) -> str:
-    """SHA-256 of every weight (RNG states excluded), in order: equal iff the weights are."""
-    digest = hashlib.sha256()
-    for variable in model.weights:
-        if "seed_generator" not in variable.path:
-            digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _averaged(step: TrainStep):
-    """The model holds `step`'s moving averages inside, its trained weights again after."""
-    if not step.averages:
-        yield
-        return
-    step.swap_averages()
-    try:
-        yield
-    finally:
-        step.swap_averages()
-
-
-class _ImageStream:
-    """The one iterator over the training images, positioned at a global step on demand.
-
-    One per process: a dataset shuffled with reshuffle_each_iteration gives each new iterator
-    another order, so a second iterator would not continue the first one's stream.
-    """
-
-    def __init__(self, strategy: tf.distribute.Strategy, dataset: tf.data.Dataset) -> None:
-        self.strategy, self.dataset = strategy, dataset
-        self.iterator, self.position = None, 0
-
-    def at(self, step: int):
-        """The iterator, its next batch the one of global step `step` + 1."""
-        if self.iterator is None:
-            self.iterator = iter(_distribute(self.strategy, self.dataset.skip(step)))
-            self.position = step
-        for _ in range(step - self.position):  # steps taken meanwhile on cached features
-            next(self.iterator)
-        self.position = step
-        return self.iterator
-
-    def ran_to(self, step: int) -> None:
-        """Records that the training steps up to global step `step` read this iterator."""
-        self.position = step
-
-
-def _distribute(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset):
-    # Every task builds the same dataset from the same seed; DATA sharding splits each global
-    # batch between the tasks, so a cluster sees the same global batches as one device.
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return strategy.experimental_distribute_dataset(dataset.with_options(options))

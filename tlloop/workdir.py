@@ -18,18 +18,20 @@ FLAGS_FILE = "flags.txt"
 _ACTION_FLAGS = ("overwrite",)
 
 
-def prepare(path: str, flags_text: str, *, overwrite: bool) -> bool:
+def prepare(path: str, flags_text: str | None, *, overwrite: bool) -> bool:
     """Makes `path` ready for the run `flags_text` describes; True if that run is to resume.
 
     A workdir that holds a run with the same flags resumes it; with other flags it is refused,
-    with the flags that differ. `overwrite` removes a previous run's outputs (and only those),
-    saying what it removes, and starts afresh. Raises ConfigError before writing anything.
+    with the flags that differ (runs from Python, `flags_text` None, are not compared: a
+    checkpoint of another model is refused when it is restored). `overwrite` removes a previous
+    run's outputs (and only those), saying what it removes, and starts afresh. Raises
+    ConfigError before writing anything.
     """
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"--workdir={path!r}: is a file; accepted: a directory (new or empty)")
     previous = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(path, name))]
     resume = bool(previous) and not overwrite
-    if resume:
+    if resume and flags_text is not None:
         differences = _flag_differences(os.path.join(path, FLAGS_FILE), flags_text)
         if differences:
             raise ConfigError(
@@ -61,7 +63,8 @@ def prepare(path: str, flags_text: str, *, overwrite: bool) -> bool:
                 shutil.rmtree(target)
             else:
                 os.remove(target)
-    write_text(os.path.join(path, FLAGS_FILE), flags_text)
+    if flags_text is not None:
+        write_text(os.path.join(path, FLAGS_FILE), flags_text)
     return resume
 
 

@@ -11,6 +11,7 @@ with examples of weight 0, so every example counts exactly once and none twice.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -19,6 +20,7 @@ import tensorflow as tf
 from absl import logging
 
 from tlloop.config import ConfigError, DataConfig
+from tlloop.data.examples import InMemoryExamples
 from tlloop.data.sources import IMAGE_EXTENSIONS, Split, load_source
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -26,96 +28,106 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-    """Ready pipelines and their sizes.
+    """A source's examples, ready for training and evaluation.
 
-    `train` yields (images float32 [B, S, S, 3] in [0, 255], labels int32 [B]) forever;
-    `eval` yields (images, labels, weights float32 [B]) for `eval_steps` batches, and the
-    weights sum to `eval_size`. Loaded for evaluation only, `train` and `preview` are None.
+    `train` yields (images float32 [B, S, S, 3] in [0, 255], labels int32 [B]) forever, in
+    the order of `train_examples` (see `examples.InMemoryExamples`); `eval` yields (images,
+    labels, weights float32 [B]) for `eval_steps` batches, the weights summing to `eval_size`.
+    Loaded for evaluation only, `train_examples` is None.
     """
 
     class_names: tuple[str, ...]
-    train: tf.data.Dataset | None
-    eval: tf.data.Dataset
-    preview: tf.Tensor | None  # the first (up to) 16 training images, unshuffled
-    train_size: int
-    eval_size: int
-    steps_per_epoch: int
-    eval_steps: int
-    skipped_files: tuple[str, ...] = ()  # unreadable image files left out (--bad_images=skip)
-    class_counts: tuple[int, ...] = ()  # training examples per class, in label order
-    train_examples: tf.data.Dataset | None = None  # (image, label), unshuffled, cached
-    batch_size: int = 0
+    train_examples: InMemoryExamples | None
+    eval_examples: InMemoryExamples
+    batch_size: int
+    eval_batch_size: int
     seed: int = 0
-
-    def stream(self, examples: tf.data.Dataset) -> tf.data.Dataset:
-        """`examples` (as many, in the order of `train_examples`) as the training stream:
-        shuffled, repeated, batched exactly as `train` is. tf.data's seeded shuffle depends
-        only on the seed and the element count, so a stream of per-example features lines up
-        batch for batch with the stream of their images."""
-        return training_stream(examples, self.train_size, self.seed, self.batch_size)
+    skipped_files: tuple[str, ...] = ()  # unreadable image files left out (--bad_images=skip)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def train_size(self) -> int:
+        return self.train_examples.size if self.train_examples else 0
+
+    @property
+    def eval_size(self) -> int:
+        return self.eval_examples.size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.train_size / self.batch_size)
+
+    @property
+    def eval_steps(self) -> int:
+        return self.eval_examples.eval_steps(self.eval_batch_size)
+
+    @functools.cached_property
+    def train(self) -> tf.data.Dataset:
+        return self.train_examples.training_batches(self.batch_size, self.seed)
+
+    @functools.cached_property
+    def eval(self) -> tf.data.Dataset:
+        return self.eval_examples.eval_batches(self.eval_batch_size)
+
+    @functools.cached_property
+    def class_counts(self) -> tuple[int, ...]:
+        """Training examples per class, in label order."""
+        counts = np.bincount(self.train_examples.labels, minlength=self.num_classes)
+        return tuple(int(n) for n in counts)
+
 
 def load_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
-    """Loads the source `config` names and builds its train and eval pipelines (only the
-    eval pipeline, and no training image decoded, with `evaluation_only`)."""
+    """Loads the source `config` names, decoded and resized, into memory (only the evaluation
+    split, and no training image decoded, with `evaluation_only`)."""
     source = load_source(config)
     skip = config.bad_images == "skip"
     eval_split, skipped = decode_files(
         source.eval, config.image_size, skip=skip, resize=config.resize
     )
     _check_every_class(eval_split, source.class_names, skipped)
-    evaluation = padded_eval_dataset(
-        eval_split, config.image_size, config.eval_batch, config.resize
-    )
-    data = Data(
+    train_examples = None
+    if not evaluation_only:
+        train_split, train_skipped = decode_files(
+            source.train, config.image_size, skip=skip, resize=config.resize
+        )
+        skipped = train_skipped + skipped
+        _check_every_class(train_split, source.class_names, skipped)
+        train_examples = in_memory(train_split, config.image_size, config.resize)
+    return Data(
         class_names=source.class_names,
-        train=None,
-        eval=evaluation,
-        preview=None,
-        train_size=0,
-        eval_size=len(eval_split),
-        steps_per_epoch=0,
-        eval_steps=math.ceil(len(eval_split) / config.eval_batch),
-        skipped_files=skipped,
-    )
-    if evaluation_only:
-        return data
-    train_split, train_skipped = decode_files(
-        source.train, config.image_size, skip=skip, resize=config.resize
-    )
-    skipped = train_skipped + skipped
-    _check_every_class(train_split, source.class_names, skipped)
-    examples = images_dataset(train_split, config.image_size, config.resize).cache()
-    preview = next(iter(examples.map(lambda image, label: image).batch(16)))
-    train = training_stream(examples, len(train_split), config.seed, config.batch_size)
-    return dataclasses.replace(
-        data,
-        train=train,
-        train_examples=examples,
+        train_examples=train_examples,
+        eval_examples=in_memory(eval_split, config.image_size, config.resize),
         batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch,
         seed=config.seed,
-        preview=preview,
-        train_size=len(train_split),
-        steps_per_epoch=math.ceil(len(train_split) / config.batch_size),
         skipped_files=skipped,
-        class_counts=tuple(
-            int(n) for n in np.bincount(train_split.labels, minlength=len(source.class_names))
-        ),
     )
 
 
-def training_stream(examples: tf.data.Dataset, size: int, seed: int, batch: int):
-    """Shuffled with `seed`, reshuffled every pass, repeated, in full batches of `batch`."""
-    return (
-        examples.shuffle(size, seed=seed, reshuffle_each_iteration=True)
-        .repeat()
-        .batch(batch, drop_remainder=True)
-        .prefetch(AUTOTUNE)
+def in_memory(split: Split, image_size: int, resize: str = "squash") -> InMemoryExamples:
+    """The decoded images of `split` (uint8 arrays) as examples of float32 `image_size`
+    squares: kept as uint8 when already that size, else resized once, as float32."""
+    images = split.images
+    if images.shape[1:3] == (image_size, image_size):
+        return InMemoryExamples(images, split.labels, transform=_to_float)
+    resized = (
+        np.concatenate(
+            [
+                resize_images(images[i : i + 512], image_size, resize).numpy()
+                for i in range(0, len(images), 512)
+            ]
+        )
+        if len(images)
+        else np.zeros((0, image_size, image_size, 3), np.float32)
     )
+    return InMemoryExamples(resized, split.labels)
+
+
+def _to_float(images):
+    return tf.cast(images, tf.float32)
 
 
 def decode_files(
@@ -214,31 +226,11 @@ def _check_every_class(split: Split, names: tuple[str, ...], skipped: tuple[str,
         )
 
 
-def images_dataset(split: Split, image_size: int, resize: str = "squash") -> tf.data.Dataset:
-    """(image float32 [S, S, 3] in [0, 255], label int32) pairs, in the split's order.
-
-    The split holds arrays (see `decode_files`).
-    """
-    pixels = tf.data.Dataset.from_tensor_slices(split.images)
-    pixels = pixels.map(
-        lambda image: _resize(image, image_size, resize), num_parallel_calls=AUTOTUNE
-    )
-    labels = tf.data.Dataset.from_tensor_slices(split.labels)
-    return tf.data.Dataset.zip(pixels, labels)
-
-
 def padded_eval_dataset(
     split: Split, image_size: int, batch_size: int, resize: str = "squash"
 ) -> tf.data.Dataset:
-    """(images, labels, weights) full batches; padding examples have weight 0."""
-    real = images_dataset(split, image_size, resize).map(lambda x, y: (x, y, tf.constant(1.0)))
-    padding = (-len(split)) % batch_size
-    filler = tf.data.Dataset.from_tensors(
-        (tf.zeros((image_size, image_size, 3)), tf.constant(0, tf.int32), tf.constant(0.0))
-    ).repeat(padding)
-    return (
-        real.concatenate(filler).batch(batch_size, drop_remainder=True).cache().prefetch(AUTOTUNE)
-    )
+    """(images, labels, weights) full batches of `split`; padding examples have weight 0."""
+    return in_memory(split, image_size, resize).eval_batches(batch_size)
 
 
 def _decode_file(path: tf.Tensor) -> tf.Tensor:

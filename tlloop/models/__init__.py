@@ -34,7 +34,7 @@ def build_model(config: ModelConfig, num_classes: int, seed: int = 0) -> Transfe
             feature_shape, num_classes, config.dropout, float32_output=bool(config.mixed_precision)
         )
         augment = build_augment(config.augment, config.image_size, seed)
-        model = TransferModel(augment, backbone, head, name="transfer_model")
+        model = TransferModel(backbone, head, augment, name="transfer_model")
     model.build((None, config.image_size, config.image_size, 3))
     return model
 

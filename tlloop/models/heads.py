@@ -25,3 +25,22 @@ def build_head(
     if float32_output:
         logits = keras.layers.Activation("linear", dtype="float32", name="logits_float32")(logits)
     return keras.Model(inputs, logits, name="head")
+
+
+def classification_head(
+    features: keras.Model | tuple[int, ...], num_classes: int, *, dropout: float = 0.2
+) -> keras.Model:
+    """The built-in head for `num_classes` classes on a backbone's features: `features` is the
+    backbone (a functional model: its output shape is read) or the shape of one example's
+    features, (H, W, C) for a feature map (pooled first) or (C,) for a vector."""
+    if isinstance(features, keras.Model):
+        outputs = getattr(features, "outputs", None)
+        if not outputs or len(outputs) != 1:
+            raise ValueError(
+                "features: the backbone declares no single output; accepted: a functional "
+                "backbone, or the feature shape, e.g. (7, 7, 1280)"
+            )
+        features = tuple(outputs[0].shape[1:])
+    if num_classes < 1:
+        raise ValueError(f"num_classes={num_classes}: accepted: >= 1")
+    return build_head(tuple(features), num_classes, dropout)

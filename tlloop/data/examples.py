@@ -1,0 +1,261 @@
+"""The one data path: examples in; full training batches and padded evaluation batches out.
+
+Whatever the source (tlloop's digits and image folders, a user's numpy arrays, a user's
+`tf.data.Dataset`), training reads `Examples`, and the input position of a run is its global
+step: step t reads the t-th global batch of one endless stream. Two kinds:
+
+- `InMemoryExamples` hold (inputs, labels) as arrays. tlloop owns their order: example position
+  k (counting across epochs) is example `index_shuffle(k mod N, seed=(seed, k div N))`, a
+  seeded permutation per epoch computed per position. So a run resumed at step t starts
+  reading at position t x batch directly (no replay), and backbone features cached per example
+  line up with their inputs, batch for batch.
+- `StreamedExamples` wrap a user's finite `tf.data.Dataset`, iterated as given: its own order,
+  its own random maps, repeated; tlloop only batches it into full global batches. A resumed
+  run skips the batches already read (a replay, exact when a fresh iterator of the dataset
+  gives the same sequence, e.g. when it shuffles with a seed).
+
+Training batches always have the full static batch shape (no partial batch retraces a step);
+evaluation pads its last batch with examples of weight 0, so each example counts exactly once.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+
+import numpy as np
+import tensorflow as tf
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+class Examples(abc.ABC):
+    """A finite set of (inputs, label) examples, read as training or evaluation batches."""
+
+    #: True when `training_batches` can start at any step without reading what comes before.
+    positionable: bool
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """The number of examples (one epoch)."""
+
+    @abc.abstractmethod
+    def ordered(self) -> tf.data.Dataset:
+        """Every example once, unbatched, in a fixed order (the index order)."""
+
+    @abc.abstractmethod
+    def training_batches(
+        self, batch_size: int, seed: int, start_step: int = 0, shuffle: bool = True
+    ) -> tf.data.Dataset:
+        """The endless stream of full batches, from the batch of global step `start_step` + 1."""
+
+    @property
+    def element_spec(self):
+        return self.ordered().element_spec
+
+    def label_counts(self, num_classes: int) -> np.ndarray:
+        """Examples per class label (labels are class indices)."""
+        labels = np.concatenate([y for _, y in self.ordered().batch(4096).as_numpy_iterator()])
+        return np.bincount(labels.astype(np.int64).ravel(), minlength=num_classes)
+
+    def eval_batches(self, batch_size: int) -> tf.data.Dataset:
+        """(inputs, labels, weights) full batches over every example once; the last batch is
+        padded with copies of the first example of weight 0."""
+        real = self.ordered().map(lambda x, y: (x, y, tf.constant(1.0)))
+        padding = (-self.size) % batch_size
+        filler = self.ordered().take(1).map(lambda x, y: (x, y, tf.constant(0.0))).repeat(padding)
+        batches = real.concatenate(filler).batch(batch_size, drop_remainder=True)
+        return batches.prefetch(AUTOTUNE)
+
+    def eval_steps(self, batch_size: int) -> int:
+        return math.ceil(self.size / batch_size)
+
+    def preview(self, count: int = 16):
+        """The first `count` examples' inputs, batched (for an image grid), or None when the
+        inputs are not images (one float or integer tensor of shape (H, W, 1 or 3))."""
+        spec = self.element_spec[0]
+        image_like = isinstance(spec, tf.TensorSpec) and spec.shape.rank == 3
+        if not image_like or spec.shape[-1] not in (1, 3) or spec.dtype == tf.string:
+            return None
+        return next(iter(self.ordered().map(lambda x, y: x).batch(count)))
+
+
+class InMemoryExamples(Examples):
+    """(inputs, labels) held as arrays: `inputs` an array or a nested structure (dict, tuple)
+    of arrays, `labels` an array; all with the same first dimension. `transform`, if given,
+    maps each batch of inputs after it is gathered (e.g. uint8 pixels to float32)."""
+
+    positionable = True
+
+    def __init__(self, inputs, labels, *, transform=None) -> None:
+        counts = {len(a) for a in tf.nest.flatten(inputs)} | {len(labels)}
+        if len(counts) != 1:
+            raise ValueError(
+                f"inputs and labels hold different numbers of examples ({sorted(counts)}); "
+                "accepted: arrays with the same first dimension"
+            )
+        if not len(labels):
+            raise ValueError("no examples: accepted: at least one example")
+        self.inputs = inputs
+        self.labels = labels
+        self.transform = transform
+        self._tensors = None
+
+    @classmethod
+    def from_dataset(cls, dataset: tf.data.Dataset, *, batched: bool = False) -> InMemoryExamples:
+        """Reads a finite dataset of (inputs, label) pairs (batched, with `batched`) into
+        memory once, so tlloop owns the order and can position it."""
+        if batched:
+            dataset = dataset.unbatch()
+        batches = list(dataset.batch(4096).as_numpy_iterator())
+        if not batches:
+            raise ValueError("the dataset is empty; accepted: at least one example")
+        inputs = tf.nest.map_structure(lambda *a: np.concatenate(a), *[b[0] for b in batches])
+        return cls(inputs, np.concatenate([b[1] for b in batches]))
+
+    @property
+    def size(self) -> int:
+        return len(self.labels)
+
+    def _constants(self):
+        if self._tensors is None:
+            with tf.init_scope():  # eager tensors, made once, whatever graph first asks
+                self._tensors = tf.nest.map_structure(
+                    tf.convert_to_tensor, (self.inputs, self.labels)
+                )
+        return self._tensors
+
+    def _gather(self, indices):
+        inputs, labels = tf.nest.map_structure(lambda t: tf.gather(t, indices), self._constants())
+        if self.transform is not None:
+            inputs = self.transform(inputs)
+        return inputs, labels
+
+    def ordered(self) -> tf.data.Dataset:
+        return (
+            tf.data.Dataset.range(self.size)
+            .batch(1024)
+            .map(self._gather, num_parallel_calls=AUTOTUNE, deterministic=True)
+            .unbatch()
+        )
+
+    def training_batches(
+        self, batch_size: int, seed: int, start_step: int = 0, shuffle: bool = True
+    ) -> tf.data.Dataset:
+        size = self.size
+        positions = tf.data.Dataset.range(start_step * batch_size, np.iinfo(np.int64).max)
+        if shuffle:
+            positions = positions.map(
+                lambda k: example_index(k, size, seed), num_parallel_calls=AUTOTUNE
+            )
+        else:
+            positions = positions.map(lambda k: k % size)
+        return (
+            positions.batch(batch_size, drop_remainder=True)
+            .map(self._gather, num_parallel_calls=AUTOTUNE, deterministic=True)
+            .prefetch(AUTOTUNE)
+        )
+
+
+def example_index(position, size: int, seed: int):
+    """The example at `position` of the training order: in epoch `position // size`, a
+    permutation of 0..size-1 drawn from (seed, epoch). A pure function: resume needs no state."""
+    position = tf.cast(position, tf.int64)
+    epoch_seed = tf.stack([tf.constant(seed, tf.int64), position // size])
+    return tf.random.experimental.index_shuffle(position % size, epoch_seed, size - 1)
+
+
+class StreamedExamples(Examples):
+    """A user's finite `tf.data.Dataset` of (inputs, label) pairs (batched, with `batched`:
+    they are unbatched first), read in its own order each epoch."""
+
+    positionable = False
+
+    def __init__(self, dataset: tf.data.Dataset, *, batched: bool = False) -> None:
+        if dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
+            raise ValueError(
+                "the dataset is infinite (repeat()?); accepted: a finite dataset, one epoch: "
+                "tlloop repeats it"
+            )
+        self.dataset = dataset.unbatch() if batched else dataset
+        self._size = None
+
+    @property
+    def size(self) -> int:
+        if self._size is None:  # one pass: a tf.data pipeline rarely knows its length
+            known = int(self.dataset.cardinality())
+            self._size = known if known >= 0 else int(self.dataset.reduce(0, lambda n, _: n + 1))
+            if not self._size:
+                raise ValueError("the dataset is empty; accepted: at least one example")
+        return self._size
+
+    def ordered(self) -> tf.data.Dataset:
+        return self.dataset
+
+    def training_batches(
+        self, batch_size: int, seed: int, start_step: int = 0, shuffle: bool = True
+    ) -> tf.data.Dataset:
+        batches = self.dataset.repeat().batch(batch_size, drop_remainder=True)
+        return batches.skip(start_step).prefetch(AUTOTUNE)
+
+
+def as_examples(data, *, argument: str, label_rank: int = 0) -> Examples:
+    """`data` as Examples: Examples as they are; a tuple (inputs, labels) of arrays (inputs may
+    be a dict or tuple of arrays) in memory; a `tf.data.Dataset` of (inputs, label) pairs
+    streamed as given, unbatched first if its labels have more than `label_rank` dimensions.
+    Raises TypeError/ValueError naming `argument`."""
+    if isinstance(data, Examples):
+        return data
+    try:
+        if isinstance(data, tf.data.Dataset):
+            spec = data.element_spec
+            if not (isinstance(spec, tuple) and len(spec) == 2):
+                raise TypeError(
+                    f"its elements are {spec}; accepted: (inputs, label) pairs, e.g. "
+                    "tf.data.Dataset.from_tensor_slices((images, labels))"
+                )
+            label = tf.nest.flatten(spec[1])[0]
+            batched = label.shape.rank is not None and label.shape.rank > label_rank
+            return StreamedExamples(data, batched=batched)
+        if isinstance(data, tuple) and len(data) == 2:
+            inputs = tf.nest.map_structure(np.asarray, data[0])
+            return InMemoryExamples(inputs, np.asarray(data[1]))
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{argument}: {error}") from None
+    raise TypeError(
+        f"{argument}: {type(data).__name__} is not data tlloop reads; accepted: (inputs, labels) "
+        "arrays, a finite tf.data.Dataset of (inputs, label) pairs, or tlloop Examples"
+    )
+
+
+class BatchStream:
+    """The training batches of one process, positioned at a global step on demand.
+
+    Positionable examples start a fresh iterator wherever asked. A streamed dataset keeps one
+    iterator per process and only moves forward: a dataset that reshuffles each iteration gives
+    every new iterator of the same object another order, so a second one would not continue the
+    first one's stream.
+    """
+
+    def __init__(self, examples: Examples, distribute, batch_size: int, seed: int) -> None:
+        self.examples, self.distribute = examples, distribute
+        self.batch_size, self.seed = batch_size, seed
+        self.iterator, self.position = None, 0
+
+    def at(self, step: int):
+        """The iterator whose next batch is the one of global step `step` + 1."""
+        fresh = self.iterator is None or (self.examples.positionable and step != self.position)
+        if fresh:
+            batches = self.examples.training_batches(self.batch_size, self.seed, step)
+            self.iterator, self.position = iter(self.distribute(batches)), step
+        if step < self.position:
+            raise RuntimeError(f"the training stream is past step {step}: it cannot go back")
+        for _ in range(step - self.position):  # steps taken meanwhile on another stream
+            next(self.iterator)
+        self.position = step
+        return self.iterator
+
+    def ran_to(self, step: int) -> None:
+        """Records that the training steps up to global step `step` read this iterator."""
+        self.position = step
