@@ -119,7 +119,9 @@ class Controller:
     """Runs a phase plan on a model and data, resuming from `checkpoints` when they hold a run.
 
     `distribute` turns a tf.data.Dataset into the strategy's distributed dataset. Actions are
-    called in the order given. `run` returns the results (per phase: its steps, seconds, last
+    called in the order given. `run` returns the results (per phase: its steps, seconds, the
+    seconds of each epoch's training loop (host calls, input waits and actions; evaluation
+    aside), last
     train and eval metrics; the best evaluation when a BestKeeper is among the actions; the
     SHA-256 of the final weights, equal on every task of a cluster).
     """
@@ -154,7 +156,8 @@ class Controller:
         self.stop_requested = False  # set by an action: end the run after the host call
         self.stop_phase = False  # set by an action: end the phase after this epoch
         self.report = ""
-        self.in_epoch = False  # between an epoch's first and last host call: whole steps only
+        self.epoch_seconds = []  # each epoch's training loop, the phase under way
+        self.in_epoch = False  # from an epoch's first host call to its last action
         self.epoch_number = self.epoch_start_step = self.epoch_offset = 0
         for action in actions:
             action.controller = self
@@ -261,6 +264,7 @@ class Controller:
         started = time.perf_counter()
         train_result = eval_result = None
         stopped_early = False
+        self.epoch_seconds: list[float] = []
         for epoch in range(first_epoch, phase.config.epochs):
             if phase.config.gradual:  # the next stage: more layers train
                 self._set_trainability(phase, epoch)
@@ -290,6 +294,7 @@ class Controller:
             "feature_cache": cache_reason,
             "last_step": self._step(),
             "seconds": round(time.perf_counter() - started, 3),
+            "epoch_seconds": [round(t, 4) for t in self.epoch_seconds],
             "train": train_result,
             "eval": eval_result,
         }
@@ -313,7 +318,7 @@ class Controller:
         self._call("on_epoch_begin", phase, epoch)
         self.in_epoch = True
         seconds = self._run_steps(phase, step, batches, self.steps_per_epoch - offset)
-        self.in_epoch = False
+        self.epoch_seconds.append(seconds)
         train_result = self.train_metrics.result()
         eval_result = self._evaluate(step, evaluator)
         self.state.evaluated_step.assign(self._step())
@@ -324,15 +329,17 @@ class Controller:
             "seconds": seconds,
         }
         self._call("on_epoch_end", phase, epoch, logs)
+        self.in_epoch = False
         self.epoch_number += 1
         return train_result, eval_result
 
     def _run_steps(self, phase, step: TrainStep, batches, count: int) -> float:
         """Runs `count` steps in host calls of up to `steps_per_loop`, ending calls where an
-        action needs the host; returns their seconds. A NaN/Inf step raises RunFailed under
+        action needs the host; returns the seconds of the whole loop (input waits, host calls
+        and every action's work between them). A NaN/Inf step raises RunFailed under
         nan_policy "stop" (before any checkpoint is saved after it) and is counted under
         "skip_step"."""
-        done, seconds = 0, 0.0
+        done, loop_started = 0, time.perf_counter()
         while done < count and not self.stop_requested:
             current = self._step()
             chunk = min(count - done, self.settings.steps_per_loop)
@@ -343,14 +350,14 @@ class Controller:
             output = step(batches, chunk)
             elapsed = time.perf_counter() - started
             self._check_finite(phase, output.nonfinite, current + chunk)
-            done, seconds = done + chunk, seconds + elapsed
+            done += chunk
             speed = {
                 "examples_per_second": self.settings.batch_size * chunk / elapsed,
                 "step_time_ms": 1000.0 * elapsed / chunk,
             }
             rows = [_row(step.log_columns, values) for values in output.rows]
             self._call("on_steps", phase, self._step(), rows, speed, output.nonfinite)
-        return seconds
+        return time.perf_counter() - loop_started
 
     def _finish(self, results: dict) -> None:
         self.state.phase.assign(len(self.plan))

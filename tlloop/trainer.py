@@ -162,7 +162,9 @@ class Trainer:
         export: bool = True,
     ) -> Results:
         """Trains `model` on `train` through the phases, evaluating on `eval_data` after every
-        epoch; exports at the end (unless `export` is False). Data: (inputs, labels) arrays, a
+        epoch; exports at the end (unless `export` is False), after which `model` holds the
+        exported weights: the best evaluation's, or the last with `checkpoint.export="last"`.
+        Data: (inputs, labels) arrays, a
         finite `tf.data.Dataset` of (inputs, label) pairs (batched or not), or tlloop
         `Examples`; see `tlloop.data.examples` for which can be positioned for exact resume."""
         with _arguments():
