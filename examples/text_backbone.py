@@ -5,9 +5,10 @@
 The encoder takes a dict of token ids ({"tokens": int32 (batch, 12)}). It is pretrained with
 plain Keras on a source task (which of six word groups was planted in a sentence), then
 transferred with tlloop to a target task with few labels (which of three topics, each two of
-those groups, a sentence is about): the head trains with the encoder frozen, then everything is fine-tuned, with the
-encoder's Dropout in training mode while it is fine-tuned (the mode table says so). Prints one
-JSON line: the evaluation accuracy after each phase and the chance level.
+those groups, a sentence is about): the head trains with the encoder frozen, then everything
+is fine-tuned, with the encoder's Dropout in training mode while it is fine-tuned (the mode
+table says so). Prints one JSON line: the evaluation accuracy after each phase and the chance
+level.
 """
 
 from __future__ import annotations

@@ -268,9 +268,9 @@ def test_in_memory_order_is_a_seeded_permutation_per_epoch_that_resumes_anywhere
 
 
 def test_bad_arguments_are_named(tmp_path):
-    with pytest.raises(TypeError, match="^model: "):
+    with pytest.raises(TypeError, match=r"^model: "):
         tlloop.Trainer(str(tmp_path), phases=_phases()).fit(keras.Sequential(), None, None)
-    with pytest.raises(ValueError, match="^train: inputs and labels hold different numbers"):
+    with pytest.raises(ValueError, match=r"^train: inputs and labels hold different numbers"):
         tlloop.Trainer(str(tmp_path), phases=_phases()).fit(_model(), (np.zeros((3, 2)), [1]), None)
     with pytest.raises(ValueError, match=r"^best_metric=auc:max: the task has no metric 'auc'"):
         tlloop.Trainer(
@@ -281,9 +281,9 @@ def test_bad_arguments_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"^unfreeze=top:9: the backbone has only 1 layers"):
         phases = [tlloop.Phase("finetune", 1, 1e-3, tlloop.Unfreeze("top", 9))]
         tlloop.Trainer(str(tmp_path), phases=phases).fit(_model(), _data(8, 1), _data(4, 2))
-    with pytest.raises(TypeError, match="^callbacks: int is not a keras.callbacks.Callback"):
+    with pytest.raises(TypeError, match=r"^callbacks: int is not a keras.callbacks.Callback"):
         tlloop.Trainer(str(tmp_path), phases=_phases(), callbacks=[3])
-    with pytest.raises(ValueError, match="^loss='nope': Keras knows no such loss"):
+    with pytest.raises(ValueError, match=r"^loss='nope': Keras knows no such loss"):
         tlloop.Task("nope")
     assert not os.listdir(tmp_path)  # nothing written by any of them
 
