@@ -172,6 +172,18 @@ class Trainer:
             prepare(self.workdir, None, overwrite=self.overwrite)
             return self._run(run, export=export)
 
+    def describe(self, model: TransferModel) -> str:
+        """Markdown: each phase's mode table and what it trains in `model` (trainable and
+        non-trainable parameters, BatchNorm layers and their mode per submodule), as the run
+        logs them at each phase start. Sets the model's trainability as the last phase does."""
+        with _arguments():
+            plan = phase_lib.plan_phases(self.phases, model)
+        parts = []
+        for phase in plan:
+            phase_lib.apply_trainability(model, phase)
+            parts += [phase_lib.trainability_report(model, phase), "", phase.modes.to_text(), ""]
+        return "\n".join(parts)
+
     # The command line's path (its workdir is prepared with its flags.txt).
 
     def _prepare(self, model, train, eval_data, batch_size: int, eval_batch_size: int):
@@ -342,6 +354,18 @@ class _Run:
     plan: list[phase_lib.Phase]
     batch_size: int
     eval_batch_size: int
+
+    def describe(self, model: TransferModel) -> str:
+        """Markdown: each phase's mode table and what it trains in `model` (trainable and
+        non-trainable parameters, BatchNorm layers and their mode per submodule), as the run
+        logs them at each phase start. Sets the model's trainability as the last phase does."""
+        with _arguments():
+            plan = phase_lib.plan_phases(self.phases, model)
+        parts = []
+        for phase in plan:
+            phase_lib.apply_trainability(model, phase)
+            parts += [phase_lib.trainability_report(model, phase), "", phase.modes.to_text(), ""]
+        return "\n".join(parts)
 
     # The command line's path (its workdir is prepared with its flags.txt).
 

@@ -1,0 +1,76 @@
+"""The API in processes of its own: two replicas, and SIGKILL + re-running the same script."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import tensorflow as tf
+from conftest import REPO
+
+SCRIPT = os.path.join(REPO, "tests", "api_script.py")
+TOTAL_STEPS = 36  # 6 steps an epoch, 3 + 3 epochs
+
+
+def _command(workdir, *extra: str) -> dict:
+    return {
+        "args": [sys.executable, SCRIPT, str(workdir), *extra],
+        "cwd": REPO,
+        "env": {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        "text": True,
+    }
+
+
+def _run(workdir, *extra: str) -> dict:
+    done = subprocess.run(**_command(workdir, *extra), capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_two_replicas_count_every_evaluation_example_once(tmp_path):
+    for stream in ((), ("--stream",)):
+        result = _run(tmp_path / f"run{len(stream)}", "--replicas=2", *stream)
+        assert result["replicas"] == 2
+        # 13 examples in batches of 4 split over 2 replicas: the last batch padded, none twice.
+        assert result["eval_examples"] == [13, 13] and result["evaluate_examples"] == 13
+
+
+def _latest_step(workdir) -> int:
+    path = tf.train.latest_checkpoint(str(workdir / "checkpoints"))
+    return int(path.rsplit("-", 1)[1]) if path else 0
+
+
+def _kill_after(workdir, step: int) -> None:
+    """Starts the script and SIGKILLs it (by its own pid) once it has checkpointed `step`."""
+    process = subprocess.Popen(
+        **_command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _latest_step(workdir) < step:
+            assert process.poll() is None, "the script ended before it was killed"
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_sigkill_and_rerun_of_an_api_script_ends_bit_identical(tmp_path):
+    uninterrupted = _run(tmp_path / "whole")
+    seed = int(os.environ.get("TLLOOP_KILL_SEED", random.randrange(10**6)))
+    print(f"kill points from seed {seed} (replay: TLLOOP_KILL_SEED={seed})")
+    rng = random.Random(seed)
+    workdir = tmp_path / "killed"
+    for low, high in ((3, 15), (21, 33)):  # once in each phase
+        _kill_after(workdir, rng.randint(low, high))
+        assert low <= _latest_step(workdir) < TOTAL_STEPS
+    resumed = _run(workdir)
+    assert resumed["weights_sha256"] == uninterrupted["weights_sha256"]
