@@ -228,6 +228,15 @@ class TrainStep:
         self._grads = tf.function(grads, jit_compile=True) if jit_compile else grads
         self._loop = tf.function(self._run_loop)
 
+    @property
+    def traces(self) -> dict[str, int]:
+        """How often the compiled parts were traced: "loop" (the whole call) and, with XLA,
+        "xla" (the loss and gradients). One each per step object, whatever the step counts."""
+        traces = {"loop": self._loop.experimental_get_tracing_count()}
+        if hasattr(self._grads, "experimental_get_tracing_count"):
+            traces["xla"] = self._grads.experimental_get_tracing_count()
+        return traces
+
     def matches(self, model: TransferModel) -> bool:
         """True while `model`'s trainable variables are exactly the ones this step updates."""
         current = model.trainable_variables
@@ -414,6 +423,11 @@ class EvalStep:
         forward = self._forward
         self._outputs = tf.function(forward, jit_compile=True) if jit_compile else forward
         self._loop = tf.function(self._run_loop)
+
+    @property
+    def traces(self) -> dict[str, int]:
+        """How often the compiled loop was traced: once per step object."""
+        return {"loop": self._loop.experimental_get_tracing_count()}
 
     def __call__(self, iterator, num_steps: int) -> None:
         """Evaluates `num_steps` batches from `iterator` into `metrics`."""
