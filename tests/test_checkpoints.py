@@ -80,7 +80,11 @@ def _train_rows(workdir: pathlib.Path) -> dict[int, dict]:
 
 def test_killed_twice_and_resumed_ends_bit_identical(tmp_path, uninterrupted):
     workdir = tmp_path / "run"
-    rng = random.Random()
+    # Kill points are drawn at random; the seed is printed (shown with a failure) and
+    # TLLOOP_KILL_SEED=<seed> replays them.
+    seed = int(os.environ.get("TLLOOP_KILL_SEED") or random.randrange(2**32))
+    print(f"kill points seed: {seed} (replay with TLLOOP_KILL_SEED={seed})")
+    rng = random.Random(seed)
     first = rng.randint(5, HEAD_STEPS - 20)
     _run_until(workdir, first, signal.SIGKILL)
     killed_at = _latest_step(workdir)

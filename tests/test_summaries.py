@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 from conftest import run_cli, start_cli
 from tensorboard.backend.event_processing import event_accumulator
@@ -209,9 +210,14 @@ def test_sigterm_flushes_the_writers_and_exits_143(tmp_path):
 
 
 def test_image_helpers_shape_and_range():
-    grid = image_grid(__import__("numpy").full((5, 4, 4, 3), 255.0))
+    grid = image_grid(np.full((5, 4, 4, 3), 255.0))
     assert grid.shape == (3 * 5 + 1, 3 * 5 + 1, 3) and grid.max() == 1.0
+    # Rows are labels, normalised by their count: cell (0, 0) is a full row (recall 1),
+    # (0, 1) is 0, row 1 is half and half.
     heat = confusion_image([[2, 0], [1, 1]], cell=3)
     assert heat.shape == (6, 6, 3)
-    assert heat[0, 0].tolist() == pytest.approx([0.03, 0.19, 0.42])  # recall 1: dark
-    assert heat[0, 3].tolist() == [1.0, 1.0, 1.0]  # recall 0: white
+    brightness = heat.sum(axis=-1)
+    assert heat[0, 3].tolist() == [1.0, 1.0, 1.0]  # 0: white
+    assert brightness[0, 0] == brightness.min() < brightness[3, 0] < 3.0  # 1: darkest
+    assert brightness[3, 0] == brightness[3, 3]  # the same share, the same colour
+    assert np.all(heat[0, 0] < heat[3, 0])  # more recall, darker in every channel
