@@ -175,6 +175,19 @@ def test_the_logged_learning_rate_follows_the_phase_schedule(workdir):
         assert rate == pytest.approx(expected, rel=1e-5)
 
 
+def test_warmup_epochs_ramp_the_logged_learning_rate_over_those_epochs_steps(workdir):
+    # 40 training examples, batch 16: 3 steps per epoch; 2 warmup epochs are 6 optimizer steps
+    # of a linear ramp from 0 (the k-th step at k/6 of the rate), then the constant rate.
+    training = TrainingConfig(warmup_epochs=2)
+    config = make_config(workdir, head_epochs=3, finetune_epochs=0, training=training)
+    config = dataclasses.replace(config, logging=LoggingConfig(log_every_steps=1))
+    trainer.train(trainer.build_experiment(config), workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as file:
+        rates = [json.loads(line)["learning_rate"] for line in file if '"train"' in line]
+    expected = [1e-2 * k / 6 for k in range(1, 7)] + [1e-2] * 3
+    assert rates == pytest.approx(expected, rel=1e-5)
+
+
 def test_label_smoothing_and_class_weights_shape_the_training_loss():
     images, labels = _examples(16)
     weights = np.array([0.5, 1.0, 2.0], np.float32)
