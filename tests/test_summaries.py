@@ -71,6 +71,21 @@ def test_train_scalars_follow_the_cadence_and_match_metrics_jsonl(run):
     assert all(row["gradient_norm"] > 0 for row in rows)
     assert _scalars(train, "phase") == {0: 1.0, 6: 2.0}
     assert sorted(_scalars(train, "epoch/loss")) == list(range(1, 11))
+    # One step per epoch: each epoch's loss and accuracy are its one step's.
+    epoch_accuracy = _scalars(train, "epoch/accuracy")
+    assert sorted(epoch_accuracy) == list(range(1, 11))
+    for row in rows:
+        assert epoch_accuracy[row["step"]] == pytest.approx(row["accuracy"], rel=1e-6)
+        assert _scalars(train, "epoch/loss")[row["step"]] == pytest.approx(row["loss"], rel=1e-6)
+    # The host-measured time per step: at the logged steps, in milliseconds, and the same
+    # measurement as examples_per_second (batch 32 over the same time).
+    step_time = _scalars(train, "step_time_ms")
+    assert sorted(step_time) == [2, 4, 6, 8, 10]
+    speed = _scalars(train, "examples_per_second")
+    for row in rows:
+        assert step_time[row["step"]] == pytest.approx(row["step_time_ms"], rel=1e-6)
+        assert step_time[row["step"]] * speed[row["step"]] == pytest.approx(32_000, rel=1e-5)
+        assert 0 < step_time[row["step"]] < 60_000
 
 
 def test_eval_scalars_every_evaluation_and_match_metrics_jsonl(run):
