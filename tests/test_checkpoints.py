@@ -8,12 +8,17 @@ import pathlib
 import random
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import tensorflow as tf
-from conftest import run_cli, start_cli
+from conftest import REPO, make_config, run_cli, start_cli
 from tensorboard.backend.event_processing import plugin_event_accumulator
+
+from tlloop import trainer
+from tlloop.checkpoints import Checkpoints, latest
+from tlloop.config import CheckpointConfig
 
 # 65 examples, batch 32: 3 steps per epoch; head steps 1-60, fine-tune steps 61-90. Dropout
 # and augmentation are on, so a resumed run also needs the RNG states to end bit-identical.
@@ -80,7 +85,11 @@ def _train_rows(workdir: pathlib.Path) -> dict[int, dict]:
 
 def test_killed_twice_and_resumed_ends_bit_identical(tmp_path, uninterrupted):
     workdir = tmp_path / "run"
-    rng = random.Random()
+    # Kill points are drawn at random; the seed is printed (shown with a failure) and
+    # TLLOOP_KILL_SEED=<seed> replays them.
+    seed = int(os.environ.get("TLLOOP_KILL_SEED") or random.randrange(2**32))
+    print(f"kill points seed: {seed} (replay with TLLOOP_KILL_SEED={seed})")
+    rng = random.Random(seed)
     first = rng.randint(5, HEAD_STEPS - 20)
     _run_until(workdir, first, signal.SIGKILL)
     killed_at = _latest_step(workdir)
@@ -156,3 +165,114 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     assert len(errors) == 1 and "does not fit this model" in errors[0]
     assert errors[0].startswith("tlloop: error: checkpoint ")
     assert "Traceback" not in result.stderr
+
+
+def _checkpoint_numbers(directory: pathlib.Path) -> list[int]:
+    """The checkpoints on disk (by their index files) and in the `checkpoint` file."""
+    on_disk = sorted(int(p.name[5:-6]) for p in directory.glob("ckpt-*.index"))
+    state = tf.train.get_checkpoint_state(str(directory))
+    listed = sorted(int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths)
+    assert on_disk == listed
+    return on_disk
+
+
+def test_checkpoints_by_time_and_only_the_last_keep_checkpoints_kept(tmp_path):
+    # 3 steps per epoch, 2 head epochs: saves at the phase start (0) and end (6). By time
+    # (every 1 microsecond) each host call saves too; --keep_checkpoints=2 keeps the last two.
+    workdir = tmp_path / "run"
+    checkpoint = CheckpointConfig(every_steps=0, every_secs=1e-6, keep=2)
+    config = make_config(str(workdir), head_epochs=2, finetune_epochs=0, checkpoint=checkpoint)
+    trainer.train(trainer.build_experiment(config), str(workdir))
+    # Step 5 is no phase boundary: only a save by time wrote it.
+    assert _checkpoint_numbers(workdir / "checkpoints") == [5, 6]
+
+    # The default (every 600 s) saves no step in between, and keeps 3.
+    other = tmp_path / "default"
+    config = make_config(str(other), head_epochs=2, finetune_epochs=0)
+    assert config.checkpoint.every_secs == 600 and config.checkpoint.keep == 3
+    trainer.train(trainer.build_experiment(config), str(other))
+    assert _checkpoint_numbers(other / "checkpoints") == [0, 6]
+
+
+# Saves tlloop Checkpoints of one large variable (64 MB) filled with the checkpoint's number,
+# forever, announcing each save before and after it.
+_SAVER = """
+import sys
+import tensorflow as tf
+from tlloop.checkpoints import Checkpoints, latest
+directory = sys.argv[1]
+values = tf.Variable(tf.zeros([16 * 1024 * 1024]))
+checkpoints = Checkpoints(directory, keep=2, chief=True)
+checkpoints.track(values=values)
+previous = latest(directory)
+number = int(previous.rsplit("-", 1)[1]) + 1 if previous else 1
+while True:
+    values.assign(tf.fill(values.shape, float(number)))
+    print("saving", number, flush=True)
+    checkpoints.save(number)
+    print("saved", number, flush=True)
+    number += 1
+"""
+
+
+def _saves_until_killed(directory: pathlib.Path, fraction: float) -> tuple[int, bool]:
+    """Starts the saver, times one whole save, then SIGKILLs it (by its pid) `fraction` of a
+    save's duration into the next one. Returns (the number being saved, whether that save had
+    not finished when the process died)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SAVER, str(directory)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        lines, started = [], {}
+        while time.monotonic() < deadline:
+            line = process.stdout.readline().split()
+            assert line, "the saver died on its own"
+            lines.append(line)
+            if line[0] == "saving":
+                started[line[1]] = time.monotonic()
+            elif len(started) == 1:  # the first save finished: time it, kill in the second
+                duration = time.monotonic() - started[line[1]]
+                assert process.stdout.readline().split()[0] == "saving"
+                time.sleep(fraction * duration)
+                os.kill(process.pid, signal.SIGKILL)
+                break
+        else:
+            raise AssertionError("no save finished in 60 s")
+        process.wait(timeout=30)
+        rest = process.stdout.read().split()
+        number = int(line[1]) + 1
+        return number, "saved" not in rest
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_the_latest_and_readable(tmp_path):
+    seed = int(os.environ.get("TLLOOP_KILL_SEED") or random.randrange(2**32))
+    print(f"kill points seed: {seed} (replay with TLLOOP_KILL_SEED={seed})")
+    rng = random.Random(seed)
+    directory = tmp_path / "checkpoints"
+    mid_save = 0
+    for _ in range(3):
+        number, interrupted = _saves_until_killed(directory, rng.uniform(0.1, 0.9))
+        path = latest(str(directory))
+        newest = int(path.rsplit("-", 1)[1])
+        print(f"killed saving {number}: finished={not interrupted}, latest {path}")
+        # The save under way is the latest once TensorFlow has pointed the `checkpoint` file
+        # at it (a kill can still land after that, while old checkpoints are deleted);
+        # before that, the previous one is.
+        assert newest in ((number - 1, number) if interrupted else (number,)), path
+        mid_save += newest == number - 1
+        restored = tf.Variable(tf.zeros([16 * 1024 * 1024]))
+        checkpoint = Checkpoints(str(directory), keep=2, chief=True)
+        checkpoint.track(values=restored)
+        checkpoint.restore(path)
+        assert float(tf.reduce_min(restored)) == float(tf.reduce_max(restored)) == newest
+    assert mid_save >= 1, "no kill landed inside a save: the saves are too quick to hit here"

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import run_cli
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
 
 # 25 examples, batch 32: one step per epoch.
 SMALL = [
@@ -64,6 +66,20 @@ def test_nan_steps_are_skipped_and_counted_with_skip_step(tmp_path):
     # Step 1 applied its update (huge, finite); every later head step is NaN and skipped.
     assert results["nonfinite_steps_skipped"] >= 2
     assert "--nan_policy=skip_step: NaN/Inf at step(s) 2" in result.stderr
+    # TensorBoard's `nonfinite_steps`: the running count of skipped steps, from step 2 on,
+    # one more at each skipped step (one step per call here), ending at the results' count.
+    events = event_accumulator.EventAccumulator(
+        str(workdir / "tensorboard/train"), size_guidance={"tensors": 0}
+    )
+    events.Reload()
+    counts = {
+        e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+        for e in events.Tensors("nonfinite_steps")
+    }
+    skipped = results["nonfinite_steps_skipped"]
+    assert min(counts) == 2 and counts[2] == 1.0
+    assert sorted(counts.values()) == [float(k) for k in range(1, skipped + 1)]
+    assert counts[max(counts)] == skipped
     values = _checkpoint_values(tf.train.latest_checkpoint(str(workdir / "checkpoints")))
     assert all(np.all(np.isfinite(v)) for v in values.values())
 

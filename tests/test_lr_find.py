@@ -20,7 +20,10 @@ def test_range_test_rises_geometrically_suggests_and_restores_the_model(workdir)
     np.testing.assert_allclose(rates[1:] / rates[:-1], (1e8) ** (1 / 99), rtol=1e-4)
     # Adam at rates up to 1e3 blows the loss up: the test stops there.
     assert result.stopped_early and len(rates) < 100
-    assert result.suggestion == pytest.approx(rates[int(np.argmin(result.smoothed))] / 10)
+    # The suggestion is a tenth of a rate the test ran, where the smoothed loss was lowest.
+    at = int(np.argmin(np.abs(rates - 10 * result.suggestion)))
+    assert rates[at] == pytest.approx(10 * result.suggestion, rel=1e-6)
+    assert result.smoothed[at] == min(result.smoothed)
     assert min(result.smoothed) < result.smoothed[0]
 
 
@@ -29,7 +32,25 @@ def changed_paths(before: dict, after: dict) -> list[str]:
 
 
 def test_smoothing_is_bias_corrected():
-    assert lr_range.smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+    # fastai's smoothed loss at step i is the average of the losses so far weighted by
+    # beta^(i - j): computed here as that normalised weighted mean, not as a recursion. A plain
+    # (uncorrected) moving average would start at (1 - beta) x the first loss; a plain mean
+    # would weigh old losses as much as new ones.
+    losses = [5.0, 1.0, 4.0, 0.5, 3.0, 2.0]
+    beta = 0.9
+    expected = []
+    for i in range(1, len(losses) + 1):
+        weights = beta ** np.arange(i - 1, -1, -1)
+        expected.append(float(np.sum(weights * losses[:i]) / np.sum(weights)))
+    assert lr_range.smooth(losses, beta) == pytest.approx(expected, rel=1e-12)
+    assert lr_range.smooth(losses)[0] == 5.0
+    assert lr_range.smooth(losses)[1] != pytest.approx(np.mean(losses[:2]))
+
+
+def test_suggestion_is_a_tenth_of_the_rate_at_the_lowest_smoothed_loss():
+    rates = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    assert lr_range.suggest(rates, [3.0, 2.0, 0.5, 1.0, 9.0]) == pytest.approx(1e-3)
+    assert lr_range.suggest(rates, [3.0, 2.5, 2.0, 1.5, 1.0]) == pytest.approx(0.1)
 
 
 def test_lr_find_command_prints_a_suggestion_and_writes_the_curve(tmp_path):

@@ -208,7 +208,7 @@ def test_small_cnn_loads_a_weights_file_and_refuses_a_wrong_size(tmp_path):
 
 
 def test_random_resized_crop_augments_in_training_only_and_saves(tmp_path):
-    from tlloop.checkpoints import rng_states
+    from tlloop.checkpoints import Checkpoints, latest, rng_states
     from tlloop.config import parse_augment
 
     keras.utils.set_random_seed(2)
@@ -219,7 +219,19 @@ def test_random_resized_crop_augments_in_training_only_and_saves(tmp_path):
     assert cropped.shape == x.shape and not np.allclose(cropped, x)
     # A crop enlarges a region: neighbouring pixels get closer (smoother images).
     assert np.abs(np.diff(cropped, axis=1)).mean() < np.abs(np.diff(x, axis=1)).mean()
-    assert rng_states(model)  # its seed generator is among the checkpointed RNG states
+    # Its own seed generator is among the RNG states a run checkpoints, and a checkpoint puts
+    # it back: the draws after a restore repeat the draws made after the save.
+    crop_state = model.augment.get_layer("crop_0").seed_generator.state
+    assert any(state is crop_state for state in rng_states(model))
+    saved = Checkpoints(str(tmp_path / "checkpoints"), keep=1, chief=True)
+    saved.track(rng=rng_states(model))
+    saved.save(1)
+    after_save = [np.asarray(model.augment(x, training=True)) for _ in range(2)]
+    assert not np.array_equal(after_save[0], after_save[1])  # the state advances per draw
+    saved.restore(latest(str(tmp_path / "checkpoints")))
+    after_restore = [np.asarray(model.augment(x, training=True)) for _ in range(2)]
+    for a, b in zip(after_save, after_restore, strict=True):
+        np.testing.assert_array_equal(a, b)
     model.save(str(tmp_path / "model.keras"))
     loaded = keras.saving.load_model(str(tmp_path / "model.keras"))
     assert loaded.augment.get_layer("crop_0").factor == 0.5

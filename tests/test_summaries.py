@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 from conftest import run_cli, start_cli
 from tensorboard.backend.event_processing import event_accumulator
@@ -70,6 +71,21 @@ def test_train_scalars_follow_the_cadence_and_match_metrics_jsonl(run):
     assert all(row["gradient_norm"] > 0 for row in rows)
     assert _scalars(train, "phase") == {0: 1.0, 6: 2.0}
     assert sorted(_scalars(train, "epoch/loss")) == list(range(1, 11))
+    # One step per epoch: each epoch's loss and accuracy are its one step's.
+    epoch_accuracy = _scalars(train, "epoch/accuracy")
+    assert sorted(epoch_accuracy) == list(range(1, 11))
+    for row in rows:
+        assert epoch_accuracy[row["step"]] == pytest.approx(row["accuracy"], rel=1e-6)
+        assert _scalars(train, "epoch/loss")[row["step"]] == pytest.approx(row["loss"], rel=1e-6)
+    # The host-measured time per step: at the logged steps, in milliseconds, and the same
+    # measurement as examples_per_second (batch 32 over the same time).
+    step_time = _scalars(train, "step_time_ms")
+    assert sorted(step_time) == [2, 4, 6, 8, 10]
+    speed = _scalars(train, "examples_per_second")
+    for row in rows:
+        assert step_time[row["step"]] == pytest.approx(row["step_time_ms"], rel=1e-6)
+        assert step_time[row["step"]] * speed[row["step"]] == pytest.approx(32_000, rel=1e-5)
+        assert 0 < step_time[row["step"]] < 60_000
 
 
 def test_eval_scalars_every_evaluation_and_match_metrics_jsonl(run):
@@ -209,9 +225,14 @@ def test_sigterm_flushes_the_writers_and_exits_143(tmp_path):
 
 
 def test_image_helpers_shape_and_range():
-    grid = image_grid(__import__("numpy").full((5, 4, 4, 3), 255.0))
+    grid = image_grid(np.full((5, 4, 4, 3), 255.0))
     assert grid.shape == (3 * 5 + 1, 3 * 5 + 1, 3) and grid.max() == 1.0
+    # Rows are labels, normalised by their count: cell (0, 0) is a full row (recall 1),
+    # (0, 1) is 0, row 1 is half and half.
     heat = confusion_image([[2, 0], [1, 1]], cell=3)
     assert heat.shape == (6, 6, 3)
-    assert heat[0, 0].tolist() == pytest.approx([0.03, 0.19, 0.42])  # recall 1: dark
-    assert heat[0, 3].tolist() == [1.0, 1.0, 1.0]  # recall 0: white
+    brightness = heat.sum(axis=-1)
+    assert heat[0, 3].tolist() == [1.0, 1.0, 1.0]  # 0: white
+    assert brightness[0, 0] == brightness.min() < brightness[3, 0] < 3.0  # 1: darkest
+    assert brightness[3, 0] == brightness[3, 3]  # the same share, the same colour
+    assert np.all(heat[0, 0] < heat[3, 0])  # more recall, darker in every channel

@@ -16,6 +16,7 @@ from tlloop import phases as phase_lib
 from tlloop import trainer
 from tlloop.config import (
     CheckpointConfig,
+    DataConfig,
     LoggingConfig,
     ModelConfig,
     PhaseConfig,
@@ -25,7 +26,7 @@ from tlloop.config import (
 from tlloop.models import ModeTable, build_model
 from tlloop.optim import PhaseSchedule, make_optimizer
 from tlloop.steps import Metrics, TrainStep
-from tlloop.tasks import Classification, balanced_class_weights
+from tlloop.tasks import Classification
 
 
 def _model(seed: int = 0):
@@ -175,6 +176,19 @@ def test_the_logged_learning_rate_follows_the_phase_schedule(workdir):
         assert rate == pytest.approx(expected, rel=1e-5)
 
 
+def test_warmup_epochs_ramp_the_logged_learning_rate_over_those_epochs_steps(workdir):
+    # 40 training examples, batch 16: 3 steps per epoch; 2 warmup epochs are 6 optimizer steps
+    # of a linear ramp from 0 (the k-th step at k/6 of the rate), then the constant rate.
+    training = TrainingConfig(warmup_epochs=2)
+    config = make_config(workdir, head_epochs=3, finetune_epochs=0, training=training)
+    config = dataclasses.replace(config, logging=LoggingConfig(log_every_steps=1))
+    trainer.train(trainer.build_experiment(config), workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as file:
+        rates = [json.loads(line)["learning_rate"] for line in file if '"train"' in line]
+    expected = [1e-2 * k / 6 for k in range(1, 7)] + [1e-2] * 3
+    assert rates == pytest.approx(expected, rel=1e-5)
+
+
 def test_label_smoothing_and_class_weights_shape_the_training_loss():
     images, labels = _examples(16)
     weights = np.array([0.5, 1.0, 2.0], np.float32)
@@ -198,12 +212,53 @@ def test_label_smoothing_and_class_weights_shape_the_training_loss():
     assert metrics.result()["loss"] == pytest.approx(float(np.mean(expected)), rel=1e-5)
 
 
-def test_auto_class_weights_balance_the_classes(workdir):
-    config = make_config(workdir, training=TrainingConfig(class_weights="auto"))
-    data = trainer.build_experiment(config).data
-    weights = balanced_class_weights(np.asarray(data.class_counts))
-    counts = np.asarray(data.class_counts)
-    np.testing.assert_allclose(weights * counts, counts.sum() / len(counts), rtol=1e-6)
+def _imbalanced_folder(root, counts: dict[str, int]) -> str:
+    rng = np.random.default_rng(3)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            (root / name / f"{i}.png").write_bytes(tf.io.encode_png(pixels).numpy())
+    return str(root)
+
+
+def test_auto_class_weights_weigh_each_example_by_n_over_classes_times_its_class_count(
+    tmp_path,
+):
+    # 2 examples of class "a", 6 of "b": README's N / (classes x count) gives 8 / (2 x 2) = 2
+    # for "a" and 8 / (2 x 6) = 2/3 for "b". One batch holds the whole training set, so the
+    # first logged loss is the mean over it of what the step minimises.
+    workdir = str(tmp_path / "run")
+    data = DataConfig(
+        dataset="folder",
+        data_dir=_imbalanced_folder(tmp_path / "train", {"a": 2, "b": 6}),
+        val_dir=_imbalanced_folder(tmp_path / "val", {"a": 1, "b": 1}),
+        image_size=32,
+        batch_size=8,
+    )
+    config = make_config(
+        workdir,
+        dropout=0.0,
+        head_epochs=1,
+        finetune_epochs=0,
+        training=TrainingConfig(class_weights="auto"),
+    )
+    config = dataclasses.replace(config, data=data, logging=LoggingConfig(log_every_steps=1))
+    experiment = trainer.build_experiment(config)
+    images, labels = next(iter(experiment.data.train))
+    assert sorted(labels.numpy().tolist()) == [0, 0, 1, 1, 1, 1, 1, 1]
+    model = experiment.model
+    logits = model.head(model.backbone(images, training=False), training=False)
+    crossentropy = keras.losses.sparse_categorical_crossentropy(
+        labels, logits, from_logits=True
+    ).numpy()
+    expected = float(np.mean(crossentropy * np.array([2.0, 2.0 / 3.0])[labels.numpy()]))
+    assert abs(expected - float(np.mean(crossentropy))) > 1e-3  # the weights matter here
+    trainer.train(experiment, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as file:
+        first = next(json.loads(line) for line in file if '"train"' in line)
+    assert first["step"] == 1
+    assert first["loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_moving_averages_follow_the_weights():

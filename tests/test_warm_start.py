@@ -62,6 +62,22 @@ def test_warm_start_reports_missing_and_unmatched_variables(tmp_path):
     assert "2 matched, 2 unmatched, 0 missing" in report.to_text()
 
 
+def test_backbone_variables_the_checkpoint_lacks_are_reported_missing_and_kept(tmp_path):
+    source = _dense_backbone(3)
+    path = tf.train.Checkpoint(backbone=source).save(str(tmp_path / "ckpt"))
+    target = _dense_backbone(3, extra=True)  # "more" is only in the model
+    before = snapshot(target)
+    report = warm_start(target, path)
+    assert sorted(report.missing) == ["more/bias", "more/kernel"]
+    assert sorted(report.matched) and not report.unmatched
+    assert "2 matched, 0 unmatched, 2 missing" in report.to_text()
+    assert "missing (kept as built): more/kernel" in report.to_text()
+    after = snapshot(target)
+    assert changed(before, after) == {"features/kernel"}  # loaded; "more" left as built
+    loaded = target.get_layer("features").kernel.numpy()
+    np.testing.assert_array_equal(loaded, source.get_layer("features").kernel.numpy())
+
+
 def test_a_shape_mismatch_names_the_variable_and_loads_nothing(tmp_path):
     path = tf.train.Checkpoint(backbone=_dense_backbone(3)).save(str(tmp_path / "ckpt"))
     target = _dense_backbone(5)
