@@ -320,3 +320,33 @@ def test_phase_flags_become_two_phases_and_read_back():
 def test_unknown_names_are_not_flags():
     with pytest.raises(ConfigError, match=r"\['per_class'\]: not tlloop flags"):
         config_lib.from_flags({"workdir": "w", "per_class": 3})
+
+
+def test_feature_cache_takes_auto_or_off_only():
+    def run(feature_cache: str) -> config_lib.RunConfig:
+        head = config_lib.PhaseConfig("head", 1, 1e-3, Unfreeze("none"))
+        return config_lib.RunConfig(
+            workdir="w",
+            data=config_lib.DataConfig(),
+            model=config_lib.ModelConfig(),
+            phases=(head,),
+            feature_cache=feature_cache,
+        )
+
+    assert run("off").feature_cache == "off"
+    with pytest.raises(
+        ConfigError, match=r"^--feature_cache='always': unknown; accepted: auto, off$"
+    ):
+        run("always")
+
+
+def test_gradual_unfreezing_of_nothing_is_refused_naming_both_flags():
+    with pytest.raises(
+        ConfigError, match=r"^--unfreeze_schedule='gradual:2': with --unfreeze=none .*accepted"
+    ):
+        config_lib.from_flags(
+            {"workdir": "w", "unfreeze": "none", "unfreeze_schedule": "gradual:2"}
+        )
+    # Either alone is fine.
+    config_lib.from_flags({"workdir": "w", "unfreeze": "none"})
+    config_lib.from_flags({"workdir": "w", "unfreeze": "top:1", "unfreeze_schedule": "gradual:2"})

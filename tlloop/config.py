@@ -553,6 +553,14 @@ class PhaseConfig:
             "K must be positive",
             "gradual:K with K >= 1, or empty",
         )
+        _require(
+            not (self.gradual and self.unfreeze.kind == "none"),
+            "unfreeze_schedule",
+            f"gradual:{self.gradual}",
+            "with --unfreeze=none no backbone layer would ever train",
+            "--unfreeze=all, top:N, blocks:N, from:LAYER_NAME or regex:PATTERN with it, or no "
+            "--unfreeze_schedule",
+        )
         _require(self.epochs >= 0, f"{self.name}_epochs", self.epochs, "negative", ">= 0")
         _require(
             self.learning_rate > 0, f"{self.name}_lr", self.learning_rate, "not positive", "> 0"
