@@ -87,6 +87,11 @@ BAD_INPUTS = [
     (["--augment=blur"], ["--augment", "accepted"]),
     (["--head_epochs=0", "--finetune_epochs=0"], ["--head_epochs", "accepted"]),
     (["--dataset=folder"], ["--data_dir", "accepted"]),
+    (
+        ["--val_dir=held_out", "--val_split=0"],
+        ["--val_dir='held_out': --dataset=digits does not read it", "--dataset=folder"],
+    ),
+    (["--unfreeze=none", "--unfreeze_schedule=gradual:1"], ["--unfreeze_schedule", "--unfreeze"]),
     (["--flagfile=missing.flags"], ["missing.flags"]),
     (["--backbone=missing.keras"], ["--backbone", "no such file", "accepted"]),
     (["--backbone=MobileNetV9"], ["--backbone", "unknown backbone", "MobileNetV2"]),

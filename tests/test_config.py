@@ -350,3 +350,29 @@ def test_gradual_unfreezing_of_nothing_is_refused_naming_both_flags():
     # Either alone is fine.
     config_lib.from_flags({"workdir": "w", "unfreeze": "none"})
     config_lib.from_flags({"workdir": "w", "unfreeze": "top:1", "unfreeze_schedule": "gradual:2"})
+
+
+@pytest.mark.parametrize("dataset", ["digits", "tfrecord", "tfds:mnist"])
+def test_val_dir_is_refused_where_the_dataset_does_not_read_it(dataset):
+    extra = {"train_files": "x.tfrecord"} if dataset == "tfrecord" else {}
+    with pytest.raises(
+        ConfigError,
+        match=rf"^--val_dir='held_out': --dataset={dataset} does not read it; accepted: "
+        r"--val_dir only with --dataset=folder$",
+    ):
+        config_lib.DataConfig(dataset=dataset, val_dir="held_out", val_split=0.0, **extra)
+    with pytest.raises(ConfigError, match=r"^--val_files=.*only with --dataset=tfrecord$"):
+        config_lib.DataConfig(dataset="folder", data_dir="d", val_files="x.tfrecord")
+
+
+def test_val_split_zero_needs_the_evaluation_data_the_dataset_reads():
+    folder = config_lib.DataConfig(dataset="folder", data_dir="d", val_dir="v", val_split=0.0)
+    assert folder.val_split == 0.0
+    records = {"dataset": "tfrecord", "train_files": "t.tfrecord", "val_split": 0.0}
+    assert config_lib.DataConfig(**records, val_files="v.tfrecord").val_files == "v.tfrecord"
+    with pytest.raises(
+        ConfigError, match=r"^--val_split=0.0: no evaluation data without --val_files"
+    ):
+        config_lib.DataConfig(**records)
+    with pytest.raises(ConfigError, match=r"^--val_split=0.0: no evaluation data; accepted: 0 < x"):
+        config_lib.DataConfig(dataset="tfds:mnist", val_split=0.0)

@@ -363,14 +363,14 @@ class DataConfig:
     )
     val_dir: str = option(
         "",
-        "Evaluation images, same layout as --data_dir; "
+        "For --dataset=folder: evaluation images, same layout as --data_dir; "
         "empty: hold out --val_split of the training data.",
         evaluation=True,
     )
     val_split: float = option(
         0.3,
-        "Fraction of each class held out for evaluation "
-        "when there is no --val_dir (a fixed split, the same for every --seed).",
+        "Fraction of each class held out for evaluation when there is no --val_dir (folder) or "
+        "--val_files (tfrecord); a fixed split, the same for every --seed.",
         check=lambda value: 0 <= value < 1,
         problem="out of range",
         accepted="0 <= x < 1",
@@ -446,13 +446,24 @@ class DataConfig:
                 "--dataset=folder needs it",
                 "a folder with one sub-folder of images per class",
             )
-        if not (self.val_dir or self.val_files):
+        # Separate evaluation data is read by one dataset each; given to another, it would be
+        # ignored without a word (and --val_split=0 would evaluate on almost nothing).
+        for flag, reader in (("val_dir", "folder"), ("val_files", "tfrecord")):
+            _require(
+                not getattr(self, flag) or self.dataset == reader,
+                flag,
+                getattr(self, flag),
+                f"--dataset={self.dataset} does not read it",
+                f"--{flag} only with --dataset={reader}",
+            )
+        separate = {"folder": "val_dir", "tfrecord": "val_files"}.get(self.dataset, "")
+        if not (separate and getattr(self, separate)):
             _require(
                 self.val_split > 0,
                 "val_split",
                 self.val_split,
-                "no evaluation data without --val_dir",
-                "0 < x < 1, or set --val_dir",
+                f"no evaluation data without --{separate}" if separate else "no evaluation data",
+                f"0 < x < 1, or set --{separate}" if separate else "0 < x < 1",
             )
 
     @property
