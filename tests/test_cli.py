@@ -108,7 +108,7 @@ BAD_INPUTS = [
     (["--classes=5-12"], ["--classes", "'10'", "accepted"]),
     (["--unfreeze=top:9"], ["--unfreeze=top:9", "only 3 layers"]),
     (["stray"], ["unexpected arguments", "accepted"]),
-    (["--best_metric=f1"], ["--best_metric='f1': unknown metric", "accuracy, loss"]),
+    (["--best_metric=top-5"], ["--best_metric='top-5': not a metric name", "a metric name"]),
     (["--best_metric=loss:up"], ["--best_metric='loss:up': unknown direction"]),
     (["--early_stopping_patience=-1"], ["--early_stopping_patience=-1", "accepted"]),
     (["--export=first"], ["--export", "best|last"]),

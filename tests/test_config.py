@@ -376,3 +376,29 @@ def test_val_split_zero_needs_the_evaluation_data_the_dataset_reads():
         config_lib.DataConfig(**records)
     with pytest.raises(ConfigError, match=r"^--val_split=0.0: no evaluation data; accepted: 0 < x"):
         config_lib.DataConfig(dataset="tfds:mnist", val_split=0.0)
+
+
+@pytest.mark.parametrize(
+    ("spec", "name", "direction"),
+    [
+        ("accuracy", "accuracy", "max"),
+        ("loss", "loss", "min"),
+        ("top5_accuracy", "top5_accuracy", "max"),
+        ("val/cross_entropy_loss", "val/cross_entropy_loss", "min"),
+        ("mean_error", "mean_error", "min"),
+        ("f1", "f1", "max"),
+        ("f1:min", "f1", "min"),
+        ("loss:max", "loss", "max"),
+    ],
+)
+def test_best_metric_takes_any_metric_name_with_a_natural_direction(spec, name, direction):
+    metric = config_lib.BestMetric.parse(spec)
+    assert (metric.name, metric.direction) == (name, direction)
+    assert config_lib.BestMetric.parse(metric.to_flag()) == metric
+    assert metric.better(0.5, 0.4) is (direction == "max")
+
+
+@pytest.mark.parametrize("spec", ["", "top-5", "f1 score", ":max", "loss:up", "loss:"])
+def test_malformed_best_metric_is_refused(spec):
+    with pytest.raises(ConfigError, match=r"^--best_metric=.*accepted: a metric name"):
+        config_lib.BestMetric.parse(spec)

@@ -275,24 +275,38 @@ def parse_profile_steps(spec: str) -> tuple[int, ...]:
 
 def _lower_direction(name: str) -> bool:
     """Whether lower is better for metric `name` by default: losses and errors."""
-    return name == "loss" or name.endswith(("loss", "error"))
+    return name.endswith(("loss", "error"))
 
 
 @dataclasses.dataclass(frozen=True)
 class BestMetric:
-    """The evaluation metric whose best value the run keeps a checkpoint of."""
+    """The evaluation metric whose best value the run keeps a checkpoint of.
+
+    Any metric name is taken here; whether the run's evaluation reports it is checked when the
+    run starts."""
 
     name: str = "accuracy"
     direction: str = "max"
 
     @classmethod
     def parse(cls, spec: str) -> BestMetric:
-        """Parses `--best_metric`: accuracy or loss, optionally :max or :min (default: the
-        metric's natural direction)."""
-        accepted = "accuracy, loss, optionally with :max or :min (e.g. loss:min)"
-        name, _, direction = spec.partition(":")
-        _require(name in ("accuracy", "loss"), "best_metric", spec, "unknown metric", accepted)
-        direction = direction or ("min" if _lower_direction(name) else "max")
+        """Parses `--best_metric`: a metric name (letters, digits, _, /), optionally :max or
+        :min; the default direction is min for loss and names ending in loss or error, else
+        max."""
+        accepted = (
+            "a metric name (letters, digits, _, /) such as accuracy or loss, optionally with "
+            ":max or :min (e.g. loss:min)"
+        )
+        name, colon, direction = spec.partition(":")
+        _require(
+            re.fullmatch(r"[A-Za-z0-9_/]+", name) is not None,
+            "best_metric",
+            spec,
+            "not a metric name",
+            accepted,
+        )
+        if not colon:
+            direction = "min" if _lower_direction(name) else "max"
         _require(direction in ("max", "min"), "best_metric", spec, "unknown direction", accepted)
         return cls(name, direction)
 
@@ -918,8 +932,9 @@ class CheckpointConfig:
     )
     best_metric: BestMetric = option(  # noqa: RUF009  option() returns a dataclasses.field
         BestMetric(),
-        "Evaluation metric whose best value is kept in WORKDIR/checkpoints/best: accuracy or "
-        "loss, optionally :max or :min.",
+        "Evaluation metric whose best value is kept in WORKDIR/checkpoints/best: accuracy, "
+        "loss or another metric's name, optionally :max or :min (default: min for loss and "
+        "names ending in loss or error, else max).",
         parse=BestMetric.parse,
         format=BestMetric.to_flag,
     )
