@@ -402,3 +402,47 @@ def test_best_metric_takes_any_metric_name_with_a_natural_direction(spec, name, 
 def test_malformed_best_metric_is_refused(spec):
     with pytest.raises(ConfigError, match=r"^--best_metric=.*accepted: a metric name"):
         config_lib.BestMetric.parse(spec)
+
+
+TRAINING_HPARAMS = {
+    "optimizer": "sgd",
+    "weight_decay": 0.01,
+    "lr_schedule": "cosine",
+    "warmup_steps": 5,
+    "ema_decay": 0.99,
+    "layer_lr_decay": 0.5,
+    "label_smoothing": 0.1,
+    "grad_accum_steps": 2,
+    "clip_grad_norm": 1.0,
+    "mixed_precision": "bfloat16",
+    "unfreeze_schedule": "gradual:2",
+    "class_weights": "auto",
+    "unfreeze": "top:2",
+    "best_metric": "loss",
+    "augment": "flip,zoom:0.2",
+}
+
+
+def test_hparams_hold_every_training_setting_as_flat_values():
+    base = config_lib.hparams(config_lib.RunConfig(workdir="w"))
+    assert set(TRAINING_HPARAMS) <= set(base)
+    assert {"workdir", "overwrite", "quiet", "summaries", "log_every_steps", "devices"}.isdisjoint(
+        base
+    )
+    assert {"checkpoint_every_steps", "checkpoint_every_secs", "cluster_timeout_secs"}.isdisjoint(
+        base
+    )
+    assert all(isinstance(value, str | int | float | bool) for value in base.values())
+    assert (
+        base["unfreeze"] == "all" and base["head_epochs"] == 5 and base["best_metric"] == "accuracy"
+    )
+    for name, value in TRAINING_HPARAMS.items():
+        changed = config_lib.hparams(config_lib.from_flags({"workdir": "w", name: value}))
+        assert changed[name] == value
+        assert {key for key in base if base[key] != changed[key]} == {name}
+
+
+def test_hparams_of_a_plan_without_a_head_phase():
+    config = config_lib.from_flags({"workdir": "w", "head_epochs": 0})
+    finetune_only = dataclasses.replace(config, phases=config.phases[1:])
+    assert config_lib.hparams(finetune_only) == config_lib.hparams(config)
