@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -18,68 +19,31 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAINED = os.path.join(REPO, "experiments", "pretrained", "small_cnn_digits0-4.keras")
 
 
+# The small run most tests train, as flag values: the flags' defaults otherwise.
+SMALL_RUN = {
+    "classes": "5-9",
+    "train_examples_per_class": 8,
+    "batch_size": 16,
+    "backbone": PRETRAINED,
+    "head_epochs": 1,
+    "head_lr": 1e-2,
+    "finetune_epochs": 1,
+    "finetune_lr": 1e-3,
+}
+
+
 def make_config(workdir: str, **overrides) -> config_lib.RunConfig:
-    """A small run on digits 5-9: 8 training examples per class, 32 px, batch 16."""
-    values = {
-        "classes": "5-9",
-        "per_class": 8,
-        "image_size": 32,
-        "batch_size": 16,
-        "backbone": PRETRAINED,
-        "weights": "",
-        "dropout": 0.2,
-        "augment": "",
-        "head_epochs": 1,
-        "head_lr": 1e-2,
-        "finetune_epochs": 1,
-        "finetune_lr": 1e-3,
-        "unfreeze": "all",
-        "bn_mode": "frozen",
-        "jit_compile": False,
-        "steps_per_loop": 1,
-        "init_checkpoint": "",
-        "checkpoint": config_lib.CheckpointConfig(),
-        "nan_policy": "stop",
-        "training": config_lib.TrainingConfig(),
-    }
-    values.update(overrides)
-    data = config_lib.DataConfig(
-        classes=config_lib.parse_classes(values["classes"]),
-        train_examples_per_class=values["per_class"],
-        image_size=values["image_size"],
-        batch_size=values["batch_size"],
-    )
-    model = config_lib.ModelConfig(
-        backbone=values["backbone"],
-        weights=values["weights"],
-        image_size=values["image_size"],
-        dropout=values["dropout"],
-        augment=config_lib.parse_augment(values["augment"]),
-        init_checkpoint=values["init_checkpoint"],
-    )
-    phases = (
-        config_lib.PhaseConfig(
-            "head", values["head_epochs"], values["head_lr"], config_lib.Unfreeze("none")
-        ),
-        config_lib.PhaseConfig(
-            "finetune",
-            values["finetune_epochs"],
-            values["finetune_lr"],
-            config_lib.Unfreeze.parse(values["unfreeze"]),
-            bn_mode=values["bn_mode"],
-        ),
-    )
-    return config_lib.RunConfig(
-        workdir=workdir,
-        data=data,
-        model=model,
-        phases=phases,
-        jit_compile=values["jit_compile"],
-        steps_per_loop=values["steps_per_loop"],
-        checkpoint=values["checkpoint"],
-        nan_policy=values["nan_policy"],
-        training=values["training"],
-    )
+    """A small run on digits 5-9: 8 training examples per class, 32 px, batch 16.
+
+    `overrides` are flag values by flag name (`per_class` for --train_examples_per_class), or
+    whole sections of the RunConfig by field name (`checkpoint=`, `training=`, ...)."""
+    flag_names = {meta.flag for meta in config_lib.options()}
+    sections = {f.name for f in dataclasses.fields(config_lib.RunConfig)} - flag_names
+    replaced = {name: overrides.pop(name) for name in sections & set(overrides)}
+    if "per_class" in overrides:
+        overrides["train_examples_per_class"] = overrides.pop("per_class")
+    config = config_lib.from_flags({**SMALL_RUN, **overrides, "workdir": workdir})
+    return dataclasses.replace(config, **replaced)
 
 
 class StopAfter(threading.Event):

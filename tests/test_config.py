@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 from absl import flags
@@ -118,3 +119,330 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         write_atomic(str(path), failing)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+# Each option is defined once, on its config field; the flags are made from those fields.
+
+
+def _option_fields(kind: type = config_lib.RunConfig) -> list[str]:
+    """'owner.field' of every option field under `kind`; fails on a field that is neither an
+    option, a follower of another option's flag, nor a section of options."""
+    found = []
+    for field in dataclasses.fields(kind):
+        meta = field.metadata
+        if config_lib._OPTION in meta:
+            found.append(f"{kind.__name__}.{field.name}")
+        elif config_lib._SECTION in meta:
+            found += _option_fields(meta[config_lib._SECTION].kind)
+        else:
+            assert config_lib._FOLLOWS in meta, f"{kind.__name__}.{field.name} has no flag"
+    return found
+
+
+def test_every_option_has_exactly_one_flag_and_every_flag_one_option():
+    values = flags.FlagValues()
+    tlloop_flags.define_flags(values)
+    defined = [name for name in values if name not in flags.FlagValues()]
+    options = config_lib.options()
+    assert len(options) == len(_option_fields()) == len(defined) == len(set(defined))
+    assert [option.flag for option in options] == list(tlloop_flags.FLAG_NAMES)
+    assert set(defined) == set(tlloop_flags.FLAG_NAMES)
+    # A flag that feeds two fields does so through one option and its followers.
+    assert "image_size" in defined and "seed" in defined
+
+
+def test_flag_defaults_are_the_dataclass_defaults():
+    values = _parse(["--workdir=w"])
+    for option in config_lib.options():
+        flag = values[option.flag]
+        assert flag.default == option.default, option.flag
+        assert flag.help == option.help or flag.help.endswith(option.help), option.flag
+    assert tlloop_flags.to_config(values) == config_lib.RunConfig(workdir="w")
+    assert values["workdir"].default is None  # required: the entry points mark it so
+
+
+def test_flag_types_follow_the_defaults():
+    values = _parse(["--workdir=w"])
+    assert isinstance(values["devices"].parser, flags.ListParser)
+    assert isinstance(values["batch_size"].parser, flags.IntegerParser)
+    assert isinstance(values["cluster_timeout_secs"].parser, flags.FloatParser)
+    assert isinstance(values["classes"].parser, flags.ArgumentParser)
+    assert values["optimizer"].parser.enum_values == list(config_lib.OPTIMIZERS)
+    assert values["feature_cache"].parser.enum_values == ["auto", "off"]
+    assert values["mixed_precision"].parser.__class__ is flags.ArgumentParser  # a string flag
+    with pytest.raises(flags.IllegalFlagValueError, match=re.escape("<auto|off>")):
+        _parse(["--workdir=w", "--feature_cache=sometimes"])
+
+
+def test_evaluate_takes_only_the_flags_that_choose_evaluation_data():
+    assert set(tlloop_flags.DATA_FLAGS) == {
+        "dataset",
+        "data_dir",
+        "val_dir",
+        "train_files",
+        "val_files",
+        "image_feature",
+        "label_feature",
+        "tfds_dir",
+        "val_split",
+        "classes",
+        "bad_images",
+        "eval_batch_size",
+    }
+    values = flags.FlagValues()
+    tlloop_flags.define_flags(values, only=tlloop_flags.DATA_FLAGS)
+    assert set(values) - set(flags.FlagValues()) == set(tlloop_flags.DATA_FLAGS)
+
+
+# Configs that between them set every option to something other than its default.
+CHANGED = [
+    {
+        "workdir": "w",
+        "overwrite": True,
+        "seed": 3,
+        "dataset": "folder",
+        "data_dir": "images",
+        "val_dir": "held_out",
+        "val_split": 0.25,
+        "classes": "5-7,cat",
+        "train_examples_per_class": 4,
+        "bad_images": "skip",
+        "resize": "pad",
+        "image_size": 48,
+        "batch_size": 8,
+        "eval_batch_size": 5,
+        "backbone": "MobileNetV2",
+        "weights": "none",
+        "dropout": 0.5,
+        "augment": "flip,rotate:0.1,crop:0.125",
+        "unsafe_deserialization": True,
+        "init_checkpoint": "runs/donor",
+        "mixed_precision": "bfloat16",
+        "head_epochs": 2,
+        "head_lr": 0.03,
+        "finetune_epochs": 7,
+        "finetune_lr": 3e-4,
+        "unfreeze": "blocks:3",
+        "unfreeze_schedule": "gradual:1",
+        "bn_mode": "train",
+        "optimizer": "adamw",
+        "weight_decay": 0.05,
+        "lr_schedule": "cosine",
+        "warmup_steps": 10,
+        "clip_grad_norm": 1.5,
+        "grad_accum_steps": 2,
+        "label_smoothing": 0.1,
+        "layer_lr_decay": 0.8,
+        "ema_decay": 0.999,
+        "class_weights": "auto",
+        "strategy": "mirrored",
+        "devices": ["/gpu:0", "/gpu:1"],
+        "logical_devices": 2,
+        "logical_device_memory_mb": 512,
+        "cluster_timeout_secs": 30.5,
+        "log_every_steps": 1,
+        "histogram_every_steps": 5,
+        "profile_steps": "2,4",
+        "quiet": True,
+        "summaries": False,
+        "checkpoint_every_steps": 3,
+        "checkpoint_every_secs": 0.0,
+        "keep_checkpoints": 9,
+        "best_metric": "loss",
+        "early_stopping_patience": 2,
+        "export": "last",
+        "nan_policy": "skip_step",
+        "deterministic": True,
+        "jit_compile": True,
+        "feature_cache": "off",
+        "steps_per_loop": 4,
+    },
+    {
+        "workdir": "w2",
+        "dataset": "tfrecord",
+        "train_files": "a/*.tfrecord,b/*.tfrecord",
+        "val_files": "c/*.tfrecord",
+        "image_feature": "jpeg",
+        "label_feature": "label",
+        "warmup_epochs": 1,
+        "best_metric": "accuracy:min",
+        "unfreeze": "regex:^block_1[56]_",
+    },
+    {"workdir": "w3", "dataset": "tfds:mnist", "tfds_dir": "tfds", "mixed_precision": "float16"},
+]
+
+
+def test_every_option_is_changed_by_some_round_trip_case():
+    changed = set().union(*CHANGED)
+    assert changed == set(tlloop_flags.FLAG_NAMES)
+    defaults = {option.flag: option.default for option in config_lib.options()}
+    for case in CHANGED:
+        for name, value in case.items():
+            assert value != defaults[name], name
+
+
+@pytest.mark.parametrize("values", CHANGED, ids=lambda values: values["workdir"])
+def test_flags_txt_of_a_config_parses_back_to_an_equal_config(tmp_path, values):
+    config = config_lib.from_flags(values)
+    assert config_lib.flag_values(config) == {
+        **{option.flag: option.default for option in config_lib.options()},
+        **values,
+        "classes": ",".join(config.data.classes),  # 5-7 expanded
+        "augment": "flip,rotate:0.1,crop:0.125" if "augment" in values else "",
+    }
+    path = tmp_path / "flags.txt"
+    path.write_text(tlloop_flags.flags_text(config))
+    assert tlloop_flags.to_config(_parse([f"--flagfile={path}"])) == config
+
+
+def test_flags_feeding_two_fields_set_both():
+    config = config_lib.from_flags({"workdir": "w", "image_size": 48, "seed": 5})
+    assert config.data.image_size == config.model.image_size == 48
+    assert config.data.seed == config.seed == 5
+    with pytest.raises(ConfigError, match=r"^--seed=5: data and run disagree"):
+        dataclasses.replace(config, data=dataclasses.replace(config.data, seed=0))
+
+
+def test_phase_flags_become_two_phases_and_read_back():
+    config = config_lib.from_flags(
+        {"workdir": "w", "head_epochs": 0, "unfreeze": "top:2", "unfreeze_schedule": "gradual:1"}
+    )
+    head, finetune = config.phases
+    assert (head.name, head.epochs, head.unfreeze) == ("head", 0, Unfreeze("none"))
+    assert (finetune.unfreeze, finetune.gradual) == (Unfreeze("top", 2), 1)
+    assert config_lib.TwoPhases.of(config.phases).to_phases() == config.phases
+    # A plan with only a fine-tune phase (as the benchmarks make) reads as --head_epochs=0.
+    assert config_lib.TwoPhases.of((finetune,)).head_epochs == 0
+    with pytest.raises(ValueError, match="head and a finetune"):
+        config_lib.TwoPhases.of((dataclasses.replace(finetune, name="warmup"),))
+
+
+def test_unknown_names_are_not_flags():
+    with pytest.raises(ConfigError, match=r"\['per_class'\]: not tlloop flags"):
+        config_lib.from_flags({"workdir": "w", "per_class": 3})
+
+
+def test_feature_cache_takes_auto_or_off_only():
+    def run(feature_cache: str) -> config_lib.RunConfig:
+        head = config_lib.PhaseConfig("head", 1, 1e-3, Unfreeze("none"))
+        return config_lib.RunConfig(
+            workdir="w",
+            data=config_lib.DataConfig(),
+            model=config_lib.ModelConfig(),
+            phases=(head,),
+            feature_cache=feature_cache,
+        )
+
+    assert run("off").feature_cache == "off"
+    with pytest.raises(
+        ConfigError, match=r"^--feature_cache='always': unknown; accepted: auto, off$"
+    ):
+        run("always")
+
+
+def test_gradual_unfreezing_of_nothing_is_refused_naming_both_flags():
+    with pytest.raises(
+        ConfigError, match=r"^--unfreeze_schedule='gradual:2': with --unfreeze=none .*accepted"
+    ):
+        config_lib.from_flags(
+            {"workdir": "w", "unfreeze": "none", "unfreeze_schedule": "gradual:2"}
+        )
+    # Either alone is fine.
+    config_lib.from_flags({"workdir": "w", "unfreeze": "none"})
+    config_lib.from_flags({"workdir": "w", "unfreeze": "top:1", "unfreeze_schedule": "gradual:2"})
+
+
+@pytest.mark.parametrize("dataset", ["digits", "tfrecord", "tfds:mnist"])
+def test_val_dir_is_refused_where_the_dataset_does_not_read_it(dataset):
+    extra = {"train_files": "x.tfrecord"} if dataset == "tfrecord" else {}
+    with pytest.raises(
+        ConfigError,
+        match=rf"^--val_dir='held_out': --dataset={dataset} does not read it; accepted: "
+        r"--val_dir only with --dataset=folder$",
+    ):
+        config_lib.DataConfig(dataset=dataset, val_dir="held_out", val_split=0.0, **extra)
+    with pytest.raises(ConfigError, match=r"^--val_files=.*only with --dataset=tfrecord$"):
+        config_lib.DataConfig(dataset="folder", data_dir="d", val_files="x.tfrecord")
+
+
+def test_val_split_zero_needs_the_evaluation_data_the_dataset_reads():
+    folder = config_lib.DataConfig(dataset="folder", data_dir="d", val_dir="v", val_split=0.0)
+    assert folder.val_split == 0.0
+    records = {"dataset": "tfrecord", "train_files": "t.tfrecord", "val_split": 0.0}
+    assert config_lib.DataConfig(**records, val_files="v.tfrecord").val_files == "v.tfrecord"
+    with pytest.raises(
+        ConfigError, match=r"^--val_split=0.0: no evaluation data without --val_files"
+    ):
+        config_lib.DataConfig(**records)
+    with pytest.raises(ConfigError, match=r"^--val_split=0.0: no evaluation data; accepted: 0 < x"):
+        config_lib.DataConfig(dataset="tfds:mnist", val_split=0.0)
+
+
+@pytest.mark.parametrize(
+    ("spec", "name", "direction"),
+    [
+        ("accuracy", "accuracy", "max"),
+        ("loss", "loss", "min"),
+        ("top5_accuracy", "top5_accuracy", "max"),
+        ("val/cross_entropy_loss", "val/cross_entropy_loss", "min"),
+        ("mean_error", "mean_error", "min"),
+        ("f1", "f1", "max"),
+        ("f1:min", "f1", "min"),
+        ("loss:max", "loss", "max"),
+    ],
+)
+def test_best_metric_takes_any_metric_name_with_a_natural_direction(spec, name, direction):
+    metric = config_lib.BestMetric.parse(spec)
+    assert (metric.name, metric.direction) == (name, direction)
+    assert config_lib.BestMetric.parse(metric.to_flag()) == metric
+    assert metric.better(0.5, 0.4) is (direction == "max")
+
+
+@pytest.mark.parametrize("spec", ["", "top-5", "f1 score", ":max", "loss:up", "loss:"])
+def test_malformed_best_metric_is_refused(spec):
+    with pytest.raises(ConfigError, match=r"^--best_metric=.*accepted: a metric name"):
+        config_lib.BestMetric.parse(spec)
+
+
+TRAINING_HPARAMS = {
+    "optimizer": "sgd",
+    "weight_decay": 0.01,
+    "lr_schedule": "cosine",
+    "warmup_steps": 5,
+    "ema_decay": 0.99,
+    "layer_lr_decay": 0.5,
+    "label_smoothing": 0.1,
+    "grad_accum_steps": 2,
+    "clip_grad_norm": 1.0,
+    "mixed_precision": "bfloat16",
+    "unfreeze_schedule": "gradual:2",
+    "class_weights": "auto",
+    "unfreeze": "top:2",
+    "best_metric": "loss",
+    "augment": "flip,zoom:0.2",
+}
+
+
+def test_hparams_hold_every_training_setting_as_flat_values():
+    base = config_lib.hparams(config_lib.RunConfig(workdir="w"))
+    assert set(TRAINING_HPARAMS) <= set(base)
+    assert {"workdir", "overwrite", "quiet", "summaries", "log_every_steps", "devices"}.isdisjoint(
+        base
+    )
+    assert {"checkpoint_every_steps", "checkpoint_every_secs", "cluster_timeout_secs"}.isdisjoint(
+        base
+    )
+    assert all(isinstance(value, str | int | float | bool) for value in base.values())
+    assert (
+        base["unfreeze"] == "all" and base["head_epochs"] == 5 and base["best_metric"] == "accuracy"
+    )
+    for name, value in TRAINING_HPARAMS.items():
+        changed = config_lib.hparams(config_lib.from_flags({"workdir": "w", name: value}))
+        assert changed[name] == value
+        assert {key for key in base if base[key] != changed[key]} == {name}
+
+
+def test_hparams_of_a_plan_without_a_head_phase():
+    config = config_lib.from_flags({"workdir": "w", "head_epochs": 0})
+    finetune_only = dataclasses.replace(config, phases=config.phases[1:])
+    assert config_lib.hparams(finetune_only) == config_lib.hparams(config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import PRETRAINED, run_cli
 
 from tlloop import phases as phase_lib
 from tlloop.config import ConfigError, ModelConfig, PhaseConfig, Unfreeze
@@ -235,3 +235,38 @@ def test_random_resized_crop_augments_in_training_only_and_saves(tmp_path):
     model.save(str(tmp_path / "model.keras"))
     loaded = keras.saving.load_model(str(tmp_path / "model.keras"))
     assert loaded.augment.get_layer("crop_0").factor == 0.5
+
+
+def test_weights_none_reinitialises_a_keras_file_backbone():
+    pretrained = keras.saving.load_model(PRETRAINED, compile=False)
+    own = build_backbone(PRETRAINED, "", 32)
+    keras.utils.set_random_seed(0)
+    fresh = build_backbone(PRETRAINED, "none", 32)
+    file_weights = {v.path: v.numpy() for v in pretrained.weights}
+    own_weights = {v.path: v.numpy() for v in own.layers[-1].weights}
+    fresh_weights = {v.path: v.numpy() for v in fresh.layers[-1].weights}
+    assert set(own_weights) == set(fresh_weights) == set(file_weights)
+    for path, value in file_weights.items():
+        assert np.array_equal(own_weights[path], value), path  # '' keeps the file's weights
+        assert fresh_weights[path].shape == value.shape
+    assert not np.allclose(fresh_weights["conv1/kernel"], file_weights["conv1/kernel"])
+    # BatchNorm starts over too: moving statistics at their initial values.
+    assert np.all(fresh_weights["bn1/moving_mean"] == 0)
+    assert np.all(fresh_weights["bn1/moving_variance"] == 1)
+    assert not np.all(file_weights["bn1/moving_variance"] == 1)
+    x = _pixels(32)
+    assert not np.allclose(np.asarray(fresh(x)), np.asarray(own(x)))
+
+
+def test_weights_none_on_a_keras_file_with_code_keeps_safe_mode(tmp_path):
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Lambda(lambda t: t / 255.0)(inputs)
+    x = keras.layers.Conv2D(4, 3, name="conv")(x)
+    source = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    path = str(tmp_path / "lambda.keras")
+    source.save(path)
+    with pytest.raises(ConfigError, match="--unsafe_deserialization"):
+        build_backbone(path, "none", 16)
+    fresh = build_backbone(path, "none", 16, safe_mode=False)
+    kernel = next(v for v in fresh.weights if v.path.endswith("conv/kernel"))
+    assert not np.allclose(kernel.numpy(), source.get_layer("conv").kernel.numpy())

@@ -1,15 +1,21 @@
-"""The typed, frozen configuration of one tlloop run.
+"""The typed, frozen configuration of one tlloop run, and the command-line options it defines.
 
-Everything below the entry point reads these dataclasses, never absl flags. Each value is
-validated when its dataclass is made; a `ConfigError` names the flag that carries the value,
-says what is wrong and what would be accepted. This module imports no TensorFlow, so bad flags
-are refused before TensorFlow is even loaded.
+Everything below the entry point reads these dataclasses, never absl flags. Each option is
+defined once, on the dataclass field that holds it (`option`): its default, its help text, its
+check, and how its flag's text becomes the value (`parse`) and back (`format`). `tlloop.flags`
+makes the absl flags from these fields, `from_flags` builds a RunConfig from flag values, and
+`flag_values` / `hparams` read one back. Each value is validated when its dataclass is made; a
+`ConfigError` names the flag that carries the value, says what is wrong and what would be
+accepted. This module imports no TensorFlow, so bad flags are refused before TensorFlow is even
+loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 DATASETS = ("digits", "folder", "tfrecord", "tfds:NAME")
 BN_MODES = ("frozen", "train")
@@ -21,8 +27,8 @@ NAN_POLICIES = ("stop", "skip_step")
 EXPORTS = ("best", "last")
 OPTIMIZERS = ("adam", "adamw", "sgd", "lamb")
 LR_SCHEDULES = ("constant", "cosine", "linear", "step")
-# Evaluation metrics a run can track as its best, with the direction that is better.
-BEST_METRICS = {"accuracy": "max", "loss": "min"}
+FEATURE_CACHE = ("auto", "off")
+MIXED_PRECISION = ("", "float16", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -32,6 +38,115 @@ class ConfigError(ValueError):
 def _require(ok: bool, flag: str, value: object, problem: str, accepted: str) -> None:
     if not ok:
         raise ConfigError(f"--{flag}={value!r}: {problem}; accepted: {accepted}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Option metadata: one command-line option per dataclass field.
+
+_OPTION = "tlloop.option"  # field metadata key: the field is set by its own flag
+_FOLLOWS = "tlloop.follows"  # field metadata key: the field takes another field's flag value
+_SECTION = "tlloop.section"  # field metadata key: the field is a dataclass of options
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """How one config field is set from the command line.
+
+    `flag` is the flag's name (the field's name unless given). The flag's type follows from
+    its default as text (`format` of the field's default): bool, int, float, list or str; a str
+    with `choices` is an enum flag. `parse` turns the flag's value into the field's (and raises
+    ConfigError naming the flag), `format` turns a field value back into the flag's, so that
+    `parse(format(v)) == v`. `check` must hold for every value, else ConfigError with `problem`
+    and `accepted`. `hparam` False marks plumbing that does not change what a run learns (paths
+    of its own outputs, cadences, devices). `evaluation` marks the flags that say which examples
+    a run is evaluated on: `tlloop.evaluate` takes these to evaluate on other data.
+    `owner` (the dataclass) and `default` (the flag's default) are filled in by `options()`.
+    """
+
+    help: str
+    flag: str = ""
+    parse: Callable[[Any], Any] | None = None
+    format: Callable[[Any], Any] | None = None
+    choices: tuple[str, ...] = ()
+    check: Callable[[Any], bool] | None = None
+    problem: str = ""
+    accepted: str = ""
+    hparam: bool = True
+    evaluation: bool = False
+    owner: str = ""
+    default: Any = None
+
+    @property
+    def kind(self) -> str:
+        """The absl flag type: bool, integer, float, list, enum or string."""
+        if isinstance(self.default, bool):
+            return "bool"
+        if isinstance(self.default, int):
+            return "integer"
+        if isinstance(self.default, float):
+            return "float"
+        if isinstance(self.default, list):
+            return "list"
+        return "enum" if self.choices else "string"
+
+    def to_value(self, flag_value: Any) -> Any:
+        """The field value of this flag's value (as absl holds it)."""
+        return self.parse(flag_value) if self.parse else flag_value
+
+    def to_flag(self, value: Any) -> Any:
+        """This flag's value (as absl holds it) for the field value `value`."""
+        return self.format(value) if self.format else value
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    **kw: Any,
+) -> Any:
+    """A dataclass field that is a command-line option; `kw` are `Option`'s fields.
+
+    A field without a default makes a flag whose default is None (a required flag)."""
+    return dataclasses.field(default=default, metadata={_OPTION: Option(help, **kw)})
+
+
+def follows(flag: str, default: Any) -> Any:
+    """A dataclass field with no flag of its own: `from_flags` gives it the value of `flag`,
+    which another field defines (e.g. the model's image size is --image_size, the data's)."""
+    return dataclasses.field(default=default, metadata={_FOLLOWS: flag})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Section:
+    kind: type
+    build: Callable[[Any], Any] | None = None  # options dataclass -> the field's value
+    read: Callable[[Any], Any] | None = None  # the field's value -> options dataclass
+
+
+def section(kind: type, build: Callable | None = None, read: Callable | None = None) -> Any:
+    """A dataclass field holding a dataclass of options (`kind`). With `build` and `read`, the
+    field holds a value derived from the options dataclass (`build(options)`) instead, and
+    `read(value)` gives the options back (e.g. RunConfig.phases from TwoPhases)."""
+    factory = kind if build is None else (lambda: build(kind()))
+    return dataclasses.field(
+        default_factory=factory, metadata={_SECTION: _Section(kind, build, read)}
+    )
+
+
+def _check_options(config: Any) -> None:
+    """Runs every option field's own check (choices, `check`) on `config`."""
+    for field in dataclasses.fields(config):
+        meta = field.metadata.get(_OPTION)
+        if meta is None:
+            continue
+        flag, value = meta.flag or field.name, getattr(config, field.name)
+        if meta.choices:
+            _require(value in meta.choices, flag, value, "unknown", ", ".join(meta.choices))
+        if meta.check is not None:
+            _require(meta.check(value), flag, value, meta.problem, meta.accepted)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values parsed from a flag's text.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +224,11 @@ def parse_augment(spec: str) -> tuple[AugmentOp, ...]:
     return tuple(ops)
 
 
+def format_augment(ops: tuple[AugmentOp, ...]) -> str:
+    """The `--augment` text of `ops`: `parse_augment(format_augment(ops)) == ops`."""
+    return ",".join(op.name if op.name == "flip" else f"{op.name}:{op.factor!r}" for op in ops)
+
+
 def parse_classes(spec: str) -> tuple[str, ...]:
     """Parses `--classes`: class names separated by commas, integer ranges like 5-9 expanded."""
     names: list[str] = []
@@ -124,291 +244,6 @@ def parse_classes(spec: str) -> tuple[str, ...]:
         len(set(names)) == len(names), "classes", spec, "a class is named twice", "distinct names"
     )
     return tuple(names)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Where examples come from and how they are batched.
-
-    `classes` selects and orders classes (empty: all the source has); `train_examples_per_class`
-    keeps the first N shuffled training examples of each class (0: all).
-    """
-
-    dataset: str = "digits"
-    data_dir: str = ""
-    val_dir: str = ""
-    train_files: str = ""  # --dataset=tfrecord: globs, comma-separated
-    val_files: str = ""
-    image_feature: str = "image/encoded"
-    label_feature: str = "image/class/label"
-    tfds_dir: str = ""  # --dataset=tfds:NAME: the TFDS data directory ("": TFDS's default)
-    val_split: float = 0.3
-    classes: tuple[str, ...] = ()
-    train_examples_per_class: int = 0
-    image_size: int = 32
-    batch_size: int = 32
-    eval_batch_size: int = 0  # 0: the training batch size
-    seed: int = 0
-    bad_images: str = "fail"  # an unreadable image file: "fail" the run, or "skip" it
-    resize: str = "squash"  # to the square size: squash, crop (centre) or pad (black borders)
-
-    def __post_init__(self) -> None:
-        _require(self.resize in RESIZE_MODES, "resize", self.resize, "unknown", "squash, crop, pad")
-        known = self.dataset in DATASETS[:3] or re.fullmatch(r"tfds:\S+", self.dataset)
-        _require(bool(known), "dataset", self.dataset, "unknown", ", ".join(DATASETS))
-        _require(
-            self.bad_images in BAD_IMAGES, "bad_images", self.bad_images, "unknown", "fail, skip"
-        )
-        if self.dataset == "tfrecord":
-            _require(
-                bool(self.train_files),
-                "train_files",
-                self.train_files,
-                "--dataset=tfrecord needs it",
-                "a glob of TFRecord files of tf.train.Example records",
-            )
-        if self.dataset == "folder":
-            _require(
-                bool(self.data_dir),
-                "data_dir",
-                self.data_dir,
-                "--dataset=folder needs it",
-                "a folder with one sub-folder of images per class",
-            )
-        _require(0 <= self.val_split < 1, "val_split", self.val_split, "out of range", "0 <= x < 1")
-        if not (self.val_dir or self.val_files):
-            _require(
-                self.val_split > 0,
-                "val_split",
-                self.val_split,
-                "no evaluation data without --val_dir",
-                "0 < x < 1, or set --val_dir",
-            )
-        _require(
-            self.train_examples_per_class >= 0,
-            "train_examples_per_class",
-            self.train_examples_per_class,
-            "negative",
-            "0 (all) or a positive count",
-        )
-        _require(
-            self.image_size >= 8, "image_size", self.image_size, "too small", "an integer >= 8"
-        )
-        _require(self.batch_size >= 1, "batch_size", self.batch_size, "too small", ">= 1")
-        _require(
-            self.eval_batch_size >= 0,
-            "eval_batch_size",
-            self.eval_batch_size,
-            "negative",
-            "0 (same as --batch_size) or >= 1",
-        )
-
-    @property
-    def eval_batch(self) -> int:
-        return self.eval_batch_size or self.batch_size
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The backbone to load, the head to put on it, and the augmentation in front of it.
-
-    `backbone` is a keras.applications class name, "small_cnn", or a path to a .keras file.
-    `weights` is "imagenet", "none", a weights file path, or "" for the backbone's own default.
-    """
-
-    backbone: str = "small_cnn"
-    weights: str = ""
-    image_size: int = 32
-    dropout: float = 0.2
-    augment: tuple[AugmentOp, ...] = ()
-    unsafe_deserialization: bool = False
-    init_checkpoint: str = ""  # warm start: the backbone's weights from this checkpoint
-    mixed_precision: str = ""  # "float16" or "bfloat16": compute in it, keep float32 weights
-
-    def __post_init__(self) -> None:
-        _require(bool(self.backbone), "backbone", self.backbone, "empty", "a name or a path")
-        _require(0 <= self.dropout < 1, "dropout", self.dropout, "out of range", "0 <= x < 1")
-        _require(
-            self.mixed_precision in ("", "float16", "bfloat16"),
-            "mixed_precision",
-            self.mixed_precision,
-            "unknown",
-            "float16, bfloat16, or empty for float32",
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class PhaseConfig:
-    """One training phase: its length, learning rate and what in the backbone trains.
-
-    `bn_mode` "frozen" keeps the backbone in inference mode with its BatchNormalization layers
-    untrainable; "train" runs the backbone with training=True (batch statistics, moving averages
-    updated, Dropout active) and trains the BatchNormalization scales and offsets it unfreezes.
-    """
-
-    name: str
-    epochs: int
-    learning_rate: float
-    unfreeze: Unfreeze
-    bn_mode: str = "frozen"
-    gradual: int = 0  # K > 0: epoch e trains only the top K x (e + 1) blocks/layers of `unfreeze`
-
-    def __post_init__(self) -> None:
-        _require(
-            self.gradual >= 0,
-            "unfreeze_schedule",
-            f"gradual:{self.gradual}",
-            "K must be positive",
-            "gradual:K with K >= 1, or empty",
-        )
-        _require(self.epochs >= 0, f"{self.name}_epochs", self.epochs, "negative", ">= 0")
-        _require(
-            self.learning_rate > 0, f"{self.name}_lr", self.learning_rate, "not positive", "> 0"
-        )
-        _require(self.bn_mode in BN_MODES, "bn_mode", self.bn_mode, "unknown", "frozen, train")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingConfig:
-    """How every phase trains: optimizer, learning-rate schedule, gradients and loss.
-
-    `weight_decay` is decoupled (Keras 3 applies it to the weights, scaled by the learning
-    rate) and never applied to biases or BatchNormalization weights. The schedule runs over each
-    phase's optimizer steps, after `warmup_steps` (or `warmup_epochs`) of linear warmup from 0.
-    `clip_grad_norm` > 0 clips the global batch's gradient to that global norm.
-    `grad_accum_steps` batches make one optimizer step. `class_weights` "auto" weighs each
-    example's loss by N / (classes x count of its class) in the training data. `ema_decay` > 0
-    keeps exponential moving averages of the weights; evaluations, the best checkpoint and the
-    export use them.
-    """
-
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    warmup_epochs: int = 0
-    clip_grad_norm: float = 0.0
-    grad_accum_steps: int = 1
-    label_smoothing: float = 0.0
-    class_weights: str = ""
-    ema_decay: float = 0.0  # > 0: evaluate and export moving averages of the weights
-    layer_lr_decay: float = 0.0  # R in (0, 1): each backbone block/layer down gets R x the rate
-
-    def __post_init__(self) -> None:
-        _require(
-            0 <= self.layer_lr_decay <= 1,
-            "layer_lr_decay",
-            self.layer_lr_decay,
-            "out of range",
-            "0 (off) or 0 < R <= 1",
-        )
-        _require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "out of range", "[0, 1)")
-        _require(
-            self.optimizer in OPTIMIZERS,
-            "optimizer",
-            self.optimizer,
-            "unknown",
-            ", ".join(OPTIMIZERS),
-        )
-        _require(
-            self.lr_schedule in LR_SCHEDULES,
-            "lr_schedule",
-            self.lr_schedule,
-            "unknown",
-            ", ".join(LR_SCHEDULES),
-        )
-        _require(
-            0 <= self.weight_decay < 1, "weight_decay", self.weight_decay, "out of range", "[0, 1)"
-        )
-        for name in ("warmup_steps", "warmup_epochs"):
-            value = getattr(self, name)
-            _require(value >= 0, name, value, "negative", "0 (none) or a count")
-        _require(
-            not (self.warmup_steps and self.warmup_epochs),
-            "warmup_steps",
-            self.warmup_steps,
-            "given together with --warmup_epochs",
-            "one of the two",
-        )
-        _require(
-            self.clip_grad_norm >= 0,
-            "clip_grad_norm",
-            self.clip_grad_norm,
-            "negative",
-            "0 (off) or a norm > 0",
-        )
-        _require(
-            self.grad_accum_steps >= 1,
-            "grad_accum_steps",
-            self.grad_accum_steps,
-            "too small",
-            "1 (off) or more batches per optimizer step",
-        )
-        _require(
-            0 <= self.label_smoothing < 1,
-            "label_smoothing",
-            self.label_smoothing,
-            "out of range",
-            "0 <= x < 1",
-        )
-        _require(
-            self.class_weights in ("", "auto"),
-            "class_weights",
-            self.class_weights,
-            "unknown",
-            "auto, or empty for none",
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class DistributeConfig:
-    """Which tf.distribute strategy runs the steps, on which devices.
-
-    `logical_devices` > 0 splits the first GPU (or the CPU) into that many logical devices
-    first, so multi-replica runs can be reproduced on one machine.
-    """
-
-    strategy: str = "auto"
-    devices: tuple[str, ...] = ()
-    logical_devices: int = 0
-    logical_device_memory_mb: int = 2048
-    cluster_timeout_secs: float = 300.0
-
-    def __post_init__(self) -> None:
-        _require(
-            self.strategy in STRATEGIES, "strategy", self.strategy, "unknown", ", ".join(STRATEGIES)
-        )
-        _require(
-            not self.devices or self.strategy in ("mirrored", "one_device"),
-            "devices",
-            ",".join(self.devices),
-            f"does not apply to --strategy={self.strategy}",
-            "--strategy=mirrored or one_device with --devices",
-        )
-        _require(
-            self.strategy != "one_device" or len(self.devices) <= 1,
-            "devices",
-            ",".join(self.devices),
-            "one_device takes one device",
-            "a single device name, e.g. /gpu:0",
-        )
-        _require(
-            self.logical_devices >= 0, "logical_devices", self.logical_devices, "negative", ">= 0"
-        )
-        _require(
-            self.logical_device_memory_mb >= 1,
-            "logical_device_memory_mb",
-            self.logical_device_memory_mb,
-            "too small",
-            ">= 1",
-        )
-        _require(
-            self.cluster_timeout_secs > 0,
-            "cluster_timeout_secs",
-            self.cluster_timeout_secs,
-            "not positive",
-            "> 0",
-        )
 
 
 def parse_unfreeze_schedule(spec: str) -> int:
@@ -438,43 +273,47 @@ def parse_profile_steps(spec: str) -> tuple[int, ...]:
     return (start, end)
 
 
-@dataclasses.dataclass(frozen=True)
-class LoggingConfig:
-    """What is logged, how often, and whether the console shows a progress bar.
-
-    `log_every_steps` and `histogram_every_steps` count global steps, 0 turns them off;
-    `profile_steps` is () or (START, END): the profiler traces global steps START to END.
-    """
-
-    log_every_steps: int = 10
-    histogram_every_steps: int = 0
-    profile_steps: tuple[int, ...] = ()
-    quiet: bool = False
-    summaries: bool = True  # False: no TensorBoard event files and no metrics.jsonl
-
-    def __post_init__(self) -> None:
-        for name in ("log_every_steps", "histogram_every_steps"):
-            value = getattr(self, name)
-            _require(value >= 0, name, value, "negative", "0 (off) or a step count >= 1")
+def _lower_direction(name: str) -> bool:
+    """Whether lower is better for metric `name` by default: losses and errors."""
+    return name.endswith(("loss", "error"))
 
 
 @dataclasses.dataclass(frozen=True)
 class BestMetric:
-    """The evaluation metric whose best value the run keeps a checkpoint of."""
+    """The evaluation metric whose best value the run keeps a checkpoint of.
+
+    Any metric name is taken here; whether the run's evaluation reports it is checked when the
+    run starts."""
 
     name: str = "accuracy"
     direction: str = "max"
 
     @classmethod
     def parse(cls, spec: str) -> BestMetric:
-        """Parses `--best_metric`: accuracy or loss, optionally :max or :min (default: the
-        metric's natural direction)."""
-        accepted = "accuracy, loss, optionally with :max or :min (e.g. loss:min)"
-        name, _, direction = spec.partition(":")
-        _require(name in BEST_METRICS, "best_metric", spec, "unknown metric", accepted)
-        direction = direction or BEST_METRICS[name]
+        """Parses `--best_metric`: a metric name (letters, digits, _, /), optionally :max or
+        :min; the default direction is min for loss and names ending in loss or error, else
+        max."""
+        accepted = (
+            "a metric name (letters, digits, _, /) such as accuracy or loss, optionally with "
+            ":max or :min (e.g. loss:min)"
+        )
+        name, colon, direction = spec.partition(":")
+        _require(
+            re.fullmatch(r"[A-Za-z0-9_/]+", name) is not None,
+            "best_metric",
+            spec,
+            "not a metric name",
+            accepted,
+        )
+        if not colon:
+            direction = "min" if _lower_direction(name) else "max"
         _require(direction in ("max", "min"), "best_metric", spec, "unknown direction", accepted)
         return cls(name, direction)
+
+    def to_flag(self) -> str:
+        """The `--best_metric` text: the name alone when the direction is its default."""
+        default = "min" if _lower_direction(self.name) else "max"
+        return self.name if self.direction == default else str(self)
 
     def better(self, value: float, than: float) -> bool:
         """True if `value` is strictly better than `than` (anything beats NaN, the unset)."""
@@ -484,6 +323,571 @@ class BestMetric:
 
     def __str__(self) -> str:
         return f"{self.name}:{self.direction}"
+
+
+def _known_dataset(name: str) -> bool:
+    return name in DATASETS[:3] or re.fullmatch(r"tfds:\S+", name) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# The configuration, one dataclass per concern; the order of fields is the order of flags.txt.
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where examples come from and how they are batched.
+
+    `classes` selects and orders classes (empty: all the source has); `train_examples_per_class`
+    keeps the first N shuffled training examples of each class (0: all).
+    """
+
+    dataset: str = option(
+        "digits",
+        "Examples: digits (embedded UCI optical digits), folder (--data_dir with one sub-folder "
+        "per class), tfrecord (--train_files of tf.train.Example records) or tfds:NAME "
+        "(a TensorFlow Datasets dataset already in --tfds_dir; needs tensorflow-datasets).",
+        check=_known_dataset,
+        problem="unknown",
+        accepted=", ".join(DATASETS),
+        evaluation=True,
+    )
+    data_dir: str = option("", "For --dataset=folder: one sub-folder per class.", evaluation=True)
+    train_files: str = option(
+        "", "For --dataset=tfrecord: glob(s) of TFRecord files, comma-separated.", evaluation=True
+    )
+    val_files: str = option(
+        "",
+        "For --dataset=tfrecord: evaluation TFRecord glob(s); empty: hold out --val_split.",
+        evaluation=True,
+    )
+    image_feature: str = option(
+        "image/encoded",
+        "For --dataset=tfrecord: the feature holding the encoded image (JPEG, PNG, ...).",
+        evaluation=True,
+    )
+    label_feature: str = option(
+        "image/class/label",
+        "For --dataset=tfrecord: the int64 feature holding the class index.",
+        evaluation=True,
+    )
+    tfds_dir: str = option(
+        "",
+        "For --dataset=tfds:NAME: the TensorFlow Datasets data directory; empty: its default.",
+        evaluation=True,
+    )
+    val_dir: str = option(
+        "",
+        "For --dataset=folder: evaluation images, same layout as --data_dir; "
+        "empty: hold out --val_split of the training data.",
+        evaluation=True,
+    )
+    val_split: float = option(
+        0.3,
+        "Fraction of each class held out for evaluation when there is no --val_dir (folder) or "
+        "--val_files (tfrecord); a fixed split, the same for every --seed.",
+        check=lambda value: 0 <= value < 1,
+        problem="out of range",
+        accepted="0 <= x < 1",
+        evaluation=True,
+    )
+    classes: tuple[str, ...] = option(
+        (),
+        "Classes to use, in label order, e.g. 5-9 or cat,dog; empty: all.",
+        parse=parse_classes,
+        format=",".join,
+        evaluation=True,
+    )
+    train_examples_per_class: int = option(
+        0,
+        "Keep this many training examples per class (few-shot); 0: all.",
+        check=lambda value: value >= 0,
+        problem="negative",
+        accepted="0 (all) or a positive count",
+    )
+    bad_images: str = option(
+        "fail",
+        "An image file that cannot be read or decoded: fail (the run stops before training, "
+        "naming it) or skip (skipped files are counted and logged).",
+        choices=BAD_IMAGES,
+        evaluation=True,
+    )
+    resize: str = option(
+        "squash",
+        "How images become --image_size squares: squash (ignore the aspect ratio), crop (scale "
+        "the short side, crop the centre) or pad (scale the long side, pad with black).",
+        choices=RESIZE_MODES,
+    )
+    image_size: int = option(
+        32,
+        "Images are resized to this square size.",
+        check=lambda value: value >= 8,
+        problem="too small",
+        accepted="an integer >= 8",
+    )
+    batch_size: int = option(
+        32,
+        "Global training batch size.",
+        check=lambda value: value >= 1,
+        problem="too small",
+        accepted=">= 1",
+    )
+    eval_batch_size: int = option(
+        0,
+        "Evaluation batch size; 0: --batch_size.",
+        check=lambda value: value >= 0,
+        problem="negative",
+        accepted="0 (same as --batch_size) or >= 1",
+        hparam=False,
+        evaluation=True,
+    )
+    seed: int = follows("seed", 0)  # the shuffle's seed; splits have a fixed seed of their own
+
+    def __post_init__(self) -> None:
+        _check_options(self)
+        if self.dataset == "tfrecord":
+            _require(
+                bool(self.train_files),
+                "train_files",
+                self.train_files,
+                "--dataset=tfrecord needs it",
+                "a glob of TFRecord files of tf.train.Example records",
+            )
+        if self.dataset == "folder":
+            _require(
+                bool(self.data_dir),
+                "data_dir",
+                self.data_dir,
+                "--dataset=folder needs it",
+                "a folder with one sub-folder of images per class",
+            )
+        # Separate evaluation data is read by one dataset each; given to another, it would be
+        # ignored without a word (and --val_split=0 would evaluate on almost nothing).
+        for flag, reader in (("val_dir", "folder"), ("val_files", "tfrecord")):
+            _require(
+                not getattr(self, flag) or self.dataset == reader,
+                flag,
+                getattr(self, flag),
+                f"--dataset={self.dataset} does not read it",
+                f"--{flag} only with --dataset={reader}",
+            )
+        separate = {"folder": "val_dir", "tfrecord": "val_files"}.get(self.dataset, "")
+        if not (separate and getattr(self, separate)):
+            _require(
+                self.val_split > 0,
+                "val_split",
+                self.val_split,
+                f"no evaluation data without --{separate}" if separate else "no evaluation data",
+                f"0 < x < 1, or set --{separate}" if separate else "0 < x < 1",
+            )
+
+    @property
+    def eval_batch(self) -> int:
+        return self.eval_batch_size or self.batch_size
+
+
+def _default(kind: type, name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(kind) if f.name == name)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The backbone to load, the head to put on it, and the augmentation in front of it.
+
+    `backbone` is a keras.applications class name, "small_cnn", or a path to a .keras file.
+    `weights` is "imagenet", "none", a weights file path, or "" for the backbone's own default.
+    """
+
+    backbone: str = option(
+        "small_cnn",
+        "A keras.applications class name "
+        "(MobileNetV2, EfficientNetB0, ResNet50, ...), small_cnn, or a .keras file that maps "
+        "RGB pixels in [0, 255] to features.",
+        check=bool,
+        problem="empty",
+        accepted="a name or a path",
+    )
+    weights: str = option(
+        "",
+        "Backbone weights: imagenet, none, or a weights "
+        "file; empty: imagenet for keras.applications, none for small_cnn, the file's own "
+        "for a .keras backbone.",
+    )
+    image_size: int = follows("image_size", _default(DataConfig, "image_size"))
+    dropout: float = option(
+        0.2,
+        "Dropout rate before the head's Dense layer.",
+        check=lambda value: 0 <= value < 1,
+        problem="out of range",
+        accepted="0 <= x < 1",
+    )
+    augment: tuple[AugmentOp, ...] = option(
+        (),
+        "Training augmentation, e.g. "
+        "flip,rotate:0.1,zoom:0.1,contrast:0.2,translate:0.1,crop:0.2 (a random square of "
+        "0.8..1 of the side, resized back); empty: none.",
+        parse=parse_augment,
+        format=format_augment,
+    )
+    unsafe_deserialization: bool = option(
+        False,
+        "Allow a .keras backbone to run "
+        "code (Lambda layers) when loaded. Only for files you trust.",
+        hparam=False,
+    )
+    init_checkpoint: str = option(
+        "",
+        "Warm start: load the backbone's weights from another tlloop run (its workdir: the "
+        "best checkpoint, else the latest), a checkpoint directory or a checkpoint path; a "
+        "report lists matched, unmatched and missing variables. Not applied when resuming.",
+    )
+    mixed_precision: str = option(
+        "",
+        "float16 (with dynamic loss scaling) or bfloat16: compute in it, keep weights and the "
+        "head's output in float32 (keras.applications and small_cnn backbones; a .keras "
+        "backbone keeps the dtypes it was saved with); empty: float32.",
+        check=lambda value: value in MIXED_PRECISION,
+        problem="unknown",
+        accepted="float16, bfloat16, or empty for float32",
+    )
+
+    def __post_init__(self) -> None:
+        _check_options(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseConfig:
+    """One training phase: its length, learning rate and what in the backbone trains.
+
+    `bn_mode` "frozen" keeps the backbone in inference mode with its BatchNormalization layers
+    untrainable; "train" runs the backbone with training=True (batch statistics, moving averages
+    updated, Dropout active) and trains the BatchNormalization scales and offsets it unfreezes.
+    """
+
+    name: str
+    epochs: int
+    learning_rate: float
+    unfreeze: Unfreeze
+    bn_mode: str = "frozen"
+    gradual: int = 0  # K > 0: epoch e trains only the top K x (e + 1) blocks/layers of `unfreeze`
+
+    def __post_init__(self) -> None:
+        _require(
+            self.gradual >= 0,
+            "unfreeze_schedule",
+            f"gradual:{self.gradual}",
+            "K must be positive",
+            "gradual:K with K >= 1, or empty",
+        )
+        _require(
+            not (self.gradual and self.unfreeze.kind == "none"),
+            "unfreeze_schedule",
+            f"gradual:{self.gradual}",
+            "with --unfreeze=none no backbone layer would ever train",
+            "--unfreeze=all, top:N, blocks:N, from:LAYER_NAME or regex:PATTERN with it, or no "
+            "--unfreeze_schedule",
+        )
+        _require(self.epochs >= 0, f"{self.name}_epochs", self.epochs, "negative", ">= 0")
+        _require(
+            self.learning_rate > 0, f"{self.name}_lr", self.learning_rate, "not positive", "> 0"
+        )
+        _require(self.bn_mode in BN_MODES, "bn_mode", self.bn_mode, "unknown", "frozen, train")
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoPhases:
+    """The phases the command line describes: a head phase (backbone frozen), then a fine-tune
+    phase. RunConfig holds them as `phases` (`to_phases()`); `of(phases)` reads them back.
+    Each value is checked by the PhaseConfig it goes into, which names its flag."""
+
+    head_epochs: int = option(5, "Epochs of the head phase (backbone frozen).")
+    head_lr: float = option(1e-3, "Learning rate of the head phase.")
+    finetune_epochs: int = option(5, "Epochs of the fine-tune phase.")
+    finetune_lr: float = option(1e-5, "Learning rate of the fine-tune phase.")
+    unfreeze: Unfreeze = option(  # noqa: RUF009  option() returns a dataclasses.field
+        Unfreeze("all"),
+        "Backbone layers that train in fine-tune: all, none, top:N (the last N layers with "
+        "weights, BatchNorm not counted), blocks:N (the last N blocks of a keras.applications "
+        "family), from:LAYER_NAME (that layer and all after it), regex:PATTERN (layers whose "
+        "name matches).",
+        parse=Unfreeze.parse,
+        format=str,
+    )
+    unfreeze_schedule: int = option(
+        0,
+        "gradual:K: in fine-tune, epoch e trains only the top K x (e + 1) blocks (blocks:N) or "
+        "layers of --unfreeze (ULMFiT); empty: all at once.",
+        parse=parse_unfreeze_schedule,
+        format=lambda k: f"gradual:{k}" if k else "",
+    )
+    bn_mode: str = option(
+        "frozen",
+        "Backbone BatchNorm in fine-tune: frozen "
+        "(inference mode, statistics untouched) or train (the backbone runs with "
+        "training=True: batch statistics, moving averages updated).",
+        choices=BN_MODES,
+    )
+
+    def __post_init__(self) -> None:
+        _check_options(self)
+        self.to_phases()  # each PhaseConfig checks its values
+
+    def to_phases(self) -> tuple[PhaseConfig, PhaseConfig]:
+        """The head phase and the fine-tune phase, in order."""
+        return (
+            PhaseConfig("head", self.head_epochs, self.head_lr, Unfreeze("none")),
+            PhaseConfig(
+                "finetune",
+                self.finetune_epochs,
+                self.finetune_lr,
+                self.unfreeze,
+                bn_mode=self.bn_mode,
+                gradual=self.unfreeze_schedule,
+            ),
+        )
+
+    @classmethod
+    def of(cls, phases: tuple[PhaseConfig, ...]) -> TwoPhases:
+        """The flags' view of `phases`; a phase left out counts as 0 epochs. Raises ValueError
+        for phases the flags cannot express (other names, a head phase that unfreezes)."""
+        by_name = {phase.name: phase for phase in phases}
+        head, finetune = by_name.get("head"), by_name.get("finetune")
+        if set(by_name) - {"head", "finetune"} or len(by_name) != len(phases):
+            raise ValueError(f"phases {[p.name for p in phases]}: not a head and a finetune phase")
+        if head and (head.unfreeze != Unfreeze("none") or head.bn_mode != "frozen" or head.gradual):
+            raise ValueError(f"{head}: the flags' head phase keeps the backbone frozen")
+        default = cls()
+        values = {}
+        if head:
+            values.update(head_epochs=head.epochs, head_lr=head.learning_rate)
+        else:
+            values.update(head_epochs=0)
+        if finetune:
+            values.update(
+                finetune_epochs=finetune.epochs,
+                finetune_lr=finetune.learning_rate,
+                unfreeze=finetune.unfreeze,
+                unfreeze_schedule=finetune.gradual,
+                bn_mode=finetune.bn_mode,
+            )
+        else:
+            values.update(finetune_epochs=0)
+        return dataclasses.replace(default, **values)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """How every phase trains: optimizer, learning-rate schedule, gradients and loss.
+
+    `weight_decay` is decoupled (Keras 3 applies it to the weights, scaled by the learning
+    rate) and never applied to biases or BatchNormalization weights. The schedule runs over each
+    phase's optimizer steps, after `warmup_steps` (or `warmup_epochs`) of linear warmup from 0.
+    `clip_grad_norm` > 0 clips the global batch's gradient to that global norm.
+    `grad_accum_steps` batches make one optimizer step. `class_weights` "auto" weighs each
+    example's loss by N / (classes x count of its class) in the training data. `ema_decay` > 0
+    keeps exponential moving averages of the weights; evaluations, the best checkpoint and the
+    export use them. `layer_lr_decay` R in (0, 1]: each backbone block/layer down gets R x the
+    rate of the one above.
+    """
+
+    optimizer: str = option(
+        "adam",
+        "Optimizer of every phase (a fresh one per phase): adam, adamw, sgd (momentum 0.9), lamb.",
+        choices=OPTIMIZERS,
+    )
+    weight_decay: float = option(
+        0.0,
+        "Decoupled weight decay; never applied to biases or BatchNorm weights; 0: none.",
+        check=lambda value: 0 <= value < 1,
+        problem="out of range",
+        accepted="[0, 1)",
+    )
+    lr_schedule: str = option(
+        "constant",
+        "Learning rate over each phase's optimizer steps: constant, cosine (to 0), linear (to "
+        "0), step (x0.1 at 50% and 75%).",
+        choices=LR_SCHEDULES,
+    )
+    warmup_steps: int = option(
+        0,
+        "Linear warmup from 0, optimizer steps.",
+        check=lambda value: value >= 0,
+        problem="negative",
+        accepted="0 (none) or a count",
+    )
+    warmup_epochs: int = option(
+        0,
+        "Linear warmup from 0, in epochs.",
+        check=lambda value: value >= 0,
+        problem="negative",
+        accepted="0 (none) or a count",
+    )
+    clip_grad_norm: float = option(
+        0.0,
+        "Clip the global batch's gradient to this global norm; 0: off.",
+        check=lambda value: value >= 0,
+        problem="negative",
+        accepted="0 (off) or a norm > 0",
+    )
+    grad_accum_steps: int = option(
+        1,
+        "Batches per optimizer step (gradients averaged): a k-times larger effective batch.",
+        check=lambda value: value >= 1,
+        problem="too small",
+        accepted="1 (off) or more batches per optimizer step",
+    )
+    label_smoothing: float = option(
+        0.0,
+        "Label smoothing of the training loss.",
+        check=lambda value: 0 <= value < 1,
+        problem="out of range",
+        accepted="0 <= x < 1",
+    )
+    layer_lr_decay: float = option(
+        0.0,
+        "Discriminative learning rates: the top backbone block (or layer) trains at R x the "
+        "phase's rate, the next at R^2, ...; the head at the rate; 0: off.",
+        check=lambda value: 0 <= value <= 1,
+        problem="out of range",
+        accepted="0 (off) or 0 < R <= 1",
+    )
+    ema_decay: float = option(
+        0.0,
+        "Keep exponential moving averages of the weights (e.g. 0.999); evaluations, the best "
+        "checkpoint and the export use them; 0: off.",
+        check=lambda value: 0 <= value < 1,
+        problem="out of range",
+        accepted="[0, 1)",
+    )
+    class_weights: str = option(
+        "",
+        "auto: weigh each training example's loss inversely to its class's frequency.",
+        check=lambda value: value in ("", "auto"),
+        problem="unknown",
+        accepted="auto, or empty for none",
+    )
+
+    def __post_init__(self) -> None:
+        _check_options(self)
+        _require(
+            not (self.warmup_steps and self.warmup_epochs),
+            "warmup_steps",
+            self.warmup_steps,
+            "given together with --warmup_epochs",
+            "one of the two",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributeConfig:
+    """Which tf.distribute strategy runs the steps, on which devices.
+
+    `logical_devices` > 0 splits the first GPU (or the CPU) into that many logical devices
+    first, so multi-replica runs can be reproduced on one machine.
+    """
+
+    strategy: str = option(
+        "auto",
+        "auto (mirrored when more than one GPU is "
+        "visible, else default), default, one_device, mirrored, or multi_worker (the cluster "
+        "from TF_CONFIG).",
+        choices=STRATEGIES,
+    )
+    devices: tuple[str, ...] = option(
+        (),
+        "Devices for mirrored or one_device, e.g. /gpu:0,/gpu:1; empty: every GPU, or the CPU(s).",
+        parse=tuple,
+        format=list,
+        hparam=False,
+    )
+    logical_devices: int = option(
+        0,
+        "Split the first GPU (or the CPU) into this "
+        "many logical devices before the strategy is made; 0: no split.",
+        check=lambda value: value >= 0,
+        problem="negative",
+        accepted=">= 0",
+        hparam=False,
+    )
+    logical_device_memory_mb: int = option(
+        2048,
+        "Memory of each logical GPU made by --logical_devices.",
+        check=lambda value: value >= 1,
+        problem="too small",
+        accepted=">= 1",
+        hparam=False,
+    )
+    cluster_timeout_secs: float = option(
+        300.0,
+        "multi_worker: give up, with an "
+        "error, if the cluster of TF_CONFIG is not up after this many seconds.",
+        check=lambda value: value > 0,
+        problem="not positive",
+        accepted="> 0",
+        hparam=False,
+    )
+
+    def __post_init__(self) -> None:
+        _check_options(self)
+        _require(
+            not self.devices or self.strategy in ("mirrored", "one_device"),
+            "devices",
+            ",".join(self.devices),
+            f"does not apply to --strategy={self.strategy}",
+            "--strategy=mirrored or one_device with --devices",
+        )
+        _require(
+            self.strategy != "one_device" or len(self.devices) <= 1,
+            "devices",
+            ",".join(self.devices),
+            "one_device takes one device",
+            "a single device name, e.g. /gpu:0",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """What is logged, how often, and whether the console shows a progress bar.
+
+    `log_every_steps` and `histogram_every_steps` count global steps, 0 turns them off;
+    `profile_steps` is () or (START, END): the profiler traces global steps START to END.
+    """
+
+    log_every_steps: int = option(
+        10,
+        "Write train loss, accuracy, learning "
+        "rate and gradient norm every this many global steps; 0: never.",
+        check=lambda value: value >= 0,
+        problem="negative",
+        accepted="0 (off) or a step count >= 1",
+        hparam=False,
+    )
+    histogram_every_steps: int = option(
+        0,
+        "Write histograms of trainable "
+        "weights and their gradients every this many global steps; 0: never.",
+        check=lambda value: value >= 0,
+        problem="negative",
+        accepted="0 (off) or a step count >= 1",
+        hparam=False,
+    )
+    profile_steps: tuple[int, ...] = option(
+        (),
+        "START,END: trace global steps START to END "
+        "with the TensorFlow profiler (TensorBoard's profile tab).",
+        parse=parse_profile_steps,
+        format=lambda steps: ",".join(map(str, steps)),
+        hparam=False,
+    )
+    quiet: bool = option(False, "No progress bar: log lines only.", hparam=False)
+    summaries: bool = option(
+        True,
+        "Write TensorBoard summaries and metrics.jsonl; "
+        "--nosummaries writes neither (results.json and the export are still written).",
+        hparam=False,
+    )
+
+    def __post_init__(self) -> None:
+        _check_options(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,77 +901,128 @@ class CheckpointConfig:
     evaluation, "last" those at the end.
     """
 
-    every_steps: int = 0
-    every_secs: float = 600.0
-    keep: int = 3
-    best_metric: BestMetric = BestMetric()
-    early_stopping_patience: int = 0
-    export: str = "best"
+    every_steps: int = option(
+        0,
+        "Save a checkpoint every this many "
+        "global steps; 0: only by time, at phase starts, at the end and on SIGTERM.",
+        flag="checkpoint_every_steps",
+        check=lambda value: value >= 0,
+        problem="negative",
+        accepted="0 (off) or a step count",
+        hparam=False,
+    )
+    every_secs: float = option(
+        600.0,
+        "Save a checkpoint when this many "
+        "seconds have passed since the last (single-host runs); 0: never by time.",
+        flag="checkpoint_every_secs",
+        check=lambda value: value >= 0,
+        problem="negative",
+        accepted="0 (off) or seconds",
+        hparam=False,
+    )
+    keep: int = option(
+        3,
+        "Checkpoints kept in WORKDIR/checkpoints.",
+        flag="keep_checkpoints",
+        check=lambda value: value >= 1,
+        problem="too small",
+        accepted=">= 1",
+        hparam=False,
+    )
+    best_metric: BestMetric = option(  # noqa: RUF009  option() returns a dataclasses.field
+        BestMetric(),
+        "Evaluation metric whose best value is kept in WORKDIR/checkpoints/best: accuracy, "
+        "loss or another metric's name, optionally :max or :min (default: min for loss and "
+        "names ending in loss or error, else max).",
+        parse=BestMetric.parse,
+        format=BestMetric.to_flag,
+    )
+    early_stopping_patience: int = option(
+        0,
+        "End a phase after this many evaluations without a better --best_metric than the "
+        "phase's best so far; 0: never.",
+        check=lambda value: value >= 0,
+        problem="negative",
+        accepted="0 (off) or a number of evaluations",
+    )
+    export: str = option(
+        "best",
+        "Weights to export at the end: best (of --best_metric) or last.",
+        choices=EXPORTS,
+    )
 
     def __post_init__(self) -> None:
-        _require(
-            self.every_steps >= 0,
-            "checkpoint_every_steps",
-            self.every_steps,
-            "negative",
-            "0 (off) or a step count",
-        )
-        _require(
-            self.every_secs >= 0,
-            "checkpoint_every_secs",
-            self.every_secs,
-            "negative",
-            "0 (off) or seconds",
-        )
-        _require(self.keep >= 1, "keep_checkpoints", self.keep, "too small", ">= 1")
-        _require(
-            self.early_stopping_patience >= 0,
-            "early_stopping_patience",
-            self.early_stopping_patience,
-            "negative",
-            "0 (off) or a number of evaluations",
-        )
-        _require(self.export in EXPORTS, "export", self.export, "unknown", "best, last")
+        _check_options(self)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The whole run: data, model, the phases in order, and how steps are compiled."""
 
-    workdir: str
-    data: DataConfig
-    model: ModelConfig
-    phases: tuple[PhaseConfig, ...]
-    training: TrainingConfig = TrainingConfig()
-    distribute: DistributeConfig = DistributeConfig()
-    logging: LoggingConfig = LoggingConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    deterministic: bool = False
-    jit_compile: bool = False
-    steps_per_loop: int = 1
-    seed: int = 0
-    overwrite: bool = False
-    nan_policy: str = "stop"  # a NaN/Inf loss or gradient: "stop" the run, or "skip_step"
-    feature_cache: str = "auto"  # a frozen phase without augmentation trains on cached features
+    workdir: str = option(
+        help="Directory for this run's outputs.",
+        check=bool,
+        problem="empty",
+        accepted="a directory path",
+        hparam=False,
+    )
+    overwrite: bool = option(
+        False,
+        "Replace a previous run's outputs in --workdir (they are listed as removed).",
+        hparam=False,
+    )
+    seed: int = option(0, "Seed for initialisation, shuffling and dropout.")
+    # RUF009: section() and option() return dataclasses.field()s, as field specifiers do.
+    data: DataConfig = section(DataConfig)  # noqa: RUF009
+    model: ModelConfig = section(ModelConfig)  # noqa: RUF009
+    phases: tuple[PhaseConfig, ...] = section(TwoPhases, TwoPhases.to_phases, TwoPhases.of)
+    training: TrainingConfig = section(TrainingConfig)  # noqa: RUF009
+    distribute: DistributeConfig = section(DistributeConfig)  # noqa: RUF009
+    logging: LoggingConfig = section(LoggingConfig)  # noqa: RUF009
+    checkpoint: CheckpointConfig = section(CheckpointConfig)  # noqa: RUF009
+    nan_policy: str = option(
+        "stop",
+        "A NaN or Inf loss or gradient: stop (exit with an error naming the step; no "
+        "checkpoint is written over the last good one) or skip_step (no update; counted).",
+        choices=NAN_POLICIES,
+    )
+    deterministic: bool = option(
+        False,
+        "Deterministic ops "
+        "(tf.config.experimental.enable_op_determinism): with the same seed, a run killed "
+        "and resumed ends bit-identical to one that was not.",
+        hparam=False,
+    )
+    jit_compile: bool = option(False, "Compile the loss and gradient computation with XLA.")
+    feature_cache: str = option(
+        "auto",
+        "auto: a phase with the backbone frozen and no augmentation computes backbone features "
+        "once and trains the head on them (logged per phase); off: never.",
+        choices=FEATURE_CACHE,
+        hparam=False,
+    )
+    steps_per_loop: int = option(
+        1,
+        "Train steps per host call (a tf.while_loop inside one tf.function call).",
+        check=lambda value: value >= 1,
+        problem="too small",
+        accepted=">= 1",
+        hparam=False,
+    )
 
     def __post_init__(self) -> None:
-        _require(bool(self.workdir), "workdir", self.workdir, "empty", "a directory path")
-        _require(
-            self.nan_policy in NAN_POLICIES,
-            "nan_policy",
-            self.nan_policy,
-            "unknown",
-            "stop, skip_step",
-        )
-        _require(
-            self.steps_per_loop >= 1, "steps_per_loop", self.steps_per_loop, "too small", ">= 1"
-        )
+        _check_options(self)
+        # Values that --image_size and --seed give to two places each must agree.
         _require(
             self.data.image_size == self.model.image_size,
             "image_size",
             self.model.image_size,
             "data and model disagree",
             "one value",
+        )
+        _require(
+            self.data.seed == self.seed, "seed", self.seed, "data and run disagree", "one value"
         )
         _require(
             not (self.model.mixed_precision == "float16" and self.training.layer_lr_decay),
@@ -583,3 +1038,97 @@ class RunConfig:
             "every phase has 0 epochs, nothing would train",
             "at least one of --head_epochs, --finetune_epochs >= 1",
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# From flag values to a RunConfig and back, all read off the fields above.
+
+
+def _walk(kind: type) -> Iterator[tuple[type, dataclasses.Field]]:
+    """(owner, field) for every option field under `kind`, in field order."""
+    for field in dataclasses.fields(kind):
+        if _OPTION in field.metadata:
+            yield kind, field
+        elif _SECTION in field.metadata:
+            yield from _walk(field.metadata[_SECTION].kind)
+
+
+def options() -> tuple[Option, ...]:
+    """Every option of a RunConfig, in flags.txt order, with `flag`, `owner` and `default`
+    (the flag's default: None for a field without one) filled in."""
+    found = []
+    for owner, field in _walk(RunConfig):
+        meta = field.metadata[_OPTION]
+        missing = field.default is dataclasses.MISSING
+        found.append(
+            dataclasses.replace(
+                meta,
+                flag=meta.flag or field.name,
+                owner=owner.__name__,
+                default=None if missing else meta.to_flag(field.default),
+            )
+        )
+    return tuple(found)
+
+
+def _build(kind: type, values: Mapping[str, Any], by_flag: Mapping[str, Option]) -> Any:
+    kwargs = {}
+    for field in dataclasses.fields(kind):
+        if _OPTION in field.metadata:
+            flag = field.metadata[_OPTION].flag or field.name
+        elif _FOLLOWS in field.metadata:
+            flag = field.metadata[_FOLLOWS]
+        elif _SECTION in field.metadata:
+            meta = field.metadata[_SECTION]
+            built = _build(meta.kind, values, by_flag)
+            kwargs[field.name] = meta.build(built) if meta.build else built
+            continue
+        else:
+            continue
+        if flag in values:
+            kwargs[field.name] = by_flag[flag].to_value(values[flag])
+    return kind(**kwargs)
+
+
+def from_flags(values: Mapping[str, Any]) -> RunConfig:
+    """The RunConfig that `values` (flag name -> value as absl holds it: text for --classes,
+    --augment, --unfreeze, ...) describe; flags left out keep their defaults. Raises
+    ConfigError naming the first bad flag, or the names that are not flags."""
+    by_flag = {meta.flag: meta for meta in options()}
+    unknown = sorted(set(values) - set(by_flag))
+    if unknown:
+        raise ConfigError(f"{unknown}: not tlloop flags; accepted: {', '.join(by_flag)}")
+    return _build(RunConfig, values, by_flag)
+
+
+def _read(config: Any, out: dict[str, Any]) -> dict[str, Any]:
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if _OPTION in field.metadata:
+            meta = field.metadata[_OPTION]
+            out[meta.flag or field.name] = meta.to_flag(value)
+        elif _SECTION in field.metadata:
+            meta = field.metadata[_SECTION]
+            _read(meta.read(value) if meta.read else value, out)
+    return out
+
+
+def flag_values(config: RunConfig) -> dict[str, Any]:
+    """Every flag's value (as absl holds it) for `config`, in flags.txt order:
+    `from_flags(flag_values(config)) == config` for any config the flags can express.
+    Raises ValueError for phases they cannot (see `TwoPhases.of`)."""
+    return _read(config, {})
+
+
+def hparams(config: RunConfig) -> dict[str, str | int | float | bool]:
+    """The run's hyperparameters for the HParams dashboard: every option that can change what
+    the run learns (plumbing such as paths of outputs, cadences and devices left out), by flag
+    name, as flat values; structured values as their flag text."""
+    values = flag_values(config)
+    return {
+        meta.flag: ",".join(values[meta.flag])
+        if isinstance(values[meta.flag], list)
+        else values[meta.flag]
+        for meta in options()
+        if meta.hparam
+    }

@@ -127,7 +127,8 @@ def _from_file(path: str, weights: str, image_size: int, safe_mode: bool) -> ker
         raise ConfigError(f"--backbone={path!r}: no such file; accepted: a saved .keras model")
     if weights not in ("", "none"):
         raise ConfigError(
-            f"--weights={weights!r}: a .keras backbone brings its own weights; accepted: '' or none"
+            f"--weights={weights!r}: a .keras backbone brings its own weights; accepted: '' (the "
+            "file's weights) or none (random initialisation)"
         )
     try:
         loaded = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
@@ -144,8 +145,29 @@ def _from_file(path: str, weights: str, image_size: int, safe_mode: bool) -> ker
             f"--image_size={image_size}: the backbone {path!r} takes inputs of shape {shape}; "
             "accepted: the size that file was built for (RGB, 3 channels)"
         )
+    if weights == "none":
+        loaded = _reinitialised(loaded, path)
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
     return keras.Model(inputs, loaded(inputs), name="backbone")
+
+
+def _reinitialised(model: keras.Model, path: str) -> keras.Model:
+    """`model`'s architecture with fresh weights from its layers' initializers (BatchNorm moving
+    statistics included), as --weights=none gives every other backbone."""
+
+    def fresh(layer: keras.layers.Layer) -> keras.layers.Layer:
+        # A layer without weights has nothing to re-initialise; reusing it also spares a
+        # Lambda's code a second deserialisation (which safe mode would refuse).
+        return layer.__class__.from_config(layer.get_config()) if layer.weights else layer
+
+    try:
+        return keras.models.clone_model(model, clone_function=fresh, recursive=True)
+    except ValueError as error:  # a subclassed model: Keras clones only functional/sequential
+        raise ConfigError(
+            f"--weights=none: the .keras backbone {path!r} cannot be re-initialised "
+            f"({_one_line(error)}); accepted: '' (the file's weights), or a functional or "
+            "sequential model"
+        ) from None
 
 
 def _load_weights(model: keras.Model, path: str) -> None:
