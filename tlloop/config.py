@@ -556,21 +556,30 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PhaseConfig:
-    """One training phase: its length, learning rate and what in the backbone trains.
+    """One training phase: its length, its learning rate (or its own Keras optimizer), what in
+    the backbone trains, and in which mode the backbone runs.
 
-    `bn_mode` "frozen" keeps the backbone in inference mode with its BatchNormalization layers
-    untrainable; "train" runs the backbone with training=True (batch statistics, moving averages
-    updated, Dropout active) and trains the BatchNormalization scales and offsets it unfreezes.
+    `unfreeze` is an Unfreeze or its text ("none", the default: the backbone is frozen; "all",
+    "top:2", "blocks:3", "from:NAME", "regex:PATTERN"). `bn_mode` "frozen" keeps the backbone in
+    inference mode with its BatchNormalization layers untrainable; "train" runs the backbone
+    with training=True (batch statistics, moving averages updated, Dropout active) and trains
+    the BatchNormalization scales and offsets it unfreezes. `gradual` K > 0: epoch e trains
+    only the top K x (e + 1) blocks or layers of `unfreeze`. `optimizer`, a Keras optimizer
+    (with its own learning rate or schedule), replaces the run's optimizer settings for this
+    phase; a fresh copy is made for each trainable set. Give `learning_rate` or `optimizer`.
     """
 
     name: str
     epochs: int
-    learning_rate: float
-    unfreeze: Unfreeze
+    learning_rate: float | None = None
+    unfreeze: Unfreeze = Unfreeze("none")
     bn_mode: str = "frozen"
-    gradual: int = 0  # K > 0: epoch e trains only the top K x (e + 1) blocks/layers of `unfreeze`
+    gradual: int = 0
+    optimizer: Any = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.unfreeze, str):
+            object.__setattr__(self, "unfreeze", Unfreeze.parse(self.unfreeze))
         _require(
             self.gradual >= 0,
             "unfreeze_schedule",
@@ -588,7 +597,18 @@ class PhaseConfig:
         )
         _require(self.epochs >= 0, f"{self.name}_epochs", self.epochs, "negative", ">= 0")
         _require(
-            self.learning_rate > 0, f"{self.name}_lr", self.learning_rate, "not positive", "> 0"
+            (self.learning_rate is None) != (self.optimizer is None),
+            f"{self.name}_lr",
+            self.learning_rate,
+            "give a learning rate or an optimizer, not both or neither",
+            "a rate > 0, or optimizer=keras.optimizers.X(...) and no learning_rate",
+        )
+        _require(
+            self.learning_rate is None or self.learning_rate > 0,
+            f"{self.name}_lr",
+            self.learning_rate,
+            "not positive",
+            "> 0",
         )
         _require(self.bn_mode in BN_MODES, "bn_mode", self.bn_mode, "unknown", "frozen, train")
 
@@ -888,6 +908,14 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         _check_options(self)
+        # The trace goes to the TensorBoard directory: without summaries nothing may be written.
+        _require(
+            not (self.profile_steps and not self.summaries),
+            "profile_steps",
+            ",".join(map(str, self.profile_steps)),
+            "--nosummaries writes nothing, a profile neither",
+            "no --profile_steps with --nosummaries, or summaries on",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,7 +67,7 @@ def build_train_step(
     multiplier (1 without layer-wise rates) giving its rate or schedule, replaces the phase's
     schedule (the range test uses it)."""
     training = settings.training
-    optimizer = getattr(phase.config, "optimizer", None)
+    optimizer = phase.config.optimizer
     if optimizer is None:
         steps = phase.config.epochs * steps_per_epoch // training.grad_accum_steps
         warmup = training.warmup_steps or (

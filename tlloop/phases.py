@@ -236,7 +236,7 @@ def trainability_report(model: TransferModel, phase: Phase) -> str:
     row = phase.modes.row("train")
     lines = [
         f"phase {phase.index + 1} `{phase.name}`: unfreeze={phase.config.unfreeze}, "
-        f"bn_mode={phase.config.bn_mode}, learning rate {phase.config.learning_rate:g}",
+        f"bn_mode={phase.config.bn_mode}, {_rate(phase.config)}",
         "",
         "| submodule | training= in train step | trainable params | non-trainable params "
         "| BatchNorm layers | BatchNorm in inference mode in train step |",
@@ -254,6 +254,12 @@ def trainability_report(model: TransferModel, phase: Phase) -> str:
             f"{_count(part.non_trainable_weights):,} | {len(norms)} | {inference} |"
         )
     return "\n".join(lines)
+
+
+def _rate(config) -> str:
+    if config.optimizer is not None:
+        return f"optimizer {type(config.optimizer).__name__} (its own learning rate)"
+    return f"learning rate {config.learning_rate:g}"
 
 
 def _count(weights) -> int:

@@ -21,6 +21,7 @@ from absl import logging
 
 from tlloop import actions as action_lib
 from tlloop import checkpoints as checkpoint_lib
+from tlloop import config as config_lib
 from tlloop import phases as phase_lib
 from tlloop.actions import Stopped
 from tlloop.config import (
@@ -648,29 +649,7 @@ def train(
         run,
         stop=stop,
         flags_text=flags_text,
-        hparams=hparams_of(config),
+        hparams=config_lib.hparams(config),
         header=header,
         texts=[("init_checkpoint", report.to_text())] if report else [],
     )
-
-
-def hparams_of(config: RunConfig) -> dict:
-    """The run's hyperparameters as flat str/int/float/bool values, for the HParams dashboard."""
-    return {
-        "dataset": config.data.dataset,
-        "classes": ",".join(config.data.classes) or "all",
-        "train_examples_per_class": config.data.train_examples_per_class,
-        "image_size": config.data.image_size,
-        "batch_size": config.data.batch_size,
-        "backbone": config.model.backbone,
-        "weights": config.model.weights or "default",
-        "dropout": config.model.dropout,
-        "augment": ",".join(f"{op.name}:{op.factor:g}" for op in config.model.augment) or "none",
-        **{f"{p.name}_epochs": p.epochs for p in config.phases},
-        **{f"{p.name}_lr": p.learning_rate for p in config.phases},
-        "unfreeze": str(config.phases[-1].unfreeze),
-        "bn_mode": config.phases[-1].bn_mode,
-        "strategy": config.distribute.strategy,
-        "jit_compile": config.jit_compile,
-        "seed": config.seed,
-    }
