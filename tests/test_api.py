@@ -221,6 +221,19 @@ def test_terminate_on_nan_ends_the_run_cleanly_with_the_checkpoint_intact(tmp_pa
     assert again.weights_sha256 == results.weights_sha256
 
 
+def test_early_stopping_ends_the_run_and_the_model_holds_the_exported_weights(tmp_path):
+    # An unreachable baseline: the callback stops the run after its second epoch (patience 1).
+    stop = keras.callbacks.EarlyStopping("val_accuracy", mode="max", baseline=2.0, patience=1)
+    trainer = tlloop.Trainer(str(tmp_path), phases=_phases(2, 2), callbacks=[stop])
+    model = _model()
+    results = trainer.fit(model, _data(16, 1), _data(5, 2), batch_size=8)
+    assert [p["name"] for p in results.phases] == ["head"] and results.phases[0]["last_step"] == 4
+    assert results.phases[0]["stopped_by"] == "callback"
+    exported = keras.saving.load_model(results.export["model"])
+    images = _data(4, 3)[0]
+    np.testing.assert_array_equal(np.asarray(exported(images)), tlloop.predict(model, images))
+
+
 class _Boom(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch == 1:
