@@ -11,14 +11,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, changed, snapshot
+from conftest import changed, run_python, snapshot
 from tensorboard.backend.event_processing import event_accumulator
 
 import tlloop
@@ -315,13 +313,6 @@ def test_import_tlloop_registers_what_load_model_needs(tmp_path):
         "print(float(np.max(np.abs(out - np.load(sys.argv[3])))))\n"
     )
     paths = [results.export["model"], tmp_path / "images.npy", tmp_path / "expected.npy"]
-    done = subprocess.run(
-        [sys.executable, "-c", script, *map(str, paths)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
+    done = run_python("-c", script, *map(str, paths), timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.split()[-1]) < 1e-5

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO
+from conftest import REPO, run_python
 
 EXAMPLES = os.path.join(REPO, "examples")
 
@@ -39,14 +37,7 @@ def test_the_notebook_runs_in_a_jupyter_kernel(tmp_path):
 
 
 def test_the_text_backbone_script_transfers_and_serves_token_ids(tmp_path):
-    done = subprocess.run(
-        [sys.executable, os.path.join(EXAMPLES, "text_backbone.py"), f"--workdir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
+    done = run_python(os.path.join(EXAMPLES, "text_backbone.py"), f"--workdir={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["eval_examples"] == 301
