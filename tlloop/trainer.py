@@ -254,9 +254,7 @@ class Trainer:
             action_lib.Progress(verbose=chief and not self.logging.quiet),
             self.callbacks,
         ]
-        if chief and self.logging.summaries and self.logging.profile_steps:
-            logdir = os.path.join(self.workdir, "tensorboard", "train")
-            actions.append(action_lib.Profiler(self.logging.profile_steps, logdir))
+        actions += self.profiler(writes=summaries.enabled)
         settings = self.step_settings(run.batch_size, run.eval_batch_size)
         controller = Controller(
             model=run.model,
@@ -294,6 +292,14 @@ class Trainer:
                 results["export"] = self._export_best(run.model, task, best, results)
             write_json(os.path.join(self.workdir, "results.json"), dict(results))
         return results
+
+    def profiler(self, *, writes: bool) -> list[action_lib.Profiler]:
+        """The profiler action, if asked for and this task writes summaries (only the chief of
+        a cluster does, and none with summaries off): a trace is a TensorBoard file."""
+        if not (writes and self.logging.profile_steps):
+            return []
+        logdir = os.path.join(self.workdir, "tensorboard", "train")
+        return [action_lib.Profiler(self.logging.profile_steps, logdir)]
 
     def step_settings(self, batch_size: int, eval_batch_size: int) -> StepSettings:
         """How this trainer's compiled steps are made, for batches of `batch_size`."""
