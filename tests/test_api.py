@@ -103,6 +103,27 @@ def test_promises_hold_for_a_users_model_and_arrays(tmp_path):
     assert results.phases[-1]["eval"]["accuracy"] > 1 / CLASSES + 0.2
 
 
+def test_a_phase_brings_its_own_optimizer(tmp_path):
+    optimizer = keras.optimizers.SGD(learning_rate=0.0, momentum=0.9)  # rate 0: nothing moves
+    phases = [
+        tlloop.Phase("head", 1, optimizer=optimizer),
+        tlloop.Phase("finetune", 1, 1e-2, unfreeze="all"),
+    ]
+    model = _model()
+    head_before, backbone_before = snapshot(model.head), snapshot(model.backbone)
+    trainer = tlloop.Trainer(
+        str(tmp_path), phases=phases, checkpoint=tlloop.CheckpointConfig(export="last")
+    )
+    head_only = tlloop.Trainer(str(tmp_path / "h"), phases=phases[:1])
+    head_only.fit(model, _data(16, 1), _data(4, 2), batch_size=8, export=False)
+    assert changed(head_before, snapshot(model.head)) == set()  # SGD at rate 0, not Adam
+    assert not optimizer.built  # the phase's optimizer is a template: each stage gets a copy
+    trainer.fit(model, _data(16, 1), _data(4, 2), batch_size=8)
+    assert changed(backbone_before, snapshot(model.backbone)) >= {"conv/kernel"}
+    with pytest.raises(ValueError, match=r"give a learning rate or an optimizer"):
+        tlloop.Phase("head", 1, 1e-3, optimizer=optimizer)
+
+
 class _Unfreezer(keras.callbacks.Callback):
     """Changes the trainable set behind the trainer's back, after the first epoch."""
 
