@@ -124,6 +124,21 @@ def test_a_phase_brings_its_own_optimizer(tmp_path):
         tlloop.Phase("head", 1, 1e-3, optimizer=optimizer)
 
 
+def test_a_phase_can_set_its_mode_table(tmp_path):
+    dropout_on = tlloop.ModeTable(train=tlloop.Modes(augment=False, backbone=True, head=True))
+    phases = [tlloop.Phase("finetune", 1, 1e-3, unfreeze="all", modes=dropout_on)]
+    model = _model()
+    trainer = tlloop.Trainer(str(tmp_path), phases=phases)
+    assert "| train | training=False | training=True | training=True |" in trainer.describe(model)
+    bn = snapshot(model.backbone.get_layer("bn"))
+    trainer.fit(model, _data(16, 1), _data(4, 2), batch_size=8)
+    # The backbone ran in training mode, but its BatchNorm was left untrainable (bn_mode
+    # "frozen"), and BatchNorm uses batch statistics only when it is also trainable.
+    assert changed(bn, snapshot(model.backbone.get_layer("bn"))) == set()
+    with pytest.raises(ValueError, match=r"given together with a mode table"):
+        tlloop.Phase("finetune", 1, 1e-3, bn_mode="train", modes=dropout_on)
+
+
 class _Unfreezer(keras.callbacks.Callback):
     """Changes the trainable set behind the trainer's back, after the first epoch."""
 
