@@ -87,20 +87,23 @@ def _cli(args, env: dict | None, module: str = "tlloop.run") -> dict:
     }
 
 
-def python_command(*args: str) -> dict:
-    """subprocess keyword arguments for `python ARGS` in the repo, with tlloop importable."""
+def python_command(*args: str, env: dict | None = None) -> dict:
+    """subprocess keyword arguments for `python ARGS` in the repo, with tlloop importable and
+    the extra `env`."""
     return {
         "args": [sys.executable, *args],
         "cwd": REPO,
-        "env": {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO},
+        "env": {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO, **(env or {})},
         "text": True,
     }
 
 
-def run_python(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_python(
+    *args: str, timeout: int = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`python ARGS` (a script and its arguments, or -c CODE) in a subprocess, output captured;
     killed after `timeout` s."""
-    return subprocess.run(**python_command(*args), capture_output=True, timeout=timeout)
+    return subprocess.run(**python_command(*args, env=env), capture_output=True, timeout=timeout)
 
 
 def run_cli(

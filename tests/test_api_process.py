@@ -7,10 +7,14 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 
+import pytest
 import tensorflow as tf
 from conftest import REPO, python_command, run_python
+
+from tlloop.supervise import FAULT_ENV
 
 SCRIPT = os.path.join(REPO, "tests", "api_script.py")
 TOTAL_STEPS = 36  # 6 steps an epoch, 3 + 3 epochs
@@ -55,8 +59,12 @@ def _kill_after(workdir, step: int) -> None:
             process.wait()
 
 
-def test_sigkill_and_rerun_of_an_api_script_ends_bit_identical(tmp_path):
-    uninterrupted = _run(tmp_path / "whole")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    return _run(tmp_path_factory.mktemp("whole") / "run")
+
+
+def test_sigkill_and_rerun_of_an_api_script_ends_bit_identical(tmp_path, uninterrupted):
     seed = int(os.environ.get("TLLOOP_KILL_SEED", random.randrange(10**6)))
     print(f"kill points from seed {seed} (replay: TLLOOP_KILL_SEED={seed})")
     rng = random.Random(seed)
@@ -66,3 +74,23 @@ def test_sigkill_and_rerun_of_an_api_script_ends_bit_identical(tmp_path):
         assert low <= _latest_step(workdir) < TOTAL_STEPS
     resumed = _run(workdir)
     assert resumed["weights_sha256"] == uninterrupted["weights_sha256"]
+
+
+def test_the_supervise_command_restarts_an_api_script_that_crashed(tmp_path, uninterrupted):
+    workdir = tmp_path / "run"
+    fault = f"SIGSEGV@20:once={tmp_path / 'fired'}"  # once, in the fine-tune phase
+    done = run_python(
+        "-m",
+        "tlloop.supervise",
+        f"--workdir={workdir}",
+        "--max_restarts=1",
+        "--",
+        sys.executable,
+        SCRIPT,
+        str(workdir),
+        env={FAULT_ENV: fault},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "died by SIGSEGV (signal 11)" in done.stderr and "restart 1 of 1" in done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["weights_sha256"] == uninterrupted["weights_sha256"]

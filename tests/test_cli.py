@@ -116,6 +116,7 @@ BAD_INPUTS = [
     (["--bad_images=keep"], ["--bad_images", "fail|skip"]),
     (["--init_checkpoint=nowhere"], ["--init_checkpoint='nowhere': no checkpoint there"]),
     (["--nosummaries", "--profile_steps=1,2"], ["--profile_steps='1,2'", "--nosummaries"]),
+    (["--nosupervise", "--max_restarts=1"], ["--max_restarts=1", "--nosupervise"]),
 ]
 # Errors absl reports itself while parsing (an unknown flag, a bad enum value) exit 1.
 ABSL_REPORTED = {

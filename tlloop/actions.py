@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 
 import keras
@@ -149,15 +150,20 @@ class SummaryWriter(Action):
     report and augmented inputs, and each evaluation's scalars and confusion matrix.
     """
 
-    def __init__(self, summaries: Summaries, class_names=None, *, hparams=None, texts=()) -> None:
+    def __init__(
+        self, summaries: Summaries, class_names=None, *, hparams=None, texts=(), scalars=None
+    ) -> None:
         self.summaries = summaries
         self.class_names = class_names
         self.hparams = hparams
         self.texts = list(texts)
+        self.scalars = scalars  # written once at the step this process starts from
 
     def on_run_begin(self) -> None:
         c, s = self.controller, self.summaries
         s.start_session(c.start_step)
+        if self.scalars:
+            s.scalars("train", self.scalars, c.start_step)
         if c.resume_from:
             return
         if self.hparams:
@@ -268,6 +274,38 @@ class Progress(Action):
             " | best so far" if logs.get("is_best") else "",
             logs["seconds"],
         )
+
+
+class FaultHook(Action):
+    """For tests only: ends this process with a signal as it starts global step STEP, as a
+    native crash inside that step would (every time it gets there). Configured by the
+    environment variable TLLOOP_FAULT = "SIGNAL@STEP" (e.g. "SIGSEGV@5"), or
+    "SIGNAL@STEP:once=PATH" to fire only while PATH does not exist (it is created first), so
+    that a restarted process goes on."""
+
+    def __init__(self, signum: int, step: int, once: str = "") -> None:
+        self.signum, self.step, self.once = signum, step, once
+
+    @classmethod
+    def from_environment(cls) -> list[FaultHook]:
+        spec = os.environ.get("TLLOOP_FAULT", "")
+        if not spec:
+            return []
+        name, _, rest = spec.partition("@")
+        step, _, once = rest.partition(":once=")
+        return [cls(int(signal.Signals[name]), int(step), once)]
+
+    def limit(self, step: int, chunk: int) -> int:
+        before = self.step - 1  # a host call ends right before the step that crashes
+        return min(chunk, before - step) if step < before else chunk
+
+    def before_steps(self, step: int) -> None:
+        if step + 1 != self.step or (self.once and os.path.exists(self.once)):
+            return
+        if self.once:
+            with open(self.once, "w"):
+                pass
+        os.kill(os.getpid(), self.signum)
 
 
 class KerasCallbacks(Action):

@@ -1049,9 +1049,32 @@ class RunConfig:
         accepted=">= 1",
         hparam=False,
     )
+    supervise: bool = option(
+        True,
+        "Train in a child process this one supervises: a death (SIGSEGV, the OOM killer) is "
+        "reported in one line with the step, the intact checkpoint and a known remedy; "
+        "--nosupervise trains in this process (for a debugger).",
+        hparam=False,
+    )
+    max_restarts: int = option(
+        0,
+        "Restart a training process that died, from its last checkpoint, up to this many "
+        "times (with a back-off; not when it died at the same step as before).",
+        check=lambda value: value >= 0,
+        problem="negative",
+        accepted="0 (report and stop) or a number of restarts",
+        hparam=False,
+    )
 
     def __post_init__(self) -> None:
         _check_options(self)
+        _require(
+            self.supervise or not self.max_restarts,
+            "max_restarts",
+            self.max_restarts,
+            "--nosupervise trains in this process, which cannot restart itself",
+            "--supervise (the default) with --max_restarts, or no restarts",
+        )
         # Values that --image_size and --seed give to two places each must agree.
         _require(
             self.data.image_size == self.model.image_size,

@@ -1,7 +1,8 @@
 """Entry point: `python -m tlloop.run --flagfile=experiments/NAME.flags [--flag=value ...]`.
 
-Wiring only: flags -> config -> devices and strategy -> experiment (data, model, plan) ->
-workdir (the chief's) -> train. Any bad
+Wiring only: flags -> config -> (unless --nosupervise, a supervisor that runs the rest in a
+child process: see tlloop.supervise) -> devices and strategy -> experiment (data, model,
+plan) -> workdir (the chief's) -> train. Any bad
 input is reported as one line naming the flag or file, with exit code 2, before the workdir
 is touched. A run that fails later (NaN loss, a write that fails) exits 1 with one line too;
 its last checkpoint is intact.
@@ -17,6 +18,7 @@ import threading
 from absl import app, flags
 
 from tlloop import flags as tlloop_flags
+from tlloop import supervise
 from tlloop.config import ConfigError
 from tlloop.errors import RunFailed
 
@@ -30,6 +32,18 @@ def main(argv: list[str]) -> int:
         if len(argv) > 1:
             raise ConfigError(f"unexpected arguments {argv[1:]}; accepted: only --name=value flags")
         config = tlloop_flags.to_config(FLAGS)
+    except ConfigError as error:
+        return _fail(error)
+    if config.supervise and not os.environ.get(supervise.CHILD_ENV):
+        # This process only watches: the training runs in a child, the same command.
+        command = [sys.executable, "-m", "tlloop.run", *sys.argv[1:]]
+        return supervise.supervise(
+            command,
+            config.workdir,
+            max_restarts=config.max_restarts,
+            restart_command=[*command, "--nooverwrite"],  # a restart resumes, never replaces
+        )
+    try:
         # TensorFlow loads only once the flags are known good: a typo fails in a fraction of
         # a second instead of after TensorFlow's start-up.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
@@ -51,7 +65,8 @@ def main(argv: list[str]) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
-        trainer.train(experiment, config.workdir, flags_text, stop=stop)
+        restarts = int(os.environ.get(supervise.RESTARTS_ENV, "0"))
+        trainer.train(experiment, config.workdir, flags_text, stop=stop, restarts=restarts)
     except ConfigError as error:  # a checkpoint in the workdir that does not fit
         return _fail(error)
     except RunFailed as error:

@@ -220,6 +220,7 @@ class Trainer:
         hparams: dict | None = None,
         header: dict | None = None,
         texts: Sequence[tuple[str, str]] = (),
+        scalars: dict | None = None,
     ) -> Results:
         strategy = self.strategy or tf.distribute.get_strategy()
         chief = is_chief(strategy)
@@ -240,6 +241,7 @@ class Trainer:
             class_names,
             hparams=hparams,
             texts=[("flags", f"```\n{flags_text}```")] * bool(flags_text) + list(texts),
+            scalars=scalars,
         )
         actions = [
             writer,
@@ -255,6 +257,7 @@ class Trainer:
             self.callbacks,
         ]
         actions += self.profiler(writes=summaries.enabled)
+        actions += action_lib.FaultHook.from_environment()
         settings = self.step_settings(run.batch_size, run.eval_batch_size)
         controller = Controller(
             model=run.model,
@@ -433,6 +436,7 @@ def train(
     flags_text: str = "",
     stop: threading.Event | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    restarts: int = 0,
 ) -> Results:
     """Runs the experiment into a prepared `workdir` (see `Trainer`); the chief exports and
     writes results.json. When `stop` is set, training ends after the host call under way with a
@@ -455,6 +459,7 @@ def train(
     )
     report = experiment.warm_start
     header = {
+        "restarts": restarts,  # by the supervisor, before this process
         "class_names": list(data.class_names),
         "skipped_images": list(data.skipped_files),
         "init_checkpoint": dataclasses.asdict(report) if report else None,
@@ -466,4 +471,5 @@ def train(
         hparams=config_lib.hparams(config),
         header=header,
         texts=[("init_checkpoint", report.to_text())] if report else [],
+        scalars={"restarts": float(restarts)} if restarts else None,
     )

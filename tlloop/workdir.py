@@ -15,7 +15,7 @@ from tlloop.config import ConfigError
 RUN_OUTPUTS = ("flags.txt", "checkpoints", "tensorboard", "metrics.jsonl", "export", "results.json")
 FLAGS_FILE = "flags.txt"
 # Flags that say what to do with the workdir, not what the run is: they may differ on resume.
-_ACTION_FLAGS = ("overwrite",)
+_ACTION_FLAGS = ("overwrite", "supervise", "max_restarts")
 
 
 def prepare(path: str, flags_text: str | None, *, overwrite: bool) -> bool:
