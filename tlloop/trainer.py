@@ -23,6 +23,7 @@ from tlloop import actions as action_lib
 from tlloop import checkpoints as checkpoint_lib
 from tlloop import config as config_lib
 from tlloop import phases as phase_lib
+from tlloop import tflite as tflite_lib
 from tlloop.actions import Stopped
 from tlloop.config import (
     CheckpointConfig,
@@ -291,7 +292,7 @@ class Trainer:
         logging.info("final weights sha256: %s", results["weights_sha256"])
         if chief:
             if export:
-                results["export"] = self._export_best(run.model, task, best, results)
+                results["export"] = self._export_best(run.model, task, best, results, run)
             write_json(os.path.join(self.workdir, "results.json"), dict(results))
         return results
 
@@ -307,8 +308,10 @@ class Trainer:
             **self.options,
         )
 
-    def _export_best(self, model, task, best, results: Results) -> dict:
-        """Exports the best evaluation's weights (or the last, per `checkpoint.export`)."""
+    def _export_best(self, model, task, best, results: Results, run: _Run) -> dict:
+        """Exports the best evaluation's weights (or the last, per `checkpoint.export`), and
+        the TFLite files of `checkpoint.export_tflite`, checked on the run's evaluation images
+        (int8 calibrated on its first training images)."""
         directory = os.path.join(self.workdir, "export")
         exported = {"weights": "last", "step": results["phases"][-1]["last_step"]}
         best_path = checkpoint_lib.latest(best.directory)
@@ -322,14 +325,38 @@ class Trainer:
         if self.checkpoint.export == "best" and best_path:
             tf.train.Checkpoint(model=model).restore(best_path).expect_partial()
             exported = {"weights": "best", "step": results["best"]["step"]}
+        formats = self.checkpoint.export_tflite
+        tflite = {}
+        if formats:
+            count = self.checkpoint.tflite_calibration_images
+            tflite = dict(
+                tflite=formats,
+                verify_images=tflite_lib.images_of(run.eval),
+                representative=tflite_lib.images_of(run.train, count)
+                if "int8" in formats
+                else None,
+                min_agreement={
+                    "float32": self.checkpoint.tflite_min_agreement,
+                    "dynamic": self.checkpoint.tflite_min_agreement,
+                    "int8": self.checkpoint.tflite_min_agreement_int8,
+                },
+            )
         try:
-            paths = export_model(model, directory, task=task, resize=self.resize)
+            paths = export_model(model, directory, task=task, resize=self.resize, **tflite)
         except (OSError, tf.errors.OpError) as error:
             reason = getattr(error, "strerror", None) or error
             raise RunFailed(
                 f"export to {directory!r} failed ({reason}); the checkpoints are intact; "
                 "accepted: free space and write access, then the same call exports again"
             ) from None
+        except tflite_lib.TFLiteError as error:
+            raise RunFailed(
+                f"export failed: {error}; the checkpoints and the other exports are intact",
+                cli_message=f"--export_tflite: {error}; the checkpoints and the other exports "
+                "are intact; accepted: a lower --tflite_min_agreement(_int8), or other formats",
+            ) from None
+        for fmt, report in paths.get("tflite", {}).items():
+            print(f"tflite {tflite_lib.describe(fmt, report)}", flush=True)
         logging.info("exported the %s weights (step %d) to %s", *exported.values(), directory)
         return {**exported, **paths}
 

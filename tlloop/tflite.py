@@ -1,0 +1,311 @@
+"""TFLite export for devices: conversion, and a check of every file with the LiteRT interpreter.
+
+A converted file holds the inference-mode model (augmentation gone, BatchNorm on its moving
+statistics, Dropout off) with the served preprocessing inside: one signature,
+`serving_default`, takes `images`, uint8 of shape (1, S, S, 3) (S the model's image size; the
+batch size may be resized) and returns `probabilities` (batch, classes). Formats:
+
+- `float32`: float weights and computation.
+- `dynamic`: dynamic-range quantization (int8 weights, float activations), about 4x smaller.
+- `int8`: full integer (int8 weights and activations, calibrated on representative images),
+  integer input and output: uint8 images in, uint8 probabilities out (real value =
+  scale x (q - zero_point), from the output's quantization parameters).
+
+Each file is checked on evaluation images against the Keras model given the same uint8
+pixels: top-1 agreement, the largest difference of any probability, the file's size and the
+interpreter's mean latency per image (batch 1, one thread) on this machine. The interpreter is
+the optional `ai-edge-litert` package (`pip install "tlloop[tflite]"`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tlloop.config import TFLITE_FORMATS
+from tlloop.data.pipeline import resize_images
+from tlloop.models import INFERENCE
+from tlloop.tasks import Classification, Task
+from tlloop.workdir import write_atomic, write_text
+
+FORMATS = TFLITE_FORMATS
+SIGNATURE = "serving_default"
+DEFAULT_MIN_AGREEMENT = {"float32": 0.99, "dynamic": 0.99, "int8": 0.97}
+
+
+class TFLiteError(RuntimeError):
+    """A conversion failed or a converted file disagrees with the Keras model; one line."""
+
+
+def file_name(fmt: str) -> str:
+    """The file a format is written to in the export directory."""
+    return f"model_{fmt}.tflite"
+
+
+def image_size(model) -> int:
+    """The square image size S the model's backbone takes (images (B, S, S, 3)).
+
+    Raises ValueError when the backbone declares no such input (TFLite files are made for
+    image classifiers only)."""
+    inputs = getattr(model.backbone, "inputs", None) or []
+    shape = tuple(inputs[0].shape) if len(inputs) == 1 else ()
+    if len(shape) != 4 or shape[-1] != 3 or shape[1] is None or shape[1] != shape[2]:
+        raise ValueError(
+            f"model: the backbone takes {shape or 'no declared input'}; accepted for TFLite: "
+            "one input of square RGB images (batch, S, S, 3), as a functional backbone declares"
+        )
+    return int(shape[1])
+
+
+def convert(
+    model,
+    formats: Sequence[str],
+    *,
+    task: Task | None = None,
+    resize: str = "squash",
+    representative: np.ndarray | None = None,
+) -> dict[str, bytes]:
+    """The TFLite flatbuffer of `model` in each of `formats` (see the module docstring).
+
+    `representative`: images (N, S, S, 3), uint8 or float in [0, 255], for int8's calibration
+    (a few hundred of the training images). Raises ValueError naming the argument at fault, and
+    TFLiteError (one line, naming the format) when the converter fails.
+    """
+    formats = _check_formats(formats)
+    task = task or Classification()
+    if not isinstance(task, Classification):
+        raise ValueError("task: TFLite export serves a Classification task's probabilities")
+    size = image_size(model)
+    if "int8" in formats:
+        if representative is None or len(representative) == 0:
+            raise ValueError(
+                "representative: int8 needs calibration images; accepted: (N, S, S, 3)"
+            )
+        representative = as_uint8(representative)
+        if representative.shape[1:] != (size, size, 3):
+            raise ValueError(
+                f"representative: images of shape {representative.shape[1:]}; accepted: "
+                f"({size}, {size}, 3), the model's image size"
+            )
+    spec = tf.TensorSpec((None, size, size, 3), tf.uint8, name="images")
+
+    def serve(images):
+        # The served preprocessing (a no-op resize at this size, kept so the file computes
+        # what the SavedModel does), the model in inference mode, probabilities out.
+        outputs = model.forward(resize_images(images, size, resize), INFERENCE)
+        return {"probabilities": task.serving_outputs(outputs)["probabilities"]}
+
+    converted = {}
+    with tempfile.TemporaryDirectory(prefix="tlloop-tflite-") as saved:
+        # A SavedModel signature (rather than a bare concrete function) gives the file a
+        # named signature; ExportArchive also tracks the augmentation layers' RNG state that
+        # the traced function captures, which tf.saved_model.save refuses.
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint(SIGNATURE, serve, input_signature=[spec])
+        archive.write_out(saved, verbose=False)
+        for fmt in formats:
+            converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=[SIGNATURE])
+            if fmt != "float32":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            if fmt == "int8":
+                converter.representative_dataset = _calibration(representative)
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+                converter.inference_input_type = tf.uint8  # the graph's input already is
+                converter.inference_output_type = tf.uint8
+            try:
+                converted[fmt] = converter.convert()
+            except Exception as error:  # the converter raises many types, all mean "failed"
+                raise TFLiteError(
+                    f"TFLite {fmt}: conversion failed ({_first_line(error)})"
+                ) from None
+    return converted
+
+
+def as_uint8(images) -> np.ndarray:
+    """`images` (float in [0, 255] or uint8) as uint8, rounded and clipped."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8)
+
+
+def run(tflite_model: bytes | str, images: np.ndarray) -> tuple[np.ndarray, float]:
+    """Runs a tlloop TFLite file (bytes or a path) on uint8 `images` (N, S, S, 3), one image
+    per call as on a device; returns the probabilities (N, classes) as float32 (dequantized
+    for int8) and the mean seconds per image (one thread, after one warm-up call)."""
+    interpreter = _interpreter(tflite_model)
+    runner = interpreter.get_signature_runner(SIGNATURE)
+    scale, zero_point = runner.get_output_details()["probabilities"]["quantization"]
+    images = as_uint8(images)
+    runner(images=images[:1])  # the first call allocates and plans
+    outputs = []
+    start = time.perf_counter()
+    for i in range(len(images)):
+        outputs.append(runner(images=images[i : i + 1])["probabilities"])
+    seconds = (time.perf_counter() - start) / max(len(images), 1)
+    probabilities = np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+    if scale:  # integer output
+        probabilities = scale * (probabilities.astype(np.float32) - zero_point)
+    return probabilities.astype(np.float32), seconds
+
+
+def keras_probabilities(
+    model, images: np.ndarray, *, task: Task | None = None, resize: str = "squash"
+) -> np.ndarray:
+    """The Keras model's probabilities for uint8 `images`, as the TFLite files compute them."""
+    task = task or Classification()
+    size = image_size(model)
+
+    @tf.function
+    def serve(batch):
+        outputs = model.forward(resize_images(batch, size, resize), INFERENCE)
+        return task.serving_outputs(outputs)["probabilities"]
+
+    parts = [serve(tf.constant(as_uint8(images[i : i + 256]))) for i in range(0, len(images), 256)]
+    return np.concatenate([p.numpy() for p in parts]).astype(np.float32)
+
+
+def verify(tflite_model: bytes | str, images: np.ndarray, expected: np.ndarray) -> dict:
+    """How a TFLite file compares with the Keras model's `expected` probabilities on uint8
+    `images`: `agreement` (fraction of images with the same top-1 class),
+    `max_probability_difference`, `bytes`, `latency_ms` (mean per image) and `examples`."""
+    probabilities, seconds = run(tflite_model, images)
+    size = len(tflite_model) if isinstance(tflite_model, bytes) else os.path.getsize(tflite_model)
+    agree = probabilities.argmax(-1) == expected.argmax(-1)
+    return {
+        "bytes": int(size),
+        "latency_ms": round(seconds * 1e3, 4),
+        "agreement": float(agree.mean()) if len(agree) else float("nan"),
+        "max_probability_difference": float(np.abs(probabilities - expected).max())
+        if len(agree)
+        else float("nan"),
+        "examples": len(agree),
+    }
+
+
+def export_tflite(
+    model,
+    directory: str,
+    formats: Sequence[str],
+    *,
+    images: np.ndarray,
+    representative: np.ndarray | None = None,
+    task: Task | None = None,
+    resize: str = "squash",
+    min_agreement: Mapping[str, float] | None = None,
+) -> dict[str, dict]:
+    """Converts `model` to each of `formats`, checks each file on the evaluation `images`
+    (uint8 or float in [0, 255], (N, S, S, 3)) and writes the files that pass to
+    `directory/model_FORMAT.tflite` (with `labels.txt`, one class name a line, when the task
+    names its classes). Returns {format: verify's report + "path"}.
+
+    `min_agreement`: {format: fraction} (defaults: DEFAULT_MIN_AGREEMENT). Raises TFLiteError
+    (one line) when a conversion fails or a file agrees less than its threshold, after
+    writing the files that passed; nothing else in `directory` is touched.
+    """
+    formats = _check_formats(formats)
+    task = task or Classification()
+    thresholds = {**DEFAULT_MIN_AGREEMENT, **(min_agreement or {})}
+    images = as_uint8(images)
+    if len(images) == 0:
+        raise ValueError("images: empty; accepted: evaluation images (N, S, S, 3) to check with")
+    expected = keras_probabilities(model, images, task=task, resize=resize)
+    converted = convert(model, formats, task=task, resize=resize, representative=representative)
+    reports, failures = {}, []
+    for fmt, content in converted.items():
+        report = verify(content, images, expected)
+        logging.info("TFLite %s: %s", fmt, describe(fmt, report))
+        if not report["agreement"] >= thresholds[fmt]:
+            failures.append(
+                f"TFLite {fmt}: top-1 agreement with the Keras model {report['agreement']:.4f} "
+                f"< {thresholds[fmt]} on {report['examples']} evaluation images (max "
+                f"probability difference {report['max_probability_difference']:.4f}); not written"
+            )
+            continue
+        path = os.path.join(directory, file_name(fmt))
+        write_atomic(path, lambda tmp, content=content: _write_bytes(tmp, content))
+        reports[fmt] = {"path": path, **report}
+    if reports and task.class_names:
+        write_text(
+            os.path.join(directory, "labels.txt"), "".join(f"{n}\n" for n in task.class_names)
+        )
+    if failures:
+        raise TFLiteError("; ".join(failures))
+    return reports
+
+
+def describe(fmt: str, report: Mapping[str, Any]) -> str:
+    """One line: a file's size, latency and agreement."""
+    return (
+        f"{fmt:8s} {report['bytes'] / 1024:9.1f} KiB  {report['latency_ms']:8.3f} ms/image  "
+        f"top-1 agreement {report['agreement']:.4f} on {report['examples']} images  "
+        f"max |dp| {report['max_probability_difference']:.2e}"
+    )
+
+
+def images_of(examples, limit: int | None = None) -> np.ndarray:
+    """The first `limit` (default: all) input images of tlloop Examples as uint8 (N, S, S, 3)."""
+    dataset = examples.ordered().map(lambda x, y: x)
+    if limit is not None:
+        dataset = dataset.take(limit)
+    parts = [as_uint8(batch) for batch in dataset.batch(256).as_numpy_iterator()]
+    return np.concatenate(parts) if parts else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def interpreter_available() -> bool:
+    """Whether the LiteRT interpreter (ai-edge-litert) can be imported."""
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreter(tflite_model: bytes | str):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        raise TFLiteError(
+            'the LiteRT interpreter is not installed; accepted: pip install "tlloop[tflite]"'
+        ) from None
+    if isinstance(tflite_model, bytes):
+        return Interpreter(model_content=tflite_model, num_threads=1)
+    return Interpreter(model_path=tflite_model, num_threads=1)
+
+
+def _calibration(images: np.ndarray):
+    def generate() -> Iterable[list[np.ndarray]]:
+        for i in range(len(images)):
+            yield [images[i : i + 1]]
+
+    return generate
+
+
+def _check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
+    items = formats.split(",") if isinstance(formats, str) else list(formats)
+    formats = tuple(filter(None, (str(item).strip() for item in items)))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or len(set(formats)) != len(formats):
+        raise ValueError(
+            f"formats: {list(formats)}; accepted: any of {', '.join(FORMATS)}, each once"
+        )
+    return formats
+
+
+def _write_bytes(path: str, content: bytes) -> None:
+    with open(path, "wb") as file:
+        file.write(content)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
