@@ -158,6 +158,19 @@ def run(tflite_model: bytes | str, images: np.ndarray) -> tuple[np.ndarray, floa
     return probabilities.astype(np.float32), seconds
 
 
+def input_shape(tflite_model: bytes | str) -> tuple[int, ...]:
+    """The image shape (1, S, S, 3) a tlloop TFLite file's signature takes; ValueError if the
+    file has no `serving_default` signature taking `images`."""
+    interpreter = _interpreter(tflite_model)
+    try:
+        details = interpreter.get_signature_runner(SIGNATURE).get_input_details()["images"]
+    except (ValueError, KeyError):
+        raise ValueError(
+            f"no {SIGNATURE!r} signature taking 'images'; accepted: a file tlloop exported"
+        ) from None
+    return tuple(int(d) for d in details["shape"])
+
+
 def keras_probabilities(
     model, images: np.ndarray, *, task: Task | None = None, resize: str = "squash"
 ) -> np.ndarray:
