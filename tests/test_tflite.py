@@ -194,6 +194,13 @@ def test_a_file_below_its_agreement_fails_the_export_in_one_line(tmp_path):
         "saved_model",
     ]
     assert tlloop.trainer.checkpoint_lib.latest(os.path.join(workdir, "checkpoints"))
+    # results.json is still written: the file that passed, and why the export failed.
+    with open(os.path.join(workdir, "results.json"), encoding="utf-8") as file:
+        export = json.load(file)["export"]
+    assert sorted(export["tflite"]) == ["float32"]
+    assert export["tflite"]["float32"]["agreement"] == 1.0
+    assert export["tflite_error"].startswith("TFLite int8: top-1 agreement")
+    assert os.path.isdir(export["saved_model"])
 
 
 def test_bad_export_tflite_flag_is_refused_before_the_workdir(tmp_path):
@@ -232,3 +239,17 @@ def test_export_with_tflite_needs_verification_images(tmp_path):
     with pytest.raises(ValueError, match="verify_images"):
         tlloop.export(_tied_model(), str(tmp_path), tflite=["float32"])
     assert os.listdir(tmp_path) == []  # refused before writing anything
+
+
+@needs_litert
+def test_python_export_writes_and_reports_a_checked_file(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    paths = tlloop.export(
+        _tied_model(), str(tmp_path), class_names=list("abcde"), tflite="float32",
+        verify_images=images,
+    )  # fmt: skip
+    report = paths["tflite"]["float32"]
+    assert report["path"] == str(tmp_path / "model_float32.tflite")
+    assert report["examples"] == 6 and report["agreement"] == 1.0
+    assert (tmp_path / "labels.txt").read_text() == "a\nb\nc\nd\ne\n"
+    assert tflite.input_shape(report["path"]) == (1, 32, 32, 3)

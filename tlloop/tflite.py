@@ -42,7 +42,12 @@ DEFAULT_MIN_AGREEMENT = {"float32": 0.99, "dynamic": 0.99, "int8": 0.97}
 
 
 class TFLiteError(RuntimeError):
-    """A conversion failed or a converted file disagrees with the Keras model; one line."""
+    """A conversion failed or a converted file disagrees with the Keras model; one line.
+    `reports`: the files that passed and were written (as `export_tflite` returns them)."""
+
+    def __init__(self, message: str, reports: Mapping[str, dict] | None = None) -> None:
+        super().__init__(message)
+        self.reports = dict(reports or {})
 
 
 def file_name(fmt: str) -> str:
@@ -252,7 +257,7 @@ def export_tflite(
             os.path.join(directory, "labels.txt"), "".join(f"{n}\n" for n in task.class_names)
         )
     if failures:
-        raise TFLiteError("; ".join(failures))
+        raise TFLiteError("; ".join(failures), reports)
     return reports
 
 

@@ -325,40 +325,58 @@ class Trainer:
         if self.checkpoint.export == "best" and best_path:
             tf.train.Checkpoint(model=model).restore(best_path).expect_partial()
             exported = {"weights": "best", "step": results["best"]["step"]}
-        formats = self.checkpoint.export_tflite
-        tflite = {}
-        if formats:
-            count = self.checkpoint.tflite_calibration_images
-            tflite = dict(
-                tflite=formats,
-                verify_images=tflite_lib.images_of(run.eval),
-                representative=tflite_lib.images_of(run.train, count)
-                if "int8" in formats
-                else None,
-                min_agreement={
-                    "float32": self.checkpoint.tflite_min_agreement,
-                    "dynamic": self.checkpoint.tflite_min_agreement,
-                    "int8": self.checkpoint.tflite_min_agreement_int8,
-                },
-            )
         try:
-            paths = export_model(model, directory, task=task, resize=self.resize, **tflite)
+            paths = export_model(model, directory, task=task, resize=self.resize)
         except (OSError, tf.errors.OpError) as error:
             reason = getattr(error, "strerror", None) or error
             raise RunFailed(
                 f"export to {directory!r} failed ({reason}); the checkpoints are intact; "
                 "accepted: free space and write access, then the same call exports again"
             ) from None
-        except tflite_lib.TFLiteError as error:
-            raise RunFailed(
-                f"export failed: {error}; the checkpoints and the other exports are intact",
-                cli_message=f"--export_tflite: {error}; the checkpoints and the other exports "
-                "are intact; accepted: a lower --tflite_min_agreement(_int8), or other formats",
-            ) from None
-        for fmt, report in paths.get("tflite", {}).items():
-            print(f"tflite {tflite_lib.describe(fmt, report)}", flush=True)
+        if self.checkpoint.export_tflite:
+            exported = {**exported, **paths}
+            paths["tflite"] = self._export_tflite(model, task, directory, run, results, exported)
         logging.info("exported the %s weights (step %d) to %s", *exported.values(), directory)
         return {**exported, **paths}
+
+    def _export_tflite(self, model, task, directory, run: _Run, results, exported) -> dict:
+        """The TFLite files of `checkpoint.export_tflite`, checked on the run's evaluation
+        images (int8 calibrated on its first training images); prints a line per file. A
+        failure still writes results.json (with the files that passed) before RunFailed."""
+        options = self.checkpoint
+        try:
+            reports = tflite_lib.export_tflite(
+                model,
+                directory,
+                options.export_tflite,
+                images=tflite_lib.images_of(run.eval),
+                representative=tflite_lib.images_of(run.train, options.tflite_calibration_images)
+                if "int8" in options.export_tflite
+                else None,
+                task=task,
+                resize=self.resize,
+                min_agreement={
+                    "float32": options.tflite_min_agreement,
+                    "dynamic": options.tflite_min_agreement,
+                    "int8": options.tflite_min_agreement_int8,
+                },
+            )
+        except (OSError, tflite_lib.TFLiteError) as error:
+            reason = getattr(error, "strerror", None) or error
+            results["export"] = {
+                **exported,
+                "tflite": getattr(error, "reports", {}),
+                "tflite_error": str(reason),
+            }
+            write_json(os.path.join(self.workdir, "results.json"), dict(results))
+            raise RunFailed(
+                f"TFLite export failed: {reason}; the checkpoints and the other exports are intact",
+                cli_message=f"--export_tflite: {reason}; the checkpoints and the other exports "
+                "are intact; accepted: other formats or a lower --tflite_min_agreement(_int8)",
+            ) from None
+        for fmt, report in reports.items():
+            print(f"tflite {tflite_lib.describe(fmt, report)}", flush=True)
+        return reports
 
 
 @contextlib.contextmanager
