@@ -82,14 +82,15 @@ DEVICE_SCRIPT = textwrap.dedent(
     out = {}
     for path in sys.argv[2:]:
         interpreter = Interpreter(model_path=path)
-        runner = interpreter.get_signature_runner("serving_default")
-        detail = runner.get_output_details()["probabilities"]
-        scale, zero_point = detail["quantization"]
-        rows = []
-        for image in images:
-            q = runner(images=image[None])["probabilities"]
-            rows.append(scale * (q.astype(np.float32) - zero_point) if scale else q)
-        out[path] = np.concatenate(rows).tolist()
+        for signature, dtype in (("serving_uint8", np.uint8), ("serving_default", np.float32)):
+            runner = interpreter.get_signature_runner(signature)
+            detail = runner.get_output_details()["probabilities"]
+            scale, zero_point = detail["quantization"]
+            rows = []
+            for image in images.astype(dtype):
+                q = runner(images=image[None])["probabilities"]
+                rows.append(scale * (q.astype(np.float32) - zero_point) if scale else q)
+            out[f"{path}:{signature}"] = np.concatenate(rows).tolist()
     assert "tensorflow" not in sys.modules and "tlloop" not in sys.modules, sorted(sys.modules)
     print(json.dumps(out))
     """
@@ -117,10 +118,13 @@ def test_exported_files_run_on_uint8_images_without_tensorflow(quickstart, tmp_p
     )
     assert done.returncode == 0, done.stderr[-2000:]
     got = {os.path.basename(p): np.asarray(v) for p, v in json.loads(done.stdout).items()}
-    np.testing.assert_allclose(got["model_float32.tflite"], expected, atol=1e-5)
-    for name in ("model_dynamic.tflite", "model_int8.tflite"):
-        assert got[name].shape == expected.shape
-        assert np.abs(got[name] - expected).max() < 0.5  # quantized, still probabilities
+    assert len(got) == 6  # three files, two signatures each
+    for signature in ("serving_uint8", "serving_default"):
+        np.testing.assert_allclose(got[f"model_float32.tflite:{signature}"], expected, atol=1e-5)
+        for name in ("model_dynamic.tflite", "model_int8.tflite"):
+            probabilities = got[f"{name}:{signature}"]
+            assert probabilities.shape == expected.shape
+            assert np.abs(probabilities - expected).max() < 0.5  # quantized, still probabilities
 
 
 @needs_litert

@@ -1,19 +1,23 @@
 """TFLite export for devices: conversion, and a check of every file with the LiteRT interpreter.
 
 A converted file holds the inference-mode model (augmentation gone, BatchNorm on its moving
-statistics, Dropout off) with the served preprocessing inside: one signature,
-`serving_default`, takes `images`, uint8 of shape (1, S, S, 3) (S the model's image size; the
-batch size may be resized) and returns `probabilities` (batch, classes). Formats:
+statistics, Dropout off) with the served preprocessing inside, and the SavedModel's two image
+signatures at the model's image size S (the batch size, 1 in the file, may be resized):
+`serving_uint8` takes `images` uint8 (1, S, S, 3), the usual device input, and
+`serving_default` takes `images` float32 (1, S, S, 3) in [0, 255]; both return
+`probabilities` (batch, classes). The weights are stored once. Formats:
 
 - `float32`: float weights and computation.
 - `dynamic`: dynamic-range quantization (int8 weights, float activations), about 4x smaller.
-- `int8`: full integer (int8 weights and activations, calibrated on representative images),
-  integer input and output: uint8 images in, uint8 probabilities out (real value =
-  scale x (q - zero_point), from the output's quantization parameters).
+- `int8`: full integer (int8 weights and activations, calibrated on representative images):
+  `serving_uint8` is integer in and out, uint8 images in, uint8 probabilities out (real
+  value = scale x (q - zero_point), from the output's quantization parameters);
+  `serving_default` quantizes its float input inside.
 
-Each file is checked on evaluation images against the Keras model given the same uint8
-pixels: top-1 agreement, the largest difference of any probability, the file's size and the
-interpreter's mean latency per image (batch 1, one thread) on this machine. The interpreter is
+Each file is checked on evaluation images against the Keras model given the same pixels,
+through both signatures: top-1 agreement and the largest difference of any probability (the
+worse of the two signatures), the file's size and the interpreter's mean latency per image
+through `serving_uint8` (batch 1, one thread) on this machine. The interpreter is
 the optional `ai-edge-litert` package (`pip install "tlloop[tflite]"`).
 """
 
@@ -37,7 +41,8 @@ from tlloop.tasks import Classification, Task
 from tlloop.workdir import write_atomic, write_text
 
 FORMATS = TFLITE_FORMATS
-SIGNATURE = "serving_default"
+SIGNATURE = "serving_uint8"  # the device input: what `run` and the latency use
+SIGNATURES = {"serving_uint8": tf.uint8, "serving_default": tf.float32}
 DEFAULT_MIN_AGREEMENT = {"float32": 0.99, "dynamic": 0.99, "int8": 0.97}
 
 
@@ -100,7 +105,6 @@ def convert(
                 f"representative: images of shape {representative.shape[1:]}; accepted: "
                 f"({size}, {size}, 3), the model's image size"
             )
-    spec = tf.TensorSpec((None, size, size, 3), tf.uint8, name="images")
 
     def serve(images):
         # The served preprocessing (a no-op resize at this size, kept so the file computes
@@ -115,16 +119,21 @@ def convert(
         # the traced function captures, which tf.saved_model.save refuses.
         archive = keras.export.ExportArchive()
         archive.track(model)
-        archive.add_endpoint(SIGNATURE, serve, input_signature=[spec])
+        for name, dtype in SIGNATURES.items():
+            spec = tf.TensorSpec((None, size, size, 3), dtype, name="images")
+            archive.add_endpoint(name, serve, input_signature=[spec])
         archive.write_out(saved, verbose=False)
         for fmt in formats:
-            converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=[SIGNATURE])
+            converter = tf.lite.TFLiteConverter.from_saved_model(
+                saved, signature_keys=list(SIGNATURES)
+            )
             if fmt != "float32":
                 converter.optimizations = [tf.lite.Optimize.DEFAULT]
             if fmt == "int8":
                 converter.representative_dataset = _calibration(representative)
                 converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-                converter.inference_input_type = tf.uint8  # the graph's input already is
+                # Integer output; serving_uint8's input already is integer, and
+                # inference_input_type would apply to serving_default's float input only.
                 converter.inference_output_type = tf.uint8
             try:
                 converted[fmt] = converter.convert()
@@ -143,14 +152,20 @@ def as_uint8(images) -> np.ndarray:
     return np.clip(np.rint(images), 0, 255).astype(np.uint8)
 
 
-def run(tflite_model: bytes | str, images: np.ndarray) -> tuple[np.ndarray, float]:
-    """Runs a tlloop TFLite file (bytes or a path) on uint8 `images` (N, S, S, 3), one image
-    per call as on a device; returns the probabilities (N, classes) as float32 (dequantized
-    for int8) and the mean seconds per image (one thread, after one warm-up call)."""
+def run(
+    tflite_model: bytes | str, images: np.ndarray, signature: str = SIGNATURE
+) -> tuple[np.ndarray, float]:
+    """Runs a tlloop TFLite file (bytes or a path) on `images` (N, S, S, 3) in [0, 255], one
+    image per call as on a device, through `signature` (serving_uint8 or serving_default,
+    which get the images as uint8 or float32); returns the probabilities (N, classes) as
+    float32 (dequantized for int8) and the mean seconds per image (one thread, after one
+    warm-up call)."""
     interpreter = _interpreter(tflite_model)
-    runner = interpreter.get_signature_runner(SIGNATURE)
+    runner = interpreter.get_signature_runner(signature)
     scale, zero_point = runner.get_output_details()["probabilities"]["quantization"]
     images = as_uint8(images)
+    if SIGNATURES[signature] != tf.uint8:
+        images = images.astype(np.float32)
     runner(images=images[:1])  # the first call allocates and plans
     outputs = []
     start = time.perf_counter()
@@ -164,8 +179,8 @@ def run(tflite_model: bytes | str, images: np.ndarray) -> tuple[np.ndarray, floa
 
 
 def input_shape(tflite_model: bytes | str) -> tuple[int, ...]:
-    """The image shape (1, S, S, 3) a tlloop TFLite file's signature takes; ValueError if the
-    file has no `serving_default` signature taking `images`."""
+    """The image shape (1, S, S, 3) a tlloop TFLite file's signatures take; ValueError if the
+    file has no `serving_uint8` signature taking `images`."""
     interpreter = _interpreter(tflite_model)
     try:
         details = interpreter.get_signature_runner(SIGNATURE).get_input_details()["images"]
@@ -222,7 +237,7 @@ def export_tflite(
     min_agreement: Mapping[str, float] | None = None,
 ) -> dict[str, dict]:
     """Converts `model` to each of `formats`, checks each file on the evaluation `images`
-    (uint8 or float in [0, 255], (N, S, S, 3)) and writes the files that pass to
+    (uint8 or float in [0, 255], (N, S, S, 3), N >= 1) and writes the files that pass to
     `directory/model_FORMAT.tflite` (with `labels.txt`, one class name a line, when the task
     names its classes). Returns {format: verify's report + "path"}.
 
@@ -301,9 +316,14 @@ def _interpreter(tflite_model: bytes | str):
 
 
 def _calibration(images: np.ndarray):
-    def generate() -> Iterable[list[np.ndarray]]:
+    """Calibration samples for every signature: (signature, inputs) pairs, as the converter
+    takes them for a file with several signatures."""
+
+    def generate() -> Iterable[tuple[str, dict[str, np.ndarray]]]:
         for i in range(len(images)):
-            yield [images[i : i + 1]]
+            image = images[i : i + 1]
+            yield "serving_uint8", {"images": image}
+            yield "serving_default", {"images": image.astype(np.float32)}
 
     return generate
 
