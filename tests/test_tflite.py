@@ -257,3 +257,19 @@ def test_python_export_writes_and_reports_a_checked_file(tmp_path):
     assert report["examples"] == 6 and report["agreement"] == 1.0
     assert (tmp_path / "labels.txt").read_text() == "a\nb\nc\nd\ne\n"
     assert tflite.input_shape(report["path"]) == (1, 32, 32, 3)
+
+
+@needs_litert
+def test_mobilenetv2_with_crop_resizing_converts_and_agrees(tmp_path):
+    # "crop" computes its output shape at run time; MobileNetV2's first convolution did not
+    # convert until the served function stated the shape. Tiny: alpha 0.35, 32 px.
+    backbone = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, include_top=False, weights=None
+    )
+    model = tlloop.TransferModel(backbone, tlloop.classification_head(backbone, 3))
+    images = np.random.default_rng(0).integers(0, 256, (4, 40, 32, 3), dtype=np.uint8)
+    images = images[:, 4:36]  # (4, 32, 32, 3)
+    content = tflite.convert(model, ["float32"], resize="crop")["float32"]
+    expected = tflite.keras_probabilities(model, images, resize="crop")
+    report = tflite.verify(content, images, expected)
+    assert report["agreement"] == 1.0 and report["max_probability_difference"] <= 1e-5

@@ -24,6 +24,7 @@ the optional `ai-edge-litert` package (`pip install "tlloop[tflite]"`).
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -109,7 +110,11 @@ def convert(
     def serve(images):
         # The served preprocessing (a no-op resize at this size, kept so the file computes
         # what the SavedModel does), the model in inference mode, probabilities out.
-        outputs = model.forward(resize_images(images, size, resize), INFERENCE)
+        # The shape "crop" and "pad" compute is only known when they run: a reshape states
+        # it, so the converter sees fixed-size convolutions (TFLite refuses MobileNetV2's
+        # first Conv2D on an unknown spatial shape, and has no EnsureShape op).
+        pixels = tf.reshape(resize_images(images, size, resize), (-1, size, size, 3))
+        outputs = model.forward(pixels, INFERENCE)
         return {"probabilities": task.serving_outputs(outputs)["probabilities"]}
 
     converted = {}
@@ -345,5 +350,11 @@ def _write_bytes(path: str, content: bytes) -> None:
 
 
 def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:300]
+    """The converter's reason in one short line: its first "'tf.Op' op ..." if it names one
+    (the MLIR location before it is hundreds of characters of call sites)."""
+    text = str(error)
+    match = re.search(r"('[\w.]+' op [^\n]*)", text)
+    if match:
+        return match.group(1).strip()[:200]
+    lines = text.strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:200]
