@@ -48,12 +48,16 @@ DEFAULT_MIN_AGREEMENT = {"float32": 0.99, "dynamic": 0.99, "int8": 0.97}
 
 
 class TFLiteError(RuntimeError):
-    """A conversion failed or a converted file disagrees with the Keras model; one line.
-    `reports`: the files that passed and were written (as `export_tflite` returns them)."""
+    """A conversion failed (`converted` False) or a converted file disagrees with the Keras
+    model; one line. `reports`: the files that passed and were written (as `export_tflite`
+    returns them)."""
 
-    def __init__(self, message: str, reports: Mapping[str, dict] | None = None) -> None:
+    def __init__(
+        self, message: str, reports: Mapping[str, dict] | None = None, *, converted: bool = True
+    ) -> None:
         super().__init__(message)
         self.reports = dict(reports or {})
+        self.converted = converted
 
 
 def file_name(fmt: str) -> str:
@@ -144,7 +148,7 @@ def convert(
                 converted[fmt] = converter.convert()
             except Exception as error:  # the converter raises many types, all mean "failed"
                 raise TFLiteError(
-                    f"TFLite {fmt}: conversion failed ({_first_line(error)})"
+                    f"TFLite {fmt}: conversion failed ({_first_line(error)})", converted=False
                 ) from None
     return converted
 

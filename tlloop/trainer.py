@@ -372,7 +372,13 @@ class Trainer:
             raise RunFailed(
                 f"TFLite export failed: {reason}; the checkpoints and the other exports are intact",
                 cli_message=f"--export_tflite: {reason}; the checkpoints and the other exports "
-                "are intact; accepted: other formats or a lower --tflite_min_agreement(_int8)",
+                "are intact; accepted: other formats"
+                + (
+                    ""
+                    if not getattr(error, "converted", True)
+                    else ", or a lower threshold "
+                    "(--tflite_min_agreement, --tflite_min_agreement_int8)"
+                ),
             ) from None
         for fmt, report in reports.items():
             print(f"tflite {tflite_lib.describe(fmt, report)}", flush=True)
