@@ -62,6 +62,9 @@ def test_quickstart_converts_to_every_format_and_each_agrees_with_keras(quicksta
         print(fmt, report)  # the measured figures, for the record (pytest -s)
     assert reports["float32"]["agreement"] == 1.0
     assert reports["float32"]["max_probability_difference"] <= 1e-5
+    for fmt, report in reports.items():  # each file checked through both of its signatures
+        assert sorted(report["signatures"]) == ["serving_default", "serving_uint8"], fmt
+        assert report["agreement"] == min(c["agreement"] for c in report["signatures"].values())
     assert reports["dynamic"]["agreement"] >= 0.99
     assert reports["int8"]["agreement"] >= 0.97
     # Quantization shrinks the file: int8 weights instead of float32 ones.
