@@ -27,6 +27,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -145,7 +146,11 @@ def convert(
                 # inference_input_type would apply to serving_default's float input only.
                 converter.inference_output_type = tf.uint8
             try:
-                converted[fmt] = converter.convert()
+                with warnings.catch_warnings():
+                    # int8 calibration runs TF's own deprecated tf.lite.Interpreter inside
+                    # the converter: nothing a user can act on.
+                    warnings.filterwarnings("ignore", "(?s).*tf.lite.Interpreter is deprecated")
+                    converted[fmt] = converter.convert()
             except Exception as error:  # the converter raises many types, all mean "failed"
                 raise TFLiteError(
                     f"TFLite {fmt}: conversion failed ({_first_line(error)})", converted=False
