@@ -1018,10 +1018,11 @@ class CheckpointConfig:
     )
     export_tflite: tuple[str, ...] = option(
         (),
-        "Also export TFLite files (export/model_FORMAT.tflite, uint8 images in) in these "
-        "formats: float32, dynamic (dynamic-range int8 weights), int8 (full integer, calibrated "
-        "on the training images); each is checked against the Keras model on the evaluation "
-        "images with the LiteRT interpreter (the tflite extra); empty: none.",
+        "Also export TFLite files (export/model_FORMAT.tflite; signatures serving_uint8 and "
+        "serving_default, float32, as the SavedModel's) in these formats: float32, dynamic "
+        "(dynamic-range int8 weights), int8 (full integer, calibrated on the training images); "
+        "each is checked against the Keras model on the evaluation images with the LiteRT "
+        "interpreter (the tflite extra); empty: none.",
         parse=parse_tflite_formats,
         format=list,
         hparam=False,
