@@ -13,6 +13,7 @@ loaded.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -29,6 +30,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "lamb")
 LR_SCHEDULES = ("constant", "cosine", "linear", "step")
 FEATURE_CACHE = ("auto", "off")
 MIXED_PRECISION = ("", "float16", "bfloat16")
+TFLITE_FORMATS = ("float32", "dynamic", "int8")
 
 
 class ConfigError(ValueError):
@@ -271,6 +273,30 @@ def parse_profile_steps(spec: str) -> tuple[int, ...]:
     start, end = int(match.group(1)), int(match.group(2))
     _require(1 <= start <= end, "profile_steps", spec, "not an ordered range", accepted)
     return (start, end)
+
+
+def parse_tflite_formats(spec: Any) -> tuple[str, ...]:
+    """Parses `--export_tflite`: a comma list (or list) of float32, dynamic, int8 in any order,
+    each once; empty: no TFLite export. Needs the LiteRT interpreter (`ai-edge-litert`, the
+    `tflite` extra), which checks every file: refused here when it is not installed."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    formats = tuple(filter(None, (str(item).strip() for item in items)))
+    text = ",".join(formats)
+    accepted = "a comma list of float32, dynamic, int8 (each once), or empty"
+    for name in formats:
+        _require(
+            name in TFLITE_FORMATS, "export_tflite", text, f"unknown format {name!r}", accepted
+        )
+    _require(len(set(formats)) == len(formats), "export_tflite", text, "a format twice", accepted)
+    # find_spec imports nothing: the check costs no TensorFlow start-up.
+    _require(
+        not formats or importlib.util.find_spec("ai_edge_litert") is not None,
+        "export_tflite",
+        text,
+        "the LiteRT interpreter that verifies each file is not installed",
+        'pip install "tlloop[tflite]" (ai-edge-litert), or no --export_tflite',
+    )
+    return formats
 
 
 def _lower_direction(name: str) -> bool:
@@ -990,9 +1016,48 @@ class CheckpointConfig:
         "Weights to export at the end: best (of --best_metric) or last.",
         choices=EXPORTS,
     )
+    export_tflite: tuple[str, ...] = option(
+        (),
+        "Also export TFLite files (export/model_FORMAT.tflite; signatures serving_uint8 and "
+        "serving_default, float32, as the SavedModel's) in these formats: float32, dynamic "
+        "(dynamic-range int8 weights), int8 (full integer, calibrated on the training images); "
+        "each is checked against the Keras model on the evaluation images with the LiteRT "
+        "interpreter (the tflite extra); empty: none.",
+        parse=parse_tflite_formats,
+        format=list,
+        hparam=False,
+    )
+    tflite_min_agreement: float = option(
+        0.99,
+        "Export fails if a float32 or dynamic TFLite file's top-1 class agrees with the Keras "
+        "model's on fewer than this fraction of evaluation images.",
+        check=lambda value: 0 <= value <= 1,
+        problem="not a fraction",
+        accepted="0 <= x <= 1",
+        hparam=False,
+    )
+    tflite_min_agreement_int8: float = option(
+        0.97,
+        "The same threshold for the int8 TFLite file.",
+        check=lambda value: 0 <= value <= 1,
+        problem="not a fraction",
+        accepted="0 <= x <= 1",
+        hparam=False,
+    )
+    tflite_calibration_images: int = option(
+        300,
+        "Training images the int8 TFLite conversion calibrates its quantization on (the "
+        "first ones, unaugmented; fewer if the training set is smaller).",
+        check=lambda value: value >= 1,
+        problem="too small",
+        accepted=">= 1",
+        hparam=False,
+    )
 
     def __post_init__(self) -> None:
         _check_options(self)
+        # A Python caller may give the formats as text or any sequence: checked the same way.
+        object.__setattr__(self, "export_tflite", parse_tflite_formats(self.export_tflite))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -95,6 +95,69 @@ def evaluate_saved(workdir: str, which: str, config: RunConfig) -> dict:
     }
 
 
+def evaluate_tflite(workdir: str, path: str, config: RunConfig) -> dict:
+    """Evaluates the TFLite file `path` (made by tlloop for the run in `workdir`) on the
+    evaluation data of `config` with the LiteRT interpreter, one image per call: accuracy,
+    the loss (cross-entropy of its probabilities), per-class accuracy, the confusion matrix,
+    the file's size and its mean latency per image.
+
+    Raises ConfigError if the data's classes are not the run's, or the file takes other images.
+    """
+    from tlloop import tflite
+
+    data = load_data(config.data, evaluation_only=True)
+    trained = _trained_class_names(workdir)
+    if trained is not None and tuple(trained) != data.class_names:
+        raise ConfigError(
+            f"--classes: the data has classes {list(data.class_names)}, the run in {workdir!r} "
+            f"was trained on {trained}; accepted: data with the run's classes (select them "
+            "with --classes)"
+        )
+    try:
+        shape = tflite.input_shape(path)
+    except ValueError as error:
+        raise ConfigError(f"--tflite={path!r}: {error}") from None
+    if tuple(shape[1:]) != (config.data.image_size, config.data.image_size, 3):
+        raise ConfigError(
+            f"--tflite={path!r}: takes images of shape {tuple(shape[1:])}, the data has "
+            f"{config.data.image_size} px; accepted: --image_size={shape[1]}"
+        )
+    classes = data.num_classes
+    confusion = np.zeros((classes, classes), np.int64)
+    loss, seconds, count = 0.0, 0.0, 0
+    batches = data.eval_examples.ordered().batch(256).as_numpy_iterator()
+    for images, labels in batches:
+        probabilities, per_image = tflite.run(path, images)
+        if probabilities.shape[-1] != classes:
+            raise ConfigError(
+                f"--tflite={path!r}: gives {probabilities.shape[-1]} classes, the data has "
+                f"{classes}; accepted: a file exported by this run"
+            )
+        labels = labels.astype(np.int64)
+        picked = probabilities[np.arange(len(labels)), labels]
+        loss += float(-np.log(np.clip(picked, 1e-7, 1.0)).sum())
+        np.add.at(confusion, (labels, probabilities.argmax(-1)), 1)
+        seconds += per_image * len(labels)
+        count += len(labels)
+    per_class = {
+        name: (row[i] / row.sum() if row.sum() else None)
+        for i, (name, row) in enumerate(zip(data.class_names, confusion, strict=True))
+    }
+    return {
+        "evaluated": path,
+        "loss": loss / max(count, 1),
+        "accuracy": float(np.trace(confusion) / max(count, 1)),
+        "examples": count,
+        "per_class_accuracy": {
+            k: (float(v) if v is not None else None) for k, v in per_class.items()
+        },
+        "confusion": confusion.tolist(),
+        "bytes": os.path.getsize(path),
+        "latency_ms": round(seconds / max(count, 1) * 1e3, 4),
+        "skipped_images": list(data.skipped_files),
+    }
+
+
 def _trained_class_names(workdir: str) -> list[str] | None:
     try:
         with open(os.path.join(workdir, "results.json"), encoding="utf-8") as file:

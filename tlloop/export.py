@@ -10,6 +10,9 @@ WORKDIR/export/ holds:
   model's size the way training resized them, --resize), and return `probabilities` (batch,
   classes), `class_id` and `class_name`. `class_names` (no input) returns every class name in
   label order.
+- `model_float32.tflite`, `model_dynamic.tflite`, `model_int8.tflite` and `labels.txt`, when
+  TFLite formats are asked for (`tflite=`, `--export_tflite`): see `tlloop.tflite`; each file
+  checked with the LiteRT interpreter before it is written.
 
 Load the .keras files with `keras.saving.load_model` after `import tlloop` (which registers
 tlloop's classes); the SavedModel needs only TensorFlow.
@@ -20,6 +23,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import keras
 import tensorflow as tf
@@ -29,6 +34,9 @@ from tlloop.data.pipeline import resize_images
 from tlloop.models import INFERENCE, TransferModel
 from tlloop.tasks import Classification, Task
 from tlloop.workdir import write_atomic
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SIGNATURES = ("serving_default", "serving_uint8", "class_names")  # of an image classifier
 
@@ -40,7 +48,11 @@ def export_model(
     resize: str = "squash",
     *,
     task: Task | None = None,
-) -> dict[str, str | None]:
+    tflite: Sequence[str] | str = (),
+    verify_images: np.ndarray | None = None,
+    representative: np.ndarray | None = None,
+    min_agreement: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
     """Writes `model.keras`, `backbone.keras` and `saved_model/` into `directory`; returns
     their paths (`saved_model` None when the backbone declares no inputs to serve). Each
     replaces its previous version in one step, never half-written.
@@ -48,7 +60,24 @@ def export_model(
     The SavedModel serves the `task`'s outputs (default: classification with `class_names`).
     A classifier of RGB images gets the image signatures (resizing inputs as `resize` did in
     training); any other model one `serving_default` signature over its backbone's inputs.
+
+    `tflite`: TFLite formats (float32, dynamic, int8) to write as well, each checked on
+    `verify_images` (evaluation images (N, S, S, 3), uint8 or float in [0, 255]; required with
+    `tflite`) against `min_agreement` ({format: fraction}, defaults 0.99 and 0.97 for int8);
+    int8 calibrates on `representative` (a few hundred training images). The result's
+    "tflite" holds each file's path, size, latency and agreement. Raises
+    `tlloop.tflite.TFLiteError` (one line) when a conversion fails or a file disagrees, after
+    the other exports are written; ValueError naming the argument at fault.
     """
+    from tlloop import tflite as tflite_lib  # TensorFlow Lite's converter loads only when used
+
+    formats = tflite_lib._check_formats(tflite)
+    if formats:
+        tflite_lib.image_size(model)
+        if verify_images is None:
+            raise ValueError("verify_images: needed with tflite=; accepted: evaluation images")
+        if "int8" in formats and representative is None:
+            raise ValueError("representative: int8 needs calibration images (training images)")
     task = task or Classification(class_names=class_names)
     paths = {
         "model": os.path.join(directory, "model.keras"),
@@ -65,6 +94,17 @@ def export_model(
     _replace_directory(
         paths["saved_model"], lambda path: write_saved_model(model, path, task, resize, specs)
     )
+    if formats:
+        paths["tflite"] = tflite_lib.export_tflite(
+            model,
+            directory,
+            formats,
+            images=verify_images,
+            representative=representative,
+            task=task,
+            resize=resize,
+            min_agreement=min_agreement,
+        )
     return paths
 
 

@@ -23,6 +23,7 @@ from tlloop import actions as action_lib
 from tlloop import checkpoints as checkpoint_lib
 from tlloop import config as config_lib
 from tlloop import phases as phase_lib
+from tlloop import tflite as tflite_lib
 from tlloop.actions import Stopped
 from tlloop.config import (
     CheckpointConfig,
@@ -292,7 +293,7 @@ class Trainer:
         logging.info("final weights sha256: %s", results["weights_sha256"])
         if chief:
             if export:
-                results["export"] = self._export_best(run.model, task, best, results)
+                results["export"] = self._export_best(run.model, task, best, results, run)
             write_json(os.path.join(self.workdir, "results.json"), dict(results))
         return results
 
@@ -316,8 +317,10 @@ class Trainer:
             **self.options,
         )
 
-    def _export_best(self, model, task, best, results: Results) -> dict:
-        """Exports the best evaluation's weights (or the last, per `checkpoint.export`)."""
+    def _export_best(self, model, task, best, results: Results, run: _Run) -> dict:
+        """Exports the best evaluation's weights (or the last, per `checkpoint.export`), and
+        the TFLite files of `checkpoint.export_tflite`, checked on the run's evaluation images
+        (int8 calibrated on its first training images)."""
         directory = os.path.join(self.workdir, "export")
         exported = {"weights": "last", "step": results["phases"][-1]["last_step"]}
         best_path = checkpoint_lib.latest(best.directory)
@@ -339,8 +342,56 @@ class Trainer:
                 f"export to {directory!r} failed ({reason}); the checkpoints are intact; "
                 "accepted: free space and write access, then the same call exports again"
             ) from None
+        if self.checkpoint.export_tflite:
+            exported = {**exported, **paths}
+            paths["tflite"] = self._export_tflite(model, task, directory, run, results, exported)
         logging.info("exported the %s weights (step %d) to %s", *exported.values(), directory)
         return {**exported, **paths}
+
+    def _export_tflite(self, model, task, directory, run: _Run, results, exported) -> dict:
+        """The TFLite files of `checkpoint.export_tflite`, checked on the run's evaluation
+        images (int8 calibrated on its first training images); prints a line per file. A
+        failure still writes results.json (with the files that passed) before RunFailed."""
+        options = self.checkpoint
+        try:
+            reports = tflite_lib.export_tflite(
+                model,
+                directory,
+                options.export_tflite,
+                images=tflite_lib.images_of(run.eval),
+                representative=tflite_lib.images_of(run.train, options.tflite_calibration_images)
+                if "int8" in options.export_tflite
+                else None,
+                task=task,
+                resize=self.resize,
+                min_agreement={
+                    "float32": options.tflite_min_agreement,
+                    "dynamic": options.tflite_min_agreement,
+                    "int8": options.tflite_min_agreement_int8,
+                },
+            )
+        except (OSError, tflite_lib.TFLiteError) as error:
+            reason = getattr(error, "strerror", None) or error
+            results["export"] = {
+                **exported,
+                "tflite": getattr(error, "reports", {}),
+                "tflite_error": str(reason),
+            }
+            write_json(os.path.join(self.workdir, "results.json"), dict(results))
+            raise RunFailed(
+                f"TFLite export failed: {reason}; the checkpoints and the other exports are intact",
+                cli_message=f"--export_tflite: {reason}; the checkpoints and the other exports "
+                "are intact; accepted: other formats"
+                + (
+                    ""
+                    if not getattr(error, "converted", True)
+                    else ", or a lower threshold "
+                    "(--tflite_min_agreement, --tflite_min_agreement_int8)"
+                ),
+            ) from None
+        for fmt, report in reports.items():
+            print(f"tflite {tflite_lib.describe(fmt, report)}", flush=True)
+        return reports
 
 
 @contextlib.contextmanager
