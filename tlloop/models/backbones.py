@@ -141,6 +141,47 @@ def build_backbone(
     return _application(name, weights or "imagenet", image_size, layer)
 
 
+# Flag -> argument of load_backbone, for its messages.
+_ARGUMENTS = {
+    "backbone": "source",
+    "backbone_layer": "layer",
+    "backbone_channels": "channels",
+    "backbone_range": "value_range",
+    "weights": "weights",
+    "image_size": "image_size",
+}
+
+
+def load_backbone(
+    source: str,
+    image_size: int,
+    *,
+    weights: str = "",
+    layer: str = "",
+    channels: str = "",
+    value_range: str = "",
+    safe_mode: bool = True,
+) -> keras.Model:
+    """A backbone for `TransferModel` from anything --backbone accepts: RGB pixels in [0, 255]
+    of `image_size` in, features out; `layer`, `channels`, `value_range` are --backbone_layer,
+    --backbone_channels, --backbone_range. Raises ValueError naming the argument at fault."""
+    try:
+        return build_backbone(
+            source,
+            weights,
+            image_size,
+            safe_mode=safe_mode,
+            layer=layer,
+            channels=channels,
+            value_range=value_range,
+        )
+    except ConfigError as error:
+        text = str(error)
+        for flag, argument in _ARGUMENTS.items():
+            text = text.replace(f"--{flag}=", f"{argument}=")
+        raise ValueError(text) from None
+
+
 def _no_adapters(name: str, layer: str, channels: str, value_range: str, cut: bool) -> None:
     """Refuses adapters on a backbone that already takes RGB pixels in [0, 255]."""
     for flag, value, ok in (

@@ -60,8 +60,8 @@ def load_preset(source: str, load_weights: bool = True):
             ) from None
         raise ConfigError(
             f"--backbone={source!r}: could not fetch the KerasHub preset ({text}); accepted: a "
-            "handle reachable from here, or a local preset directory (download it once where "
-            "there is a network, e.g. with keras_hub ... save_to_preset)"
+            "handle reachable from here, or a local preset directory (where there is a network, "
+            "load the preset once and save_to_preset it)"
         ) from None
     if not isinstance(backbone, keras.Model) or not getattr(backbone, "inputs", None):
         raise ConfigError(f"--backbone={source!r}: the preset's backbone declares no inputs")
