@@ -71,14 +71,15 @@ def test_cut_h5_backbone_adapts_rgb_pixels_to_grayscale_minus_one_to_one(h5_file
 
 
 def _keras2_layout(config: dict) -> dict:
-    """A Keras 3 model config rewritten in Keras 2's HDF5 layout: "Functional" with
-    batch_input_shape, dtypes as strings, no module/registered_name keys."""
+    """A Keras 3 model config rewritten in Keras 2's HDF5 layout (as tf.keras 2.x wrote it):
+    "Functional" layers with inbound_nodes as [[name, node, tensor, kwargs]] lists, nested
+    input/output layer lists, batch_input_shape, dtypes as strings, no module/registered_name
+    keys, initializer configs without Keras 3's extra fields."""
 
     def convert(node):
         if isinstance(node, dict):
-            node = {
-                k: convert(v) for k, v in node.items() if k not in ("module", "registered_name")
-            }
+            drop = ("module", "registered_name", "input_axes", "output_axes")
+            node = {k: convert(v) for k, v in node.items() if k not in drop}
             if "batch_shape" in node:
                 node["batch_input_shape"] = node.pop("batch_shape")
             if isinstance(node.get("dtype"), dict):
@@ -86,6 +87,19 @@ def _keras2_layout(config: dict) -> dict:
             return node
         return [convert(v) for v in node] if isinstance(node, list) else node
 
+    def keras2_nodes(nodes: list) -> list:
+        old = []
+        for node in nodes:
+            history = [arg["config"]["keras_history"] for arg in node["args"]]
+            old.append([[*h, node["kwargs"]] for h in history])
+        return old
+
+    model = config["config"]
+    for layer in model["layers"]:
+        layer["inbound_nodes"] = keras2_nodes(layer["inbound_nodes"])
+    for key in ("input_layers", "output_layers"):
+        if model[key] and isinstance(model[key][0], str):
+            model[key] = [model[key]]
     return convert(config)
 
 
@@ -102,6 +116,7 @@ def test_h5_in_keras2_layout_loads_with_its_weights(h5_file, tmp_path):
     with h5py.File(old, "r") as file:
         text = file.attrs["model_config"]
         assert "batch_input_shape" in text and '"module"' not in text
+        assert '"inbound_nodes": [[["bn1", 0, 0, {}]]]' in text and "keras_history" not in text
     backbone = build_backbone(old, "", 32, layer="pool", value_range="-1:1")
     reference = build_backbone(path, "", 32, layer="pool", value_range="-1:1")
     x = _pixels(32)
