@@ -4,11 +4,13 @@ with no network. Skipped where the [hub] extra (keras-hub) is absent; CI install
 
 from __future__ import annotations
 
+import json
 import os
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import changed, make_config, run_cli, snapshot
 
 from tlloop import phases as phase_lib
@@ -134,6 +136,13 @@ def test_preset_runs_end_to_end_and_its_export_loads(preset, unfreeze, request, 
     assert results is not None
     moved = changed(before, snapshot(model.backbone))
     assert moved and not [p for p in moved if "moving" in p]
-    loaded = keras.saving.load_model(os.path.join(workdir, "export", "model.keras"))
+    with open(os.path.join(workdir, "results.json")) as file:
+        phases = json.load(file)["phases"]
+    assert phases[0]["feature_cache"].startswith("on")  # frozen: features computed once
+    export = os.path.join(workdir, "export")
+    loaded = keras.saving.load_model(os.path.join(export, "model.keras"))
     x = _pixels(32)
     np.testing.assert_allclose(loaded(x), model(x), rtol=0, atol=1e-5)
+    served = tf.saved_model.load(os.path.join(export, "saved_model"))
+    probabilities = served.signatures["serving_default"](images=tf.constant(x))["probabilities"]
+    np.testing.assert_allclose(probabilities, tf.nn.softmax(model(x)), rtol=0, atol=1e-5)
