@@ -258,3 +258,11 @@ def test_the_python_api_names_arguments_not_flags(h5_file):
     assert backbone.outputs[0].shape[1:] == (16,)
     with pytest.raises(ValueError, match=r"^layer='pol': no such layer"):
         tlloop.load_backbone(path, 32, layer="pol")
+
+
+def test_an_application_can_be_cut_and_keeps_its_preprocessing():
+    backbone = build_backbone("MobileNetV2", "none", 32, layer="block_3_expand_relu")
+    assert backbone.outputs[0].shape[1:] == (8, 8, 144)
+    assert backbone.get_layer("preprocess").application == "MobileNetV2"
+    with pytest.raises(ConfigError, match=r"^--backbone_channels='grayscale': MobileNetV2 builds"):
+        build_backbone("MobileNetV2", "none", 32, channels="grayscale")

@@ -110,6 +110,14 @@ def test_resnet_preset_preprocesses_once_and_unfreezes_blocks(resnet_preset):
         "stack1_block0_2_conv",
     }
     assert len(phase_lib.backbone_blocks(model.backbone)) == 2
+    fresh = build_backbone(resnet_preset, "none", 32)  # --weights=none: the architecture only
+    kernel = "stack1_block0_1_conv"
+    assert not np.array_equal(
+        fresh.get_layer("res_net_backbone").get_layer(kernel).kernel,
+        model.backbone.get_layer("res_net_backbone").get_layer(kernel).kernel,
+    )
+    with pytest.raises(ConfigError, match=r"^--weights='imagenet': a KerasHub preset brings"):
+        build_backbone(resnet_preset, "imagenet", 32)
     with pytest.raises(ConfigError, match=r"^--backbone_range='0:1': the preset"):
         build_backbone(resnet_preset, "", 32, value_range="0:1")
 
