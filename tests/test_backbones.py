@@ -266,3 +266,17 @@ def test_an_application_can_be_cut_and_keeps_its_preprocessing():
     assert backbone.get_layer("preprocess").application == "MobileNetV2"
     with pytest.raises(ConfigError, match=r"^--backbone_channels='grayscale': MobileNetV2 builds"):
         build_backbone("MobileNetV2", "none", 32, channels="grayscale")
+
+
+def test_separable_conv_with_batch_norm_warns_of_the_onednn_crash(tmp_path, caplog, monkeypatch):
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.BatchNormalization()(keras.layers.SeparableConv2D(4, 3)(inputs))
+    path = str(tmp_path / "separable.h5")
+    keras.Model(inputs, x).save(path)
+    build_backbone(path, "", 8)
+    assert "TF_ENABLE_ONEDNN_OPTS=0" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    build_backbone(path, "", 8)
+    assert "TF_ENABLE_ONEDNN_OPTS" not in caplog.text

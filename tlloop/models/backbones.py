@@ -15,6 +15,7 @@ import inspect
 import os
 
 import keras
+from absl import logging
 
 from tlloop.config import ConfigError, parse_backbone_range
 from tlloop.models import hub
@@ -347,7 +348,24 @@ def _load_file(path: str, weights: str, safe_mode: bool) -> keras.Model:
         ) from None
     if not isinstance(loaded, keras.Model):
         raise ConfigError(f"--backbone={path!r}: holds no Keras model; accepted: a full model")
+    _warn_onednn(loaded, path)
     return _reinitialised(loaded, path) if weights == "none" else loaded
+
+
+def _warn_onednn(model: keras.Model, path: str) -> None:
+    """TF 2.21's oneDNN kernels kill the process (SIGSEGV, no Python exception) at the first
+    gradient step of a Keras 2 HDF5 model with SeparableConv2D and BatchNormalization (see
+    PITFALLS); the switch must be set before TensorFlow loads, so only a warning helps here."""
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":
+        return
+    kinds = {type(layer).__name__ for layer in model._flatten_layers(include_self=False)}
+    if {"SeparableConv2D", "BatchNormalization"} <= kinds:
+        logging.warning(
+            "%s has SeparableConv2D and BatchNormalization layers: if the process dies with "
+            "SIGSEGV at the first training step (TensorFlow's oneDNN kernels), run it again "
+            "with TF_ENABLE_ONEDNN_OPTS=0 in the environment",
+            path,
+        )
 
 
 def _reinitialised(model: keras.Model, path: str) -> keras.Model:
