@@ -64,10 +64,10 @@ def test_cut_h5_backbone_adapts_rgb_pixels_to_grayscale_minus_one_to_one(h5_file
     # The wrong range gives other features: the adapter is not a no-op.
     wrong = build_backbone(path, "", 32, layer="pool")
     assert not np.allclose(wrong(x), expected, atol=1e-2)
-    # -2 from the end is the same cut; a different --image_size is resized inside.
+    # -2 from the end is the same cut; another --image_size is refused, naming the right one.
     assert build_backbone(path, "", 32, layer="-2").outputs[0].shape[1:] == (16,)
-    resized = build_backbone(path, "", 48, layer="pool", value_range="-1:1")
-    assert resized.get_layer("input_adapter").size == (32, 32)
+    with pytest.raises(ConfigError, match=r"^--image_size=48: .* accepted: --image_size=32 "):
+        build_backbone(path, "", 48, layer="pool", value_range="-1:1")
 
 
 def _keras2_layout(config: dict) -> dict:

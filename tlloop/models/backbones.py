@@ -260,9 +260,10 @@ def _wrap(
     pool: keras.layers.Layer | None = None,
 ) -> keras.Model:
     """The backbone: RGB pixels in [0, 255] at `image_size` -> [InputAdapter] -> `model` ->
-    [`pool`]. The adapter does a preset's `preprocessing` (hub.load_preset), else what
-    `channels`, `value_range` and the model's native size ask; it is left out when it would
-    change nothing."""
+    [`pool`]. The adapter does a preset's `preprocessing` (hub.load_preset: its resize
+    included), else what `channels` and `value_range` ask, and resizes to a non-square native
+    size; it is left out when it would change nothing. A square native size other than
+    `image_size` is refused (--image_size should be that size)."""
     shape = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else ()
     if len(model.inputs or ()) != 1 or len(shape) != 3 or shape[2] not in (1, 3):
         raise ConfigError(
@@ -279,6 +280,13 @@ def _wrap(
     adapter = dict(preprocessing or {"size": None, "scale": 1.0, "offset": 0.0})
     size = adapter.pop("size") or given
     size = tuple(s or t for s, t in zip(shape[:2], size, strict=True))  # native size wins
+    if preprocessing is None and size != given and size[0] == size[1]:
+        # A square network resized in the data pipeline sees what it was trained on; resizing
+        # inside would only resample twice. Presets resize inside: their converter says so.
+        raise ConfigError(
+            f"--image_size={image_size}: the backbone {source!r} takes inputs of shape "
+            f"{shape}; accepted: --image_size={size[0]} (images are resized to it as they load)"
+        )
     parsed = parse_backbone_range(value_range)
     if parsed == "imagenet":
         if native != "rgb":
