@@ -76,6 +76,7 @@ def main() -> None:
         logging=tlloop.LoggingConfig(quiet=True),
         overwrite=True,
     )
+    modes = trainer.describe(model)  # each phase's mode table and trainability
     results = trainer.fit(model, (train_x, train_y), (eval_x, eval_y), batch_size=16)
     print(
         json.dumps(
@@ -83,6 +84,7 @@ def main() -> None:
                 "eval_accuracy": {p["name"]: p["eval"]["accuracy"] for p in results.phases},
                 "eval_examples": results.phases[-1]["eval"]["examples"],
                 "chance": float(np.bincount(eval_y).max() / len(eval_y)),
+                "modes": modes,
                 "saved_model": results.export["saved_model"],
             }
         )

@@ -87,6 +87,22 @@ def _cli(args, env: dict | None, module: str = "tlloop.run") -> dict:
     }
 
 
+def python_command(*args: str) -> dict:
+    """subprocess keyword arguments for `python ARGS` in the repo, with tlloop importable."""
+    return {
+        "args": [sys.executable, *args],
+        "cwd": REPO,
+        "env": {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO},
+        "text": True,
+    }
+
+
+def run_python(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python ARGS` (a script and its arguments, or -c CODE) in a subprocess, output captured;
+    killed after `timeout` s."""
+    return subprocess.run(**python_command(*args), capture_output=True, timeout=timeout)
+
+
 def run_cli(
     *args: str, timeout: int = 300, env: dict | None = None, module: str = "tlloop.run", **kw
 ) -> subprocess.CompletedProcess:

@@ -11,14 +11,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, changed, snapshot
+from conftest import changed, run_python, snapshot
 from tensorboard.backend.event_processing import event_accumulator
 
 import tlloop
@@ -103,6 +101,42 @@ def test_promises_hold_for_a_users_model_and_arrays(tmp_path):
     assert changed(bn_before, snapshot(model.backbone.get_layer("bn"))) == set()
     assert [p["eval"]["examples"] for p in results.phases] == [13, 13]
     assert results.phases[-1]["eval"]["accuracy"] > 1 / CLASSES + 0.2
+
+
+def test_a_phase_brings_its_own_optimizer(tmp_path):
+    optimizer = keras.optimizers.SGD(learning_rate=0.0, momentum=0.9)  # rate 0: nothing moves
+    phases = [
+        tlloop.Phase("head", 1, optimizer=optimizer),
+        tlloop.Phase("finetune", 1, 1e-2, unfreeze="all"),
+    ]
+    model = _model()
+    head_before, backbone_before = snapshot(model.head), snapshot(model.backbone)
+    trainer = tlloop.Trainer(
+        str(tmp_path), phases=phases, checkpoint=tlloop.CheckpointConfig(export="last")
+    )
+    head_only = tlloop.Trainer(str(tmp_path / "h"), phases=phases[:1])
+    head_only.fit(model, _data(16, 1), _data(4, 2), batch_size=8, export=False)
+    assert changed(head_before, snapshot(model.head)) == set()  # SGD at rate 0, not Adam
+    assert not optimizer.built  # the phase's optimizer is a template: each stage gets a copy
+    trainer.fit(model, _data(16, 1), _data(4, 2), batch_size=8)
+    assert changed(backbone_before, snapshot(model.backbone)) >= {"conv/kernel"}
+    with pytest.raises(ValueError, match=r"give a learning rate or an optimizer"):
+        tlloop.Phase("head", 1, 1e-3, optimizer=optimizer)
+
+
+def test_a_phase_can_set_its_mode_table(tmp_path):
+    dropout_on = tlloop.ModeTable(train=tlloop.Modes(augment=False, backbone=True, head=True))
+    phases = [tlloop.Phase("finetune", 1, 1e-3, unfreeze="all", modes=dropout_on)]
+    model = _model()
+    trainer = tlloop.Trainer(str(tmp_path), phases=phases)
+    assert "| train | training=False | training=True | training=True |" in trainer.describe(model)
+    bn = snapshot(model.backbone.get_layer("bn"))
+    trainer.fit(model, _data(16, 1), _data(4, 2), batch_size=8)
+    # The backbone ran in training mode, but its BatchNorm was left untrainable (bn_mode
+    # "frozen"), and BatchNorm uses batch statistics only when it is also trainable.
+    assert changed(bn, snapshot(model.backbone.get_layer("bn"))) == set()
+    with pytest.raises(ValueError, match=r"given together with a mode table"):
+        tlloop.Phase("finetune", 1, 1e-3, bn_mode="train", modes=dropout_on)
 
 
 class _Unfreezer(keras.callbacks.Callback):
@@ -221,6 +255,19 @@ def test_terminate_on_nan_ends_the_run_cleanly_with_the_checkpoint_intact(tmp_pa
     assert again.weights_sha256 == results.weights_sha256
 
 
+def test_early_stopping_ends_the_run_and_the_model_holds_the_exported_weights(tmp_path):
+    # An unreachable baseline: the callback stops the run after its second epoch (patience 1).
+    stop = keras.callbacks.EarlyStopping("val_accuracy", mode="max", baseline=2.0, patience=1)
+    trainer = tlloop.Trainer(str(tmp_path), phases=_phases(2, 2), callbacks=[stop])
+    model = _model()
+    results = trainer.fit(model, _data(16, 1), _data(5, 2), batch_size=8)
+    assert [p["name"] for p in results.phases] == ["head"] and results.phases[0]["last_step"] == 4
+    assert results.phases[0]["stopped_by"] == "callback"
+    exported = keras.saving.load_model(results.export["model"])
+    images = _data(4, 3)[0]
+    np.testing.assert_array_equal(np.asarray(exported(images)), tlloop.predict(model, images))
+
+
 class _Boom(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch == 1:
@@ -302,13 +349,6 @@ def test_import_tlloop_registers_what_load_model_needs(tmp_path):
         "print(float(np.max(np.abs(out - np.load(sys.argv[3])))))\n"
     )
     paths = [results.export["model"], tmp_path / "images.npy", tmp_path / "expected.npy"]
-    done = subprocess.run(
-        [sys.executable, "-c", script, *map(str, paths)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
+    done = run_python("-c", script, *map(str, paths), timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.split()[-1]) < 1e-5

@@ -7,27 +7,17 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import tensorflow as tf
-from conftest import REPO
+from conftest import REPO, python_command, run_python
 
 SCRIPT = os.path.join(REPO, "tests", "api_script.py")
 TOTAL_STEPS = 36  # 6 steps an epoch, 3 + 3 epochs
 
 
-def _command(workdir, *extra: str) -> dict:
-    return {
-        "args": [sys.executable, SCRIPT, str(workdir), *extra],
-        "cwd": REPO,
-        "env": {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        "text": True,
-    }
-
-
 def _run(workdir, *extra: str) -> dict:
-    done = subprocess.run(**_command(workdir, *extra), capture_output=True, timeout=300)
+    done = run_python(SCRIPT, str(workdir), *extra)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -48,7 +38,9 @@ def _latest_step(workdir) -> int:
 def _kill_after(workdir, step: int) -> None:
     """Starts the script and SIGKILLs it (by its own pid) once it has checkpointed `step`."""
     process = subprocess.Popen(
-        **_command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        **python_command(SCRIPT, str(workdir)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 120

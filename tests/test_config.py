@@ -242,9 +242,8 @@ CHANGED = [
         "cluster_timeout_secs": 30.5,
         "log_every_steps": 1,
         "histogram_every_steps": 5,
-        "profile_steps": "2,4",
+        "profile_steps": "2,4",  # (a profile needs summaries on)
         "quiet": True,
-        "summaries": False,
         "checkpoint_every_steps": 3,
         "checkpoint_every_secs": 0.0,
         "keep_checkpoints": 9,
@@ -259,6 +258,7 @@ CHANGED = [
     },
     {
         "workdir": "w2",
+        "summaries": False,
         "dataset": "tfrecord",
         "train_files": "a/*.tfrecord,b/*.tfrecord",
         "val_files": "c/*.tfrecord",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import make_config, run_cli, snapshot
 from tensorboard.backend.event_processing import event_accumulator
 
 from tlloop import lr_range, trainer
+from tlloop.config import TrainingConfig
 
 
 def test_range_test_rises_geometrically_suggests_and_restores_the_model(workdir):
@@ -25,6 +28,22 @@ def test_range_test_rises_geometrically_suggests_and_restores_the_model(workdir)
     assert rates[at] == pytest.approx(10 * result.suggestion, rel=1e-6)
     assert result.smoothed[at] == min(result.smoothed)
     assert min(result.smoothed) < result.smoothed[0]
+
+
+def _range_losses(workdir, **training) -> list[float]:
+    config = dataclasses.replace(make_config(workdir), training=TrainingConfig(**training))
+    return lr_range.range_test(trainer.build_experiment(config), 0, 1e-3, 1.0, steps=6).losses
+
+
+def test_range_test_runs_the_runs_own_step(workdir):
+    # Same model, same batches, same rates: only the run's training settings differ, and each
+    # shows in the losses the test records (it once used plain Adam and plain cross-entropy).
+    plain = _range_losses(workdir)
+    smoothed = _range_losses(workdir, label_smoothing=0.5)
+    sgd = _range_losses(workdir, optimizer="sgd")
+    assert abs(smoothed[0] - plain[0]) > 1e-3  # the first step's loss: another loss function
+    assert sgd[0] == pytest.approx(plain[0], rel=1e-6)  # same loss before any update...
+    assert abs(sgd[-1] - plain[-1]) > 1e-3  # ...another optimizer after a few
 
 
 def changed_paths(before: dict, after: dict) -> list[str]:

@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
+import tlloop
 from tlloop.summaries import confusion_image, image_grid
 
 # 25 examples, batch 32: one step per epoch; 6 + 4 epochs = 10 global steps.
@@ -236,3 +237,13 @@ def test_image_helpers_shape_and_range():
     assert brightness[0, 0] == brightness.min() < brightness[3, 0] < 3.0  # 1: darkest
     assert brightness[3, 0] == brightness[3, 3]  # the same share, the same colour
     assert np.all(heat[0, 0] < heat[3, 0])  # more recall, darker in every channel
+
+
+def test_only_a_task_that_writes_summaries_profiles(tmp_path):
+    phases = [tlloop.Phase("head", 1, 1e-3)]
+    profiled = tlloop.LoggingConfig(profile_steps=(1, 2))
+    trainer = tlloop.Trainer(str(tmp_path), phases=phases, logging=profiled)
+    assert [type(a).__name__ for a in trainer.profiler(writes=True)] == ["Profiler"]
+    assert trainer.profiler(writes=False) == []  # a non-chief task of a cluster writes nothing
+    quiet = tlloop.Trainer(str(tmp_path), phases=phases)
+    assert quiet.profiler(writes=True) == []

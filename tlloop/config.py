@@ -611,6 +611,9 @@ class PhaseConfig:
     only the top K x (e + 1) blocks or layers of `unfreeze`. `optimizer`, a Keras optimizer
     (with its own learning rate or schedule), replaces the run's optimizer settings for this
     phase; a fresh copy is made for each trainable set. Give `learning_rate` or `optimizer`.
+    `modes`, a `ModeTable`, sets the `training` value of each submodule in the train step
+    directly (e.g. a text encoder's Dropout on while its BatchNorm-free layers fine-tune);
+    default: the backbone in training mode only with bn_mode "train".
     """
 
     name: str
@@ -620,6 +623,7 @@ class PhaseConfig:
     bn_mode: str = "frozen"
     gradual: int = 0
     optimizer: Any = dataclasses.field(default=None, compare=False)
+    modes: Any = None  # a tlloop.ModeTable (models/modes.py: this module imports no TF)
 
     def __post_init__(self) -> None:
         if isinstance(self.unfreeze, str):
@@ -655,6 +659,13 @@ class PhaseConfig:
             "> 0",
         )
         _require(self.bn_mode in BN_MODES, "bn_mode", self.bn_mode, "unknown", "frozen, train")
+        _require(
+            self.modes is None or self.bn_mode == "frozen",
+            "bn_mode",
+            self.bn_mode,
+            "given together with a mode table, which already says the backbone's mode",
+            "one of the two",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,15 +32,26 @@ class Phase:
 
 
 def plan_phases(phases: tuple[PhaseConfig, ...], model: TransferModel) -> list[Phase]:
-    """The phases with epochs, in order; checks each unfreeze policy against the backbone."""
+    """The phases with epochs, in order; checks each unfreeze policy against the backbone.
+
+    A phase's mode table is its own `modes` if given, else the default one with the backbone
+    in training mode only under bn_mode "train" (and something unfrozen)."""
     plan = []
     for config in phases:
         if config.epochs == 0:
             continue
         unfrozen_layers(config.unfreeze, model.backbone)  # raises if it does not fit
-        modes = ModeTable().with_backbone_training(
-            config.bn_mode == "train" and config.unfreeze.kind != "none"
-        )
+        modes = config.modes
+        if modes is None:
+            modes = ModeTable().with_backbone_training(
+                config.bn_mode == "train" and config.unfreeze.kind != "none"
+            )
+        elif not isinstance(modes, ModeTable):
+            raise TypeError(
+                f"modes: phase {config.name!r} has a {type(modes).__name__}; accepted: a "
+                "tlloop.ModeTable, e.g. ModeTable(train=Modes(augment=True, backbone=True, "
+                "head=True))"
+            )
         plan.append(Phase(len(plan), config, modes))
     return plan
 

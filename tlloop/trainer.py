@@ -185,7 +185,7 @@ class Trainer:
             parts += [phase_lib.trainability_report(model, phase), "", phase.modes.to_text(), ""]
         return "\n".join(parts)
 
-    # The command line's path (its workdir is prepared with its flags.txt).
+    # A fit in two parts: its inputs checked (nothing written), then the run.
 
     def _prepare(self, model, train, eval_data, batch_size: int, eval_batch_size: int):
         if not isinstance(model, TransferModel):
@@ -254,9 +254,7 @@ class Trainer:
             action_lib.Progress(verbose=chief and not self.logging.quiet),
             self.callbacks,
         ]
-        if chief and self.logging.summaries and self.logging.profile_steps:
-            logdir = os.path.join(self.workdir, "tensorboard", "train")
-            actions.append(action_lib.Profiler(self.logging.profile_steps, logdir))
+        actions += self.profiler(writes=summaries.enabled)
         settings = self.step_settings(run.batch_size, run.eval_batch_size)
         controller = Controller(
             model=run.model,
@@ -294,6 +292,14 @@ class Trainer:
                 results["export"] = self._export_best(run.model, task, best, results)
             write_json(os.path.join(self.workdir, "results.json"), dict(results))
         return results
+
+    def profiler(self, *, writes: bool) -> list[action_lib.Profiler]:
+        """The profiler action, if asked for and this task writes summaries (only the chief of
+        a cluster does, and none with summaries off): a trace is a TensorBoard file."""
+        if not (writes and self.logging.profile_steps):
+            return []
+        logdir = os.path.join(self.workdir, "tensorboard", "train")
+        return [action_lib.Profiler(self.logging.profile_steps, logdir)]
 
     def step_settings(self, batch_size: int, eval_batch_size: int) -> StepSettings:
         """How this trainer's compiled steps are made, for batches of `batch_size`."""
@@ -355,198 +361,6 @@ class _Run:
     plan: list[phase_lib.Phase]
     batch_size: int
     eval_batch_size: int
-
-    def describe(self, model: TransferModel) -> str:
-        """Markdown: each phase's mode table and what it trains in `model` (trainable and
-        non-trainable parameters, BatchNorm layers and their mode per submodule), as the run
-        logs them at each phase start. Sets the model's trainability as the last phase does."""
-        with _arguments():
-            plan = phase_lib.plan_phases(self.phases, model)
-        parts = []
-        for phase in plan:
-            phase_lib.apply_trainability(model, phase)
-            parts += [phase_lib.trainability_report(model, phase), "", phase.modes.to_text(), ""]
-        return "\n".join(parts)
-
-    # The command line's path (its workdir is prepared with its flags.txt).
-
-    def _prepare(self, model, train, eval_data, batch_size: int, eval_batch_size: int):
-        if not isinstance(model, TransferModel):
-            raise TypeError(
-                f"model: {type(model).__name__} is not a tlloop.TransferModel; accepted: "
-                "TransferModel(backbone, head, augment=None)"
-            )
-        if batch_size < 1 or eval_batch_size < 0:
-            raise ValueError(f"batch_size={batch_size}, eval_batch_size={eval_batch_size}")
-        if self.deterministic:
-            tf.config.experimental.enable_op_determinism()
-        rank = self.task.label_rank
-        train = as_examples(train, argument="train", label_rank=rank)
-        eval_data = as_examples(eval_data, argument="eval_data", label_rank=rank)
-        metric = self.checkpoint.best_metric
-        known = ("loss", *self.task.metric_names)
-        if metric.name not in known:
-            raise ValueError(
-                f"best_metric={metric}: the task has no metric {metric.name!r}; accepted: "
-                f"{', '.join(known)}"
-            )
-        plan = phase_lib.plan_phases(self.phases, model)
-        return _Run(model, train, eval_data, plan, batch_size, eval_batch_size or batch_size)
-
-    def _run(
-        self,
-        run: _Run,
-        *,
-        export: bool = True,
-        stop: threading.Event | None = None,
-        flags_text: str = "",
-        hparams: dict | None = None,
-        header: dict | None = None,
-        texts: Sequence[tuple[str, str]] = (),
-    ) -> Results:
-        strategy = self.strategy or tf.distribute.get_strategy()
-        chief = is_chief(strategy)
-        logging.info("strategy: %s", describe(strategy))
-        task = self.task.prepared(run.train.label_counts)
-        directory = os.path.join(self.workdir, "checkpoints")
-        checkpoints = checkpoint_lib.Checkpoints(directory, keep=self.checkpoint.keep, chief=chief)
-        best = checkpoint_lib.Checkpoints(
-            os.path.join(directory, checkpoint_lib.BEST), keep=1, chief=chief
-        )
-        summaries = Summaries(self.workdir, enabled=chief and self.logging.summaries)
-        keeper = action_lib.BestKeeper(
-            self.checkpoint.best_metric, best, patience=self.checkpoint.early_stopping_patience
-        )
-        class_names = getattr(task, "class_names", None)
-        writer = action_lib.SummaryWriter(
-            summaries,
-            class_names,
-            hparams=hparams,
-            texts=[("flags", f"```\n{flags_text}```")] * bool(flags_text) + list(texts),
-        )
-        actions = [
-            writer,
-            action_lib.Checkpointer(
-                checkpoints,
-                every_steps=self.checkpoint.every_steps,
-                # Tasks of a cluster must save together, and their clocks do not agree.
-                every_secs=self.checkpoint.every_secs if cluster_task(strategy) is None else 0.0,
-                stop=stop,
-            ),
-            keeper,
-            action_lib.Progress(verbose=chief and not self.logging.quiet),
-            self.callbacks,
-        ]
-        if chief and self.logging.summaries and self.logging.profile_steps:
-            logdir = os.path.join(self.workdir, "tensorboard", "train")
-            actions.append(action_lib.Profiler(self.logging.profile_steps, logdir))
-        settings = self.step_settings(run.batch_size, run.eval_batch_size)
-        controller = Controller(
-            model=run.model,
-            task=task,
-            train=run.train,
-            eval_data=run.eval,
-            plan=run.plan,
-            settings=settings,
-            strategy=strategy,
-            checkpoints=checkpoints,
-            actions=actions,
-            distribute=lambda dataset: distribute_dataset(strategy, dataset),
-            train_writer=summaries.default("train"),
-        )
-        try:
-            outcome = controller.run()
-        finally:
-            for action in actions:
-                if isinstance(action, action_lib.Profiler):
-                    action.on_run_end({})
-            summaries.close()
-        results = Results(
-            {
-                **(header or {}),
-                "train_size": run.train.size,
-                "eval_size": run.eval.size,
-                "replicas": strategy.num_replicas_in_sync,
-                **outcome,
-                "best": keeper.summary(),
-            }
-        )
-        logging.info("final weights sha256: %s", results["weights_sha256"])
-        if chief:
-            if export:
-                results["export"] = self._export_best(run.model, task, best, results)
-            write_json(os.path.join(self.workdir, "results.json"), dict(results))
-        return results
-
-    def step_settings(self, batch_size: int, eval_batch_size: int) -> StepSettings:
-        """How this trainer's compiled steps are made, for batches of `batch_size`."""
-        return StepSettings(
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size or batch_size,
-            seed=self.seed,
-            training=self.training,
-            log_every_steps=self.logging.log_every_steps,
-            histogram_every_steps=self.logging.histogram_every_steps,
-            **self.options,
-        )
-
-    def _export_best(self, model, task, best, results: Results) -> dict:
-        """Exports the best evaluation's weights (or the last, per `checkpoint.export`)."""
-        directory = os.path.join(self.workdir, "export")
-        exported = {"weights": "last", "step": results["phases"][-1]["last_step"]}
-        best_path = checkpoint_lib.latest(best.directory)
-        if best_path:
-            # The file is the truth: after a non-deterministic resume it may hold an
-            # evaluation the run's state never saw.
-            results["best"].update(
-                step=int(tf.train.load_variable(best_path, "step/.ATTRIBUTES/VARIABLE_VALUE")),
-                value=float(tf.train.load_variable(best_path, "value/.ATTRIBUTES/VARIABLE_VALUE")),
-            )
-        if self.checkpoint.export == "best" and best_path:
-            tf.train.Checkpoint(model=model).restore(best_path).expect_partial()
-            exported = {"weights": "best", "step": results["best"]["step"]}
-        try:
-            paths = export_model(model, directory, task=task, resize=self.resize)
-        except (OSError, tf.errors.OpError) as error:
-            reason = getattr(error, "strerror", None) or error
-            raise RunFailed(
-                f"export to {directory!r} failed ({reason}); the checkpoints are intact; "
-                "accepted: free space and write access, then the same call exports again"
-            ) from None
-        logging.info("exported the %s weights (step %d) to %s", *exported.values(), directory)
-        return {**exported, **paths}
-
-
-@contextlib.contextmanager
-def _arguments():
-    """The library speaks in arguments: checks it shares with the command line name flags
-    (`--unfreeze=top:9: ...`), and a Python caller gets them as ValueErrors naming the
-    argument (`unfreeze=top:9: ...`)."""
-    try:
-        yield
-    except ConfigError as error:
-        raise ValueError(re.sub(r"(?<![\w-])--(?=\w)", "", str(error))) from None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Run:
-    """A fit's checked inputs: the model, the data as Examples, the planned phases."""
-
-    model: TransferModel
-    train: Examples
-    eval: Examples
-    plan: list[phase_lib.Phase]
-    batch_size: int
-    eval_batch_size: int
-
-
-def distribute(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset):
-    """`dataset` as the strategy's distributed dataset. Every task builds the same dataset from
-    the same seed; DATA sharding splits each global batch between the tasks, so a cluster sees
-    the same global batches as one device."""
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return strategy.experimental_distribute_dataset(dataset.with_options(options))
 
 
 # The command line's path: a RunConfig -> data and model -> the same Trainer.

@@ -118,6 +118,9 @@ class InMemoryExamples(Examples):
     def size(self) -> int:
         return len(self.labels)
 
+    def label_counts(self, num_classes: int) -> np.ndarray:
+        return np.bincount(np.asarray(self.labels, np.int64).ravel(), minlength=num_classes)
+
     def _constants(self):
         if self._tensors is None:
             with tf.init_scope():  # eager tensors, made once, whatever graph first asks

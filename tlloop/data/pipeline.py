@@ -1,11 +1,9 @@
-"""tf.data pipelines: decode, resize, cache, shuffle, batch.
+"""The command line's data: a source's images decoded, resized and held as Examples.
 
 Image files are decoded and resized once, in parallel, when the data is loaded: an unreadable
 file is found (and named, or skipped with --bad_images=skip) before anything is written, and
-the decoded examples are kept in memory as uint8, a quarter of the float32 cache's size.
-Training batches always have the full static batch shape (the stream repeats before it is
-batched, so no partial batch retraces the step). Evaluation pads its last batch to full size
-with examples of weight 0, so every example counts exactly once and none twice.
+the decoded examples are kept in memory as uint8 (`InMemoryExamples`, which read them in the
+seeded training order and pad the evaluation's last batch: see `tlloop.data.examples`).
 """
 
 from __future__ import annotations
@@ -72,11 +70,10 @@ class Data:
     def eval(self) -> tf.data.Dataset:
         return self.eval_examples.eval_batches(self.eval_batch_size)
 
-    @functools.cached_property
+    @property
     def class_counts(self) -> tuple[int, ...]:
         """Training examples per class, in label order."""
-        counts = np.bincount(self.train_examples.labels, minlength=self.num_classes)
-        return tuple(int(n) for n in counts)
+        return tuple(int(n) for n in self.train_examples.label_counts(self.num_classes))
 
 
 def load_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
