@@ -271,6 +271,10 @@ CHANGED = [
         "warmup_epochs": 1,
         "best_metric": "accuracy:min",
         "unfreeze": "regex:^block_1[56]_",
+        "backbone": "classifier.h5",
+        "backbone_layer": "-2",
+        "backbone_channels": "grayscale",
+        "backbone_range": "-1:1",
     },
     {"workdir": "w3", "dataset": "tfds:mnist", "tfds_dir": "tfds", "mixed_precision": "float16"},
 ]

@@ -46,6 +46,8 @@ _PUBLIC = {
     "evaluate": ("tlloop.evaluation", "evaluate_model"),
     "predict": ("tlloop.evaluation", "predict"),
     "export": ("tlloop.export", "export_model"),
+    "load_backbone": ("tlloop.models.backbones", "load_backbone"),
+    "inspect_backbone": ("tlloop.backbone", "inspect_backbone"),
     "ConfigError": ("tlloop.config", "ConfigError"),
     "RunFailed": ("tlloop.errors", "RunFailed"),
     "CallbackError": ("tlloop.errors", "CallbackError"),

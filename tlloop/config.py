@@ -31,6 +31,23 @@ LR_SCHEDULES = ("constant", "cosine", "linear", "step")
 FEATURE_CACHE = ("auto", "off")
 MIXED_PRECISION = ("", "float16", "bfloat16")
 TFLITE_FORMATS = ("float32", "dynamic", "int8")
+BACKBONE_CHANNELS = ("", "rgb", "grayscale")
+BACKBONE_RANGES = {"0:255": (1.0, 0.0), "0:1": (1 / 255, 0.0), "-1:1": (1 / 127.5, -1.0)}
+
+
+def parse_backbone_range(text: str) -> tuple[float, float] | str | None:
+    """--backbone_range's value as (scale, offset), "imagenet", "" (the source's own), or None
+    when it is not one."""
+    if text in ("", "imagenet"):
+        return text
+    if text in BACKBONE_RANGES:
+        return BACKBONE_RANGES[text]
+    parts = text.split(":")
+    try:
+        scale, offset = (float(part) for part in parts)
+    except ValueError:
+        return None
+    return (scale, offset) if len(parts) == 2 else None
 
 
 class ConfigError(ValueError):
@@ -519,18 +536,45 @@ def _default(kind: type, name: str) -> Any:
 class ModelConfig:
     """The backbone to load, the head to put on it, and the augmentation in front of it.
 
-    `backbone` is a keras.applications class name, "small_cnn", or a path to a .keras file.
+    `backbone` is a keras.applications class name, "small_cnn", a path to a .keras/.h5 model, or
+    a KerasHub preset; `backbone_layer`, `backbone_channels` and `backbone_range` adapt it.
     `weights` is "imagenet", "none", a weights file path, or "" for the backbone's own default.
     """
 
     backbone: str = option(
         "small_cnn",
-        "A keras.applications class name "
-        "(MobileNetV2, EfficientNetB0, ResNet50, ...), small_cnn, or a .keras file that maps "
-        "RGB pixels in [0, 255] to features.",
+        "A keras.applications class name (MobileNetV2, EfficientNetB0, ResNet50, ...), "
+        "small_cnn, a saved full model (.keras, or .h5/.hdf5 from Keras 2 or 3), or a KerasHub "
+        "preset (hf://..., kaggle://..., a preset name, or a local preset directory; needs "
+        'pip install -e ".[hub]"). --backbone_layer, --backbone_channels and --backbone_range '
+        "adapt other models; python -m tlloop.backbone SOURCE lists layers and cut points.",
         check=bool,
         problem="empty",
         accepted="a name or a path",
+    )
+    backbone_layer: str = option(
+        "",
+        "Cut the backbone at this layer's output (a classifier becomes a feature extractor): "
+        "a top-level layer name, or -N for the N-th layer from the end (-1 the last); empty: "
+        "the whole model. The output must be a feature map or a vector.",
+    )
+    backbone_channels: str = option(
+        "",
+        "The channels the backbone takes: rgb or grayscale (tlloop converts its RGB pixels "
+        "inside the saved model); empty: what the model's input has (1: grayscale, 3: rgb).",
+        check=lambda value: value in BACKBONE_CHANNELS,
+        problem="unknown",
+        accepted="rgb, grayscale, or empty for the model's own",
+    )
+    backbone_range: str = option(
+        "",
+        "The pixel range or normalisation the backbone expects, applied inside the saved model "
+        "to tlloop's pixels in [0, 255]: 0:255, 0:1, -1:1, imagenet ((x/255 - mean) / std), or "
+        "SCALE:OFFSET (x * SCALE + OFFSET); empty: 0:255 for a model file, the preset's own "
+        "preprocessing for a KerasHub preset (and the application's for keras.applications).",
+        check=lambda value: parse_backbone_range(value) is not None,
+        problem="not a range",
+        accepted="0:255, 0:1, -1:1, imagenet, SCALE:OFFSET (two numbers), or empty",
     )
     weights: str = option(
         "",

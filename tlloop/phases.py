@@ -81,6 +81,7 @@ BLOCK_PATTERNS = (
     r"^(conv\d+_block\d+)_",  # ResNet, ResNetV2, DenseNet
     r"^(block\d+)_",  # VGG, Xception
     r"_(stage_\d+_block_\d+)_",  # ConvNeXt
+    r"^(stack\d+_block\d+)_",  # KerasHub ResNet (v1 and v2)
 )
 
 
@@ -128,7 +129,8 @@ def unfrozen_layers(unfreeze: Unfreeze, backbone: keras.Model) -> list[keras.lay
             known = f"it has {len(blocks)} blocks" if blocks else "no known block naming"
             raise ConfigError(
                 f"--unfreeze={unfreeze}: {known}; accepted: blocks:N with 1 <= N <= "
-                f"{len(blocks)} (keras.applications families), or top:N, from:, regex:"
+                f"{len(blocks)} (keras.applications families, KerasHub ResNet), or top:N, from:, "
+                "regex:"
             )
         chosen = {id(layer) for block in blocks[-unfreeze.count :] for layer in block}
         return [layer for layer in weighted if id(layer) in chosen]

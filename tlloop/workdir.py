@@ -15,7 +15,16 @@ from tlloop.config import ConfigError
 RUN_OUTPUTS = ("flags.txt", "checkpoints", "tensorboard", "metrics.jsonl", "export", "results.json")
 FLAGS_FILE = "flags.txt"
 # Flags that say what to do with the workdir, not what the run is: they may differ on resume.
-_ACTION_FLAGS = ("overwrite", "supervise", "max_restarts")
+_ACTION_FLAGS = (
+    "overwrite",
+    "supervise",
+    "max_restarts",
+    # What to export: re-running a finished run with other choices only exports again.
+    "export_tflite",
+    "tflite_min_agreement",
+    "tflite_min_agreement_int8",
+    "tflite_calibration_images",
+)
 
 
 def prepare(path: str, flags_text: str | None, *, overwrite: bool) -> bool:

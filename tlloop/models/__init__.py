@@ -28,6 +28,9 @@ def build_model(config: ModelConfig, num_classes: int, seed: int = 0) -> Transfe
             config.weights,
             config.image_size,
             safe_mode=not config.unsafe_deserialization,
+            layer=config.backbone_layer,
+            channels=config.backbone_channels,
+            value_range=config.backbone_range,
         )
         feature_shape = tuple(backbone.outputs[0].shape[1:])
         head = build_head(

@@ -1,21 +1,29 @@
-"""Backbones: a keras.applications model by class name, a saved .keras model, or small_cnn.
+"""Backbones: a keras.applications model by class name, small_cnn, a saved full model (.keras,
+or .h5/.hdf5 from Keras 2 or 3), or a KerasHub preset (`tlloop.models.hub`).
 
 Every backbone built here is a Keras model named "backbone" that takes raw RGB pixels in
 [0, 255] (float32, shape (size, size, 3)) and returns a feature map or a feature vector: the
-preprocessing a pretrained network expects is inside it, so nothing outside has to know it.
+preprocessing a pretrained network expects is inside it (an application's preprocess_input,
+a preset's image converter, or an `InputAdapter` from --backbone_channels/--backbone_range and
+the network's native size), so nothing outside has to know it, exports included.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 
 import keras
+from absl import logging
 
-from tlloop.config import ConfigError
+from tlloop.config import ConfigError, parse_backbone_range
+from tlloop.models import hub
+from tlloop.models.adapters import InputAdapter, TokenPool, imagenet_scale_offset
 
 SMALL_CNN = "small_cnn"
 _WEIGHTS_ACCEPTED = "imagenet, none, or the path of a weights file"
+MODEL_FILES = (".keras", ".h5", ".hdf5")
 
 
 @keras.saving.register_keras_serializable(package="tlloop")
@@ -71,12 +79,48 @@ def small_cnn(image_size: int) -> keras.Model:
 
 
 def build_backbone(
-    name: str, weights: str, image_size: int, *, safe_mode: bool = True
+    name: str,
+    weights: str,
+    image_size: int,
+    *,
+    safe_mode: bool = True,
+    layer: str = "",
+    channels: str = "",
+    value_range: str = "",
 ) -> keras.Model:
-    """Builds the backbone `name` with `weights`; raises ConfigError naming the flag at fault."""
-    if name.endswith(".keras"):
-        return _from_file(name, weights, image_size, safe_mode)
+    """Builds the backbone `name` with `weights`, cut at `layer` (--backbone_layer), its input
+    adapted by `channels` and `value_range` (--backbone_channels, --backbone_range) and resized
+    to its native size; raises ConfigError naming the flag at fault."""
+    if name.lower().endswith(MODEL_FILES):
+        model = _cut(_load_file(name, weights, safe_mode), layer, name)
+        return _wrap(model, image_size, name, channels, value_range)
+    if os.path.isfile(os.path.join(name, "saved_model.pb")):
+        raise ConfigError(
+            f"--backbone={name!r}: a TF SavedModel cannot be fine-tuned correctly: it holds "
+            "traced functions, not layers, so it cannot be cut, unfrozen layer by layer, nor "
+            "its BatchNorm layers kept in inference mode while training, and model.keras could "
+            "only point at it; accepted: the .keras or .h5 model it was exported from"
+        )
+    if hub.is_preset(name):
+        if weights not in ("", "none"):
+            raise ConfigError(
+                f"--weights={weights!r}: a KerasHub preset brings its own weights; accepted: '' "
+                "(the preset's) or none (random initialisation)"
+            )
+        model, preprocessing = hub.load_preset(name, load_weights=weights != "none")
+        if preprocessing is not None and value_range:
+            raise ConfigError(
+                f"--backbone_range={value_range!r}: the preset {name!r} brings its own "
+                "preprocessing (its image converter), applied once inside the backbone; "
+                "accepted: empty"
+            )
+        cut = _cut(model, layer, name)
+        pool = None
+        if not layer and len(cut.outputs[0].shape) == 3:  # a transformer's token sequence
+            pool = TokenPool("first" if hub.has_class_token(model) else "mean", name="pool")
+        return _wrap(cut, image_size, name, channels, value_range, preprocessing, pool)
     if name == SMALL_CNN:
+        _no_adapters(name, layer, channels, value_range, cut=False)
         model = small_cnn(image_size)
         if weights == "imagenet":
             raise ConfigError(
@@ -89,13 +133,181 @@ def build_backbone(
     module = _application_module(name)
     if module is None:
         raise ConfigError(
-            f"--backbone={name!r}: unknown backbone; accepted: {SMALL_CNN}, a path ending in "
-            f".keras, or a keras.applications class name ({', '.join(application_names())})"
+            f"--backbone={name!r}: unknown backbone; accepted: {SMALL_CNN}, a model file "
+            f"({', '.join(MODEL_FILES)}), a KerasHub preset (hf://..., kaggle://..., a preset "
+            "name or directory), or a keras.applications class name "
+            f"({', '.join(application_names())})"
         )
-    return _application(name, weights or "imagenet", image_size)
+    _no_adapters(name, layer, channels, value_range, cut=True)
+    return _application(name, weights or "imagenet", image_size, layer)
 
 
-def _application(name: str, weights: str, image_size: int) -> keras.Model:
+# Flag -> argument of load_backbone, for its messages.
+_ARGUMENTS = {
+    "backbone": "source",
+    "backbone_layer": "layer",
+    "backbone_channels": "channels",
+    "backbone_range": "value_range",
+    "weights": "weights",
+    "image_size": "image_size",
+}
+
+
+def load_backbone(
+    source: str,
+    image_size: int,
+    *,
+    weights: str = "",
+    layer: str = "",
+    channels: str = "",
+    value_range: str = "",
+    safe_mode: bool = True,
+) -> keras.Model:
+    """A backbone for `TransferModel` from anything --backbone accepts: RGB pixels in [0, 255]
+    of `image_size` in, features out; `layer`, `channels`, `value_range` are --backbone_layer,
+    --backbone_channels, --backbone_range. Raises ValueError naming the argument at fault."""
+    try:
+        return build_backbone(
+            source,
+            weights,
+            image_size,
+            safe_mode=safe_mode,
+            layer=layer,
+            channels=channels,
+            value_range=value_range,
+        )
+    except ConfigError as error:
+        text = str(error)
+        for flag, argument in _ARGUMENTS.items():
+            text = text.replace(f"--{flag}=", f"{argument}=")
+        raise ValueError(text) from None
+
+
+def _no_adapters(name: str, layer: str, channels: str, value_range: str, cut: bool) -> None:
+    """Refuses adapters on a backbone that already takes RGB pixels in [0, 255]."""
+    for flag, value, ok in (
+        ("backbone_layer", layer, cut or not layer),
+        ("backbone_channels", channels, channels in ("", "rgb")),
+        ("backbone_range", value_range, not value_range),
+    ):
+        if not ok:
+            raise ConfigError(
+                f"--{flag}={value!r}: {name} builds its own input (RGB pixels in [0, 255], its "
+                "preprocessing inside); accepted: empty (and --backbone_layer for a "
+                "keras.applications model)"
+            )
+
+
+def load_source(name: str, *, safe_mode: bool = True) -> keras.Model:
+    """The model `name` names as it is (no cut, no adapters): a model file, a KerasHub preset,
+    or a keras.applications class (random weights, 224 px); for `inspect_backbone`."""
+    if name.lower().endswith(MODEL_FILES):
+        return _load_file(name, "", safe_mode)
+    if hub.is_preset(name):
+        return hub.load_preset(name)[0]
+    if name == SMALL_CNN:
+        return small_cnn(64)
+    if _application_module(name) is None:
+        build_backbone(name, "none", 224)  # raises the unknown-backbone error
+    return getattr(keras.applications, name)(include_top=False, weights=None)
+
+
+def _cut(model: keras.Model, layer: str, source: str) -> keras.Model:
+    """`model` up to `layer`'s output (--backbone_layer: a name or -N from the end)."""
+    if not layer:
+        return model
+    if not isinstance(model, keras.Model) or not getattr(model, "inputs", None):
+        raise ConfigError(
+            f"--backbone_layer={layer!r}: {source!r} is not a functional model, so it cannot be "
+            "cut; accepted: empty"
+        )
+    layers = model.layers
+    if layer.lstrip("-").isdigit():
+        index = int(layer)
+        if not -len(layers) < index < 0:
+            raise ConfigError(
+                f"--backbone_layer={layer!r}: {source!r} has {len(layers)} layers; accepted: a "
+                f"layer name or -N with 1 <= N < {len(layers)} (-1: the last layer)"
+            )
+        chosen = layers[index]
+    else:
+        names = [each.name for each in layers]
+        if layer not in names:
+            nearest = difflib.get_close_matches(layer, names, n=5, cutoff=0.0)
+            raise ConfigError(
+                f"--backbone_layer={layer!r}: no such layer in {source!r}; nearest: "
+                f"{', '.join(nearest)} (python -m tlloop.backbone {source} lists them all)"
+            )
+        chosen = layers[names.index(layer)]
+    output = chosen.output
+    if isinstance(output, (list, tuple, dict)) or len(output.shape) not in (2, 4):
+        shape = getattr(output, "shape", type(output).__name__)
+        raise ConfigError(
+            f"--backbone_layer={layer!r}: its output {shape} is not a feature map (batch, H, W, "
+            "C) or a vector (batch, C); accepted: a layer with such an output (python -m "
+            f"tlloop.backbone {source} suggests cut points)"
+        )
+    return keras.Model(model.inputs, output, name=model.name)
+
+
+def _wrap(
+    model: keras.Model,
+    image_size: int,
+    source: str,
+    channels: str,
+    value_range: str,
+    preprocessing: dict | None = None,
+    pool: keras.layers.Layer | None = None,
+) -> keras.Model:
+    """The backbone: RGB pixels in [0, 255] at `image_size` -> [InputAdapter] -> `model` ->
+    [`pool`]. The adapter does a preset's `preprocessing` (hub.load_preset: its resize
+    included), else what `channels` and `value_range` ask, and resizes to a non-square native
+    size; it is left out when it would change nothing. A square native size other than
+    `image_size` is refused (--image_size should be that size)."""
+    shape = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else ()
+    if len(model.inputs or ()) != 1 or len(shape) != 3 or shape[2] not in (1, 3):
+        raise ConfigError(
+            f"--backbone={source!r}: takes inputs of shape {shape}; accepted: a model with one "
+            "image input of 1 (grayscale) or 3 (RGB) channels"
+        )
+    native = "grayscale" if shape[2] == 1 else "rgb"
+    if channels and channels != native:
+        raise ConfigError(
+            f"--backbone_channels={channels}: {source!r} takes {shape[2]}-channel images "
+            f"{shape}; accepted: {native} or empty"
+        )
+    given = (image_size, image_size)
+    adapter = dict(preprocessing or {"size": None, "scale": 1.0, "offset": 0.0})
+    size = adapter.pop("size") or given
+    size = tuple(s or t for s, t in zip(shape[:2], size, strict=True))  # native size wins
+    if preprocessing is None and size != given and size[0] == size[1]:
+        # A square network resized in the data pipeline sees what it was trained on; resizing
+        # inside would only resample twice. Presets resize inside: their converter says so.
+        raise ConfigError(
+            f"--image_size={image_size}: the backbone {source!r} takes inputs of shape "
+            f"{shape}; accepted: --image_size={size[0]} (images are resized to it as they load)"
+        )
+    parsed = parse_backbone_range(value_range)
+    if parsed == "imagenet":
+        if native != "rgb":
+            raise ConfigError(
+                f"--backbone_range=imagenet: it normalises 3 RGB channels, and {source!r} takes "
+                "grayscale; accepted: 0:255, 0:1, -1:1 or SCALE:OFFSET"
+            )
+        adapter["scale"], adapter["offset"] = imagenet_scale_offset()
+    elif isinstance(parsed, tuple):
+        adapter["scale"], adapter["offset"] = parsed
+    inputs = keras.Input((image_size, image_size, 3), name="pixels")
+    x = inputs
+    identity = (adapter["scale"], adapter["offset"]) == (1.0, 0.0)
+    if native != "rgb" or size != given or not identity:
+        resize = size if size != given else None
+        x = InputAdapter(native, **adapter, size=resize, name="input_adapter")(x)
+    x = model(x)
+    return keras.Model(inputs, pool(x) if pool is not None else x, name="backbone")
+
+
+def _application(name: str, weights: str, image_size: int, layer: str = "") -> keras.Model:
     if weights not in ("imagenet", "none") and not os.path.isfile(weights):
         raise ConfigError(f"--weights={weights!r}: no such file; accepted: {_WEIGHTS_ACCEPTED}")
     try:
@@ -119,15 +331,19 @@ def _application(name: str, weights: str, image_size: int) -> keras.Model:
         _load_weights(base, weights)
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
     x = ApplicationPreprocess(name, name="preprocess")(inputs)
-    return keras.Model(inputs, base(x), name="backbone")
+    return keras.Model(inputs, _cut(base, layer, name)(x), name="backbone")
 
 
-def _from_file(path: str, weights: str, image_size: int, safe_mode: bool) -> keras.Model:
+def _load_file(path: str, weights: str, safe_mode: bool) -> keras.Model:
+    """The full model saved in `path` (.keras; .h5/.hdf5 in the HDF5 layout of Keras 2 or 3)."""
     if not os.path.isfile(path):
-        raise ConfigError(f"--backbone={path!r}: no such file; accepted: a saved .keras model")
+        raise ConfigError(
+            f"--backbone={path!r}: no such file; accepted: a full model saved as "
+            f"{', '.join(MODEL_FILES)}"
+        )
     if weights not in ("", "none"):
         raise ConfigError(
-            f"--weights={weights!r}: a .keras backbone brings its own weights; accepted: '' (the "
+            f"--weights={weights!r}: a model file brings its own weights; accepted: '' (the "
             "file's weights) or none (random initialisation)"
         )
     try:
@@ -135,20 +351,29 @@ def _from_file(path: str, weights: str, image_size: int, safe_mode: bool) -> ker
     except Exception as error:
         raise ConfigError(
             f"--backbone={path!r}: not a loadable Keras model ({_one_line(error)}); accepted: a "
-            "file written by keras.Model.save (pass --unsafe_deserialization only for files you "
-            "trust that need code)"
+            "full model written by Model.save in Keras 2 or 3 (not weights only; pass "
+            "--unsafe_deserialization only for files you trust that need code)"
         ) from None
-    shape = tuple(loaded.inputs[0].shape[1:]) if getattr(loaded, "inputs", None) else ()
-    fits = len(shape) == 3 and shape[2] == 3 and all(d in (None, image_size) for d in shape[:2])
-    if not fits:
-        raise ConfigError(
-            f"--image_size={image_size}: the backbone {path!r} takes inputs of shape {shape}; "
-            "accepted: the size that file was built for (RGB, 3 channels)"
+    if not isinstance(loaded, keras.Model):
+        raise ConfigError(f"--backbone={path!r}: holds no Keras model; accepted: a full model")
+    _warn_onednn(loaded, path)
+    return _reinitialised(loaded, path) if weights == "none" else loaded
+
+
+def _warn_onednn(model: keras.Model, path: str) -> None:
+    """TF 2.21's oneDNN kernels kill the process (SIGSEGV, no Python exception) at the first
+    gradient step of a Keras 2 HDF5 model with SeparableConv2D and BatchNormalization (see
+    PITFALLS); the switch must be set before TensorFlow loads, so only a warning helps here."""
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":
+        return
+    kinds = {type(layer).__name__ for layer in model._flatten_layers(include_self=False)}
+    if {"SeparableConv2D", "BatchNormalization"} <= kinds:
+        logging.warning(
+            "%s has SeparableConv2D and BatchNormalization layers: if the process dies with "
+            "SIGSEGV at the first training step (TensorFlow's oneDNN kernels), run it again "
+            "with TF_ENABLE_ONEDNN_OPTS=0 in the environment",
+            path,
         )
-    if weights == "none":
-        loaded = _reinitialised(loaded, path)
-    inputs = keras.Input((image_size, image_size, 3), name="pixels")
-    return keras.Model(inputs, loaded(inputs), name="backbone")
 
 
 def _reinitialised(model: keras.Model, path: str) -> keras.Model:

@@ -1,0 +1,100 @@
+"""KerasHub presets as backbones: a handle (hf://, kaggle://, a preset name) or a local preset
+directory (what `save_to_preset` writes). keras-hub is optional: `pip install -e ".[hub]"`.
+
+A preset's image converter (`image_converter.json`: resize, then x * scale + offset) is its
+own preprocessing. It is read into an `InputAdapter` that `tlloop.models.backbones` puts inside
+the backbone, before the network, once (see InputAdapter for why not the converter layer itself).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import keras
+import numpy as np
+
+from tlloop.config import ConfigError
+
+HANDLES = ("hf://", "kaggle://", "modelscope://", "gs://")
+EXTRA = 'pip install -e ".[hub]" (or pip install keras-hub)'
+# Built-in preset names are lower-case words joined by "_" ("resnet_50_imagenet").
+_PRESET_NAME = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9.]+)+")
+
+
+def is_preset(source: str) -> bool:
+    """Whether `source` names a KerasHub preset rather than a file or a class name."""
+    if source.startswith(HANDLES):
+        return True
+    if os.path.isdir(source):
+        return os.path.isfile(os.path.join(source, "config.json"))
+    return bool(_PRESET_NAME.fullmatch(source)) and source != "small_cnn"
+
+
+def import_hub(source: str):
+    """keras_hub, or a ConfigError naming the extra that installs it."""
+    try:
+        import keras_hub
+    except ImportError:
+        raise ConfigError(
+            f"--backbone={source!r}: a KerasHub preset needs the keras-hub package, which is "
+            f"not installed; accepted: install the hub extra: {EXTRA}"
+        ) from None
+    return keras_hub
+
+
+def load_preset(source: str, load_weights: bool = True):
+    """(backbone, its image preprocessing as InputAdapter arguments or None) of the preset
+    `source`; ConfigError when it cannot be loaded: no network for a handle, a directory that
+    is not a preset, or a converter that does more than resize and rescale."""
+    keras_hub = import_hub(source)
+    local = os.path.isdir(source)
+    try:
+        backbone = keras_hub.models.Backbone.from_preset(source, load_weights=load_weights)
+    except Exception as error:
+        text = " ".join(str(error).split())[:200]
+        if local:
+            raise ConfigError(
+                f"--backbone={source!r}: not a KerasHub preset directory with a backbone "
+                f"({text}); accepted: a directory written by Backbone.save_to_preset"
+            ) from None
+        raise ConfigError(
+            f"--backbone={source!r}: could not fetch the KerasHub preset ({text}); accepted: a "
+            "handle reachable from here, or a local preset directory (where there is a network, "
+            "load the preset once and save_to_preset it)"
+        ) from None
+    if not isinstance(backbone, keras.Model) or not getattr(backbone, "inputs", None):
+        raise ConfigError(f"--backbone={source!r}: the preset's backbone declares no inputs")
+    return backbone, _preprocessing(keras_hub, source, local)
+
+
+def _preprocessing(keras_hub, source: str, local: bool) -> dict | None:
+    if local and not os.path.isfile(os.path.join(source, "image_converter.json")):
+        return None
+    try:
+        converter = keras_hub.layers.ImageConverter.from_preset(source)
+    except (FileNotFoundError, ValueError):  # a preset without an image converter
+        return None
+    if type(converter).call is not keras_hub.layers.ImageConverter.call:
+        raise ConfigError(
+            f"--backbone={source!r}: its image converter {type(converter).__name__} does more "
+            "than resize and rescale, which tlloop cannot put inside the backbone; accepted: "
+            "an image backbone preset (ResNet, EfficientNet, MobileNet, ViT, DINOv2, ...)"
+        )
+    if converter.data_format != "channels_last":
+        raise ConfigError(f"--backbone={source!r}: channels_first presets are not supported")
+    scale = 1.0 if converter.scale is None else converter.scale
+    offset = 0.0 if converter.offset is None else converter.offset
+    return {
+        "size": tuple(converter.image_size) if converter.image_size else None,
+        "scale": list(np.ravel(scale).astype(float)) if np.ndim(scale) else float(scale),
+        "offset": list(np.ravel(offset).astype(float)) if np.ndim(offset) else float(offset),
+        "interpolation": converter.interpolation,
+        "antialias": bool(converter.antialias),
+    }
+
+
+def has_class_token(backbone: keras.Model) -> bool:
+    """Whether a transformer backbone's first output token is a class token (ViT, DINOv2)."""
+    config = backbone.get_config()
+    return bool(config.get("use_class_token", "dinov2" in type(backbone).__name__.lower()))
