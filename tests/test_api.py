@@ -21,7 +21,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import tlloop
 from tlloop import checkpoints as checkpoint_lib
-from tlloop.data.examples import InMemoryExamples, StreamedExamples, as_examples
+from tlloop.data.examples import InMemoryExamples, StreamedExamples, as_examples, example_index
 
 SIZE, CLASSES = 12, 3
 
@@ -308,6 +308,8 @@ def test_in_memory_order_is_a_seeded_permutation_per_epoch_that_resumes_anywhere
     seen = np.concatenate([x.numpy()[:, 0] for x, _ in stream.take(5)])  # 20 = two epochs
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
     assert not np.array_equal(seen[:10], seen[10:])  # each epoch its own order
+    # The stream is the documented order function, position by position.
+    assert seen.tolist() == [int(example_index(k, 10, 7)) for k in range(20)]
     late = next(iter(examples.training_batches(4, seed=7, start_step=3)))[0].numpy()[:, 0]
     assert np.array_equal(late, seen[12:16])  # step 4's batch, read directly
     other = np.concatenate([x.numpy()[:, 0] for x, _ in examples.training_batches(4, 8).take(5)])

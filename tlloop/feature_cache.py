@@ -55,9 +55,7 @@ def decide(
         return False, "off: augmentation makes every epoch's images differ"
     if not (train.positionable and eval_data.positionable):
         return False, "off: the data is a stream in its own order, not examples tlloop orders"
-    first = next(iter(train.ordered().take(1).batch(1)))[0]
-    features = model.backbone(first, training=False)
-    per_example = sum(math.prod(t.shape[1:]) * t.dtype.size for t in tf.nest.flatten(features))
+    per_example = _feature_bytes(model, train)
     examples = train.size + eval_data.eval_steps(eval_batch_size) * eval_batch_size
     size = examples * per_example
     if size > MAX_BYTES:
@@ -65,12 +63,25 @@ def decide(
     return True, f"on: backbone frozen and no augmentation ({size / 1024**2:.1f} MiB of features)"
 
 
+def _feature_bytes(model: TransferModel, train: Examples) -> int:
+    """Bytes of one example's features: from the backbone's symbolic outputs when it has them
+    (no forward pass), else from a forward pass on one example."""
+    outputs = getattr(model.backbone, "outputs", None)
+    if not outputs:
+        first = next(iter(train.ordered().take(1).batch(1)))[0]
+        outputs = tf.nest.flatten(model.backbone(first, training=False))
+    return sum(math.prod(t.shape[1:]) * tf.as_dtype(t.dtype).size for t in outputs)
+
+
 def compute(
     model: TransferModel, train: Examples, eval_data: Examples, batch: int = 64
 ) -> CachedFeatures:
     """Runs the backbone once, in inference mode, over the training and evaluation examples."""
     started = time.perf_counter()
-    backbone = tf.function(lambda inputs: model.backbone(inputs, training=False))
+    # One trace for full batches, one (relaxed) for the last partial batches of both sets.
+    backbone = tf.function(
+        lambda inputs: model.backbone(inputs, training=False), reduce_retracing=True
+    )
 
     def features_of(examples: Examples) -> InMemoryExamples:
         parts, labels = [], []

@@ -147,15 +147,22 @@ class InMemoryExamples(Examples):
         self, batch_size: int, seed: int, start_step: int = 0, shuffle: bool = True
     ) -> tf.data.Dataset:
         size = self.size
-        positions = tf.data.Dataset.range(start_step * batch_size, np.iinfo(np.int64).max)
-        if shuffle:
-            positions = positions.map(
-                lambda k: example_index(k, size, seed), num_parallel_calls=AUTOTUNE
-            )
-        else:
-            positions = positions.map(lambda k: k % size)
+        first_epoch, offset = divmod(start_step * batch_size, size)
+
+        def epoch(number):
+            # The whole epoch's order in one op (`example_index` for each of its positions),
+            # the first epoch from the resume point on.
+            positions = tf.range(size, dtype=tf.int64)
+            if shuffle:
+                order_seed = tf.stack([tf.constant(seed, tf.int64), number])
+                positions = tf.random.experimental.index_shuffle(positions, order_seed, size - 1)
+            start = tf.where(number == first_epoch, tf.constant(offset, tf.int64), 0)
+            return tf.data.Dataset.from_tensor_slices(positions[start:])
+
         return (
-            positions.batch(batch_size, drop_remainder=True)
+            tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
+            .flat_map(epoch)
+            .batch(batch_size, drop_remainder=True)
             .map(self._gather, num_parallel_calls=AUTOTUNE, deterministic=True)
             .prefetch(AUTOTUNE)
         )
