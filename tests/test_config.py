@@ -243,6 +243,7 @@ CHANGED = [
         "log_every_steps": 1,
         "histogram_every_steps": 5,
         "profile_steps": "2,4",  # (a profile needs summaries on)
+        "supervise": False,
         "quiet": True,
         "checkpoint_every_steps": 3,
         "checkpoint_every_secs": 0.0,
@@ -263,6 +264,7 @@ CHANGED = [
     {
         "workdir": "w2",
         "summaries": False,
+        "max_restarts": 2,
         "dataset": "tfrecord",
         "train_files": "a/*.tfrecord,b/*.tfrecord",
         "val_files": "c/*.tfrecord",

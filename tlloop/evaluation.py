@@ -69,14 +69,7 @@ def evaluate_saved(workdir: str, which: str, config: RunConfig) -> dict:
 
     Raises ConfigError if the data's classes are not the ones the run was trained on.
     """
-    data = load_data(config.data, evaluation_only=True)
-    trained = _trained_class_names(workdir)
-    if trained is not None and tuple(trained) != data.class_names:
-        raise ConfigError(
-            f"--classes: the data has classes {list(data.class_names)}, the run in {workdir!r} "
-            f"was trained on {trained}; accepted: data with the run's classes (select them "
-            "with --classes)"
-        )
+    data = _evaluation_data(workdir, config)
     model, path = load_trained_model(workdir, which, config.model, data.num_classes)
     metrics = Metrics(data.num_classes)
     result = evaluate(EvalStep(model, ModeTable(), metrics), metrics, data.eval, data.eval_steps)
@@ -105,14 +98,7 @@ def evaluate_tflite(workdir: str, path: str, config: RunConfig) -> dict:
     """
     from tlloop import tflite
 
-    data = load_data(config.data, evaluation_only=True)
-    trained = _trained_class_names(workdir)
-    if trained is not None and tuple(trained) != data.class_names:
-        raise ConfigError(
-            f"--classes: the data has classes {list(data.class_names)}, the run in {workdir!r} "
-            f"was trained on {trained}; accepted: data with the run's classes (select them "
-            "with --classes)"
-        )
+    data = _evaluation_data(workdir, config)
     try:
         shape = tflite.input_shape(path)
     except ValueError as error:
@@ -156,6 +142,20 @@ def evaluate_tflite(workdir: str, path: str, config: RunConfig) -> dict:
         "latency_ms": round(seconds / max(count, 1) * 1e3, 4),
         "skipped_images": list(data.skipped_files),
     }
+
+
+def _evaluation_data(workdir: str, config: RunConfig):
+    """The evaluation data `config` names; raises ConfigError unless its classes are the ones
+    the run in `workdir` was trained on."""
+    data = load_data(config.data, evaluation_only=True)
+    trained = _trained_class_names(workdir)
+    if trained is not None and tuple(trained) != data.class_names:
+        raise ConfigError(
+            f"--classes: the data has classes {list(data.class_names)}, the run in {workdir!r} "
+            f"was trained on {trained}; accepted: data with the run's classes (select them "
+            "with --classes)"
+        )
+    return data
 
 
 def _trained_class_names(workdir: str) -> list[str] | None:
