@@ -385,7 +385,3 @@ def _format(values: dict) -> str:
     return " ".join(
         f"{k} {v:.4f}" if math.isfinite(v) else f"{k} {v}" for k, v in _scalars(values).items()
     )
-
-
-def profile_dir(workdir: str) -> str:
-    return os.path.join(workdir, "tensorboard", "train")

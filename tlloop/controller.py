@@ -159,6 +159,10 @@ class Controller:
         self.epoch_seconds = []  # each epoch's training loop, the phase under way
         self.in_epoch = False  # from an epoch's first host call to its last action
         self.epoch_number = self.epoch_start_step = self.epoch_offset = 0
+        found = [a for a in actions if isinstance(a, Checkpointer)]
+        if len(found) != 1:
+            raise ValueError("actions: exactly one Checkpointer saves the run's checkpoints")
+        self.checkpointer = found[0]
         for action in actions:
             action.controller = self
 
@@ -238,7 +242,7 @@ class Controller:
                 return  # the checkpoint was this phase's last
         else:
             self.state.start_phase(phase.index, self._step())
-            self._checkpointer().save()
+            self.checkpointer.save()
         evaluator = (self.eval_step, self.eval_batches)
         if use_cache:
             cached = feature_cache.compute(self.model, self.train, self.eval)
@@ -304,7 +308,7 @@ class Controller:
         self.state.record(results["phases"])
         if self.stop_requested:  # a callback ended the run: nothing is left to resume
             self.state.phase.assign(len(self.plan))
-        self._checkpointer().save()  # the end of the phase
+        self.checkpointer.save()  # the end of the phase
         self._call("on_phase_end", phase, result)
 
     def _run_epoch(self, phase, epoch, step, batches, offset, evaluator):
@@ -370,7 +374,7 @@ class Controller:
                 # From here on the model holds the averaged weights: the final checkpoint,
                 # the digest and the export (of the last weights) are of those.
                 self.last_step.swap_averages()
-            self._checkpointer().save()
+            self.checkpointer.save()
         results["nonfinite_steps_skipped"] = int(self.state.nonfinite_steps.numpy())
         results["weights_sha256"] = weights_digest(self.model)
         self._call("on_run_end", results)
@@ -383,10 +387,6 @@ class Controller:
     def _call(self, hook: str, *args) -> None:
         for action in self.actions:
             getattr(action, hook)(*args)
-
-    def _checkpointer(self):
-        found = [a for a in self.actions if isinstance(a, Checkpointer)]
-        return found[0] if found else _NoCheckpointer(self)
 
     def _set_trainability(self, phase, stage: int) -> None:
         phase_lib.apply_trainability(self.model, phase, stage)
@@ -486,18 +486,8 @@ class Controller:
             yield
         except (Stopped, KeyboardInterrupt, CallbackError):
             if self.in_epoch:
-                self._checkpointer().save()
+                self.checkpointer.save()
             raise
-
-
-class _NoCheckpointer:
-    """What saves when no Checkpointer action is given: the checkpoint, without a cadence."""
-
-    def __init__(self, controller: Controller) -> None:
-        self.controller = controller
-
-    def save(self) -> None:
-        self.controller.checkpoints.save(int(self.controller.global_step.numpy()))
 
 
 def _row(columns: tuple[str, ...], values) -> dict:

@@ -21,7 +21,6 @@ import tensorflow as tf
 from tlloop.data.examples import Examples, InMemoryExamples
 from tlloop.models import TransferModel
 
-MODES = ("auto", "off")
 # Above this the cache is not made: features stay in memory.
 MAX_BYTES = 2 * 1024**3
 

@@ -141,9 +141,9 @@ class Trainer:
             mixed_float16=mixed_float16,
         )
         for name, value, accepted in (
-            ("nan_policy", nan_policy, ("stop", "skip_step")),
-            ("feature_cache", feature_cache, ("auto", "off")),
-            ("resize", resize, ("squash", "crop", "pad")),
+            ("nan_policy", nan_policy, config_lib.NAN_POLICIES),
+            ("feature_cache", feature_cache, config_lib.FEATURE_CACHE),
+            ("resize", resize, config_lib.RESIZE_MODES),
         ):
             if value not in accepted:
                 raise ValueError(f"{name}={value!r}: unknown; accepted: {', '.join(accepted)}")
