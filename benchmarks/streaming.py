@@ -38,7 +38,6 @@ import keras
 import tensorflow as tf
 from absl import app, flags
 
-from benchmarks.run import phase_of
 from tlloop import config as config_lib
 from tlloop import phases as phase_lib
 from tlloop.data import load_data
@@ -83,7 +82,16 @@ def _write_images(folder: str, count: int) -> None:
         coarse = tf.random.stateless_uniform((14, 14, 3), seed, 0, 200)
         image = tf.image.resize(coarse, (SIZE, SIZE)) + tf.one_hot(label % 3, 3) * 55.0
         data = tf.io.encode_jpeg(tf.cast(image, tf.uint8), quality=90)
-        name = tf.strings.format("{}/class{}/{}.jpg", (folder, label, index))
+        name = tf.strings.join(
+            [
+                folder,
+                "/class",
+                tf.strings.as_string(label),
+                "/",
+                tf.strings.as_string(index),
+                ".jpg",
+            ]
+        )
         tf.io.write_file(name, data)
         return index
 
@@ -211,7 +219,8 @@ def training_speed(full: str, rounds: int, steps: int = 8) -> dict:
     model = build_model(
         config_lib.ModelConfig(backbone="MobileNetV2", weights="none", image_size=SIZE), CLASSES
     )
-    phase = phase_of(finetune=True)
+    fine_tune = config_lib.PhaseConfig("finetune", 1, 1e-4, config_lib.Unfreeze("all"))
+    phase = phase_lib.plan_phases([fine_tune], model)[0]
     phase_lib.apply_trainability(model, phase)
     step = TrainStep(
         model,

@@ -269,3 +269,35 @@ def test_an_image_that_fails_mid_stream_stops_the_run_naming_it(tmp_path):
     resumed = run_cli(*args, "--nooverwrite")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {saved}" in resumed.stderr
+
+
+def test_the_library_streams_image_files_with_the_feature_cache_and_the_same_order(
+    folder, tmp_path
+):
+    import keras
+
+    import tlloop
+
+    paths = sorted(str(p) for p in folder.glob("*/*.png"))
+    labels = [["ant", "bee", "cow"].index(os.path.basename(os.path.dirname(p))) for p in paths]
+    train = tlloop.EncodedImages.from_files(paths, labels, image_size=8)
+    decoded = InMemoryExamples.from_dataset(train.ordered())  # the same images, in memory
+    _same(
+        _batches(train.training_batches(4, 5, 3), 4), _batches(decoded.training_batches(4, 5, 3), 4)
+    )
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    backbone = keras.Model(inputs, keras.layers.Conv2D(4, 3)(inputs / 255.0), name="backbone")
+    model = tlloop.TransferModel(backbone, tlloop.classification_head(backbone, 3))
+    trainer = tlloop.Trainer(
+        str(tmp_path / "run"),
+        phases=[tlloop.Phase("head", 2, 1e-2)],
+        task=tlloop.Classification(3),
+        logging=tlloop.LoggingConfig(quiet=True),
+    )
+    results = trainer.fit(model, train, train, batch_size=4, export=False)
+    assert results["train_size"] == len(paths) == 24
+    # Streamed files are tlloop's to order, so the frozen phase trains on cached features.
+    assert results.phases[0]["feature_cache"].startswith("on:")
+    assert results.phases[0]["eval"]["examples"] == 24

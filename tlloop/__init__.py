@@ -42,6 +42,7 @@ _PUBLIC = {
     "Classification": ("tlloop.tasks", "Classification"),
     "Examples": ("tlloop.data.examples", "Examples"),
     "InMemoryExamples": ("tlloop.data.examples", "InMemoryExamples"),
+    "EncodedImages": ("tlloop.data.streaming", "EncodedImages"),
     "StreamedExamples": ("tlloop.data.examples", "StreamedExamples"),
     "evaluate": ("tlloop.evaluation", "evaluate_model"),
     "predict": ("tlloop.evaluation", "predict"),

@@ -34,10 +34,17 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def decode_resized(encoded: tf.Tensor, size: int, resize: str) -> tf.Tensor:
-    """An encoded image as uint8 (size, size, 3), as every path stores and reads it: decoded,
-    resized as `resize` says, rounded."""
-    pixels = tf.ensure_shape(resize_images(decode(encoded), size, resize), (size, size, 3))
-    return tf.cast(tf.clip_by_value(tf.round(pixels), 0, 255), tf.uint8)
+    """An encoded image as float32 (size, size, 3) of whole values in [0, 255], as every path
+    reads it (and stores it, as uint8): decoded, resized as `resize` says, rounded. An image
+    already of that size is only cast (bilinear resizing to the same size changes nothing)."""
+    image = decode(encoded)
+    shape = tf.shape(image)
+    pixels = tf.cond(
+        tf.logical_and(shape[0] == size, shape[1] == size),
+        lambda: tf.cast(image, tf.float32),
+        lambda: tf.round(resize_images(image, size, resize)),  # convex: stays in [0, 255]
+    )
+    return tf.ensure_shape(pixels, (size, size, 3))
 
 
 def resize_images(images: tf.Tensor, size: int, mode: str = "squash") -> tf.Tensor:

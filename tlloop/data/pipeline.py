@@ -44,6 +44,9 @@ from tlloop.data.streaming import (
 __all__ = ["Data", "load_data", "read_image", "resize_images"]
 
 AUTOTUNE = tf.data.AUTOTUNE
+# In-memory examples live in the tf.data graph as constants, and a graph over 2 GB cannot be
+# serialized (as distributing a dataset may need): a larger split streams.
+MAX_IN_MEMORY = 2**31 - 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,10 +158,14 @@ def _load_split(split: Split, config: DataConfig, budget: int):
     heads = reader.heads()
     images, skipped = _keep(every, np.flatnonzero([looks_like_image(h) for h in heads]))
     size = f"{images.decoded_bytes / 2**20:.1f} MiB decoded"
-    fits = images.decoded_bytes <= budget
+    fits = images.decoded_bytes <= min(budget, MAX_IN_MEMORY)
+    left = (
+        f"over the {budget / 2**20:.0f} MiB left of --data_memory"
+        if images.decoded_bytes > budget
+        else "over the 2 GiB one split may hold in memory"
+    )
     if skipped and config.bad_images == "fail" and not (fits or config.data_cache):
         _refuse(every, skipped)  # found cheaply; nothing will decode every image at load
-    left = f"over the {budget / 2**20:.0f} MiB left"
     cached = pixels = None
     if config.data_cache:
         pixels_path, meta_path = cache_files(config.data_cache, images)

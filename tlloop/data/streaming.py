@@ -82,8 +82,9 @@ class Reader:
             return self.items[i]
         return self._origins[i] if self._origins else f"example {i}"
 
-    def encoded(self, indices: tf.Tensor) -> tf.Tensor:
-        """The encoded images (tf.string [n]) at `indices` (int64 [n])."""
+    def items_at(self, indices: tf.Tensor) -> tf.Tensor:
+        """What finds the images at `indices` (int64 [n]), tf.string [n]: their paths (files)
+        or their encoded bytes (records, read here a batch at a time, and bytes)."""
         if self.kind == "records":
             records = tf.numpy_function(self._read_records, [indices], tf.string, stateful=False)
             records.set_shape(indices.shape)
@@ -92,10 +93,12 @@ class Reader:
         if self._constant is None:
             with tf.init_scope():  # one eager constant, whatever graph first asks
                 self._constant = tf.constant(self.items)
-        taken = tf.gather(self._constant, indices)
-        if self.kind == "files":
-            return tf.map_fn(tf.io.read_file, taken, fn_output_signature=tf.string)
-        return taken
+        return tf.gather(self._constant, indices)
+
+    def fetch(self, item: tf.Tensor) -> tf.Tensor:
+        """One encoded image from its item of `items_at` (a file is read here, in the
+        per-example map, so files are read in parallel)."""
+        return tf.io.read_file(item) if self.kind == "files" else item
 
     def _read_records(self, indices: np.ndarray) -> np.ndarray:
         refs = self.items
@@ -165,6 +168,14 @@ class EncodedImages(IndexedExamples):
         self.image_size, self.resize = image_size, resize
         self._labels = None
 
+    @classmethod
+    def from_files(
+        cls, paths: list[str], labels, *, image_size: int, resize: str = "squash"
+    ) -> EncodedImages:
+        """Image files (JPEG, PNG, BMP, GIF) with their labels, streamed: nothing is read now;
+        each batch reads and decodes its files, in tlloop's seeded order."""
+        return cls(Reader(list(paths)), np.asarray(labels), image_size, resize)
+
     @property
     def size(self) -> int:
         return len(self.labels)
@@ -181,11 +192,10 @@ class EncodedImages(IndexedExamples):
         return self._labels
 
     def read(self, indices):
-        return self.reader.encoded(indices), tf.gather(self._label_constant(), indices)
+        return self.reader.items_at(indices), tf.gather(self._label_constant(), indices)
 
-    def finish(self, encoded, label):
-        pixels = decode_resized(encoded, self.image_size, self.resize)
-        return tf.cast(pixels, tf.float32), label
+    def finish(self, item, label):
+        return decode_resized(self.reader.fetch(item), self.image_size, self.resize), label
 
     def keep(self, kept: np.ndarray) -> EncodedImages:
         """These examples without the ones not in `kept` (indices, in order)."""
@@ -196,14 +206,14 @@ class EncodedImages(IndexedExamples):
     def decode_all(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every image decoded once, in index order, in parallel: (indices, uint8 pixels)
         batches; an image that cannot be decoded is left out (its index is missing)."""
-        size, resize = self.image_size, self.resize
+        size, resize, fetch = self.image_size, self.resize, self.reader.fetch
         encoded = (
             tf.data.Dataset.range(self.size)
             .batch(64)
-            .map(lambda i: (i, self.reader.encoded(i)), num_parallel_calls=AUTOTUNE)
+            .map(lambda i: (i, self.reader.items_at(i)), num_parallel_calls=AUTOTUNE)
             .unbatch()
             .map(
-                lambda i, data: (i, decode_resized(data, size, resize)),
+                lambda i, item: (i, tf.cast(decode_resized(fetch(item), size, resize), tf.uint8)),
                 num_parallel_calls=AUTOTUNE,
                 deterministic=True,
             )
@@ -218,8 +228,8 @@ class EncodedImages(IndexedExamples):
         TensorFlow's reason; None if they all decode."""
         for i in indices:
             try:
-                encoded = self.reader.encoded(tf.constant([int(i)], tf.int64))[0]
-                decode_resized(encoded, self.image_size, self.resize)
+                item = self.reader.items_at(tf.constant([int(i)], tf.int64))[0]
+                decode_resized(self.reader.fetch(item), self.image_size, self.resize)
             except (tf.errors.OpError, ValueError) as error:
                 what = "image file" if self.reader.kind == "files" else "image"
                 problem = (
