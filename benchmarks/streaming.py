@@ -1,11 +1,12 @@
 """Streamed data at scale: memory, start-up, input speed, training speed, resume cost.
 
     python -m benchmarks.streaming [--images=50000] [--small=2000] [--rounds=3]
-        [--data=/tmp/tlloop-streaming] [--output=benchmarks/results]
+        [--data=/tmp/tlloop-streaming] [--output=benchmarks/results] [--parts=memory,input,...]
 
 Generates --images JPEG files at 224 px in ten class folders under --data (kept for the next
 run), the same images as TFRecord shards, and a folder of links to the first --small of them;
-then measures, each over --rounds rounds (reported as min-max):
+then measures, each over --rounds rounds (input: at least 5), reported as min-max, speeds
+also per CPU second of the process (less sensitive to other work on the machine):
 
 - peak resident memory of a `python -m tlloop.run` training MobileNetV2 (weights=None, 224
   px, batch 32) on the streamed small folder and the streamed full folder, stopped by SIGTERM
@@ -27,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -50,6 +50,8 @@ _SMALL = flags.DEFINE_integer("small", 2000, "Images in the small set.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of each measurement.")
 _DATA = flags.DEFINE_string("data", "/tmp/tlloop-streaming", "Where the generated data lives.")
 _OUTPUT = flags.DEFINE_string("output", "benchmarks/results", "Directory for the results.")
+PARTS = ("memory", "input", "training", "resume")
+_PARTS = flags.DEFINE_list("parts", list(PARTS), "Which measurements to run (others are kept).")
 
 SIZE, BATCH, CLASSES, SHARDS = 224, 32, 10, 32
 
@@ -203,13 +205,24 @@ def input_speed(full: str, records: str, rounds: int, batches: int = 120) -> dic
     for iterator in iterators.values():  # warm-up: threads, autotuning, file cache
         for _ in range(20):
             next(iterator)
-    speeds = {name: [] for name in pipelines}
+    return _alternate(iterators, lambda iterator: next(iterator), batches, rounds, drain=40)
+
+
+def _alternate(contenders: dict, call, count: int, rounds: int, drain: int) -> dict:
+    """Per contender, per round: examples/s (wall clock) and examples per CPU second of this
+    process (all its threads: less sensitive to other processes on the machine); the rounds
+    alternate between the contenders. Each round first makes `drain` calls untimed: what a
+    pipeline prefetched while the others were timed is not counted as its speed."""
+    speeds = {name: {"wall": [], "cpu": []} for name in contenders}
     for _ in range(rounds):
-        for name, iterator in iterators.items():
-            started = time.perf_counter()
-            for _ in range(batches):
-                next(iterator)
-            speeds[name].append(batches * BATCH / (time.perf_counter() - started))
+        for name, contender in contenders.items():
+            for _ in range(drain):
+                call(contender)
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(count):
+                call(contender)
+            speeds[name]["wall"].append(count * BATCH / (time.perf_counter() - wall))
+            speeds[name]["cpu"].append(count * BATCH / (time.process_time() - cpu))
     return speeds
 
 
@@ -238,14 +251,7 @@ def training_speed(full: str, rounds: int, steps: int = 8) -> dict:
     feeds = {"streamed input": streamed, "one resident batch": resident}
     for feed in feeds.values():
         step(feed, 2)
-    speeds = {name: [] for name in feeds}
-    for _ in range(rounds):
-        for name, feed in feeds.items():
-            started = time.perf_counter()
-            for _ in range(steps):
-                step(feed, 1)
-            speeds[name].append(steps * BATCH / (time.perf_counter() - started))
-    return speeds
+    return _alternate(feeds, lambda feed: step(feed, 1), steps, rounds, drain=2)
 
 
 def resume_cost(full: str, rounds: int) -> dict:
@@ -271,44 +277,65 @@ def main(argv: list[str]) -> None:
     del argv
     full, records, small = generate(_DATA.value, _IMAGES.value)
     rounds = _ROUNDS.value
-    results = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, TF {tf.__version__}",
-        "images": _IMAGES.value,
-        "small": _SMALL.value,
-        "rounds": rounds,
-        "memory": rss_and_start(small, full),
-        "input": input_speed(full, records, rounds),
-        "training": training_speed(full, rounds),
-        "resume": resume_cost(full, rounds),
+    path = os.path.join(_OUTPUT.value, "STREAMING.json")
+    results = {}
+    if set(_PARTS.value) != set(PARTS) and os.path.exists(path):
+        with open(path) as file:
+            results = json.load(file)  # the parts not re-run are kept
+    results.update(
+        {
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, TF {tf.__version__}",
+            "images": _IMAGES.value,
+            "small": _SMALL.value,
+        }
+    )
+    measure = {
+        "memory": lambda: rss_and_start(small, full),
+        "input": lambda: input_speed(full, records, max(rounds, 5)),
+        "training": lambda: training_speed(full, rounds),
+        "resume": lambda: resume_cost(full, rounds),
     }
+    for part in _PARTS.value:
+        results[part] = measure[part]()
     os.makedirs(_OUTPUT.value, exist_ok=True)
-    with open(os.path.join(_OUTPUT.value, "STREAMING.json"), "w") as file:
+    with open(path, "w") as file:
         json.dump(results, file, indent=1)
-    memory, speed = results["memory"], results["input"]
-    keras_speed = statistics.median(speed["keras image_dataset_from_directory"])
+    text = table(results)
+    with open(os.path.join(_OUTPUT.value, "STREAMING.md"), "w") as file:
+        file.write(text)
+    print(text)
+
+
+def table(results: dict) -> str:
+    """STREAMING.md: each measure's min-max over its rounds; ratios round by round."""
+    memory, images, small = results["memory"], results["images"], results["small"]
     lines = [
-        f"# Streamed data ({results['machine']}; {rounds} rounds each, min-max)",
+        f"# Streamed data ({results['machine']}; min-max over rounds)",
         "",
         "| measure | value |",
         "|---|---|",
-        f"| peak RSS, {_SMALL.value} images streamed (MB) | {_range(memory['small'], 0)} |",
-        f"| peak RSS, {_IMAGES.value} images streamed (MB) | {_range(memory['full'], 0)} |",
+        f"| peak RSS, {small} images streamed (MB) | {_range(memory['small'], 0)} |",
+        f"| peak RSS, {images} images streamed (MB) | {_range(memory['full'], 0)} |",
         "| difference, round by round (MB) | "
         + _range([f - s for f, s in zip(memory["full"], memory["small"], strict=True)], 0)
         + " |",
-        f"| seconds to the first step, {_SMALL.value} images | {_range(memory['start_small'])} |",
-        f"| seconds to the first step, {_IMAGES.value} images | {_range(memory['start_full'])} |",
+        f"| seconds to the first step, {small} images | {_range(memory['start_small'])} |",
+        f"| seconds to the first step, {images} images | {_range(memory['start_full'])} |",
     ]
-    for name, values in speed.items():
-        ratio = [v / keras_speed for v in values]
-        lines.append(f"| input examples/s, {name} | {_range(values, 0)} ({_range(ratio, 2)}x) |")
-    for name, values in results["training"].items():
-        lines.append(f"| MobileNetV2 224 px training examples/s, {name} | {_range(values)} |")
+    rows = [("input", "keras image_dataset_from_directory", "input")]
+    rows += [("training", "one resident batch", "MobileNetV2 224 px training")]
+    for part, reference, label in rows:
+        base = results[part][reference]
+        for name, speed in results[part].items():
+            wall = [a / b for a, b in zip(speed["wall"], base["wall"], strict=True)]
+            cpu = [a / b for a, b in zip(speed["cpu"], base["cpu"], strict=True)]
+            lines.append(
+                f"| {label} examples/s, {name} | {_range(speed['wall'], 1)} "
+                f"({_range(wall, 2)}x; per CPU second {_range(cpu, 2)}x) |"
+            )
     for name, values in results["resume"].items():
         lines.append(f"| seconds to the first batch resumed at {name} | {_range(values, 3)} |")
-    with open(os.path.join(_OUTPUT.value, "STREAMING.md"), "w") as file:
-        file.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
