@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import keras
+import numpy as np
 
 from tlloop.config import ModelConfig
 from tlloop.models.augment import build_augment
@@ -16,8 +17,16 @@ from tlloop.models.transfer import TransferModel
 __all__ = ["INFERENCE", "ModeTable", "Modes", "TransferModel", "build_model"]
 
 
-def build_model(config: ModelConfig, num_classes: int, seed: int = 0) -> TransferModel:
-    """The TransferModel `config` describes, with a head for `num_classes` classes.
+def build_model(
+    config: ModelConfig,
+    num_classes: int,
+    seed: int = 0,
+    *,
+    standardized: tuple[np.ndarray, np.ndarray] | None = None,
+) -> TransferModel:
+    """The TransferModel `config` describes, with a head of `num_classes` outputs (classes,
+    labels, or regression targets: with `standardized` (mean, std) the head predicts in the
+    targets' units, see `heads.build_head`).
 
     With `config.mixed_precision`, its layers are made under Keras' mixed policy (the global
     policy is put back afterwards) and the head ends in a float32 layer.
@@ -34,7 +43,11 @@ def build_model(config: ModelConfig, num_classes: int, seed: int = 0) -> Transfe
         )
         feature_shape = tuple(backbone.outputs[0].shape[1:])
         head = build_head(
-            feature_shape, num_classes, config.dropout, float32_output=bool(config.mixed_precision)
+            feature_shape,
+            num_classes,
+            config.dropout,
+            float32_output=bool(config.mixed_precision),
+            standardized=standardized,
         )
         augment = build_augment(config.augment, config.image_size, seed)
         model = TransferModel(backbone, head, augment, name="transfer_model")
