@@ -10,8 +10,8 @@ import tensorflow as tf
 
 from tlloop.checkpoints import load_trained_model
 from tlloop.config import ConfigError, RunConfig
-from tlloop.data import load_data
 from tlloop.data.examples import as_examples
+from tlloop.data.text import load_task_data
 from tlloop.distribute import distribute_dataset
 from tlloop.models import INFERENCE, ModeTable, TransferModel
 from tlloop.steps import EvalStep, Metrics
@@ -147,7 +147,7 @@ def evaluate_tflite(workdir: str, path: str, config: RunConfig) -> dict:
 def _evaluation_data(workdir: str, config: RunConfig):
     """The evaluation data `config` names; raises ConfigError unless its classes are the ones
     the run in `workdir` was trained on."""
-    data = load_data(config.data, evaluation_only=True)
+    data = load_task_data(config.data, evaluation_only=True)
     trained = _trained_class_names(workdir)
     if trained is not None and tuple(trained) != data.class_names:
         raise ConfigError(

@@ -20,8 +20,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Images: (N, H, W, 3) uint8, a list of file paths, or a list of encoded images (bytes);
-    int32 labels (N,); and for encoded images, where each came from (for error messages)."""
+    """Images: (N, H, W, 3) uint8, a list of file paths, or a list of encoded images (bytes)
+    (texts, for tlloop.data.text); labels: int32 class indices (N,), or float32 multi-hot rows
+    or regression targets (N, K); and for encoded images, where each came from (for error
+    messages)."""
 
     images: np.ndarray | list[str] | list[bytes]
     labels: np.ndarray
@@ -62,6 +64,12 @@ def load_source(config: DataConfig) -> Source:
             train, evaluation = _split(train, config.val_split)
         count = int(max(train.labels.max(initial=0), evaluation.labels.max(initial=0))) + 1
         names = tuple(str(i) for i in range(count))
+    elif config.dataset == "csv":
+        from tlloop.data.tables import csv_source
+
+        # Multi-hot rows and targets have no class to select or stratify by: the CSV reader
+        # applies what does apply itself.
+        return csv_source(config)
     elif config.dataset.startswith("tfds:"):
         from tlloop.data.records import read_tfds
 
