@@ -4,10 +4,13 @@ exports that serve the task's outputs."""
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
 
 import tlloop
 
@@ -50,6 +53,14 @@ def _phases(head: int, finetune: int, lr: float = 3e-2):
         tlloop.Phase("head", head, lr, tlloop.Unfreeze("none")),
         tlloop.Phase("finetune", finetune, lr / 3, tlloop.Unfreeze("all")),
     ]
+
+
+def _events(workdir: str) -> event_accumulator.EventAccumulator:
+    events = event_accumulator.EventAccumulator(
+        os.path.join(workdir, "tensorboard", "eval"), size_guidance={"tensors": 0, "images": 0}
+    )
+    events.Reload()
+    return events
 
 
 def _sigmoid(x):
@@ -121,6 +132,18 @@ def test_multilabel_learns_its_metrics_match_numpy_and_the_export_serves_label_n
     bce = -(labels * np.log(probabilities) + (1 - labels) * np.log(1 - probabilities))
     assert after["loss"] == pytest.approx(float(bce.mean()), abs=1e-6)
 
+    # TensorBoard: a PR curve per label after each evaluation, read by TensorBoard's reader;
+    # at the lowest threshold every example is predicted positive.
+    events = _events(str(tmp_path))
+    for j, name in enumerate(NAMES):
+        curves = events.Tensors(f"{name}/pr_curves")
+        assert len(curves) == 6  # one per epoch
+        tp, fp, tn, fn, precision, recall = tf.make_ndarray(curves[-1].tensor_proto)
+        assert (tp[0], fp[0], tn[0], fn[0]) == (labels[:, j].sum(), 21 - labels[:, j].sum(), 0, 0)
+        assert recall[0] == 1.0 and np.all(np.diff(tp) <= 0)
+        assert precision[0] == pytest.approx(labels[:, j].mean())
+    assert events.SummaryMetadata("red/pr_curves").plugin_data.plugin_name == "pr_curves"
+
     served = tf.saved_model.load(results.export["saved_model"]).signatures["serving_default"]
     out = served(images=tf.constant(evaluation[0][:6]))
     np.testing.assert_allclose(out["probabilities"].numpy(), probabilities[:6], atol=1e-5)
@@ -183,6 +206,15 @@ def test_regression_beats_the_constant_baseline_and_exports_original_units(tmp_p
     assert after["mean_absolute_error"] == pytest.approx(np.mean(np.abs(error)), rel=1e-5)
     std = train[1].std(0)
     assert after["loss"] == pytest.approx(np.mean((error / std) ** 2), rel=1e-4)
+    r2 = 1 - (error**2).sum(0) / ((targets - targets.mean(0)) ** 2).sum(0)
+    assert after["r2"] == pytest.approx(float(r2.mean()), abs=1e-4)
+    # TensorBoard: a predicted-vs-true scatter per output after each evaluation.
+    events = _events(str(tmp_path))
+    images = events.Tensors("predicted_vs_true/1")
+    assert len(images) == 9
+    width, height, png = tf.make_ndarray(images[-1].tensor_proto)
+    assert (int(width), int(height)) == (192, 192) and png.startswith(b"\x89PNG")
+    assert events.SummaryMetadata("predicted_vs_true/1").plugin_data.plugin_name == "images"
     # The export predicts in the targets' units: about 1000 + 20 x red, and -1 + 0.01 x green.
     served = tf.saved_model.load(results.export["saved_model"]).signatures["serving_default"]
     out = served(images=tf.constant(evaluation[0]))["predictions"].numpy()
@@ -207,3 +239,16 @@ def test_regression_losses_compare_standardised_values():
         tlloop.Regression(1, loss="l3")
     with pytest.raises(ValueError, match="targets: shape"):
         tlloop.Regression(3, targets=targets)
+
+
+def test_regression_fit_histogram_counts_each_weighted_example_once_on_the_diagonal():
+    from tlloop.tasks import RegressionFit
+
+    fit = RegressionFit(mean=[10.0], std=[2.0], bins=8, span=2.0)
+    targets = np.array([[6.0], [8.0], [10.0], [12.0], [30.0]], np.float32)
+    fit.update_state(targets, targets, sample_weight=np.array([1, 1, 1, 1, 0], np.float32))
+    histogram = np.asarray(fit.histogram)[0]
+    assert histogram.sum() == 4  # the padding example (weight 0) counts for nothing
+    rows, columns = np.nonzero(histogram)
+    np.testing.assert_array_equal(rows, 7 - columns)  # predicted = true: the diagonal
+    assert float(fit.result()) == pytest.approx(1.0)

@@ -18,6 +18,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlloop import summaries as summaries_lib
+
 # Names the steps' own metrics use: a task metric may not take them.
 RESERVED_METRIC_NAMES = ("loss", "examples")
 
@@ -96,6 +98,11 @@ class Task:
         weights from `label_counts(num_classes)`, the examples per class); self if nothing
         does."""
         return self
+
+    def write_summaries(self, summaries, metrics: Sequence[keras.metrics.Metric], step: int):
+        """Writes this task's own TensorBoard views of an evaluation into `summaries` (a
+        `tlloop.summaries.Summaries`) at `step`, from the evaluation's `metrics` objects
+        (read after the evaluation, before the next reset); none by default."""
 
 
 class Classification(Task):
@@ -364,6 +371,25 @@ class MultiLabel(Task):
         )
         return tf.reduce_mean(losses, axis=-1)
 
+    def write_summaries(self, summaries, metrics, step: int) -> None:
+        """A precision-recall curve per label (TensorBoard's PR curves), from the counts at
+        each threshold the PR-AUC metric kept over the whole evaluation."""
+        auc = next((m for m in metrics if m.name == "pr_auc"), None)
+        if auc is None:
+            return
+        counts = [
+            np.asarray(v)
+            for v in (
+                auc.true_positives,
+                auc.false_positives,
+                auc.true_negatives,
+                auc.false_negatives,
+            )
+        ]
+        names = self.class_names or tuple(str(i) for i in range(self.num_labels))
+        for label, name in enumerate(names):
+            summaries.pr_curve("eval", name, *(c[:, label] for c in counts), step)
+
     def serving_outputs(self, outputs) -> dict:
         probabilities = tf.sigmoid(tf.cast(outputs, tf.float32))
         over = probabilities > self.threshold
@@ -464,7 +490,9 @@ class Regression(Task):
     so the export predicts in those units), and the loss compares standardised values, so
     each output weighs the same whatever its units. Loss: "mse", "huber" (`huber_delta` in
     standard deviations) or "mae". Metrics: mean_absolute_error and root_mean_squared_error,
-    in the targets' units. Serving: "predictions". Raises ValueError naming the argument.
+    in the targets' units, and r2 (`RegressionFit`, whose predicted-vs-true histogram is
+    TensorBoard's scatter image per output). Serving: "predictions". Raises ValueError naming
+    the argument.
     """
 
     def __init__(
@@ -503,7 +531,12 @@ class Regression(Task):
             self.std = np.where(std > 0, std, 1.0).astype(np.float32)
         super().__init__(
             loss,
-            [MeanAbsoluteError(), RootMeanSquaredError(), *metrics],
+            [
+                MeanAbsoluteError(),
+                RootMeanSquaredError(),
+                RegressionFit(self.mean.tolist(), self.std.tolist()),
+                *metrics,
+            ],
             step_metrics={"mean_absolute_error": _absolute_error},
             label_rank=1,
         )
@@ -526,6 +559,17 @@ class Regression(Task):
 
     def serving_outputs(self, outputs) -> dict:
         return {"predictions": tf.cast(outputs, tf.float32)}
+
+    def write_summaries(self, summaries, metrics, step: int) -> None:
+        """A predicted-vs-true scatter image per output, from the `RegressionFit` histogram."""
+        fit = next((m for m in metrics if isinstance(m, RegressionFit)), None)
+        if fit is None:
+            return
+        histogram = np.asarray(fit.histogram)
+        names = self.target_names or tuple(str(i) for i in range(self.outputs))
+        for output, name in enumerate(names):
+            pixels = summaries_lib.scatter_image(histogram[output])
+            summaries.image("eval", f"predicted_vs_true/{name}", pixels, step)
 
 
 def _matched(labels, outputs):
@@ -566,3 +610,75 @@ class RootMeanSquaredError(keras.metrics.Mean):
 
     def result(self):
         return tf.sqrt(super().result())
+
+
+class RegressionFit(keras.metrics.Metric):
+    """The coefficient of determination R^2 (1 - residual / total sum of squares, per output,
+    then the mean over outputs; weighted), from sums of values standardised by `mean` and `std`
+    (precise in float32 whatever the units). It also keeps a `bins` x `bins` histogram per
+    output of (predicted, true) standardised values within +-`span` standard deviations
+    (rows: predicted, from the top; columns: true), TensorBoard's predicted-vs-true scatter."""
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        bins: int = 48,
+        span: float = 3.5,
+        name: str = "r2",
+        **kwargs,
+    ) -> None:
+        super().__init__(name=name, **kwargs)
+        self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
+        self.bins, self.span = bins, span
+        outputs = len(self.mean)
+        # Per output: sum of weights, of weighted targets, of their squares, of squared errors.
+        self.sums = self.add_variable(
+            shape=(4, outputs), initializer="zeros", name="sums", aggregation="sum"
+        )
+        self.histogram = self.add_variable(
+            shape=(outputs, bins, bins), initializer="zeros", name="histogram", aggregation="sum"
+        )
+
+    def update_state(self, labels, outputs, sample_weight=None) -> None:
+        labels, outputs = _matched(labels, outputs)
+        mean, std = tf.constant(self.mean), tf.constant(self.std)
+        true, predicted = (labels - mean) / std, (outputs - mean) / std
+        if sample_weight is None:
+            sample_weight = tf.ones(tf.shape(true)[:1])
+        weight = tf.cast(sample_weight, tf.float32)[:, None] * tf.ones_like(true)
+        self.sums.assign_add(
+            tf.stack(
+                [
+                    tf.reduce_sum(weight, 0),
+                    tf.reduce_sum(weight * true, 0),
+                    tf.reduce_sum(weight * tf.square(true), 0),
+                    tf.reduce_sum(weight * tf.square(true - predicted), 0),
+                ]
+            )
+        )
+
+        def cell(values):
+            position = (values + self.span) / (2 * self.span) * self.bins
+            return tf.cast(tf.clip_by_value(tf.floor(position), 0, self.bins - 1), tf.int32)
+
+        output = tf.broadcast_to(tf.range(tf.shape(true)[1]), tf.shape(true))
+        row = self.bins - 1 - cell(predicted)  # high predictions at the top of the image
+        index = tf.reshape(tf.stack([output, row, cell(true)], axis=-1), (-1, 3))
+        self.histogram.assign_add(
+            tf.scatter_nd(index, tf.reshape(weight, (-1,)), tf.shape(self.histogram))
+        )
+
+    def result(self):
+        count, total, squares, residual = tf.unstack(tf.convert_to_tensor(self.sums))
+        spread = squares - tf.math.divide_no_nan(tf.square(total), count)
+        return tf.reduce_mean(1.0 - tf.math.divide_no_nan(residual, spread))
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "mean": self.mean,
+            "std": self.std,
+            "bins": self.bins,
+            "span": self.span,
+        }

@@ -472,6 +472,13 @@ def build_experiment(
     check_task(config, text)
     data = load_task_data(config.data)
     task = build_task(config, data)
+    metric = config.checkpoint.best_metric
+    known = ("loss", *task.metric_names)
+    if metric.name not in known:
+        raise ConfigError(
+            f"--best_metric={metric.to_flag()}: --task={config.task.task} reports no "
+            f"{metric.name!r}; accepted: {', '.join(known)}"
+        )
     phases = config.phases
     with strategy.scope():
         if text:
