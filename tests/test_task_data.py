@@ -14,6 +14,7 @@ from task_data import COLOURS, write_image_csvs
 
 from tlloop.config import ConfigError, DataConfig
 from tlloop.data.text import load_task_data
+from tlloop.evaluation import evaluate_saved
 from tlloop.trainer import build_experiment, train
 
 
@@ -66,6 +67,9 @@ def test_multilabel_from_csv_through_the_command_line_path(tmp_path, csvs):
     out = served.signatures["serving_uint8"](images=tf.constant(csvs["images"][cut:]))
     probabilities = out["probabilities"].numpy()
     assert probabilities.shape == (48 - cut, 3)
+    # tlloop.evaluate's path: the best checkpoint gives the best evaluation's value again.
+    saved = evaluate_saved(config.workdir, "best", config)
+    assert saved["macro_f1"] == pytest.approx(results.best["value"], abs=1e-6)
     names = served.signatures["class_names"]()["class_names"].numpy()
     for row, text in zip(probabilities, out["labels"].numpy(), strict=True):
         over = [n.decode() for n, p in zip(names, row, strict=True) if p > 0.4]
@@ -95,6 +99,10 @@ def test_regression_from_csv_predicts_in_the_targets_units(tmp_path, csvs):
     rmse = np.sqrt(np.mean((predictions - targets[cut:]) ** 2))
     assert rmse == pytest.approx(results.best["value"], rel=1e-3)
     assert 150 < predictions[:, 0].mean() < 500  # brightness units, not standardised ones
+    saved = evaluate_saved(config.workdir, "export", config)
+    assert saved["root_mean_squared_error"] == pytest.approx(results.best["value"], rel=1e-5)
+    with pytest.raises(ConfigError, match="--checkpoint='best': a regression run is evaluated"):
+        evaluate_saved(config.workdir, "best", config)
 
 
 def _write(path, text: str | bytes) -> str:

@@ -485,7 +485,8 @@ REGRESSION_LOSSES = ("mse", "huber", "mae")
 class Regression(Task):
     """Regression of `outputs` values per example: the model outputs (batch, outputs) in the
     targets' units, targets are (batch, outputs) floats. `targets` (the training targets,
-    (N, outputs)) give each output's mean and standard deviation: `regression_head` stores
+    (N, outputs)) give each output's mean and standard deviation (or `scale`, (mean, std) as
+    they gave it, e.g. a trained head's `Destandardize` values): `regression_head` stores
     them in the model (its last layer maps standardised values back to the targets' units,
     so the export predicts in those units), and the loss compares standardised values, so
     each output weighs the same whatever its units. Loss: "mse", "huber" (`huber_delta` in
@@ -501,6 +502,7 @@ class Regression(Task):
         *,
         loss: str = "mse",
         targets: np.ndarray | None = None,
+        scale: tuple[Sequence[float], Sequence[float]] | None = None,
         target_names: Sequence[str] | None = None,
         huber_delta: float = 1.0,
         metrics: Sequence[keras.metrics.Metric | str] = (),
@@ -518,6 +520,13 @@ class Regression(Task):
             )
         self.mean = np.zeros(outputs, np.float32)
         self.std = np.ones(outputs, np.float32)
+        if scale is not None:
+            if targets is not None:
+                raise ValueError("scale: given with targets, which give it; accepted: one")
+            mean, std = (np.asarray(v, np.float32).ravel() for v in scale)
+            if mean.shape != (outputs,) or std.shape != (outputs,) or not np.all(std > 0):
+                raise ValueError(f"scale: accepted: (mean, std), {outputs} values each, std > 0")
+            self.mean, self.std = mean, std
         if targets is not None:
             values = np.asarray(targets, np.float64).reshape(len(targets), -1)
             if values.shape[1] != outputs or not len(values) or not np.all(np.isfinite(values)):
