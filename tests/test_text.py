@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import os
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import make_config
 from task_data import write_text_folder
 
+import tlloop
 from tlloop import phases as phase_lib
 from tlloop.trainer import build_experiment, train
 
@@ -94,3 +96,18 @@ def test_text_folder_fine_tunes_a_bert_preset_with_dropout_on_and_serves_strings
     ]
     with open(os.path.join(config.workdir, "results.json")) as file:
         assert json.load(file)["class_names"] == ["negative", "positive"]
+    # model.keras loads with its tokenizer (the vocabulary is an asset KerasHub loads last).
+    loaded = keras.saving.load_model(results.export["model"])
+    np.testing.assert_allclose(loaded(texts).numpy(), model(texts).numpy(), atol=1e-5)
+
+
+def test_the_library_builds_a_text_backbone_and_names_a_bad_source(tmp_path, bert_preset):
+    backbone = tlloop.text_backbone(bert_preset)
+    assert backbone.inputs[0].dtype == "string" and backbone.outputs[0].shape == (None, 16)
+    with pytest.raises(ValueError, match=r"^source='.*': not a KerasHub preset directory"):
+        tlloop.text_backbone(str(tmp_path))
+    # A preset with a backbone but no text preprocessor is named too.
+    encoder_only = str(tmp_path / "encoder")
+    keras_hub.models.Backbone.from_preset(bert_preset).save_to_preset(encoder_only)
+    with pytest.raises(ValueError, match=r"^source='.*encoder': no text preprocessor"):
+        tlloop.text_backbone(encoder_only)

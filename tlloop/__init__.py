@@ -51,6 +51,7 @@ _PUBLIC = {
     "predict": ("tlloop.evaluation", "predict"),
     "export": ("tlloop.export", "export_model"),
     "load_backbone": ("tlloop.models.backbones", "load_backbone"),
+    "text_backbone": ("tlloop.models.hub", "text_backbone"),
     "inspect_backbone": ("tlloop.backbone", "inspect_backbone"),
     "ConfigError": ("tlloop.config", "ConfigError"),
     "RunFailed": ("tlloop.errors", "RunFailed"),

@@ -98,6 +98,6 @@ def build_text_model(config: ModelConfig, num_outputs: int, seed: int = 0) -> Tr
             "save_to_preset) or a handle (hf://..., kaggle://...)"
         )
     keras.utils.set_random_seed(seed)
-    backbone = hub.text_backbone(config.backbone, load_weights=config.weights != "none")
+    backbone = hub.build_text_backbone(config.backbone, load_weights=config.weights != "none")
     head = build_head(tuple(backbone.outputs[0].shape[1:]), num_outputs, config.dropout)
     return TransferModel(backbone, head, name="transfer_model")

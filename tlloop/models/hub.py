@@ -149,6 +149,15 @@ class TextPreprocess(keras.layers.Layer):
 
 
 def text_backbone(source: str, *, load_weights: bool = True) -> keras.Model:
+    """A text backbone from the KerasHub preset `source` (see `build_text_backbone`), for the
+    library: raises ValueError naming `source` when it cannot be built."""
+    try:
+        return build_text_backbone(source, load_weights=load_weights)
+    except ConfigError as error:
+        raise ValueError(str(error).replace("--backbone=", "source=")) from None
+
+
+def build_text_backbone(source: str, *, load_weights: bool = True) -> keras.Model:
     """A text backbone named "backbone" from the KerasHub preset `source` (a directory written
     by `save_to_preset`, or a handle): raw strings (batch,) in, the preset's preprocessor
     (tokenizer and packer) then its encoder, one feature vector per text out: the pooled
