@@ -229,3 +229,14 @@ def test_results_name_the_csv_labels(tmp_path, csvs):
     data = load_task_data(config, evaluation_only=True)
     assert data.train_examples is None and data.eval_size == 48 - csvs["cut"]
     assert json.dumps(list(data.class_names)) == '["blue", "green", "red"]'
+
+
+def test_a_csv_of_texts_loads_as_strings_with_its_classes(tmp_path):
+    rows = "".join(f'"text {i}, with a comma",{"yes" if i % 2 else "no"}\n' for i in range(8))
+    path = _write(tmp_path / "texts.csv", "text,label\n" + rows)
+    data = load_task_data(DataConfig(dataset="csv", train_csv=path, val_split=0.25))
+    assert data.class_names == ("no", "yes")
+    assert data.train_size == 6 and data.eval_size == 2  # stratified: one of each class
+    texts, labels = next(iter(data.eval_examples.ordered().batch(8)))
+    assert texts.dtype == tf.string and sorted(labels.numpy().tolist()) == [0, 1]
+    assert all(t.decode().endswith(", with a comma") for t in texts.numpy())

@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from tlloop.config import ConfigError, DataConfig
-from tlloop.data.sources import SPLIT_SEED, Source, Split, _split
+from tlloop.data.sources import SPLIT_SEED, Source, Split, _limit_per_class, _split
 
 CONTENT_COLUMNS = ("path", "text")
 
@@ -213,8 +213,6 @@ def load_tables(config: DataConfig) -> tuple[str, tuple[str, ...], Split, Split]
                 f"--train_examples_per_class={config.train_examples_per_class}: applies to "
                 f"--task=classification; accepted: 0 with --task={config.task}"
             )
-        from tlloop.data.sources import _limit_per_class
-
         train = _limit_per_class(train, config.train_examples_per_class, len(names))
     return first.content, tuple(names), train, evaluation
 
