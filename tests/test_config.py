@@ -271,6 +271,8 @@ CHANGED = [
         "dataset": "tfrecord",
         "train_files": "a/*.tfrecord,b/*.tfrecord",
         "val_files": "c/*.tfrecord",
+        "data_memory": "0",
+        "data_cache": "cache",
         "image_feature": "jpeg",
         "label_feature": "label",
         "warmup_epochs": 1,

@@ -453,10 +453,30 @@ class DataConfig:
     )
     bad_images: str = option(
         "fail",
-        "An image file that cannot be read or decoded: fail (the run stops before training, "
-        "naming it) or skip (skipped files are counted and logged).",
+        "An image that cannot be read or decoded: fail (the run stops naming it: before "
+        "training, or for a streamed image that starts like an image, when it is first read, "
+        "with the last checkpoint intact) or skip (every image is checked before training; "
+        "skipped ones are logged and counted in results.json).",
         choices=BAD_IMAGES,
         evaluation=True,
+    )
+    data_memory: str = option(
+        "auto",
+        "Decoded images held in memory, in MiB: a split (evaluation first) whose decoded "
+        "images fit what is left is decoded once at load; a larger one streams from its files "
+        "or records, decoded as batches are read. auto: half the memory available at start; "
+        "0: always stream.",
+        check=lambda value: value == "auto" or value.isdigit(),
+        problem="not a size",
+        accepted="auto or a whole number of MiB (0: always stream)",
+        hparam=False,
+    )
+    data_cache: str = option(
+        "",
+        "A folder where the images are decoded and resized once, into a file of pixels per "
+        "split (named by the files, size and resize mode), read from then on instead of the "
+        "image files; empty: none.",
+        hparam=False,
     )
     resize: str = option(
         "squash",
@@ -556,6 +576,13 @@ class DataConfig:
                 f"--dataset={self.dataset} does not read it",
                 f"--{flag} only with --dataset={' or '.join(readers)}",
             )
+        _require(
+            not self.data_cache or self.dataset in ("folder", "tfrecord"),
+            "data_cache",
+            self.data_cache,
+            f"--dataset={self.dataset} is decoded in memory, not read from files",
+            "--data_cache only with --dataset=folder or tfrecord",
+        )
         separate = {
             "folder": "val_dir",
             "text_folder": "val_dir",

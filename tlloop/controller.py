@@ -118,7 +118,8 @@ def build_train_step(
 class Controller:
     """Runs a phase plan on a model and data, resuming from `checkpoints` when they hold a run.
 
-    `distribute` turns a tf.data.Dataset into the strategy's distributed dataset. Actions are
+    `distribute(batches, positionable, batch_size)` makes the strategy's distributed dataset
+    of `batches(part)` (see `distribute.distribute_batches`). Actions are
     called in the order given. `run` returns the results (per phase: its steps, seconds, the
     seconds of each epoch's training loop (host calls, input waits and actions; evaluation
     aside), last
@@ -210,12 +211,18 @@ class Controller:
             jit_compile=self.settings.jit_compile,
             task=self.task,
         )
-        self.eval_batches = self.distribute(self.eval.eval_batches(self.settings.eval_batch_size))
+        self.eval_batches = self._distributed_eval(self.eval)
         self.feature_eval_step = None  # made when a phase first trains on cached features
         self.stream = BatchStream(
             self.train, self.distribute, self.settings.batch_size, self.settings.seed
         )
         self.last_step: TrainStep | None = None
+
+    def _distributed_eval(self, examples: Examples):
+        size = self.settings.eval_batch_size
+        return self.distribute(
+            lambda part: examples.eval_batches(size, part), examples.positionable, size
+        )
 
     def _run_phase(self, phase: phase_lib.Phase, results: dict) -> None:
         self._set_trainability(phase, self._resume_stage(phase))
@@ -258,8 +265,7 @@ class Controller:
                 features_in=True,
                 task=self.task,
             )
-            eval_batches = cached.eval.eval_batches(self.settings.eval_batch_size)
-            evaluator = (self.feature_eval_step, self.distribute(eval_batches))
+            evaluator = (self.feature_eval_step, self._distributed_eval(cached.eval))
             cache_reason += f"; computed in {cached.seconds:.2f} s"
         else:
             batches = self.stream.at(self._step())

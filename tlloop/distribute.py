@@ -12,10 +12,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 import tensorflow as tf
 
 from tlloop.config import ConfigError, DistributeConfig
+from tlloop.data.examples import Part
 
 # Runs in a separate process: a thread cannot end a process whose main thread is blocked in
 # TensorFlow's cluster start (that call holds the GIL, measured), and the process ignores
@@ -82,6 +84,31 @@ def distribute_dataset(strategy: tf.distribute.Strategy, dataset: tf.data.Datase
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return strategy.experimental_distribute_dataset(dataset.with_options(options))
+
+
+def distribute_batches(
+    strategy: tf.distribute.Strategy,
+    batches: Callable[[Part | None], tf.data.Dataset],
+    *,
+    positionable: bool,
+    batch_size: int,
+):
+    """The strategy's distributed dataset of `batches(part)` (global batches of `batch_size`).
+
+    Positionable examples are read per input pipeline (one per worker): each reads only its
+    part of every global batch, as per-replica batches, so no worker reads another's examples
+    and the global batch is the same for any number of workers. Other data (a user's stream),
+    or a batch the replicas cannot share evenly, is read whole by every task and split by
+    DATA sharding (`distribute_dataset`)."""
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1 or not positionable or batch_size % replicas:
+        return distribute_dataset(strategy, batches(None))
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        count = context.num_input_pipelines
+        return batches(Part(context.input_pipeline_id, count, replicas // count))
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
 
 
 def cluster_task(strategy: tf.distribute.Strategy) -> tuple[str, int] | None:

@@ -36,8 +36,10 @@ from tlloop.config import (
 from tlloop.controller import Controller, StepSettings, averaged, weights_digest
 from tlloop.data import Data
 from tlloop.data.examples import Examples, as_examples
+from tlloop.data.images import ACCEPTED_IMAGES
+from tlloop.data.streaming import find_unreadable
 from tlloop.data.text import is_text, load_task_data
-from tlloop.distribute import cluster_task, describe, distribute_dataset, is_chief
+from tlloop.distribute import cluster_task, describe, distribute_batches, is_chief
 from tlloop.errors import RunFailed
 from tlloop.export import export_model
 from tlloop.models import TEXT_FINETUNE_MODES, TransferModel, build_model, build_text_model
@@ -261,21 +263,42 @@ class Trainer:
         actions += self.profiler(writes=summaries.enabled)
         actions += action_lib.FaultHook.from_environment()
         settings = self.step_settings(run.batch_size, run.eval_batch_size)
-        controller = Controller(
-            model=run.model,
-            task=task,
-            train=run.train,
-            eval_data=run.eval,
-            plan=run.plan,
-            settings=settings,
-            strategy=strategy,
-            checkpoints=checkpoints,
-            actions=actions,
-            distribute=lambda dataset: distribute_dataset(strategy, dataset),
-            train_writer=summaries.default("train"),
-        )
+        controller = None
         try:
+            controller = Controller(
+                model=run.model,
+                task=task,
+                train=run.train,
+                eval_data=run.eval,
+                plan=run.plan,
+                settings=settings,
+                strategy=strategy,
+                checkpoints=checkpoints,
+                actions=actions,
+                distribute=lambda batches, positionable, size: distribute_batches(
+                    strategy, batches, positionable=positionable, batch_size=size
+                ),
+                train_writer=summaries.default("train"),
+            )
             outcome = controller.run()
+        except tf.errors.InvalidArgumentError:
+            # A streamed image that starts like one but does not decode is met only when read.
+            found = find_unreadable(
+                run.train,
+                run.eval,
+                step=int(controller.global_step.numpy())
+                if hasattr(controller, "global_step")
+                else 0,
+                steps=max(1, settings.steps_per_loop),
+                batch_size=run.batch_size,
+                seed=self.seed,
+            )
+            if found is None:
+                raise
+            raise ConfigError(
+                f"{found}; accepted: {ACCEPTED_IMAGES}, or --bad_images=skip (which decodes "
+                "every image before training) to leave it out; the last checkpoint is intact"
+            ) from None
         finally:
             for action in actions:
                 if isinstance(action, action_lib.Profiler):
@@ -613,6 +636,7 @@ def train(
         "restarts": restarts,  # by the supervisor, before this process
         "class_names": list(data.class_names),
         "skipped_images": list(data.skipped_files),
+        "data_storage": dict(data.storage),
         "init_checkpoint": dataclasses.asdict(report) if report else None,
     }
     return trainer._run(

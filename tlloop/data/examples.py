@@ -21,6 +21,7 @@ evaluation pads its last batch with examples of weight 0, so each example counts
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 
 import numpy as np
@@ -46,9 +47,15 @@ class Examples(abc.ABC):
 
     @abc.abstractmethod
     def training_batches(
-        self, batch_size: int, seed: int, start_step: int = 0, shuffle: bool = True
+        self,
+        batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        shuffle: bool = True,
+        part: Part | None = None,
     ) -> tf.data.Dataset:
-        """The endless stream of full batches, from the batch of global step `start_step` + 1."""
+        """The endless stream of full batches, from the batch of global step `start_step` + 1
+        (only `part` of each, when positionable examples are read by several pipelines)."""
 
     @property
     def element_spec(self):
@@ -59,9 +66,9 @@ class Examples(abc.ABC):
         labels = np.concatenate([y for _, y in self.ordered().batch(4096).as_numpy_iterator()])
         return np.bincount(labels.astype(np.int64).ravel(), minlength=num_classes)
 
-    def eval_batches(self, batch_size: int) -> tf.data.Dataset:
+    def eval_batches(self, batch_size: int, part: Part | None = None) -> tf.data.Dataset:
         """(inputs, labels, weights) full batches over every example once; the last batch is
-        padded with copies of the first example of weight 0."""
+        padded with copies of the first example of weight 0 (`part`: positionable only)."""
         real = self.ordered().map(lambda x, y: (x, y, tf.constant(1.0)))
         padding = (-self.size) % batch_size
         filler = self.ordered().take(1).map(lambda x, y: (x, y, tf.constant(0.0))).repeat(padding)
@@ -81,12 +88,137 @@ class Examples(abc.ABC):
         return next(iter(self.ordered().map(lambda x, y: x).batch(count)))
 
 
-class InMemoryExamples(Examples):
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """The part of every global batch one input pipeline reads, as per-replica batches.
+
+    Pipeline `index` of `count` reads positions [index x s, (index + 1) x s) of each global
+    batch (s = batch / count), as `replicas` consecutive batches of s / replicas: the global
+    batch, and which replica sees which example, do not depend on how many pipelines read it.
+    """
+
+    index: int = 0
+    count: int = 1
+    replicas: int = 1
+
+    def slicer(self, batch_size: int):
+        """A map from a global batch of positions [batch] to this part's per-replica rows
+        [replicas, batch / (count x replicas)]; None for the whole batch in one piece."""
+        if (self.count, self.replicas) == (1, 1):
+            return None
+        size = batch_size // self.count
+        start, rows = self.index * size, size // self.replicas
+
+        def part(positions, *rest):
+            pieces = [
+                tf.reshape(t[start : start + size], [self.replicas, rows])
+                for t in (positions, *rest)
+            ]
+            return tuple(pieces) if rest else pieces[0]
+
+        return part
+
+
+class IndexedExamples(Examples):
+    """Examples read by index, in tlloop's seeded order (see `example_index`): training batch t
+    holds positions [t x batch, (t + 1) x batch) of the order, so any step can be the first
+    read (no replay) and every input pipeline reads only its part of each batch.
+
+    Subclasses say how a batch of indices becomes (inputs, labels) (`read`, run per batch in
+    parallel) and, optionally, how each example is finished (`finish`, run per example in
+    parallel, e.g. an image decoded): the batches are the same whoever reads them."""
+
+    positionable = True
+
+    @abc.abstractmethod
+    def read(self, indices: tf.Tensor):
+        """(inputs, labels) of the examples at `indices` (int64 [n])."""
+
+    #: Maps one example's (inputs, label) after `read`, or None.
+    finish = None
+
+    def _batches(self, positions: tf.data.Dataset, batch_size: int, part: Part | None):
+        """`positions` (global batches of indices, or of (indices, weights)) read as `part`."""
+        part = part or Part()
+        slicer = part.slicer(batch_size)
+        rows = batch_size // (part.count * part.replicas)
+        if slicer is not None:
+            positions = positions.map(slicer).unbatch()
+        if self.finish is None:
+            batches = positions.map(
+                self._read_rows, num_parallel_calls=AUTOTUNE, deterministic=True
+            )
+        else:
+            batches = (
+                positions.map(self._read_rows, num_parallel_calls=AUTOTUNE, deterministic=True)
+                .unbatch()
+                .map(self._finish_row, num_parallel_calls=AUTOTUNE, deterministic=True)
+                .batch(rows, drop_remainder=True)
+            )
+        return batches.prefetch(AUTOTUNE)
+
+    def _read_rows(self, indices, *weights):
+        return (*self.read(indices), *weights)
+
+    def _finish_row(self, inputs, label, *weights):
+        return (*self.finish(inputs, label), *weights)
+
+    def ordered(self) -> tf.data.Dataset:
+        rows = tf.data.Dataset.range(self.size).batch(256).map(self._read_rows)
+        if self.finish is not None:
+            return rows.unbatch().map(
+                self._finish_row, num_parallel_calls=AUTOTUNE, deterministic=True
+            )
+        return rows.unbatch()
+
+    def eval_batches(self, batch_size: int, part: Part | None = None) -> tf.data.Dataset:
+        # Padding positions read example 0 with weight 0.
+        size = self.size
+
+        def weighted(positions):
+            real = positions < size
+            return tf.where(real, positions, 0), tf.cast(real, tf.float32)
+
+        padded = self.eval_steps(batch_size) * batch_size
+        positions = tf.data.Dataset.range(padded).batch(batch_size).map(weighted)
+        return self._batches(positions, batch_size, part)
+
+    def training_batches(
+        self,
+        batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        shuffle: bool = True,
+        part: Part | None = None,
+    ) -> tf.data.Dataset:
+        size = self.size
+        first_epoch, offset = divmod(start_step * batch_size, size)
+
+        def epoch(number):
+            # The whole epoch's order in one op (`example_index` for each of its positions),
+            # the first epoch from the resume point on.
+            positions = tf.range(size, dtype=tf.int64)
+            if shuffle:
+                order_seed = tf.stack([tf.constant(seed, tf.int64), number])
+                positions = tf.random.experimental.index_shuffle(positions, order_seed, size - 1)
+            start = tf.where(number == first_epoch, tf.constant(offset, tf.int64), 0)
+            return tf.data.Dataset.from_tensor_slices(positions[start:])
+
+        positions = (
+            tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
+            .flat_map(epoch)
+            .batch(batch_size, drop_remainder=True)
+        )
+        return self._batches(positions, batch_size, part)
+
+    def label_counts(self, num_classes: int) -> np.ndarray:
+        return np.bincount(np.asarray(self.labels, np.int64).ravel(), minlength=num_classes)
+
+
+class InMemoryExamples(IndexedExamples):
     """(inputs, labels) held as arrays: `inputs` an array or a nested structure (dict, tuple)
     of arrays, `labels` an array; all with the same first dimension. `transform`, if given,
     maps each batch of inputs after it is gathered (e.g. uint8 pixels to float32)."""
-
-    positionable = True
 
     def __init__(self, inputs, labels, *, transform=None) -> None:
         counts = {len(a) for a in tf.nest.flatten(inputs)} | {len(labels)}
@@ -118,9 +250,6 @@ class InMemoryExamples(Examples):
     def size(self) -> int:
         return len(self.labels)
 
-    def label_counts(self, num_classes: int) -> np.ndarray:
-        return np.bincount(np.asarray(self.labels, np.int64).ravel(), minlength=num_classes)
-
     def _constants(self):
         if self._tensors is None:
             with tf.init_scope():  # eager tensors, made once, whatever graph first asks
@@ -129,61 +258,11 @@ class InMemoryExamples(Examples):
                 )
         return self._tensors
 
-    def _gather(self, indices):
+    def read(self, indices):
         inputs, labels = tf.nest.map_structure(lambda t: tf.gather(t, indices), self._constants())
         if self.transform is not None:
             inputs = self.transform(inputs)
         return inputs, labels
-
-    def eval_batches(self, batch_size: int) -> tf.data.Dataset:
-        # As Examples.eval_batches, gathered a batch at a time: padding positions read example 0
-        # with weight 0.
-        size = self.size
-
-        def gather(positions):
-            real = positions < size
-            inputs, labels = self._gather(tf.where(real, positions, 0))
-            return inputs, labels, tf.cast(real, tf.float32)
-
-        padded = self.eval_steps(batch_size) * batch_size
-        return (
-            tf.data.Dataset.range(padded)
-            .batch(batch_size)
-            .map(gather, num_parallel_calls=AUTOTUNE, deterministic=True)
-            .prefetch(AUTOTUNE)
-        )
-
-    def ordered(self) -> tf.data.Dataset:
-        return (
-            tf.data.Dataset.range(self.size)
-            .batch(1024)
-            .map(self._gather, num_parallel_calls=AUTOTUNE, deterministic=True)
-            .unbatch()
-        )
-
-    def training_batches(
-        self, batch_size: int, seed: int, start_step: int = 0, shuffle: bool = True
-    ) -> tf.data.Dataset:
-        size = self.size
-        first_epoch, offset = divmod(start_step * batch_size, size)
-
-        def epoch(number):
-            # The whole epoch's order in one op (`example_index` for each of its positions),
-            # the first epoch from the resume point on.
-            positions = tf.range(size, dtype=tf.int64)
-            if shuffle:
-                order_seed = tf.stack([tf.constant(seed, tf.int64), number])
-                positions = tf.random.experimental.index_shuffle(positions, order_seed, size - 1)
-            start = tf.where(number == first_epoch, tf.constant(offset, tf.int64), 0)
-            return tf.data.Dataset.from_tensor_slices(positions[start:])
-
-        return (
-            tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
-            .flat_map(epoch)
-            .batch(batch_size, drop_remainder=True)
-            .map(self._gather, num_parallel_calls=AUTOTUNE, deterministic=True)
-            .prefetch(AUTOTUNE)
-        )
 
 
 def example_index(position, size: int, seed: int):
@@ -222,7 +301,12 @@ class StreamedExamples(Examples):
         return self.dataset
 
     def training_batches(
-        self, batch_size: int, seed: int, start_step: int = 0, shuffle: bool = True
+        self,
+        batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        shuffle: bool = True,
+        part: Part | None = None,
     ) -> tf.data.Dataset:
         batches = self.dataset.repeat().batch(batch_size, drop_remainder=True)
         return batches.skip(start_step).prefetch(AUTOTUNE)
@@ -275,8 +359,13 @@ class BatchStream:
         """The iterator whose next batch is the one of global step `step` + 1."""
         fresh = self.iterator is None or (self.examples.positionable and step != self.position)
         if fresh:
-            batches = self.examples.training_batches(self.batch_size, self.seed, step)
-            self.iterator, self.position = iter(self.distribute(batches)), step
+            examples, size, seed = self.examples, self.batch_size, self.seed
+            batches = self.distribute(
+                lambda part: examples.training_batches(size, seed, step, part=part),
+                examples.positionable,
+                size,
+            )
+            self.iterator, self.position = iter(batches), step
         if step < self.position:
             raise RuntimeError(f"the training stream is past step {step}: it cannot go back")
         for _ in range(step - self.position):  # steps taken meanwhile on another stream

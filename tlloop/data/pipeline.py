@@ -1,9 +1,20 @@
-"""The command line's data: a source's images decoded, resized and held as Examples.
+"""The command line's data: a source's images, in memory or streamed, as Examples.
 
-Image files are decoded and resized once, in parallel, when the data is loaded: an unreadable
-file is found (and named, or skipped with --bad_images=skip) before anything is written, and
-the decoded examples are kept in memory as uint8 (`InMemoryExamples`, which read them in the
-seeded training order and pad the evaluation's last batch: see `tlloop.data.examples`).
+Each split takes one of two paths, chosen at load and logged (and written to results.json):
+
+- **In memory**, when its decoded images fit what is left of the memory budget
+  (`--data_memory`, the evaluation split first): every image is decoded and resized once, in
+  parallel, at load, and held as uint8 (`InMemoryExamples`).
+- **Streamed**, when they do not: the examples hold only where each image is (file paths,
+  TFRecord offsets) and their labels; each batch reads and decodes its images as it is read
+  (`streaming.EncodedImages`), or reads them from the decoded cache of `--data_cache`.
+
+Both read in the same seeded order (`examples.example_index`) and decode with the same ops, so
+they give the same batches. Unreadable images: an image whose first bytes are no image format
+is found before anything is written, on both paths; the in-memory path (and a data cache, and
+`--bad_images=skip` on a stream) decodes every image before training, so it finds the rest
+too; a streamed image that starts right but does not decode stops the run when first read,
+named (see `trainer`), the last checkpoint intact.
 """
 
 from __future__ import annotations
@@ -11,15 +22,26 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
+import os
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from tlloop.config import ConfigError, DataConfig
-from tlloop.data.examples import InMemoryExamples
-from tlloop.data.sources import IMAGE_EXTENSIONS, Split, load_source
+from tlloop.data.examples import IndexedExamples, InMemoryExamples
+from tlloop.data.images import ACCEPTED_IMAGES, looks_like_image, read_image, resize_images
+from tlloop.data.sources import Split, load_source
+from tlloop.data.streaming import (
+    DiskImages,
+    EncodedImages,
+    Reader,
+    cache_files,
+    read_cache_meta,
+    write_cache,
+)
+
+__all__ = ["Data", "load_data", "read_image", "resize_images"]
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -29,18 +51,20 @@ class Data:
     """A source's examples, ready for training and evaluation.
 
     `train` yields (images float32 [B, S, S, 3] in [0, 255], labels int32 [B]) forever, in
-    the order of `train_examples` (see `examples.InMemoryExamples`); `eval` yields (images,
+    the order of `train_examples` (see `examples.IndexedExamples`); `eval` yields (images,
     labels, weights float32 [B]) for `eval_steps` batches, the weights summing to `eval_size`.
-    Loaded for evaluation only, `train_examples` is None.
+    Loaded for evaluation only, `train_examples` is None. `storage` says, per split, which
+    path it took and why.
     """
 
     class_names: tuple[str, ...]
-    train_examples: InMemoryExamples | None
-    eval_examples: InMemoryExamples
+    train_examples: IndexedExamples | None
+    eval_examples: IndexedExamples
     batch_size: int
     eval_batch_size: int
     seed: int = 0
     skipped_files: tuple[str, ...] = ()  # unreadable image files left out (--bad_images=skip)
+    storage: dict = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -77,36 +101,125 @@ class Data:
 
 
 def load_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
-    """Loads the source `config` names, decoded and resized, into memory (only the evaluation
-    split, and no training image decoded, with `evaluation_only`)."""
+    """Loads the source `config` names: each split in memory or streamed (see the module's
+    doc), only the evaluation split with `evaluation_only`."""
     source = load_source(config)
-    skip = config.bad_images == "skip"
-    eval_split, skipped = decode_files(
-        source.eval, config.image_size, skip=skip, resize=config.resize
+    budget = memory_budget(config.data_memory)
+    logging.info(
+        "data memory budget: %.0f MiB (--data_memory=%s)", budget / 2**20, config.data_memory
     )
-    _check_every_class(eval_split, source.class_names, skipped)
-    train_examples = None
-    if not evaluation_only:
-        train_split, train_skipped = decode_files(
-            source.train, config.image_size, skip=skip, resize=config.resize
+    loaded, storage, skipped = {}, {}, []
+    splits = [("eval", source.eval)] + [("train", source.train)] * (not evaluation_only)
+    for name, split in splits:  # evaluation first: it is read in full at every evaluation
+        examples, storage[name], bad = _load_split(split, config, budget)
+        budget -= (
+            examples.size * config.image_size**2 * 3 if storage[name].startswith("memory") else 0
         )
-        skipped = train_skipped + skipped
-        _check_every_class(train_split, source.class_names, skipped)
-        train_examples = in_memory(train_split, config.image_size, config.resize)
+        _check_every_class(examples.labels, source.class_names, bad)
+        loaded[name] = examples
+        skipped = list(bad) + skipped
+        logging.info("%s split: %d examples, %s", name, examples.size, storage[name])
     return Data(
         class_names=source.class_names,
-        train_examples=train_examples,
-        eval_examples=in_memory(eval_split, config.image_size, config.resize),
+        train_examples=loaded.get("train"),
+        eval_examples=loaded["eval"],
         batch_size=config.batch_size,
         eval_batch_size=config.eval_batch,
         seed=config.seed,
-        skipped_files=skipped,
+        skipped_files=tuple(skipped),
+        storage=storage,
+    )
+
+
+def memory_budget(setting: str) -> int:
+    """Bytes of decoded images `--data_memory` allows: a number of MiB, or for auto half the
+    memory available now (MemAvailable; the physical memory where /proc/meminfo is missing)."""
+    if setting != "auto":
+        return int(setting) * 2**20
+    try:
+        with open("/proc/meminfo") as file:
+            fields = dict(line.split(":", 1) for line in file)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return available // 2
+
+
+def _load_split(split: Split, config: DataConfig, budget: int):
+    """(examples, how they are stored, as logged, the images skipped) of one split."""
+    if isinstance(split.images, np.ndarray):
+        return in_memory(split, config.image_size, config.resize), "memory: arrays", ()
+    origins = split.origins if isinstance(split.images, list) and split.origins else None
+    reader = Reader(split.images, origins, config.image_feature)
+    every = EncodedImages(reader, split.labels, config.image_size, config.resize)
+    heads = reader.heads()
+    images, skipped = _keep(every, np.flatnonzero([looks_like_image(h) for h in heads]))
+    size = f"{images.decoded_bytes / 2**20:.1f} MiB decoded"
+    fits = images.decoded_bytes <= budget
+    if skipped and config.bad_images == "fail" and not (fits or config.data_cache):
+        _refuse(every, skipped)  # found cheaply; nothing will decode every image at load
+    left = f"over the {budget / 2**20:.0f} MiB left"
+    cached = pixels = None
+    if config.data_cache:
+        pixels_path, meta_path = cache_files(config.data_cache, images)
+        kept = read_cache_meta(meta_path)
+        how = f"--data_cache {'found' if kept is not None else 'written'} at {pixels_path}"
+        if kept is None:
+            kept = write_cache(images, pixels_path, meta_path)
+        images, more = _keep(images, kept)
+        cached = DiskImages(pixels_path, images.labels, config.image_size)
+    elif fits:
+        chunks = list(images.decode_all())
+        kept = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, np.int64)
+        pixels = np.concatenate([c[1] for c in chunks]) if chunks else None
+        images, more = _keep(images, kept)
+        how = "decoded at load"
+    elif config.bad_images == "skip":  # every image decoded once now, so training meets none
+        kept = np.concatenate([c[0] for c in images.decode_all()] or [np.zeros(0, np.int64)])
+        images, more = _keep(images, kept)
+        how = "decoded as read; every image checked at load"
+    else:
+        more, how = (), "decoded as read"
+    skipped += more
+    if skipped and config.bad_images == "fail":
+        _refuse(every, skipped)
+    if skipped:
+        logging.warning(
+            "--bad_images=skip: skipped %d unreadable image file(s) of %d: %s",
+            len(skipped),
+            every.size,
+            ", ".join(skipped),
+        )
+    if fits:
+        pixels = cached.pixels() if cached else pixels
+        examples = InMemoryExamples(pixels, images.labels, transform=_to_float)
+        return examples, f"memory ({size}, {how})", skipped
+    return cached or images, f"streamed ({size} {left}; {how})", skipped
+
+
+def _keep(images: EncodedImages, kept: np.ndarray) -> tuple[EncodedImages, tuple[str, ...]]:
+    """`images` reduced to the indices `kept`, and where the others come from."""
+    if len(kept) == images.size:
+        return images, ()
+    bad = np.setdiff1d(np.arange(images.size), kept)
+    return images.keep(kept), tuple(images.reader.origin(int(i)) for i in bad)
+
+
+def _refuse(images: EncodedImages, unreadable: tuple[str, ...]) -> None:
+    """Raises ConfigError naming the first of `images` (in their order) that is `unreadable`,
+    with TensorFlow's reason."""
+    bad = set(unreadable)
+    first = next(i for i in range(images.size) if images.reader.origin(i) in bad)
+    problem = images.unreadable([first]) or f"image {images.reader.origin(first)!r}: unreadable"
+    more = f" ({len(bad) - 1} more unreadable images)" if len(bad) > 1 else ""
+    raise ConfigError(
+        f"{problem}; accepted: {ACCEPTED_IMAGES}, or --bad_images=skip to leave them out{more}"
     )
 
 
 def in_memory(split: Split, image_size: int, resize: str = "squash") -> InMemoryExamples:
-    """The decoded images of `split` (uint8 arrays) as examples of float32 `image_size`
-    squares: kept as uint8 when already that size, else resized once, as float32."""
+    """The images of `split` (uint8 arrays) as examples of float32 `image_size` squares: kept
+    as uint8 when already that size, else resized once, as float32."""
     images = split.images
     if images.shape[1:3] == (image_size, image_size):
         return InMemoryExamples(images, split.labels, transform=_to_float)
@@ -127,95 +240,11 @@ def _to_float(images):
     return tf.cast(images, tf.float32)
 
 
-def decode_files(
-    split: Split, image_size: int, *, skip: bool, resize: str = "squash"
-) -> tuple[Split, tuple[str, ...]]:
-    """`split` with its image files (or encoded images) decoded and resized to uint8 arrays,
-    and the files (or record origins) skipped.
-
-    One that cannot be read or decoded raises ConfigError naming it, or with `skip` is left
-    out (logged, and returned). A split that already holds arrays is returned as it is.
-    """
-    if isinstance(split.images, np.ndarray):
-        return split, ()
-    items = split.images
-    if not items:
-        return Split(np.zeros((0, image_size, image_size, 3), np.uint8), split.labels), ()
-    files = isinstance(items[0], str)
-    decode = _decode_file if files else _decode_bytes
-    origins = items if files else split.origins or [f"example {i}" for i in range(len(items))]
-
-    def load(index, item):
-        image = tf.round(_resize(decode(item), image_size, resize))
-        return index, tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8)
-
-    decoded = (
-        tf.data.Dataset.from_tensor_slices((np.arange(len(items)), items))
-        .map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
-        .ignore_errors()  # a bad image drops out; which ones is found from the indices
-        .batch(256)
-    )
-    indices, images = [], []
-    for index, pixels in decoded:
-        indices.append(index.numpy())
-        images.append(pixels.numpy())
-    kept = np.concatenate(indices) if indices else np.zeros((0,), np.int64)
-    bad = sorted(set(range(len(items))) - set(kept.tolist()))
-    skipped = tuple(origins[i] for i in bad)
-    if skipped and not skip:
-        try:
-            if files:
-                read_image(skipped[0])
-            else:
-                _decode_bytes(tf.constant(items[bad[0]]))
-            problem = f"image {skipped[0]!r}: cannot be decoded"
-        except ConfigError as error:
-            problem = str(error)
-        except (tf.errors.OpError, ValueError) as error:
-            problem = (
-                f"image {skipped[0]!r}: cannot be decoded ({_reason(error)}); accepted: "
-                f"{', '.join(e[1:].upper() for e in IMAGE_EXTENSIONS)} images"
-            )
-        more = f" ({len(skipped) - 1} more unreadable images)" if len(skipped) > 1 else ""
-        raise ConfigError(f"{problem}, or --bad_images=skip to leave them out{more}")
-    if skipped:
-        logging.warning(
-            "--bad_images=skip: skipped %d unreadable image file(s) of %d: %s",
-            len(skipped),
-            len(items),
-            ", ".join(skipped),
-        )
-    pixels = (
-        np.concatenate(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
-    )
-    return Split(pixels, split.labels[kept]), skipped
-
-
-def read_image(path: str) -> np.ndarray:
-    """The image file `path` as uint8 (height, width, 3); the first frame of an animated GIF.
-
-    Raises ConfigError naming the file, with TensorFlow's reason, if it cannot be read or
-    decoded.
-    """
-    try:
-        return _decode_file(tf.constant(path)).numpy()
-    except (tf.errors.OpError, ValueError) as error:
-        raise ConfigError(
-            f"image file {path!r}: cannot be read or decoded ({_reason(error)}); accepted: "
-            f"{', '.join(e[1:].upper() for e in IMAGE_EXTENSIONS)} images"
-        ) from None
-
-
-def _reason(error: Exception) -> str:
-    """TensorFlow's reason for an error, without the op and device names around it."""
-    message = getattr(error, "message", str(error))
-    noise = r"\{\{[^}]*\}\}|\[Op:[^\]]*\]|\bname:\s*$"
-    return re.sub(noise, "", " ".join(message.split())).strip()[:160]
-
-
-def _check_every_class(split: Split, names: tuple[str, ...], skipped: tuple[str, ...]) -> None:
+def _check_every_class(
+    labels: np.ndarray, names: tuple[str, ...], skipped: tuple[str, ...]
+) -> None:
     """Raises ConfigError if skipping unreadable files emptied a class."""
-    empty = [name for label, name in enumerate(names) if not np.any(split.labels == label)]
+    empty = [name for label, name in enumerate(names) if not np.any(labels == label)]
     if empty and skipped:
         raise ConfigError(
             f"class {empty[0]!r}: no readable images left after skipping {len(skipped)} "
@@ -228,34 +257,3 @@ def padded_eval_dataset(
 ) -> tf.data.Dataset:
     """(images, labels, weights) full batches of `split`; padding examples have weight 0."""
     return in_memory(split, image_size, resize).eval_batches(batch_size)
-
-
-def _decode_file(path: tf.Tensor) -> tf.Tensor:
-    return _decode_bytes(tf.io.read_file(path))
-
-
-def _decode_bytes(data: tf.Tensor) -> tf.Tensor:
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    return tf.ensure_shape(image, (None, None, 3))
-
-
-def resize_images(images: tf.Tensor, size: int, mode: str = "squash") -> tf.Tensor:
-    """Float32 `size` x `size` images from an image (H, W, 3) or a batch (B, H, W, 3).
-
-    "squash" resizes to the square, ignoring the aspect ratio; "crop" scales the short side to
-    `size` and crops the centre; "pad" scales the long side to `size` and pads with black.
-    Bilinear throughout; the training pipeline and the exported SavedModel both use this.
-    """
-    images = tf.cast(images, tf.float32)
-    if mode == "pad":
-        return tf.image.resize_with_pad(images, size, size)
-    if mode == "crop":
-        shape = tf.cast(tf.shape(images)[-3:-1], tf.float32)
-        scaled = tf.cast(tf.math.ceil(shape * (size / tf.reduce_min(shape))), tf.int32)
-        return tf.image.resize_with_crop_or_pad(tf.image.resize(images, scaled), size, size)
-    return tf.image.resize(images, (size, size))
-
-
-def _resize(image: tf.Tensor, image_size: int, mode: str = "squash") -> tf.Tensor:
-    image = resize_images(image, image_size, mode)
-    return tf.ensure_shape(image, (image_size, image_size, 3))

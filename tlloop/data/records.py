@@ -1,8 +1,9 @@
 """Example sources beyond files on disk: TFRecord files of tf.train.Example records, and
 TensorFlow Datasets (an optional dependency: `pip install -e ".[tfds]"`).
 
-Both give a `Split` of encoded images (decoded, like image files, when the data loads) or of
-arrays, with labels; errors name the flag and say what is accepted.
+Both give a `Split` with labels: of where records lie (TFRecord: read, like image files, when
+the examples are) or of encoded images in memory (TFDS); errors name the flag and say what is
+accepted.
 """
 
 from __future__ import annotations
@@ -14,14 +15,20 @@ import numpy as np
 import tensorflow as tf
 
 from tlloop.config import ConfigError
+from tlloop.data.images import HEAD_BYTES
 from tlloop.data.sources import Split
+from tlloop.data.streaming import RecordRefs
+
+AUTOTUNE = tf.data.AUTOTUNE
 
 _RECORDS = "TFRecord files of tf.train.Example records"
 
 
 def read_records(patterns: str, flag: str, image_key: str, label_key: str) -> Split:
     """Every record of the files `patterns` (comma-separated globs) matches, in sorted file
-    order: the encoded image under `image_key`, the int64 label under `label_key`."""
+    order: where each lies (`RecordRefs`: the image is read from there when the examples are),
+    its int64 label under `label_key`, and the first bytes of its image under `image_key`.
+    One pass over the files, in parallel; no image is kept or decoded."""
     files = sorted({f for p in patterns.split(",") if p.strip() for f in glob.glob(p.strip())})
     if not files:
         raise ConfigError(f"--{flag}={patterns!r}: matches no file; accepted: globs of {_RECORDS}")
@@ -29,34 +36,63 @@ def read_records(patterns: str, flag: str, image_key: str, label_key: str) -> Sp
         image_key: tf.io.FixedLenFeature([], tf.string),
         label_key: tf.io.FixedLenFeature([], tf.int64),
     }
-    images, labels, origins = [], [], []
-    for path in files:
+
+    def scan(record):
+        example = tf.io.parse_single_example(record, spec)
+        head = tf.strings.substr(example[image_key], 0, HEAD_BYTES)
+        return tf.strings.length(record), example[label_key], head
+
+    columns: list[list[np.ndarray]] = [[], [], [], [], []]
+    heads: list[bytes] = []
+    for number, path in enumerate(files):
+        records = tf.data.TFRecordDataset(path)
         try:
-            for index, record in enumerate(tf.data.TFRecordDataset(path)):
-                try:
-                    example = tf.io.parse_single_example(record, spec)
-                except (tf.errors.InvalidArgumentError, ValueError):
-                    raise ConfigError(_missing_keys(record, path, image_key, label_key)) from None
-                images.append(example[image_key].numpy())
-                labels.append(int(example[label_key]))
-                origins.append(f"record {index} of {path}")
+            parts = list(
+                records.map(scan, num_parallel_calls=AUTOTUNE).batch(4096).as_numpy_iterator()
+            )
         except tf.errors.DataLossError:
             raise ConfigError(
                 f"--{flag}: {path!r} is not a readable TFRecord file (corrupt or truncated); "
                 f"accepted: {_RECORDS}"
             ) from None
-    labels = np.asarray(labels, np.int64)
+        except tf.errors.InvalidArgumentError:
+            raise ConfigError(_missing_keys(records, spec, path, image_key, label_key)) from None
+        lengths = (
+            np.concatenate([p[0] for p in parts]).astype(np.int64)
+            if parts
+            else np.zeros(0, np.int64)
+        )
+        # A record is its length (8 bytes), a checksum (4), its bytes, a checksum (4).
+        starts = (
+            np.concatenate([[0], np.cumsum(lengths + 16)[:-1]]) + 12 if len(lengths) else lengths
+        )
+        columns[0].append(np.full(len(lengths), number, np.int32))
+        columns[1].append(np.arange(len(lengths), dtype=np.int64))
+        columns[2].append(starts.astype(np.int64))
+        columns[3].append(lengths)
+        columns[4].append(np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64))
+        heads.extend(h for p in parts for h in p[2])
+    file_index, numbers, offsets, lengths, labels = (np.concatenate(c) for c in columns)
     if labels.size and labels.min() < 0:
         raise ConfigError(
             f"--label_feature={label_key!r}: negative class index {labels.min()} in --{flag}; "
             "accepted: class indices 0, 1, 2, ..."
         )
-    return Split(images, labels.astype(np.int32), origins)
+    heads = np.asarray(heads, dtype=object)
+    refs = RecordRefs(tuple(files), file_index, numbers, offsets, lengths, heads)
+    return Split(refs, labels.astype(np.int32))
 
 
-def _missing_keys(record, path: str, image_key: str, label_key: str) -> str:
-    example = tf.train.Example.FromString(record.numpy())
-    present = sorted(example.features.feature)
+def _missing_keys(records, spec, path: str, image_key: str, label_key: str) -> str:
+    """The message for the first record of `path` that lacks a feature of `spec`."""
+    for record in records:
+        try:
+            tf.io.parse_single_example(record, spec)
+        except (tf.errors.InvalidArgumentError, ValueError):
+            present = sorted(tf.train.Example.FromString(record.numpy()).features.feature)
+            break
+    else:
+        present = []
     return (
         f"--image_feature={image_key!r} / --label_feature={label_key!r}: not both in the "
         f"records of {path!r} (they hold {present}); accepted: the feature names of the "

@@ -9,23 +9,27 @@ from __future__ import annotations
 import dataclasses
 import os
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tlloop.config import ConfigError, DataConfig
+from tlloop.data.images import IMAGE_EXTENSIONS
+
+if TYPE_CHECKING:
+    from tlloop.data.streaming import RecordRefs
 
 SPLIT_SEED = 20261123
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Images: (N, H, W, 3) uint8, a list of file paths, or a list of encoded images (bytes)
-    (texts, for tlloop.data.text); labels: int32 class indices (N,), or float32 multi-hot rows
-    or regression targets (N, K); and for encoded images, where each came from (for error
-    messages)."""
+    """Images: (N, H, W, 3) uint8, a list of file paths, a list of encoded images (bytes) or
+    where TFRecord records lie (`RecordRefs`) (texts, for tlloop.data.text); labels: int32
+    class indices (N,), or float32 multi-hot rows or regression targets (N, K); and for
+    encoded images, where each came from (for error messages)."""
 
-    images: np.ndarray | list[str] | list[bytes]
+    images: np.ndarray | list[str] | list[bytes] | RecordRefs
     labels: np.ndarray
     origins: list[str] | None = None
 
@@ -33,7 +37,7 @@ class Split:
         return len(self.labels)
 
     def take(self, index: np.ndarray) -> Split:
-        if isinstance(self.images, np.ndarray):
+        if not isinstance(self.images, list):
             return Split(self.images[index], self.labels[index])
         origins = None if self.origins is None else [self.origins[i] for i in index]
         return Split([self.images[i] for i in index], self.labels[index], origins)

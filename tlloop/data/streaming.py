@@ -1,0 +1,341 @@
+"""Encoded images read by index, decoded as they are read: memory that does not grow with N.
+
+`EncodedImages` are indexed examples (`examples.IndexedExamples`: the same seeded order, exact
+resume at any step, one part of each global batch per input pipeline) whose inputs are encoded
+images: image files, TFRecord records (read at their byte offsets, found by one scan of the
+files) or encoded bytes in memory. A batch of indices reads its encoded images, then each is
+decoded and resized in parallel `tf.data` maps, with the very ops the in-memory path decodes
+with at load (`decode_resized`), so both paths give the same batches, bit for bit.
+
+`DiskImages` are the same examples decoded once into a file of uint8 pixels (`--data_cache`),
+read back a batch at a time by offset. `decode_all` is the one decoding pass over every image:
+it holds the pixels in memory, writes them to the cache, or only checks that they decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tlloop.config import ConfigError
+from tlloop.data.examples import AUTOTUNE, IndexedExamples, example_index
+from tlloop.data.images import HEAD_BYTES, decode_resized, reason
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordRefs:
+    """Where each record of some TFRecord files lies: for record i, its file
+    (`files[file[i]]`), its number in that file, the offset and length of its bytes, and the
+    first bytes of its image (`head`, for the check before training)."""
+
+    files: tuple[str, ...]
+    file: np.ndarray
+    number: np.ndarray
+    offset: np.ndarray
+    length: np.ndarray
+    head: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.file)
+
+    def __getitem__(self, index: np.ndarray) -> RecordRefs:
+        columns = (self.file, self.number, self.offset, self.length, self.head)
+        return RecordRefs(self.files, *(column[index] for column in columns))
+
+    def origin(self, i: int) -> str:
+        return f"record {int(self.number[i])} of {self.files[int(self.file[i])]}"
+
+
+class Reader:
+    """Encoded images by index: one of a list of files, records or bytes."""
+
+    def __init__(self, items, origins: list[str] | None = None, image_key: str = "") -> None:
+        self.items, self.image_key = items, image_key
+        self.kind = (
+            "records"
+            if isinstance(items, RecordRefs)
+            else "files"
+            if items and isinstance(items[0], str)
+            else "bytes"
+        )
+        self._origins = origins
+        self._constant = None
+        self._descriptors: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def origin(self, i: int) -> str:
+        """Where example i comes from, for messages: its file, record or given origin."""
+        if self.kind == "records":
+            return self.items.origin(i)
+        if self.kind == "files":
+            return self.items[i]
+        return self._origins[i] if self._origins else f"example {i}"
+
+    def encoded(self, indices: tf.Tensor) -> tf.Tensor:
+        """The encoded images (tf.string [n]) at `indices` (int64 [n])."""
+        if self.kind == "records":
+            records = tf.numpy_function(self._read_records, [indices], tf.string, stateful=False)
+            records.set_shape(indices.shape)
+            spec = {self.image_key: tf.io.FixedLenFeature([], tf.string)}
+            return tf.io.parse_example(records, spec)[self.image_key]
+        if self._constant is None:
+            with tf.init_scope():  # one eager constant, whatever graph first asks
+                self._constant = tf.constant(self.items)
+        taken = tf.gather(self._constant, indices)
+        if self.kind == "files":
+            return tf.map_fn(tf.io.read_file, taken, fn_output_signature=tf.string)
+        return taken
+
+    def _read_records(self, indices: np.ndarray) -> np.ndarray:
+        refs = self.items
+        out = np.empty(len(indices), dtype=object)
+        for k, i in enumerate(indices):
+            out[k] = os.pread(
+                self._descriptor(int(refs.file[i])), int(refs.length[i]), int(refs.offset[i])
+            )
+        return out
+
+    def _descriptor(self, file: int) -> int:
+        with self._lock:  # tf.data reads batches on several threads
+            if file not in self._descriptors:
+                self._descriptors[file] = os.open(self.items.files[file], os.O_RDONLY)
+            return self._descriptors[file]
+
+    def heads(self) -> list[bytes | None]:
+        """Each image's first bytes (None for a file that cannot be read), for a cheap check
+        before training that they are images; records carry theirs from their scan."""
+        if self.kind == "records":
+            return list(self.items.head)
+        if self.kind == "bytes":
+            return [item[:HEAD_BYTES] for item in self.items]
+        heads: list[bytes | None] = []
+        for path in self.items:
+            try:
+                with open(path, "rb") as file:
+                    heads.append(file.read(HEAD_BYTES))
+            except OSError:
+                heads.append(None)
+        return heads
+
+    def fingerprint(self) -> str:
+        """Changes when the images do: paths with their sizes and modification times, record
+        positions, or the bytes themselves."""
+        digest = hashlib.sha256()
+        if self.kind == "bytes":
+            for item in self.items:
+                digest.update(hashlib.sha256(item).digest())
+            return digest.hexdigest()
+        paths = self.items.files if self.kind == "records" else self.items
+        for path in paths:
+            stat = os.stat(path)
+            digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+        if self.kind == "records":
+            for array in (self.items.file, self.items.offset, self.items.length):
+                digest.update(np.ascontiguousarray(array, np.int64).tobytes())
+            digest.update(self.image_key.encode())
+        return digest.hexdigest()
+
+    def take(self, kept: np.ndarray) -> Reader:
+        """The reader of the examples `kept` (indices), in that order."""
+        if self.kind == "records":
+            return Reader(self.items[kept], image_key=self.image_key)
+        origins = [self._origins[i] for i in kept] if self._origins else None
+        return Reader([self.items[i] for i in kept], origins)
+
+
+class EncodedImages(IndexedExamples):
+    """Examples whose inputs are encoded images (`reader`), decoded into float32
+    (`image_size`, `image_size`, 3) images in [0, 255] as they are read; `labels` in memory."""
+
+    def __init__(self, reader: Reader, labels: np.ndarray, image_size: int, resize: str) -> None:
+        if len(reader) != len(labels):
+            raise ValueError(f"{len(reader)} images but {len(labels)} labels")
+        self.reader, self.labels = reader, np.asarray(labels)
+        self.image_size, self.resize = image_size, resize
+        self._labels = None
+
+    @property
+    def size(self) -> int:
+        return len(self.labels)
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes of every image decoded, as uint8."""
+        return self.size * self.image_size**2 * 3
+
+    def _label_constant(self) -> tf.Tensor:
+        if self._labels is None:
+            with tf.init_scope():
+                self._labels = tf.constant(self.labels)
+        return self._labels
+
+    def read(self, indices):
+        return self.reader.encoded(indices), tf.gather(self._label_constant(), indices)
+
+    def finish(self, encoded, label):
+        pixels = decode_resized(encoded, self.image_size, self.resize)
+        return tf.cast(pixels, tf.float32), label
+
+    def keep(self, kept: np.ndarray) -> EncodedImages:
+        """These examples without the ones not in `kept` (indices, in order)."""
+        return EncodedImages(
+            self.reader.take(kept), self.labels[kept], self.image_size, self.resize
+        )
+
+    def decode_all(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every image decoded once, in index order, in parallel: (indices, uint8 pixels)
+        batches; an image that cannot be decoded is left out (its index is missing)."""
+        size, resize = self.image_size, self.resize
+        encoded = (
+            tf.data.Dataset.range(self.size)
+            .batch(64)
+            .map(lambda i: (i, self.reader.encoded(i)), num_parallel_calls=AUTOTUNE)
+            .unbatch()
+            .map(
+                lambda i, data: (i, decode_resized(data, size, resize)),
+                num_parallel_calls=AUTOTUNE,
+                deterministic=True,
+            )
+            .ignore_errors()
+            .batch(256)
+            .prefetch(2)
+        )
+        return encoded.as_numpy_iterator()
+
+    def unreadable(self, indices) -> str | None:
+        """The origin of the first example of `indices` that cannot be read and decoded, with
+        TensorFlow's reason; None if they all decode."""
+        for i in indices:
+            try:
+                encoded = self.reader.encoded(tf.constant([int(i)], tf.int64))[0]
+                decode_resized(encoded, self.image_size, self.resize)
+            except (tf.errors.OpError, ValueError) as error:
+                what = "image file" if self.reader.kind == "files" else "image"
+                problem = (
+                    "cannot be read or decoded"
+                    if self.reader.kind == "files"
+                    else "cannot be decoded"
+                )
+                return f"{what} {self.reader.origin(int(i))!r}: {problem} ({reason(error)})"
+        return None
+
+
+class DiskImages(IndexedExamples):
+    """Decoded uint8 images in a file of `count` rows (`--data_cache`), read a batch at a time
+    by offset (the page cache, not this process, holds what is read), as float32."""
+
+    def __init__(self, path: str, labels: np.ndarray, image_size: int) -> None:
+        self.path, self.labels, self.image_size = path, np.asarray(labels), image_size
+        self.row = image_size**2 * 3
+        expected = len(self.labels) * self.row
+        if os.path.getsize(path) != expected:
+            raise ConfigError(
+                f"--data_cache: {path!r} holds {os.path.getsize(path)} bytes, not the "
+                f"{expected} of {len(self.labels)} images; accepted: a cache tlloop wrote "
+                "(delete the file to rebuild it)"
+            )
+        self._descriptor = None
+        self._labels = None
+
+    @property
+    def size(self) -> int:
+        return len(self.labels)
+
+    def _rows(self, indices: np.ndarray) -> np.ndarray:
+        if self._descriptor is None:
+            self._descriptor = os.open(self.path, os.O_RDONLY)
+        out = np.empty((len(indices), self.row), np.uint8)
+        for k, i in enumerate(indices):
+            out[k] = np.frombuffer(
+                os.pread(self._descriptor, self.row, int(i) * self.row), np.uint8
+            )
+        return out
+
+    def read(self, indices):
+        if self._labels is None:
+            with tf.init_scope():
+                self._labels = tf.constant(self.labels)
+        rows = tf.numpy_function(self._rows, [indices], tf.uint8, stateful=False)
+        shape = (indices.shape[0], self.image_size, self.image_size, 3)
+        pixels = tf.reshape(rows, (-1, self.image_size, self.image_size, 3))
+        pixels.set_shape(shape)
+        return tf.cast(pixels, tf.float32), tf.gather(self._labels, indices)
+
+    def pixels(self) -> np.ndarray:
+        """Every image, read into memory (uint8)."""
+        return np.fromfile(self.path, np.uint8).reshape(-1, self.image_size, self.image_size, 3)
+
+
+def cache_files(directory: str, images: EncodedImages) -> tuple[str, str]:
+    """(pixels file, description file) of `images` in the cache `directory`: named by what
+    decides their pixels (the images' fingerprint, the size and the resize mode)."""
+    key = json.dumps([images.reader.fingerprint(), images.image_size, images.resize])
+    name = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return os.path.join(directory, f"{name}.pixels"), os.path.join(directory, f"{name}.json")
+
+
+def write_cache(images: EncodedImages, pixels_path: str, meta_path: str) -> np.ndarray:
+    """Decodes every image once into `pixels_path` (written whole, then renamed into place,
+    so a run stopped meanwhile leaves no partial cache); returns the indices kept (the others
+    cannot be decoded), also written to `meta_path` last: its presence marks the cache whole."""
+    os.makedirs(os.path.dirname(pixels_path) or ".", exist_ok=True)
+    partial = f"{pixels_path}.partial-{os.getpid()}"
+    kept = []
+    with open(partial, "wb") as file:
+        for indices, pixels in images.decode_all():
+            kept.append(indices)
+            file.write(pixels.tobytes())
+    kept_indices = np.concatenate(kept) if kept else np.zeros((0,), np.int64)
+    os.replace(partial, pixels_path)
+    meta = {"count": images.size, "image_size": images.image_size, "kept": kept_indices.tolist()}
+    with open(f"{meta_path}.partial-{os.getpid()}", "w") as file:
+        json.dump(meta, file)
+    os.replace(f"{meta_path}.partial-{os.getpid()}", meta_path)
+    logging.info("--data_cache: wrote %d decoded images to %s", len(kept_indices), pixels_path)
+    return kept_indices
+
+
+def read_cache_meta(meta_path: str) -> np.ndarray | None:
+    """The kept indices of a whole cache, or None when there is none."""
+    if not os.path.exists(meta_path):
+        return None
+    try:
+        with open(meta_path) as file:
+            return np.asarray(json.load(file)["kept"], np.int64)
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(
+            f"--data_cache: {meta_path!r} is not a cache description tlloop wrote; accepted: "
+            "a folder tlloop fills (delete the file to rebuild it)"
+        ) from None
+
+
+def find_unreadable(
+    train, eval_data, *, step: int, steps: int, batch_size: int, seed: int
+) -> str | None:
+    """After a read failed, the streamed image at fault, with its reason: first among the
+    training batches of the `steps` steps after global step `step` (the host call that failed),
+    then among the evaluation examples, then among all training examples; None when neither is
+    a stream of encoded images or every image decodes (the error was something else)."""
+    if isinstance(train, EncodedImages):
+        positions = range(step * batch_size, (step + steps) * batch_size)
+        found = train.unreadable(int(example_index(p, train.size, seed)) for p in positions)
+        if found:
+            return found
+    if isinstance(eval_data, EncodedImages):
+        found = eval_data.unreadable(range(eval_data.size))
+        if found:
+            return found
+    if isinstance(train, EncodedImages):
+        return train.unreadable(range(train.size))
+    return None
