@@ -60,6 +60,10 @@ def load_text_data(config: DataConfig, *, evaluation_only: bool = False) -> Data
         batch_size=config.batch_size,
         eval_batch_size=config.eval_batch,
         seed=config.seed,
+        storage={
+            name: "memory (texts, tokenized inside the model)"
+            for name in ("eval",) + ("train",) * (not evaluation_only)
+        },
     )
 
 
