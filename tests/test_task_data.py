@@ -9,13 +9,13 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_config, run_cli
+from conftest import StopAfter, make_config, run_cli
 from task_data import COLOURS, write_image_csvs
 
 from tlloop.config import ConfigError, DataConfig
 from tlloop.data.text import load_task_data
 from tlloop.evaluation import evaluate_saved
-from tlloop.trainer import build_experiment, train
+from tlloop.trainer import Stopped, build_experiment, train
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +240,23 @@ def test_a_csv_of_texts_loads_as_strings_with_its_classes(tmp_path):
     texts, labels = next(iter(data.eval_examples.ordered().batch(8)))
     assert texts.dtype == tf.string and sorted(labels.numpy().tolist()) == [0, 1]
     assert all(t.decode().endswith(", with a comma") for t in texts.numpy())
+
+
+def test_a_killed_multilabel_run_resumes_to_the_uninterrupted_weights(tmp_path, csvs):
+    flags = {
+        "task": "multilabel",
+        "train_csv": csvs["train_csv"],
+        "val_csv": csvs["val_csv"],
+        "best_metric": "micro_f1",
+        "head_epochs": 2,
+        "label_smoothing": 0.1,
+        "deterministic": True,
+        "export": "last",
+    }
+    whole = train(build_experiment(config := _config(tmp_path / "whole", **flags)), config.workdir)
+    config = _config(tmp_path / "stopped", **flags)
+    with pytest.raises(Stopped):  # mid-epoch, in the head phase
+        train(build_experiment(config), config.workdir, stop=StopAfter(3))
+    resumed = train(build_experiment(config), config.workdir)
+    assert resumed.weights_sha256 == whole.weights_sha256
+    assert resumed.phases[-1]["eval"] == whole.phases[-1]["eval"]
