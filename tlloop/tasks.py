@@ -3,9 +3,11 @@
 A task says how a batch's labels and the model's outputs become a loss (one value per example:
 the steps average it over the global batch themselves, so gradients do not depend on the replica
 count), which Keras metrics describe the model, which per-example values are logged at each
-logged step, and what a served model returns. `Classification` is the built-in one (softmax
-cross-entropy on logits, accuracy, a confusion matrix in evaluation); `Task` takes any Keras loss
-and metrics.
+logged step, what a served model returns, and the task's own TensorBoard views. Built in:
+`Classification` (softmax cross-entropy on logits, accuracy, a confusion matrix in evaluation),
+`MultiLabel` (a sigmoid per label, F1 at a threshold, PR-AUC, PR curves) and `Regression`
+(standardised losses, errors in the targets' units, R^2, a predicted-vs-true scatter); `Task`
+takes any Keras loss and metrics.
 """
 
 from __future__ import annotations
