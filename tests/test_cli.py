@@ -82,7 +82,10 @@ BAD_INPUTS = [
     (["--nosuchflag=1"], ["nosuchflag"]),
     (["--unfreeze=top:x"], ["--unfreeze", "accepted"]),
     (["--unfreeze=top:0"], ["--unfreeze", "accepted"]),
-    (["--dataset=imagenet"], ["--dataset", "digits, folder, tfrecord, tfds:NAME"]),
+    (
+        ["--dataset=imagenet"],
+        ["--dataset", "digits, folder, tfrecord, csv, text_folder, tfds:NAME"],
+    ),
     (["--batch_size=0"], ["--batch_size", "accepted"]),
     (["--augment=blur"], ["--augment", "accepted"]),
     (["--head_epochs=0", "--finetune_epochs=0"], ["--head_epochs", "accepted"]),

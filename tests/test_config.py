@@ -188,6 +188,9 @@ def test_evaluate_takes_only_the_flags_that_choose_evaluation_data():
         "classes",
         "bad_images",
         "eval_batch_size",
+        "train_csv",
+        "val_csv",
+        "label_delimiter",
     }
     values = flags.FlagValues()
     tlloop_flags.define_flags(values, only=tlloop_flags.DATA_FLAGS)
@@ -281,6 +284,16 @@ CHANGED = [
         "backbone_range": "-1:1",
     },
     {"workdir": "w3", "dataset": "tfds:mnist", "tfds_dir": "tfds", "mixed_precision": "float16"},
+    {
+        "workdir": "w4",
+        "dataset": "csv",
+        "train_csv": "train.csv",
+        "val_csv": "val.csv",
+        "label_delimiter": "|",
+        "task": "multilabel",
+        "threshold": 0.3,
+        "regression_loss": "huber",
+    },
 ]
 
 
@@ -370,7 +383,7 @@ def test_val_dir_is_refused_where_the_dataset_does_not_read_it(dataset):
     with pytest.raises(
         ConfigError,
         match=rf"^--val_dir='held_out': --dataset={dataset} does not read it; accepted: "
-        r"--val_dir only with --dataset=folder$",
+        r"--val_dir only with --dataset=folder or text_folder$",
     ):
         config_lib.DataConfig(dataset=dataset, val_dir="held_out", val_split=0.0, **extra)
     with pytest.raises(ConfigError, match=r"^--val_files=.*only with --dataset=tfrecord$"):

@@ -201,6 +201,8 @@ class SummaryWriter(Action):
             s.image("eval", "confusion_matrix", confusion_image(confusion), step)
             names = self.class_names or tuple(str(i) for i in range(len(confusion)))
             s.text("confusion_matrix", confusion_text(confusion, names), step)
+        # The task's own views (PR curves, a predicted-vs-true scatter) from its metrics.
+        self.controller.task.write_summaries(s, self.controller.eval_metrics.task_metrics, step)
         s.record("eval", step, {"phase": phase.name, "epoch": epoch + 1, **logs["eval"]})
         s.flush()
 

@@ -18,7 +18,9 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-DATASETS = ("digits", "folder", "tfrecord", "tfds:NAME")
+DATASETS = ("digits", "folder", "tfrecord", "csv", "text_folder", "tfds:NAME")
+TASKS = ("classification", "multilabel", "regression")
+REGRESSION_LOSSES = ("mse", "huber", "mae")
 BN_MODES = ("frozen", "train")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 AUGMENT_OPS = ("flip", "rotate", "zoom", "contrast", "translate", "crop")
@@ -369,7 +371,7 @@ class BestMetric:
 
 
 def _known_dataset(name: str) -> bool:
-    return name in DATASETS[:3] or re.fullmatch(r"tfds:\S+", name) is not None
+    return name in DATASETS[:-1] or re.fullmatch(r"tfds:\S+", name) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,8 +389,10 @@ class DataConfig:
     dataset: str = option(
         "digits",
         "Examples: digits (embedded UCI optical digits), folder (--data_dir with one sub-folder "
-        "per class), tfrecord (--train_files of tf.train.Example records) or tfds:NAME "
-        "(a TensorFlow Datasets dataset already in --tfds_dir; needs tensorflow-datasets).",
+        "per class), tfrecord (--train_files of tf.train.Example records), csv (--train_csv: "
+        "image paths or texts with their labels or targets), text_folder (--data_dir with one "
+        "sub-folder of .txt files per class) or tfds:NAME (a TensorFlow Datasets dataset "
+        "already in --tfds_dir; needs tensorflow-datasets).",
         check=_known_dataset,
         problem="unknown",
         accepted=", ".join(DATASETS),
@@ -504,9 +508,46 @@ class DataConfig:
         evaluation=True,
     )
     seed: int = follows("seed", 0)  # the shuffle's seed; splits have a fixed seed of their own
+    train_csv: str = option(
+        "",
+        "For --dataset=csv: a CSV file with a header; its first column is path (an image file, "
+        "relative to the CSV's folder) or text, the next the label (classification), the "
+        "labels separated by --label_delimiter (multilabel), or one column per target "
+        "(regression).",
+        evaluation=True,
+    )
+    val_csv: str = option(
+        "",
+        "For --dataset=csv: the evaluation CSV, same columns; empty: hold out --val_split.",
+        evaluation=True,
+    )
+    label_delimiter: str = option(
+        ";",
+        "For --dataset=csv with --task=multilabel: what separates the labels of one example.",
+        check=lambda value: len(value) == 1 and value not in ',"\r\n',
+        problem="not one character other than a comma, a quote or a line break",
+        accepted="one character, e.g. ; or |",
+        evaluation=True,
+    )
+    task: str = follows("task", "classification")  # what a CSV's label columns hold
 
     def __post_init__(self) -> None:
         _check_options(self)
+        if self.dataset == "csv":
+            _require(
+                bool(self.train_csv),
+                "train_csv",
+                self.train_csv,
+                "--dataset=csv needs it",
+                "a CSV file with a header (path or text, then labels or targets)",
+            )
+        _require(
+            not self.val_csv or self.dataset == "csv",
+            "val_csv",
+            self.val_csv,
+            f"--dataset={self.dataset} does not read it",
+            "--val_csv only with --dataset=csv",
+        )
         if self.dataset == "tfrecord":
             _require(
                 bool(self.train_files),
@@ -515,23 +556,25 @@ class DataConfig:
                 "--dataset=tfrecord needs it",
                 "a glob of TFRecord files of tf.train.Example records",
             )
-        if self.dataset == "folder":
+        if self.dataset in ("folder", "text_folder"):
             _require(
                 bool(self.data_dir),
                 "data_dir",
                 self.data_dir,
-                "--dataset=folder needs it",
-                "a folder with one sub-folder of images per class",
+                f"--dataset={self.dataset} needs it",
+                "a folder with one sub-folder of "
+                + ("images" if self.dataset == "folder" else ".txt files")
+                + " per class",
             )
         # Separate evaluation data is read by one dataset each; given to another, it would be
         # ignored without a word (and --val_split=0 would evaluate on almost nothing).
-        for flag, reader in (("val_dir", "folder"), ("val_files", "tfrecord")):
+        for flag, readers in (("val_dir", ("folder", "text_folder")), ("val_files", ("tfrecord",))):
             _require(
-                not getattr(self, flag) or self.dataset == reader,
+                not getattr(self, flag) or self.dataset in readers,
                 flag,
                 getattr(self, flag),
                 f"--dataset={self.dataset} does not read it",
-                f"--{flag} only with --dataset={reader}",
+                f"--{flag} only with --dataset={' or '.join(readers)}",
             )
         _require(
             not self.data_cache or self.dataset in ("folder", "tfrecord"),
@@ -540,7 +583,12 @@ class DataConfig:
             f"--dataset={self.dataset} is decoded in memory, not read from files",
             "--data_cache only with --dataset=folder or tfrecord",
         )
-        separate = {"folder": "val_dir", "tfrecord": "val_files"}.get(self.dataset, "")
+        separate = {
+            "folder": "val_dir",
+            "text_folder": "val_dir",
+            "tfrecord": "val_files",
+            "csv": "val_csv",
+        }.get(self.dataset, "")
         if not (separate and getattr(self, separate)):
             _require(
                 self.val_split > 0,
@@ -800,6 +848,39 @@ class TwoPhases:
         else:
             values.update(finetune_epochs=0)
         return dataclasses.replace(default, **values)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """What the model learns: single-label classification, multi-label classification (a
+    sigmoid per label, F1 at `threshold`) or regression (one output per target column, with
+    `regression_loss` on standardised targets). Labels or targets of multilabel and regression
+    come from --dataset=csv."""
+
+    task: str = option(
+        "classification",
+        "classification (one class per example, softmax), multilabel (any number of labels "
+        "per example, a sigmoid each; --dataset=csv) or regression (one or more targets; "
+        "--dataset=csv).",
+        choices=TASKS,
+    )
+    threshold: float = option(
+        0.5,
+        "--task=multilabel: a label is predicted when its probability is over this (F1 metrics, "
+        "the served labels).",
+        check=lambda value: 0 < value < 1,
+        problem="out of range",
+        accepted="0 < x < 1",
+    )
+    regression_loss: str = option(
+        "mse",
+        "--task=regression: mse, huber (delta 1 standard deviation) or mae, on targets "
+        "standardised by the training targets' mean and standard deviation.",
+        choices=REGRESSION_LOSSES,
+    )
+
+    def __post_init__(self) -> None:
+        _check_options(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1151,6 +1232,7 @@ class RunConfig:
     # RUF009: section() and option() return dataclasses.field()s, as field specifiers do.
     data: DataConfig = section(DataConfig)  # noqa: RUF009
     model: ModelConfig = section(ModelConfig)  # noqa: RUF009
+    task: TaskConfig = section(TaskConfig)  # noqa: RUF009
     phases: tuple[PhaseConfig, ...] = section(TwoPhases, TwoPhases.to_phases, TwoPhases.of)
     training: TrainingConfig = section(TrainingConfig)  # noqa: RUF009
     distribute: DistributeConfig = section(DistributeConfig)  # noqa: RUF009

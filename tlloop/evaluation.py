@@ -10,12 +10,12 @@ import tensorflow as tf
 
 from tlloop.checkpoints import load_trained_model
 from tlloop.config import ConfigError, RunConfig
-from tlloop.data import load_data
 from tlloop.data.examples import as_examples
+from tlloop.data.text import is_text, load_task_data
 from tlloop.distribute import distribute_dataset
 from tlloop.models import INFERENCE, ModeTable, TransferModel
 from tlloop.steps import EvalStep, Metrics
-from tlloop.tasks import Classification, Task
+from tlloop.tasks import Classification, MultiLabel, Regression, Task
 
 
 def evaluate(eval_step: EvalStep, metrics: Metrics, batches, steps: int) -> dict:
@@ -65,12 +65,27 @@ def predict(model: TransferModel, inputs, *, batch_size: int = 32):
 
 def evaluate_saved(workdir: str, which: str, config: RunConfig) -> dict:
     """Evaluates what the run in `workdir` saved (see `load_trained_model` for `which`) on the
-    evaluation data of `config`; returns the metrics, per-class accuracy and what was loaded.
+    evaluation data of `config`; returns the metrics, per-class accuracy (classification) and
+    what was loaded. A regression or text run is evaluated from its export.
 
     Raises ConfigError if the data's classes are not the ones the run was trained on.
     """
     data = _evaluation_data(workdir, config)
+    kind = config.task.task
+    text = is_text(config.data)
+    if (kind == "regression" or text) and which != "export":
+        raise ConfigError(
+            f"--checkpoint={which!r}: a {'text' if text else 'regression'} run is evaluated "
+            "from its export, whose model.keras holds what a checkpoint does not (the "
+            "targets' scale, the tokenizer); accepted: export"
+        )
     model, path = load_trained_model(workdir, which, config.model, data.num_classes)
+    if kind != "classification":
+        task = _saved_task(model, config, data.class_names)
+        metrics = Metrics(task=task, evaluation=True)
+        step = EvalStep(model, ModeTable(), metrics, task=task)
+        result = evaluate(step, metrics, data.eval, data.eval_steps)
+        return {"evaluated": path, **result, "skipped_images": list(data.skipped_files)}
     metrics = Metrics(data.num_classes)
     result = evaluate(EvalStep(model, ModeTable(), metrics), metrics, data.eval, data.eval_steps)
     per_class = {
@@ -86,6 +101,20 @@ def evaluate_saved(workdir: str, which: str, config: RunConfig) -> dict:
         "confusion": result["confusion"],
         "skipped_images": list(data.skipped_files),
     }
+
+
+def _saved_task(model: TransferModel, config: RunConfig, names: tuple[str, ...]) -> Task:
+    """The multilabel or regression task of a saved run (the regression targets' scale read
+    from its head)."""
+    if config.task.task == "multilabel":
+        return MultiLabel(class_names=names, threshold=config.task.threshold)
+    scale = model.head.get_layer("targets")
+    return Regression(
+        len(names),
+        loss=config.task.regression_loss,
+        scale=(scale.mean, scale.std),
+        target_names=names,
+    )
 
 
 def evaluate_tflite(workdir: str, path: str, config: RunConfig) -> dict:
@@ -147,7 +176,7 @@ def evaluate_tflite(workdir: str, path: str, config: RunConfig) -> dict:
 def _evaluation_data(workdir: str, config: RunConfig):
     """The evaluation data `config` names; raises ConfigError unless its classes are the ones
     the run in `workdir` was trained on."""
-    data = load_data(config.data, evaluation_only=True)
+    data = load_task_data(config.data, evaluation_only=True)
     trained = _trained_class_names(workdir)
     if trained is not None and tuple(trained) != data.class_names:
         raise ConfigError(

@@ -5,11 +5,15 @@ WORKDIR/export/ holds:
 - `backbone.keras`: raw pixels in, features out; `--backbone` for another run, which is how a
   backbone trained by tlloop is transferred.
 - `saved_model/`: signatures for serving, inference mode baked in (augmentation off, BatchNorm
-  on its moving statistics, Dropout off). `serving_default` takes float32 pixels in [0, 255],
-  `serving_uint8` uint8 pixels; both any batch size and any image size (resized to the
-  model's size the way training resized them, --resize), and return `probabilities` (batch,
-  classes), `class_id` and `class_name`. `class_names` (no input) returns every class name in
-  label order.
+  on its moving statistics, Dropout off). For an image model `serving_default` takes float32
+  pixels in [0, 255], `serving_uint8` uint8 pixels; both any batch size and any image size
+  (resized to the model's size the way training resized them, --resize), and return the
+  task's serving outputs: for classification `probabilities` (batch, classes), `class_id` and
+  `class_name`; for multi-label `probabilities` (batch, labels), `predicted` (multi-hot, over
+  the threshold) and `labels` (the names over it, joined by ";"); for regression
+  `predictions` in the targets' units. `class_names` (no input) returns every class name in
+  label order. A model of other inputs (raw strings for a text backbone, token ids) gets one
+  `serving_default` over its backbone's inputs.
 - `model_float32.tflite`, `model_dynamic.tflite`, `model_int8.tflite` and `labels.txt`, when
   TFLite formats are asked for (`tflite=`, `--export_tflite`): see `tlloop.tflite`; each file
   checked with the LiteRT interpreter before it is written.
@@ -58,7 +62,7 @@ def export_model(
     replaces its previous version in one step, never half-written.
 
     The SavedModel serves the `task`'s outputs (default: classification with `class_names`).
-    A classifier of RGB images gets the image signatures (resizing inputs as `resize` did in
+    A model of RGB images gets the image signatures (resizing inputs as `resize` did in
     training); any other model one `serving_default` signature over its backbone's inputs.
 
     `tflite`: TFLite formats (float32, dynamic, int8) to write as well, each checked on
@@ -115,9 +119,10 @@ def write_saved_model(
     specs = specs if specs is not None else _input_specs(model.backbone)
     archive = keras.export.ExportArchive()
     archive.track(model)
-    if _is_image_classifier(specs, task):
+    if _takes_images(specs):
         size = int(specs.shape[1])
-        names = tf.constant(list(task.class_names or ()), tf.string)
+        class_names = getattr(task, "class_names", None)
+        names = tf.constant(list(class_names or ()), tf.string)
 
         def serve(images):
             pixels = resize_images(images, size, resize)
@@ -152,10 +157,9 @@ def _input_specs(backbone):
     return tf.nest.map_structure(spec, structure)
 
 
-def _is_image_classifier(specs, task: Task) -> bool:
+def _takes_images(specs) -> bool:
     return (
-        isinstance(task, Classification)
-        and isinstance(specs, tf.TensorSpec)
+        isinstance(specs, tf.TensorSpec)
         and specs.shape.rank == 4
         and specs.shape[-1] == 3
         and specs.shape[1] is not None

@@ -14,6 +14,7 @@ import os
 import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
+from tensorboard.plugins.pr_curve import summary as pr_curve_summary
 from tensorflow.core.util import event_pb2
 from tensorflow.python.ops import summary_ops_v2
 
@@ -78,6 +79,19 @@ class Summaries:
         """One image, float pixels in [0, 1], shape (height, width, channels)."""
         with self.writers[split].as_default(step=step):
             tf.summary.image(name, np.asarray(pixels, np.float32)[None], step=step)
+
+    def pr_curve(self, split: str, name: str, tp, fp, tn, fn, step: int) -> None:
+        """One precision-recall curve for TensorBoard's PR curves dashboard, from the weighted
+        true/false positive/negative counts at each of its thresholds (ascending, evenly spaced
+        from 0 to 1)."""
+        tp, fp, tn, fn = (np.asarray(c, np.float64) for c in (tp, fp, tn, fn))
+        precision = tp / np.maximum(tp + fp, 1e-7)
+        recall = tp / np.maximum(tp + fn, 1e-7)
+        summary = pr_curve_summary.raw_data_pb(
+            name, tp, fp, tn, fn, precision, recall, num_thresholds=len(tp)
+        )
+        with self.writers[split].as_default(step=step):
+            tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=step)
 
     def hparams(self, values: dict, trial: str) -> None:
         """Records the run's hyperparameters, and the eval scalars as its metrics, for the
@@ -146,3 +160,17 @@ def confusion_text(matrix: list[list[int]], class_names: tuple[str, ...]) -> str
     for name, row in zip(class_names, matrix, strict=True):
         lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines)
+
+
+def scatter_image(histogram: np.ndarray, cell: int = 4) -> np.ndarray:
+    """A (predicted, true) histogram as an RGB image in [0, 1]: counts on a log scale from
+    white to dark blue, the diagonal (predicted = true) in grey where no example falls."""
+    counts = np.asarray(histogram, np.float64)
+    shade = np.log1p(counts) / max(np.log1p(counts.max()), 1e-12)
+    white, blue = np.array([1.0, 1.0, 1.0]), np.array([0.03, 0.19, 0.42])
+    colours = white + shade[..., None] * (blue - white)
+    bins = len(counts)
+    diagonal = (np.arange(bins)[::-1], np.arange(bins))
+    empty = counts[diagonal] == 0
+    colours[diagonal[0][empty], diagonal[1][empty]] = 0.75
+    return np.kron(colours, np.ones((cell, cell, 1))).astype(np.float32)

@@ -3,19 +3,24 @@
 A task says how a batch's labels and the model's outputs become a loss (one value per example:
 the steps average it over the global batch themselves, so gradients do not depend on the replica
 count), which Keras metrics describe the model, which per-example values are logged at each
-logged step, and what a served model returns. `Classification` is the built-in one (softmax
-cross-entropy on logits, accuracy, a confusion matrix in evaluation); `Task` takes any Keras loss
-and metrics.
+logged step, what a served model returns, and the task's own TensorBoard views. Built in:
+`Classification` (softmax cross-entropy on logits, accuracy, a confusion matrix in evaluation),
+`MultiLabel` (a sigmoid per label, F1 at a threshold, PR-AUC, PR curves) and `Regression`
+(standardised losses, errors in the targets' units, R^2, a predicted-vs-true scatter); `Task`
+takes any Keras loss and metrics.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from tlloop import summaries as summaries_lib
 
 # Names the steps' own metrics use: a task metric may not take them.
 RESERVED_METRIC_NAMES = ("loss", "examples")
@@ -95,6 +100,11 @@ class Task:
         weights from `label_counts(num_classes)`, the examples per class); self if nothing
         does."""
         return self
+
+    def write_summaries(self, summaries, metrics: Sequence[keras.metrics.Metric], step: int):
+        """Writes this task's own TensorBoard views of an evaluation into `summaries` (a
+        `tlloop.summaries.Summaries`) at `step`, from the evaluation's `metrics` objects
+        (read after the evaluation, before the next reset); none by default."""
 
 
 class Classification(Task):
@@ -270,3 +280,416 @@ def _clone(metric: keras.metrics.Metric) -> keras.metrics.Metric:
             f"get_config() ({error}); accepted: metrics whose get_config() holds every "
             "constructor argument"
         ) from None
+
+
+class MultiLabel(Task):
+    """Multi-label classification: the model outputs one logit per label (batch, labels),
+    labels are multi-hot (batch, labels) of 0/1. Loss: sigmoid binary cross-entropy, the mean
+    over labels, with `label_smoothing` (towards 1/2) and per-label positive weights
+    `class_weights` (an array of `num_labels`, e.g. `positive_weights(train_labels)`:
+    negatives / positives of each label, what --class_weights=auto gives) in the training
+    loss only. Metrics: micro and macro F1 of the labels whose probability is over
+    `threshold`, and the PR-AUC averaged over labels (`keras.metrics.AUC(curve="PR",
+    multi_label=True)`). Serving: per-label probabilities, the multi-hot prediction and the
+    names over the threshold joined by ";".
+    Raises ValueError/TypeError naming the argument at fault.
+    """
+
+    def __init__(
+        self,
+        num_labels: int | None = None,
+        *,
+        threshold: float = 0.5,
+        label_smoothing: float = 0.0,
+        class_weights: Sequence[float] | np.ndarray | None = None,
+        class_names: Sequence[str] | None = None,
+        metrics: Sequence[keras.metrics.Metric | str] = (),
+    ) -> None:
+        if class_names is not None and num_labels is None:
+            num_labels = len(class_names)
+        if not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(
+                f"num_labels={num_labels!r}: accepted: an integer >= 1 (or class_names)"
+            )
+        if class_names is not None and len(class_names) != num_labels:
+            raise ValueError(
+                f"class_names: {len(class_names)} names for num_labels={num_labels}; accepted: "
+                "one name per label"
+            )
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold={threshold!r}: accepted: 0 < x < 1")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing={label_smoothing!r}: accepted: 0 <= x < 1")
+        if isinstance(class_weights, str):
+            # Task.prepared sees label counts only, not how many examples have none of a
+            # label: the weights come from the labels themselves.
+            raise ValueError(
+                f"class_weights={class_weights!r}: a MultiLabel task is given its weights; "
+                "accepted: class_weights=tlloop.positive_weights(train_labels) (negatives / "
+                "positives per label, what --class_weights=auto uses), an array, or None"
+            )
+        if class_weights is not None:
+            class_weights = np.asarray(class_weights, np.float32)
+            if class_weights.shape != (num_labels,) or not np.all(class_weights > 0):
+                raise ValueError(
+                    f"class_weights: shape {class_weights.shape}; accepted: {num_labels} "
+                    "positive weights (one per label), or None"
+                )
+        super().__init__(
+            _sigmoid_cross_entropy,
+            [
+                MultiLabelF1(num_labels, threshold, "micro", name="micro_f1"),
+                MultiLabelF1(num_labels, threshold, "macro", name="macro_f1"),
+                keras.metrics.AUC(
+                    curve="PR",
+                    multi_label=True,
+                    num_labels=num_labels,
+                    from_logits=True,
+                    name="pr_auc",
+                ),
+                *metrics,
+            ],
+            step_metrics={"label_accuracy": functools.partial(_label_hits, threshold=threshold)},
+            label_rank=1,
+        )
+        self.num_labels = num_labels
+        self.threshold = float(threshold)
+        self.label_smoothing = label_smoothing
+        self.class_weights = class_weights
+        self.class_names = tuple(class_names) if class_names is not None else None
+
+    def eval_loss(self, labels, outputs):
+        return _sigmoid_cross_entropy(labels, outputs)
+
+    def train_loss(self, labels, outputs):
+        labels = tf.cast(labels, tf.float32)
+        if self.label_smoothing:
+            labels = labels * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
+        weights = self.class_weights
+        if weights is None:
+            return _sigmoid_cross_entropy(labels, outputs)
+        losses = tf.nn.weighted_cross_entropy_with_logits(
+            labels, tf.cast(outputs, tf.float32), tf.constant(weights, tf.float32)
+        )
+        return tf.reduce_mean(losses, axis=-1)
+
+    def write_summaries(self, summaries, metrics, step: int) -> None:
+        """A precision-recall curve per label (TensorBoard's PR curves), from the counts at
+        each threshold the PR-AUC metric kept over the whole evaluation."""
+        auc = next((m for m in metrics if m.name == "pr_auc"), None)
+        if auc is None:
+            return
+        counts = [
+            np.asarray(v)
+            for v in (
+                auc.true_positives,
+                auc.false_positives,
+                auc.true_negatives,
+                auc.false_negatives,
+            )
+        ]
+        names = self.class_names or tuple(str(i) for i in range(self.num_labels))
+        for label, name in enumerate(names):
+            summaries.pr_curve("eval", name, *(c[:, label] for c in counts), step)
+
+    def serving_outputs(self, outputs) -> dict:
+        probabilities = tf.sigmoid(tf.cast(outputs, tf.float32))
+        over = probabilities > self.threshold
+        served = {"probabilities": probabilities, "predicted": tf.cast(over, tf.int32)}
+        if self.class_names:
+            names = tf.broadcast_to(tf.constant(list(self.class_names)), tf.shape(over))
+            kept = tf.where(over, names, tf.zeros_like(names))
+            # Names over the threshold joined by ";" (empty strings of the others dropped).
+            served["labels"] = tf.strings.regex_replace(
+                tf.strings.reduce_join(kept, axis=-1, separator=";"), r"^;+|;+$|(;);+", r"\1"
+            )
+        return served
+
+
+def positive_weights(labels: np.ndarray) -> np.ndarray:
+    """Per-label positive weights of multi-hot `labels` (N, L): negatives / positives of each
+    label (a label with no positive counts as one), float32; what --class_weights=auto gives
+    a `MultiLabel` task."""
+    labels = np.asarray(labels, np.float64)
+    if labels.ndim != 2:
+        raise ValueError(f"labels: shape {labels.shape}; accepted: multi-hot labels (N, labels)")
+    positives = labels.sum(axis=0)
+    return ((len(labels) - positives) / np.maximum(positives, 1.0)).astype(np.float32)
+
+
+class MultiLabelF1(keras.metrics.Metric):
+    """F1 of multi-label predictions (probability over `threshold`) from weighted per-label
+    true positive, false positive and false negative counts, summed over replicas when read.
+    `average` "micro": F1 of the counts summed over labels; "macro": the mean of the labels'
+    F1 (a label with no positive and no prediction counts as 0)."""
+
+    def __init__(
+        self,
+        num_labels: int,
+        threshold: float = 0.5,
+        average: str = "micro",
+        name: str = "f1",
+        **kwargs,
+    ) -> None:
+        super().__init__(name=name, **kwargs)
+        if average not in ("micro", "macro"):
+            raise ValueError(f"average={average!r}: accepted: micro, macro")
+        self.num_labels, self.threshold, self.average = num_labels, threshold, average
+        self.counts = self.add_variable(
+            shape=(3, num_labels), initializer="zeros", name="counts", aggregation="sum"
+        )
+
+    def update_state(self, labels, logits, sample_weight=None) -> None:
+        labels = tf.cast(labels, tf.float32)
+        predicted = tf.cast(tf.sigmoid(tf.cast(logits, tf.float32)) > self.threshold, tf.float32)
+        weight = 1.0 if sample_weight is None else tf.cast(sample_weight, tf.float32)[:, None]
+        counts = tf.stack(
+            [
+                tf.reduce_sum(weight * predicted * labels, axis=0),
+                tf.reduce_sum(weight * predicted * (1.0 - labels), axis=0),
+                tf.reduce_sum(weight * (1.0 - predicted) * labels, axis=0),
+            ]
+        )
+        self.counts.assign_add(counts)
+
+    def result(self):
+        tp, fp, fn = tf.unstack(tf.convert_to_tensor(self.counts))
+        if self.average == "micro":
+            tp, fp, fn = tf.reduce_sum(tp), tf.reduce_sum(fp), tf.reduce_sum(fn)
+            return tf.math.divide_no_nan(2.0 * tp, 2.0 * tp + fp + fn)
+        return tf.reduce_mean(tf.math.divide_no_nan(2.0 * tp, 2.0 * tp + fp + fn))
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "num_labels": self.num_labels,
+            "threshold": self.threshold,
+            "average": self.average,
+        }
+
+
+def _sigmoid_cross_entropy(labels, logits):
+    losses = tf.nn.sigmoid_cross_entropy_with_logits(
+        tf.cast(labels, tf.float32), tf.cast(logits, tf.float32)
+    )
+    return tf.reduce_mean(losses, axis=-1)
+
+
+def _label_hits(labels, logits, threshold: float):
+    predicted = tf.sigmoid(tf.cast(logits, tf.float32)) > threshold
+    hits = tf.cast(predicted == (tf.cast(labels, tf.float32) > 0.5), tf.float32)
+    return tf.reduce_mean(hits, axis=-1)
+
+
+REGRESSION_LOSSES = ("mse", "huber", "mae")
+
+
+class Regression(Task):
+    """Regression of `outputs` values per example: the model outputs (batch, outputs) in the
+    targets' units, targets are (batch, outputs) floats. `targets` (the training targets,
+    (N, outputs)) give each output's mean and standard deviation (or `scale`, (mean, std) as
+    they gave it, e.g. a trained head's `Destandardize` values): `regression_head` stores
+    them in the model (its last layer maps standardised values back to the targets' units,
+    so the export predicts in those units), and the loss compares standardised values, so
+    each output weighs the same whatever its units. Loss: "mse", "huber" (`huber_delta` in
+    standard deviations) or "mae". Metrics: mean_absolute_error and root_mean_squared_error,
+    in the targets' units, and r2 (`RegressionFit`, whose predicted-vs-true histogram is
+    TensorBoard's scatter image per output). Serving: "predictions". Raises ValueError naming
+    the argument.
+    """
+
+    def __init__(
+        self,
+        outputs: int = 1,
+        *,
+        loss: str = "mse",
+        targets: np.ndarray | None = None,
+        scale: tuple[Sequence[float], Sequence[float]] | None = None,
+        target_names: Sequence[str] | None = None,
+        huber_delta: float = 1.0,
+        metrics: Sequence[keras.metrics.Metric | str] = (),
+    ) -> None:
+        if not isinstance(outputs, int) or outputs < 1:
+            raise ValueError(f"outputs={outputs!r}: accepted: an integer >= 1")
+        if loss not in REGRESSION_LOSSES:
+            raise ValueError(f"loss={loss!r}: unknown; accepted: {', '.join(REGRESSION_LOSSES)}")
+        if huber_delta <= 0:
+            raise ValueError(f"huber_delta={huber_delta!r}: accepted: > 0")
+        if target_names is not None and len(target_names) != outputs:
+            raise ValueError(
+                f"target_names: {len(target_names)} names for outputs={outputs}; accepted: one "
+                "name per output"
+            )
+        self.mean = np.zeros(outputs, np.float32)
+        self.std = np.ones(outputs, np.float32)
+        if scale is not None:
+            if targets is not None:
+                raise ValueError("scale: given with targets, which give it; accepted: one")
+            mean, std = (np.asarray(v, np.float32).ravel() for v in scale)
+            if mean.shape != (outputs,) or std.shape != (outputs,) or not np.all(std > 0):
+                raise ValueError(f"scale: accepted: (mean, std), {outputs} values each, std > 0")
+            self.mean, self.std = mean, std
+        if targets is not None:
+            values = np.asarray(targets, np.float64).reshape(len(targets), -1)
+            if values.shape[1] != outputs or not len(values) or not np.all(np.isfinite(values)):
+                raise ValueError(
+                    f"targets: shape {np.shape(targets)}; accepted: finite training targets "
+                    f"(N, {outputs})"
+                )
+            self.mean = values.mean(axis=0).astype(np.float32)
+            # A constant output keeps scale 1: there is nothing to standardise.
+            std = values.std(axis=0)
+            self.std = np.where(std > 0, std, 1.0).astype(np.float32)
+        super().__init__(
+            loss,
+            [
+                MeanAbsoluteError(),
+                RootMeanSquaredError(),
+                RegressionFit(self.mean.tolist(), self.std.tolist()),
+                *metrics,
+            ],
+            step_metrics={"mean_absolute_error": _absolute_error},
+            label_rank=1,
+        )
+        self.outputs = outputs
+        self.loss_kind = loss
+        self.huber_delta = huber_delta
+        self.target_names = tuple(target_names) if target_names is not None else None
+
+    def eval_loss(self, labels, outputs):
+        outputs = tf.cast(outputs, tf.float32)
+        labels = tf.reshape(tf.cast(labels, tf.float32), tf.shape(outputs))
+        # (target - prediction) / std: the loss of standardised targets (the mean cancels).
+        scale = tf.constant(self.std, tf.float32)
+        error = (labels - outputs) / scale
+        if self.loss_kind == "mse":
+            return tf.reduce_mean(tf.square(error), axis=-1)
+        if self.loss_kind == "mae":
+            return tf.reduce_mean(tf.abs(error), axis=-1)
+        return keras.losses.huber(error, tf.zeros_like(error), delta=self.huber_delta)
+
+    def serving_outputs(self, outputs) -> dict:
+        return {"predictions": tf.cast(outputs, tf.float32)}
+
+    def write_summaries(self, summaries, metrics, step: int) -> None:
+        """A predicted-vs-true scatter image per output, from the `RegressionFit` histogram."""
+        fit = next((m for m in metrics if isinstance(m, RegressionFit)), None)
+        if fit is None:
+            return
+        histogram = np.asarray(fit.histogram)
+        names = self.target_names or tuple(str(i) for i in range(self.outputs))
+        for output, name in enumerate(names):
+            pixels = summaries_lib.scatter_image(histogram[output])
+            summaries.image("eval", f"predicted_vs_true/{name}", pixels, step)
+
+
+def _matched(labels, outputs):
+    outputs = tf.cast(outputs, tf.float32)
+    return tf.reshape(tf.cast(labels, tf.float32), tf.shape(outputs)), outputs
+
+
+def _absolute_error(labels, outputs):
+    labels, outputs = _matched(labels, outputs)
+    return tf.reduce_mean(tf.abs(labels - outputs), axis=-1)
+
+
+def _squared_error(labels, outputs):
+    labels, outputs = _matched(labels, outputs)
+    return tf.reduce_mean(tf.square(labels - outputs), axis=-1)
+
+
+class MeanAbsoluteError(keras.metrics.Mean):
+    """Weighted mean over examples of the mean absolute error over outputs; targets of shape
+    (batch,) count as (batch, 1)."""
+
+    def __init__(self, name: str = "mean_absolute_error", **kwargs) -> None:
+        super().__init__(name=name, **kwargs)
+
+    def update_state(self, labels, outputs, sample_weight=None):
+        return super().update_state(_absolute_error(labels, outputs), sample_weight)
+
+
+class RootMeanSquaredError(keras.metrics.Mean):
+    """The square root of the weighted mean over examples of the mean squared error over
+    outputs; targets of shape (batch,) count as (batch, 1)."""
+
+    def __init__(self, name: str = "root_mean_squared_error", **kwargs) -> None:
+        super().__init__(name=name, **kwargs)
+
+    def update_state(self, labels, outputs, sample_weight=None):
+        return super().update_state(_squared_error(labels, outputs), sample_weight)
+
+    def result(self):
+        return tf.sqrt(super().result())
+
+
+class RegressionFit(keras.metrics.Metric):
+    """The coefficient of determination R^2 (1 - residual / total sum of squares, per output,
+    then the mean over outputs; weighted), from sums of values standardised by `mean` and `std`
+    (precise in float32 whatever the units). It also keeps a `bins` x `bins` histogram per
+    output of (predicted, true) standardised values within +-`span` standard deviations
+    (rows: predicted, from the top; columns: true), TensorBoard's predicted-vs-true scatter."""
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        bins: int = 48,
+        span: float = 3.5,
+        name: str = "r2",
+        **kwargs,
+    ) -> None:
+        super().__init__(name=name, **kwargs)
+        self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
+        self.bins, self.span = bins, span
+        outputs = len(self.mean)
+        # Per output: sum of weights, of weighted targets, of their squares, of squared errors.
+        self.sums = self.add_variable(
+            shape=(4, outputs), initializer="zeros", name="sums", aggregation="sum"
+        )
+        self.histogram = self.add_variable(
+            shape=(outputs, bins, bins), initializer="zeros", name="histogram", aggregation="sum"
+        )
+
+    def update_state(self, labels, outputs, sample_weight=None) -> None:
+        labels, outputs = _matched(labels, outputs)
+        mean, std = tf.constant(self.mean), tf.constant(self.std)
+        true, predicted = (labels - mean) / std, (outputs - mean) / std
+        if sample_weight is None:
+            sample_weight = tf.ones(tf.shape(true)[:1])
+        weight = tf.cast(sample_weight, tf.float32)[:, None] * tf.ones_like(true)
+        self.sums.assign_add(
+            tf.stack(
+                [
+                    tf.reduce_sum(weight, 0),
+                    tf.reduce_sum(weight * true, 0),
+                    tf.reduce_sum(weight * tf.square(true), 0),
+                    tf.reduce_sum(weight * tf.square(true - predicted), 0),
+                ]
+            )
+        )
+
+        def cell(values):
+            position = (values + self.span) / (2 * self.span) * self.bins
+            return tf.cast(tf.clip_by_value(tf.floor(position), 0, self.bins - 1), tf.int32)
+
+        output = tf.broadcast_to(tf.range(tf.shape(true)[1]), tf.shape(true))
+        row = self.bins - 1 - cell(predicted)  # high predictions at the top of the image
+        index = tf.reshape(tf.stack([output, row, cell(true)], axis=-1), (-1, 3))
+        self.histogram.assign_add(
+            tf.scatter_nd(index, tf.reshape(weight, (-1,)), tf.shape(self.histogram))
+        )
+
+    def result(self):
+        count, total, squares, residual = tf.unstack(tf.convert_to_tensor(self.sums))
+        spread = squares - tf.math.divide_no_nan(tf.square(total), count)
+        return tf.reduce_mean(1.0 - tf.math.divide_no_nan(residual, spread))
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "mean": self.mean,
+            "std": self.std,
+            "bins": self.bins,
+            "span": self.span,
+        }

@@ -34,16 +34,17 @@ from tlloop.config import (
     TrainingConfig,
 )
 from tlloop.controller import Controller, StepSettings, averaged, weights_digest
-from tlloop.data import Data, load_data
+from tlloop.data import Data
 from tlloop.data.examples import Examples, as_examples
 from tlloop.data.images import ACCEPTED_IMAGES
 from tlloop.data.streaming import find_unreadable
+from tlloop.data.text import is_text, load_task_data
 from tlloop.distribute import cluster_task, describe, distribute_batches, is_chief
 from tlloop.errors import RunFailed
 from tlloop.export import export_model
-from tlloop.models import TransferModel, build_model
+from tlloop.models import TEXT_FINETUNE_MODES, TransferModel, build_model, build_text_model
 from tlloop.summaries import Summaries
-from tlloop.tasks import Classification, Task
+from tlloop.tasks import Classification, MultiLabel, Regression, Task, positive_weights
 from tlloop.warm_start import WarmStartReport, warm_start
 from tlloop.workdir import prepare, write_json
 
@@ -453,18 +454,15 @@ class Experiment:
     model: TransferModel
     phases: list[phase_lib.Phase]
     warm_start: WarmStartReport | None = None
+    task: Task | None = None  # None: the classification the config describes
 
     def trainer(self, callbacks: Sequence[keras.callbacks.Callback] = ()) -> Trainer:
         """The Trainer the config describes."""
         config = self.config
         return Trainer(
             config.workdir,
-            phases=config.phases,
-            task=Classification(
-                label_smoothing=config.training.label_smoothing,
-                class_weights=config.training.class_weights or None,
-                class_names=self.data.class_names,
-            ),
+            phases=tuple(phase.config for phase in self.phases),
+            task=self.task or build_task(config, self.data),
             callbacks=callbacks,
             strategy=self.strategy,
             seed=config.seed,
@@ -493,15 +491,117 @@ def build_experiment(
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    data = load_data(config.data)
+    text = is_text(config.data)
+    check_task(config, text)
+    data = load_task_data(config.data)
+    task = build_task(config, data)
+    metric = config.checkpoint.best_metric
+    known = ("loss", *task.metric_names)
+    if metric.name not in known:
+        raise ConfigError(
+            f"--best_metric={metric.to_flag()}: --task={config.task.task} reports no "
+            f"{metric.name!r}; accepted: {', '.join(known)}"
+        )
+    phases = config.phases
     with strategy.scope():
-        model = build_model(config.model, data.num_classes, seed=config.seed)
+        if text:
+            model = build_text_model(config.model, data.num_classes, seed=config.seed)
+            # A text encoder fine-tunes with its Dropout on (it has no BatchNorm to protect).
+            phases = tuple(
+                dataclasses.replace(p, modes=TEXT_FINETUNE_MODES)
+                if p.unfreeze.kind != "none" and p.bn_mode == "frozen" and p.modes is None
+                else p
+                for p in phases
+            )
+            logging.info(
+                "text backbone: its Dropout runs in training mode in the train step of a "
+                "phase that fine-tunes it (see each phase's mode table)"
+            )
+        else:
+            standardized = (task.mean, task.std) if isinstance(task, Regression) else None
+            model = build_model(
+                config.model, data.num_classes, seed=config.seed, standardized=standardized
+            )
     report = None
     if config.model.init_checkpoint:
         report = warm_start(model.backbone, config.model.init_checkpoint)
         logging.info("%s", report.to_text())
-    plan = phase_lib.plan_phases(config.phases, model)
-    return Experiment(config, strategy, data, model, plan, report)
+    plan = phase_lib.plan_phases(phases, model)
+    return Experiment(config, strategy, data, model, plan, report, task)
+
+
+def check_task(config: RunConfig, text: bool) -> None:
+    """Refuses, naming the flag, what --task cannot combine with (before any data loads)."""
+    kind = config.task.task
+    problem = None
+    if config.data.task != kind:
+        problem = ("task", kind, f"the data section reads {config.data.task}", "one value")
+    elif kind != "classification" and config.data.dataset != "csv":
+        problem = (
+            "task",
+            kind,
+            f"its labels or targets come from a CSV, not --dataset={config.data.dataset}",
+            "--dataset=csv with --train_csv",
+        )
+    elif kind == "regression" and (
+        config.training.label_smoothing or config.training.class_weights
+    ):
+        problem = (
+            "label_smoothing" if config.training.label_smoothing else "class_weights",
+            config.training.label_smoothing or config.training.class_weights,
+            "applies to classification, not --task=regression",
+            "0 / empty with --task=regression",
+        )
+    elif kind != "classification" and config.checkpoint.export_tflite:
+        problem = (
+            "export_tflite",
+            ",".join(config.checkpoint.export_tflite),
+            f"TFLite exports serve class probabilities, not --task={kind}",
+            "empty, or --task=classification",
+        )
+    elif text and config.model.augment:
+        problem = (
+            "augment",
+            config_lib.format_augment(config.model.augment),
+            "augmentation operations are for images, the examples are texts",
+            "empty",
+        )
+    elif text and config.checkpoint.export_tflite:
+        problem = (
+            "export_tflite",
+            ",".join(config.checkpoint.export_tflite),
+            "TFLite exports take images, the examples are texts",
+            "empty",
+        )
+    if problem:
+        flag, value, what, accepted = problem
+        raise ConfigError(f"--{flag}={value!r}: {what}; accepted: {accepted}")
+
+
+def build_task(config: RunConfig, data: Data) -> Task:
+    """The task the flags describe, with what it takes from the training data: class names,
+    --class_weights=auto's weights, the regression targets' mean and standard deviation."""
+    training, kind = config.training, config.task.task
+    if kind == "classification":
+        return Classification(
+            label_smoothing=training.label_smoothing,
+            class_weights=training.class_weights or None,
+            class_names=data.class_names,
+        )
+    labels = data.train_examples.labels
+    if kind == "multilabel":
+        return MultiLabel(
+            class_names=data.class_names,
+            threshold=config.task.threshold,
+            label_smoothing=training.label_smoothing,
+            class_weights=positive_weights(labels) if training.class_weights == "auto" else None,
+        )
+    return Regression(
+        data.num_classes,
+        loss=config.task.regression_loss,
+        targets=labels,
+        target_names=data.class_names,
+    )
 
 
 def train(

@@ -25,8 +25,9 @@ SPLIT_SEED = 20261123
 @dataclasses.dataclass(frozen=True)
 class Split:
     """Images: (N, H, W, 3) uint8, a list of file paths, a list of encoded images (bytes) or
-    where TFRecord records lie (`RecordRefs`); int32 labels (N,); and for encoded images, where
-    each came from (for error messages)."""
+    where TFRecord records lie (`RecordRefs`) (texts, for tlloop.data.text); labels: int32
+    class indices (N,), or float32 multi-hot rows or regression targets (N, K); and for
+    encoded images, where each came from (for error messages)."""
 
     images: np.ndarray | list[str] | list[bytes] | RecordRefs
     labels: np.ndarray
@@ -67,6 +68,12 @@ def load_source(config: DataConfig) -> Source:
             train, evaluation = _split(train, config.val_split)
         count = int(max(train.labels.max(initial=0), evaluation.labels.max(initial=0))) + 1
         names = tuple(str(i) for i in range(count))
+    elif config.dataset == "csv":
+        from tlloop.data.tables import csv_source
+
+        # Multi-hot rows and targets have no class to select or stratify by: the CSV reader
+        # applies what does apply itself.
+        return csv_source(config)
     elif config.dataset.startswith("tfds:"):
         from tlloop.data.records import read_tfds
 

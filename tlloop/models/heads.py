@@ -1,18 +1,30 @@
-"""The classification head put on top of a backbone."""
+"""The heads put on top of a backbone: logits for (multi-label) classification, values in
+the targets' units for regression."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import keras
+import numpy as np
+
+if TYPE_CHECKING:
+    from tlloop.tasks import Regression
 
 
 def build_head(
-    feature_shape: tuple[int, ...], num_classes: int, dropout: float, float32_output: bool = False
+    feature_shape: tuple[int, ...],
+    num_classes: int,
+    dropout: float,
+    float32_output: bool = False,
+    standardized: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> keras.Model:
     """A model named "head": global average pooling (for feature maps), Dropout, Dense logits.
 
     It outputs logits (no softmax): losses use `from_logits=True`, which is numerically safer.
     With `float32_output` (mixed precision) a last float32 layer casts the logits, so the
-    softmax and the loss never run in float16.
+    softmax and the loss never run in float16. With `standardized` (mean, std) of regression
+    targets, a last `Destandardize` layer maps the Dense outputs to the targets' units.
     """
     inputs = keras.Input(feature_shape, name="features")
     x = inputs
@@ -24,6 +36,8 @@ def build_head(
     logits = keras.layers.Dense(num_classes, name="logits")(x)
     if float32_output:
         logits = keras.layers.Activation("linear", dtype="float32", name="logits_float32")(logits)
+    if standardized is not None:
+        logits = Destandardize(*standardized, name="targets")(logits)
     return keras.Model(inputs, logits, name="head")
 
 
@@ -32,7 +46,30 @@ def classification_head(
 ) -> keras.Model:
     """The built-in head for `num_classes` classes on a backbone's features: `features` is the
     backbone (a functional model: its output shape is read) or the shape of one example's
-    features, (H, W, C) for a feature map (pooled first) or (C,) for a vector."""
+    features, (H, W, C) for a feature map (pooled first) or (C,) for a vector. One logit per
+    class: also the head of a `MultiLabel` task (one logit per label)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes={num_classes}: accepted: >= 1")
+    return build_head(_feature_shape(features), num_classes, dropout)
+
+
+def regression_head(
+    features: keras.Model | tuple[int, ...], task: Regression, *, dropout: float = 0.0
+) -> keras.Model:
+    """The head of a `Regression` task: pooling, Dropout, Dense with one output per target,
+    then the task's target mean and standard deviation (from its `targets`) applied, so the
+    model (and its export) predicts in the targets' units. `features` as for
+    `classification_head`."""
+    from tlloop.tasks import Regression
+
+    if not isinstance(task, Regression):
+        raise TypeError(f"task: {type(task).__name__} is not a tlloop.Regression")
+    return build_head(
+        _feature_shape(features), task.outputs, dropout, standardized=(task.mean, task.std)
+    )
+
+
+def _feature_shape(features) -> tuple[int, ...]:
     if isinstance(features, keras.Model):
         outputs = getattr(features, "outputs", None)
         if not outputs or len(outputs) != 1:
@@ -41,6 +78,26 @@ def classification_head(
                 "backbone, or the feature shape, e.g. (7, 7, 1280)"
             )
         features = tuple(outputs[0].shape[1:])
-    if num_classes < 1:
-        raise ValueError(f"num_classes={num_classes}: accepted: >= 1")
-    return build_head(tuple(features), num_classes, dropout)
+    return tuple(features)
+
+
+@keras.saving.register_keras_serializable(package="tlloop")
+class Destandardize(keras.layers.Layer):
+    """x * std + mean per output: standardised regression values back in the targets' units.
+    `mean` and `std` are stored in the config (no weights: nothing trains them)."""
+
+    def __init__(self, mean, std, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.mean = [float(v) for v in np.ravel(mean)]
+        self.std = [float(v) for v in np.ravel(std)]
+
+    def call(self, inputs):
+        mean = keras.ops.convert_to_tensor(self.mean, inputs.dtype)
+        std = keras.ops.convert_to_tensor(self.std, inputs.dtype)
+        return inputs * std + mean
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "mean": self.mean, "std": self.std}

@@ -1,5 +1,6 @@
 """KerasHub presets as backbones: a handle (hf://, kaggle://, a preset name) or a local preset
 directory (what `save_to_preset` writes). keras-hub is optional: `pip install -e ".[hub]"`.
+A text preset (`text_backbone`) brings its tokenizer inside the backbone: raw strings in.
 
 A preset's image converter (`image_converter.json`: resize, then x * scale + offset) is its
 own preprocessing. It is read into an `InputAdapter` that `tlloop.models.backbones` puts inside
@@ -15,6 +16,7 @@ import keras
 import numpy as np
 
 from tlloop.config import ConfigError
+from tlloop.models.adapters import TokenPool
 
 HANDLES = ("hf://", "kaggle://", "modelscope://", "gs://")
 EXTRA = 'pip install -e ".[hub]" (or pip install keras-hub)'
@@ -98,3 +100,84 @@ def has_class_token(backbone: keras.Model) -> bool:
     """Whether a transformer backbone's first output token is a class token (ViT, DINOv2)."""
     config = backbone.get_config()
     return bool(config.get("use_class_token", "dinov2" in type(backbone).__name__.lower()))
+
+
+@keras.saving.register_keras_serializable(package="tlloop")
+class TextPreprocess(keras.layers.Layer):
+    """A KerasHub text preprocessor (tokenizer and packer) inside the backbone: raw strings
+    (batch,) in, the encoder's inputs (a dict of (batch, sequence_length) tensors) out.
+
+    KerasHub stores a tokenizer's vocabulary as an asset, loaded after the model's layers are
+    rebuilt, so the preprocessor cannot run while a saved functional model is rebuilt; this
+    layer states its output spec from its config (`outputs`: name -> dtype) instead, and only
+    tokenizes when it is called on real strings. Preprocessing has no training behaviour."""
+
+    def __init__(self, preprocessor, outputs: dict | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if isinstance(preprocessor, dict):
+            preprocessor = keras.saving.deserialize_keras_object(preprocessor)
+        self.preprocessor = preprocessor
+        if outputs is None:  # a fresh preprocessor has its vocabulary: ask it once
+            import tensorflow as tf
+
+            probe = preprocessor(tf.constant(["a"]))
+            outputs = {name: probe[name].dtype.name for name in sorted(probe)}
+        self.outputs_dtypes = dict(outputs)
+        self.sequence_length = int(preprocessor.sequence_length)
+
+    def build(self, input_shape) -> None:
+        # Nothing to create: the preprocessor holds its vocabulary, not weights.
+        self.built = True
+
+    def call(self, inputs):
+        packed = self.preprocessor(inputs)
+        return {name: packed[name] for name in self.outputs_dtypes}
+
+    def compute_output_spec(self, inputs):
+        batch = inputs.shape[0]
+        return {
+            name: keras.KerasTensor((batch, self.sequence_length), dtype=dtype)
+            for name, dtype in self.outputs_dtypes.items()
+        }
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "preprocessor": keras.saving.serialize_keras_object(self.preprocessor),
+            "outputs": self.outputs_dtypes,
+        }
+
+
+def text_backbone(source: str, *, load_weights: bool = True) -> keras.Model:
+    """A text backbone from the KerasHub preset `source` (see `build_text_backbone`), for the
+    library: raises ValueError naming `source` when it cannot be built."""
+    try:
+        return build_text_backbone(source, load_weights=load_weights)
+    except ConfigError as error:
+        raise ValueError(str(error).replace("--backbone=", "source=")) from None
+
+
+def build_text_backbone(source: str, *, load_weights: bool = True) -> keras.Model:
+    """A text backbone named "backbone" from the KerasHub preset `source` (a directory written
+    by `save_to_preset`, or a handle): raw strings (batch,) in, the preset's preprocessor
+    (tokenizer and packer) then its encoder, one feature vector per text out: the pooled
+    output where the encoder has one (BERT), else the first token's (DistilBERT, RoBERTa).
+    ConfigError naming --backbone when it cannot be loaded or has no text preprocessor."""
+    keras_hub = import_hub(source)
+    encoder, _ = load_preset(source, load_weights=load_weights)
+    try:
+        preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(source)
+    except Exception as error:
+        text = " ".join(str(error).split())[:200]
+        raise ConfigError(
+            f"--backbone={source!r}: no text preprocessor in the preset ({text}); accepted: a "
+            "text preset (BERT, DistilBERT, RoBERTa, ...) saved with its preprocessor "
+            "(preprocessor.save_to_preset(DIR) beside backbone.save_to_preset(DIR))"
+        ) from None
+    text = keras.Input((), dtype="string", name="text")
+    features = encoder(TextPreprocess(preprocessor, name="preprocess")(text))
+    if isinstance(features, dict):
+        features = features.get("pooled_output", features.get("sequence_output"))
+    if len(features.shape) == 3:
+        features = TokenPool("first", name="pool")(features)
+    return keras.Model(text, features, name="backbone")

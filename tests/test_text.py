@@ -1,0 +1,113 @@
+"""Text classification from a KerasHub text backbone: a tiny randomly initialised BERT saved
+with save_to_preset (no network), a generated text folder whose classes differ by words, end
+to end through the head and fine-tune phases to a SavedModel that takes strings."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import make_config
+from task_data import write_text_folder
+
+import tlloop
+from tlloop import phases as phase_lib
+from tlloop.trainer import build_experiment, train
+
+keras_hub = pytest.importorskip("keras_hub")
+
+WORDS = ("the", "a", "movie", "plot", "actor", "scene", "and", "was")
+WORDS += ("bad", "awful", "boring", "good", "great", "fun")
+VOCABULARY = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(WORDS)]
+
+
+@pytest.fixture(scope="module")
+def bert_preset(tmp_path_factory) -> str:
+    """A one-layer BERT with Dropout 0.1 and its preprocessor, saved as a local preset."""
+    directory = str(tmp_path_factory.mktemp("bert"))
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=VOCABULARY, lowercase=True)
+    keras_hub.models.BertTextClassifierPreprocessor(tokenizer, sequence_length=12).save_to_preset(
+        directory
+    )
+    keras_hub.models.BertBackbone(
+        vocabulary_size=len(VOCABULARY),
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=12,
+        dropout=0.1,
+    ).save_to_preset(directory)
+    return directory
+
+
+def test_text_folder_fine_tunes_a_bert_preset_with_dropout_on_and_serves_strings(
+    tmp_path, bert_preset
+):
+    folder = write_text_folder(tmp_path, per_class=24)
+    config = make_config(
+        str(tmp_path / "run"),
+        dataset="text_folder",
+        data_dir=folder,
+        classes="",
+        per_class=0,
+        val_split=0.25,
+        backbone=bert_preset,
+        batch_size=8,
+        head_epochs=3,
+        head_lr=3e-2,
+        finetune_epochs=8,
+        finetune_lr=1e-2,
+        dropout=0.0,
+    )
+    experiment = build_experiment(config)
+    assert experiment.data.class_names == ("negative", "positive")
+    head, finetune = experiment.phases
+    # The mode table and the phase-start report: Dropout of the encoder on only while it
+    # fine-tunes; the image default (backbone in inference mode) is unchanged elsewhere.
+    assert not head.modes.train.backbone and finetune.modes.train.backbone
+    phase_lib.apply_trainability(experiment.model, finetune)
+    report = phase_lib.trainability_report(experiment.model, finetune)
+    assert "| backbone | True |" in report
+    assert "| train | training=True | training=True | training=True |" in finetune.modes.to_text()
+    texts = tf.constant(["the good movie was fun", "a bad plot and awful actor"])
+    model = experiment.model
+    one, two = (model.forward(texts, finetune.modes.row("train")) for _ in range(2))
+    assert np.abs(one.numpy() - two.numpy()).max() > 1e-6  # Dropout draws differ
+    first, second = (model.forward(texts, finetune.modes.row("eval")) for _ in range(2))
+    np.testing.assert_array_equal(first.numpy(), second.numpy())
+
+    results = train(experiment, config.workdir)
+    head_eval, finetune_eval = (phase["eval"] for phase in results.phases)
+    assert finetune_eval["examples"] == 12  # a quarter of each class, every example once
+    # A random encoder's features barely separate the classes; fine-tuning it does.
+    assert finetune_eval["accuracy"] >= 0.9 > head_eval["accuracy"]
+    assert finetune_eval["loss"] < 0.5 * head_eval["loss"]
+    served = tf.saved_model.load(results.export["saved_model"]).signatures["serving_default"]
+    out = served(text=texts)
+    expected = tf.nn.softmax(model.forward(texts, finetune.modes.row("eval"))).numpy()
+    np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-5)
+    assert [n.decode() for n in out["class_name"].numpy()] == [
+        experiment.data.class_names[i] for i in expected.argmax(-1)
+    ]
+    with open(os.path.join(config.workdir, "results.json")) as file:
+        assert json.load(file)["class_names"] == ["negative", "positive"]
+    # model.keras loads with its tokenizer (the vocabulary is an asset KerasHub loads last).
+    loaded = keras.saving.load_model(results.export["model"])
+    np.testing.assert_allclose(loaded(texts).numpy(), model(texts).numpy(), atol=1e-5)
+
+
+def test_the_library_builds_a_text_backbone_and_names_a_bad_source(tmp_path, bert_preset):
+    backbone = tlloop.text_backbone(bert_preset)
+    assert backbone.inputs[0].dtype == "string" and backbone.outputs[0].shape == (None, 16)
+    with pytest.raises(ValueError, match=r"^source='.*': not a KerasHub preset directory"):
+        tlloop.text_backbone(str(tmp_path))
+    # A preset with a backbone but no text preprocessor is named too.
+    encoder_only = str(tmp_path / "encoder")
+    keras_hub.models.Backbone.from_preset(bert_preset).save_to_preset(encoder_only)
+    with pytest.raises(ValueError, match=r"^source='.*encoder': no text preprocessor"):
+        tlloop.text_backbone(encoder_only)

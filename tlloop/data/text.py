@@ -1,0 +1,97 @@
+"""Text examples: a folder of classes of .txt files (--dataset=text_folder, the layout of
+`keras.utils.text_dataset_from_directory`) or a CSV with a text column (--dataset=csv), held
+in memory as strings: a text backbone tokenizes them inside the model.
+
+`load_task_data` is the command line's one entry for data: text goes here, images to
+`tlloop.data.load_data`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from tlloop.config import ConfigError, DataConfig
+from tlloop.data.examples import InMemoryExamples
+from tlloop.data.pipeline import Data, load_data
+from tlloop.data.sources import Split, _limit_per_class, _select, _split
+from tlloop.data.tables import csv_content, load_tables, read_text_file
+
+TEXT_EXTENSIONS = (".txt",)
+
+
+def is_text(config: DataConfig) -> bool:
+    """Whether the examples `config` names are texts (a text folder, or a CSV of texts)."""
+    if config.dataset == "text_folder":
+        return True
+    return config.dataset == "csv" and csv_content(config.train_csv) == "text"
+
+
+def load_task_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
+    """The examples `config` names: texts (`load_text_data`) or images (`load_data`)."""
+    if is_text(config):
+        return load_text_data(config, evaluation_only=evaluation_only)
+    return load_data(config, evaluation_only=evaluation_only)
+
+
+def load_text_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
+    """The texts of a text folder or a text CSV as in-memory string examples (the labels as
+    `load_data` gives them); ConfigError naming the folder, file and line of a bad input."""
+    if config.dataset == "csv":
+        _, names, train, evaluation = load_tables(config)
+    else:
+        names, train = text_folder(config.data_dir, "data_dir")
+        if config.val_dir:
+            val_names, evaluation = text_folder(config.val_dir, "val_dir")
+            if val_names != names:
+                raise ConfigError(
+                    f"--val_dir={config.val_dir!r}: its class folders {list(val_names)} differ "
+                    f"from --data_dir's {list(names)}; accepted: the same class folders"
+                )
+        else:
+            train, evaluation = _split(train, config.val_split)
+        names, train, evaluation = _select(names, train, evaluation, config.classes)
+        train = _limit_per_class(train, config.train_examples_per_class, len(names))
+    return Data(
+        class_names=tuple(names),
+        train_examples=None if evaluation_only else _examples(train),
+        eval_examples=_examples(evaluation),
+        batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch,
+        seed=config.seed,
+        storage={
+            name: "memory (texts, tokenized inside the model)"
+            for name in ("eval",) + ("train",) * (not evaluation_only)
+        },
+    )
+
+
+def text_folder(path: str, flag: str) -> tuple[tuple[str, ...], Split]:
+    """One sub-folder of .txt files per class, sorted by name; each file one example."""
+    accepted = "a folder with one sub-folder of UTF-8 .txt files per class"
+    if not os.path.isdir(path):
+        raise ConfigError(f"--{flag}={path!r}: not a folder; accepted: {accepted}")
+    names = tuple(sorted(e.name for e in os.scandir(path) if e.is_dir()))
+    if not names:
+        raise ConfigError(f"--{flag}={path!r}: has no class sub-folders; accepted: {accepted}")
+    texts: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(names):
+        files = sorted(
+            entry.path
+            for entry in os.scandir(os.path.join(path, name))
+            if entry.is_file() and entry.name.lower().endswith(TEXT_EXTENSIONS)
+        )
+        if not files:
+            raise ConfigError(
+                f"--{flag}={path!r}: class folder {name!r} holds no .txt files; accepted: "
+                f"{accepted}"
+            )
+        texts += [read_text_file(file, f"--{flag}: text file ") for file in files]
+        labels += [label] * len(files)
+    return names, Split(texts, np.asarray(labels, np.int32))
+
+
+def _examples(split: Split) -> InMemoryExamples:
+    return InMemoryExamples(np.asarray(split.images, dtype=object), split.labels)
