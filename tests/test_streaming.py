@@ -14,7 +14,7 @@ from conftest import run_cli
 
 from tlloop.config import ConfigError, DataConfig
 from tlloop.data import load_data
-from tlloop.data.examples import InMemoryExamples, Part, example_index
+from tlloop.data.examples import InMemoryExamples, Part, StreamedExamples, example_index
 from tlloop.data.pipeline import memory_budget
 from tlloop.data.streaming import DiskImages, EncodedImages
 
@@ -301,3 +301,13 @@ def test_the_library_streams_image_files_with_the_feature_cache_and_the_same_ord
     # Streamed files are tlloop's to order, so the frozen phase trains on cached features.
     assert results.phases[0]["feature_cache"].startswith("on:")
     assert results.phases[0]["eval"]["examples"] == 24
+
+
+def test_label_counts_count_class_indices_and_multi_hot_labels():
+    indices = InMemoryExamples(np.zeros((5, 2), "float32"), np.array([0, 2, 2, 1, 2]))
+    assert indices.label_counts(4).tolist() == [1, 1, 3, 0]
+    hot = np.array([[1, 0, 1], [0, 0, 1], [1, 1, 1]], "float32")
+    multi = InMemoryExamples(np.zeros((3, 2), "float32"), hot)
+    assert multi.label_counts(3).tolist() == [2, 1, 3]
+    streamed = tf.data.Dataset.from_tensor_slices((np.zeros((3, 2), "float32"), hot))
+    assert StreamedExamples(streamed).label_counts(3).tolist() == [2, 1, 3]

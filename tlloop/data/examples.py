@@ -62,9 +62,10 @@ class Examples(abc.ABC):
         return self.ordered().element_spec
 
     def label_counts(self, num_classes: int) -> np.ndarray:
-        """Examples per class label (labels are class indices)."""
+        """Examples per class: of each class index (labels [N]), or of each label present
+        (multi-hot labels [N, num_classes])."""
         labels = np.concatenate([y for _, y in self.ordered().batch(4096).as_numpy_iterator()])
-        return np.bincount(labels.astype(np.int64).ravel(), minlength=num_classes)
+        return _counts(labels, num_classes)
 
     def eval_batches(self, batch_size: int, part: Part | None = None) -> tf.data.Dataset:
         """(inputs, labels, weights) full batches over every example once; the last batch is
@@ -86,6 +87,12 @@ class Examples(abc.ABC):
         if not image_like or spec.shape[-1] not in (1, 3) or spec.dtype == tf.string:
             return None
         return next(iter(self.ordered().map(lambda x, y: x).batch(count)))
+
+
+def _counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    if labels.ndim == 2:  # multi-hot: an example counts for every label it has
+        return np.rint(labels.sum(axis=0)).astype(np.int64)
+    return np.bincount(labels.astype(np.int64).ravel(), minlength=num_classes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +219,7 @@ class IndexedExamples(Examples):
         return self._batches(positions, batch_size, part)
 
     def label_counts(self, num_classes: int) -> np.ndarray:
-        return np.bincount(np.asarray(self.labels, np.int64).ravel(), minlength=num_classes)
+        return _counts(np.asarray(self.labels), num_classes)
 
 
 class InMemoryExamples(IndexedExamples):
