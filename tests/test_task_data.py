@@ -199,7 +199,7 @@ def test_the_command_line_refuses_a_bad_row_in_one_line_before_the_workdir(tmp_p
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        ({"task": "multilabel"}, "--task='multilabel': its labels or targets come from a CSV"),
+        ({"task": "multilabel"}, "--task='multilabel': its labels or targets come from csv or "),
         (
             {"task": "regression", "dataset": "csv", "label_smoothing": 0.1},
             "--label_smoothing=0.1: applies to classification",
@@ -260,3 +260,38 @@ def test_a_killed_multilabel_run_resumes_to_the_uninterrupted_weights(tmp_path, 
     resumed = train(build_experiment(config), config.workdir)
     assert resumed.weights_sha256 == whole.weights_sha256
     assert resumed.phases[-1]["eval"] == whole.phases[-1]["eval"]
+
+
+@pytest.mark.parametrize("kind", ["indices", "multi-hot"])
+def test_multilabel_tfrecords_hold_label_lists_or_multi_hot_rows(tmp_path, kind):
+    rows = [[0, 2], [], [1], [0, 1, 2], [2], [0]]
+
+    def label(row):
+        if kind == "indices":
+            return tf.train.Feature(int64_list=tf.train.Int64List(value=row))
+        hot = [float(i in row) for i in range(3)]
+        return tf.train.Feature(float_list=tf.train.FloatList(value=hot))
+
+    path = tmp_path / "train.tfrecord"
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for i, row in enumerate(rows):
+            pixels = np.full((5, 5, 3), 40 * i, np.uint8)
+            image = tf.train.BytesList(value=[tf.io.encode_png(pixels).numpy()])
+            feature = {"image/encoded": tf.train.Feature(bytes_list=image), "y": label(row)}
+            example = tf.train.Example(features=tf.train.Features(feature=feature))
+            writer.write(example.SerializeToString())
+    config = DataConfig(
+        dataset="tfrecord",
+        train_files=str(path),
+        label_feature="y",
+        task="multilabel",
+        val_split=0.34,
+        image_size=8,
+        batch_size=2,
+    )
+    data = load_task_data(config)
+    assert data.class_names == ("0", "1", "2")
+    labels = np.concatenate([data.train_examples.labels, data.eval_examples.labels])
+    assert labels.shape == (6, 3) and labels.dtype == np.float32
+    expected = sorted(tuple(float(i in row) for i in range(3)) for row in rows)
+    assert sorted(map(tuple, labels.tolist())) == expected

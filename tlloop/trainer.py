@@ -530,18 +530,23 @@ def build_experiment(
     return Experiment(config, strategy, data, model, plan, report, task)
 
 
+# Where each task other than classification finds its labels or targets.
+SOURCES_OF = {"multilabel": ("csv", "tfrecord"), "regression": ("csv",)}
+
+
 def check_task(config: RunConfig, text: bool) -> None:
     """Refuses, naming the flag, what --task cannot combine with (before any data loads)."""
     kind = config.task.task
     problem = None
     if config.data.task != kind:
         problem = ("task", kind, f"the data section reads {config.data.task}", "one value")
-    elif kind != "classification" and config.data.dataset != "csv":
+    elif kind != "classification" and config.data.dataset not in SOURCES_OF[kind]:
         problem = (
             "task",
             kind,
-            f"its labels or targets come from a CSV, not --dataset={config.data.dataset}",
-            "--dataset=csv with --train_csv",
+            f"its labels or targets come from {' or '.join(SOURCES_OF[kind])}, "
+            f"not --dataset={config.data.dataset}",
+            " or ".join(f"--dataset={source}" for source in SOURCES_OF[kind]),
         )
     elif kind == "regression" and (
         config.training.label_smoothing or config.training.class_weights

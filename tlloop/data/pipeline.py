@@ -250,7 +250,10 @@ def _to_float(images):
 def _check_every_class(
     labels: np.ndarray, names: tuple[str, ...], skipped: tuple[str, ...]
 ) -> None:
-    """Raises ConfigError if skipping unreadable files emptied a class."""
+    """Raises ConfigError if skipping unreadable files emptied a class (of class indices:
+    multi-hot labels and targets have no class an example stands for)."""
+    if labels.ndim != 1:
+        return
     empty = [name for label, name in enumerate(names) if not np.any(labels == label)]
     if empty and skipped:
         raise ConfigError(

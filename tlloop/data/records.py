@@ -24,32 +24,42 @@ AUTOTUNE = tf.data.AUTOTUNE
 _RECORDS = "TFRecord files of tf.train.Example records"
 
 
-def read_records(patterns: str, flag: str, image_key: str, label_key: str) -> Split:
+def read_records(
+    patterns: str, flag: str, image_key: str, label_key: str, *, multilabel: bool = False
+) -> Split:
     """Every record of the files `patterns` (comma-separated globs) matches, in sorted file
     order: where each lies (`RecordRefs`: the image is read from there when the examples are),
-    its int64 label under `label_key`, and the first bytes of its image under `image_key`.
-    One pass over the files, in parallel; no image is kept or decoded."""
+    its label under `label_key`, and the first bytes of its image under `image_key`. One pass
+    over the files, in parallel; no image is kept or decoded.
+
+    The label is an int64 class index; with `multilabel`, a list: of int64 label indices, or
+    of floats (a multi-hot row). Multi-label labels come back as an object array of rows
+    (index lists, or multi-hot rows as float32); `multi_hot` makes them one array."""
     files = sorted({f for p in patterns.split(",") if p.strip() for f in glob.glob(p.strip())})
     if not files:
         raise ConfigError(f"--{flag}={patterns!r}: matches no file; accepted: globs of {_RECORDS}")
-    spec = {
-        image_key: tf.io.FixedLenFeature([], tf.string),
-        label_key: tf.io.FixedLenFeature([], tf.int64),
-    }
+    label_type = _list_type(files[0], label_key) if multilabel else tf.int64
+    label_spec = (
+        tf.io.VarLenFeature(label_type) if multilabel else tf.io.FixedLenFeature([], tf.int64)
+    )
+    spec = {image_key: tf.io.FixedLenFeature([], tf.string), label_key: label_spec}
 
     def scan(record):
         example = tf.io.parse_single_example(record, spec)
         head = tf.strings.substr(example[image_key], 0, HEAD_BYTES)
-        return tf.strings.length(record), example[label_key], head
+        label = example[label_key]
+        if multilabel:
+            label = tf.RaggedTensor.from_tensor(tf.sparse.to_dense(label)[None])[0]
+        return tf.strings.length(record), label, head
 
     columns: list[list[np.ndarray]] = [[], [], [], [], []]
     heads: list[bytes] = []
     for number, path in enumerate(files):
         records = tf.data.TFRecordDataset(path)
         try:
-            parts = list(
-                records.map(scan, num_parallel_calls=AUTOTUNE).batch(4096).as_numpy_iterator()
-            )
+            scanned = records.map(scan, num_parallel_calls=AUTOTUNE)
+            batched = scanned.ragged_batch(4096) if multilabel else scanned.batch(4096)
+            parts = list(batched.as_numpy_iterator())
         except tf.errors.DataLossError:
             raise ConfigError(
                 f"--{flag}: {path!r} is not a readable TFRecord file (corrupt or truncated); "
@@ -70,17 +80,67 @@ def read_records(patterns: str, flag: str, image_key: str, label_key: str) -> Sp
         columns[1].append(np.arange(len(lengths), dtype=np.int64))
         columns[2].append(starts.astype(np.int64))
         columns[3].append(lengths)
-        columns[4].append(np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64))
+        if multilabel:  # ragged rows, one per record
+            rows = [np.asarray(row) for p in parts for row in p[1]]
+            columns[4].append(np.asarray([*rows, None], dtype=object)[:-1])
+        else:
+            columns[4].append(
+                np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+            )
         heads.extend(h for p in parts for h in p[2])
     file_index, numbers, offsets, lengths, labels = (np.concatenate(c) for c in columns)
+    heads = np.asarray(heads, dtype=object)
+    refs = RecordRefs(tuple(files), file_index, numbers, offsets, lengths, heads)
+    if multilabel:
+        return Split(refs, labels)
     if labels.size and labels.min() < 0:
         raise ConfigError(
             f"--label_feature={label_key!r}: negative class index {labels.min()} in --{flag}; "
             "accepted: class indices 0, 1, 2, ..."
         )
-    heads = np.asarray(heads, dtype=object)
-    refs = RecordRefs(tuple(files), file_index, numbers, offsets, lengths, heads)
     return Split(refs, labels.astype(np.int32))
+
+
+def _list_type(path: str, label_key: str) -> tf.DType:
+    """int64 (label indices) or float32 (a multi-hot row): the list `label_key` holds in the
+    first record of `path` (int64 when it has none)."""
+    for record in tf.data.TFRecordDataset(path).take(1):
+        feature = tf.train.Example.FromString(record.numpy()).features.feature.get(label_key)
+        if feature is not None and feature.WhichOneof("kind") == "float_list":
+            return tf.float32
+    return tf.int64
+
+
+def multi_hot(splits: list[Split], flag: str, label_key: str) -> tuple[int, list[Split]]:
+    """(the number of labels, `splits` with float32 multi-hot labels [N, labels]) from the
+    label rows `read_records(multilabel=True)` gave: index lists or multi-hot rows."""
+    rows = [row for split in splits for row in split.labels]
+    if rows and all(row.dtype.kind == "f" for row in rows):
+        widths = {len(row) for row in rows}
+        if len(widths) != 1:
+            raise ConfigError(
+                f"--label_feature={label_key!r}: multi-hot rows of {sorted(widths)} values in "
+                f"--{flag}; accepted: one value per label in every record"
+            )
+        count = widths.pop()
+        return count, [
+            Split(s.images, np.stack(list(s.labels)).astype(np.float32), s.origins) for s in splits
+        ]
+    found = [int(row.min()) for row in rows if len(row)]
+    if found and min(found) < 0:
+        raise ConfigError(
+            f"--label_feature={label_key!r}: negative label index {min(found)} in --{flag}; "
+            "accepted: label indices 0, 1, 2, ..."
+        )
+    count = max((int(row.max()) for row in rows if len(row)), default=0) + 1
+
+    def hot(split: Split) -> Split:
+        labels = np.zeros((len(split), count), np.float32)
+        for i, row in enumerate(split.labels):
+            labels[i, row.astype(np.int64)] = 1.0
+        return Split(split.images, labels, split.origins)
+
+    return count, [hot(split) for split in splits]
 
 
 def _missing_keys(records, spec, path: str, image_key: str, label_key: str) -> str:

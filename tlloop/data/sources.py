@@ -58,14 +58,22 @@ def load_source(config: DataConfig) -> Source:
         names, everything = _digits()
         train, evaluation = _split(everything, config.val_split)
     elif config.dataset == "tfrecord":
-        from tlloop.data.records import read_records
+        from tlloop.data.records import multi_hot, read_records
 
         keys = (config.image_feature, config.label_feature)
-        train = read_records(config.train_files, "train_files", *keys)
+        multilabel = config.task == "multilabel"
+        train = read_records(config.train_files, "train_files", *keys, multilabel=multilabel)
         if config.val_files:
-            evaluation = read_records(config.val_files, "val_files", *keys)
+            evaluation = read_records(config.val_files, "val_files", *keys, multilabel=multilabel)
+        elif multilabel:  # no one class to stratify by
+            train, evaluation = random_split(train, config.val_split)
         else:
             train, evaluation = _split(train, config.val_split)
+        if multilabel:
+            count, (train, evaluation) = multi_hot(
+                [train, evaluation], "train_files", config.label_feature
+            )
+            return Source(tuple(str(i) for i in range(count)), train, evaluation)
         count = int(max(train.labels.max(initial=0), evaluation.labels.max(initial=0))) + 1
         names = tuple(str(i) for i in range(count))
     elif config.dataset == "csv":
@@ -143,6 +151,14 @@ def _split(split: Split, val_fraction: float) -> tuple[Split, Split]:
     return split.take(np.sort(np.concatenate(train_index))), split.take(
         np.sort(np.concatenate(eval_index))
     )
+
+
+def random_split(split: Split, fraction: float) -> tuple[Split, Split]:
+    """`fraction` of the examples (at least one) to evaluation, with the splits' fixed seed:
+    multi-hot rows and targets have no class to stratify by."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(split))
+    count = max(1, round(len(split) * fraction))
+    return split.take(np.sort(order[count:])), split.take(np.sort(order[:count]))
 
 
 def _select(

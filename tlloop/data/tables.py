@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from tlloop.config import ConfigError, DataConfig
-from tlloop.data.sources import SPLIT_SEED, Source, Split, _limit_per_class, _split
+from tlloop.data.sources import Source, Split, _limit_per_class, _split, random_split
 
 CONTENT_COLUMNS = ("path", "text")
 
@@ -206,7 +206,7 @@ def load_tables(config: DataConfig) -> tuple[str, tuple[str, ...], Split, Split]
     elif config.task == "classification":
         train, evaluation = _split(train, config.val_split)
     else:
-        train, evaluation = _random_split(train, config.val_split)
+        train, evaluation = random_split(train, config.val_split)
     if config.train_examples_per_class:
         if config.task != "classification":
             raise ConfigError(
@@ -227,14 +227,6 @@ def csv_source(config: DataConfig) -> Source:
             "the text loader (tlloop.data.text.load_text_data) for a text column"
         )
     return Source(names, train, evaluation)
-
-
-def _random_split(split: Split, fraction: float) -> tuple[Split, Split]:
-    """`fraction` of the examples (at least one) to evaluation, with the splits' fixed seed:
-    multi-hot rows and targets have no class to stratify by."""
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(split))
-    count = max(1, round(len(split) * fraction))
-    return split.take(np.sort(order[count:])), split.take(np.sort(order[:count]))
 
 
 def csv_content(path: str) -> str:
