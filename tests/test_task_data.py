@@ -11,6 +11,8 @@ import pytest
 import tensorflow as tf
 from conftest import StopAfter, make_config, run_cli
 from task_data import COLOURS, write_image_csvs
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tlloop.config import ConfigError, DataConfig
 from tlloop.data.text import load_task_data
@@ -62,6 +64,17 @@ def test_multilabel_from_csv_through_the_command_line_path(tmp_path, csvs):
     results = train(experiment, config.workdir)
     assert results.best["metric"] == "macro_f1:max"
     assert set(results.phases[-1]["eval"]) == {"loss", "micro_f1", "macro_f1", "pr_auc", "examples"}
+    # The HParams dashboard lists the task's scalar metrics.
+    root = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    root.Reload()
+    records = root.PluginTagToContent("hparams").values()
+    (experiment_info,) = [
+        r.experiment
+        for r in map(plugin_data_pb2.HParamsPluginData.FromString, records)
+        if r.HasField("experiment")
+    ]
+    tags = {m.name.tag for m in experiment_info.metric_infos}
+    assert tags == {"micro_f1", "macro_f1", "pr_auc", "loss"}
     assert results.phases[-1]["eval"]["examples"] == 48 - cut
     served = tf.saved_model.load(results.export["saved_model"])
     out = served.signatures["serving_uint8"](images=tf.constant(csvs["images"][cut:]))

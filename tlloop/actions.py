@@ -167,7 +167,9 @@ class SummaryWriter(Action):
         if c.resume_from:
             return
         if self.hparams:
-            s.hparams(self.hparams, trial=os.path.basename(os.path.abspath(s.workdir)))
+            trial = os.path.basename(os.path.abspath(s.workdir))
+            scalars = [m.name for m in c.eval_metrics.task_metrics if np.ndim(m.result()) == 0]
+            s.hparams(self.hparams, trial, scalars)
         for name, text in self.texts:
             s.text(name, text, 0)
 

@@ -93,13 +93,14 @@ class Summaries:
         with self.writers[split].as_default(step=step):
             tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=step)
 
-    def hparams(self, values: dict, trial: str) -> None:
-        """Records the run's hyperparameters, and the eval scalars as its metrics, for the
-        HParams dashboard (which infers no metrics without this experiment config)."""
+    def hparams(self, values: dict, trial: str, metric_names=("accuracy",)) -> None:
+        """Records the run's hyperparameters, and the eval scalars (`metric_names` and the
+        loss) as its metrics, for the HParams dashboard (which infers no metrics without this
+        experiment config)."""
         if self.root is not None:
             metrics = [
                 hparams_api.Metric(tag, group="eval", display_name=f"eval {tag}")
-                for tag in ("accuracy", "loss")
+                for tag in (*metric_names, "loss")
             ]
             with self.root.as_default():
                 hparams_api.hparams_config(
