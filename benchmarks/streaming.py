@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -312,7 +313,7 @@ def table(results: dict) -> str:
     lines = [
         f"# Streamed data ({results['machine']}; min-max over rounds)",
         "",
-        "| measure | value |",
+        "| measure | value (ratios: to the last row of the group, round by round) |",
         "|---|---|",
         f"| peak RSS, {small} images streamed (MB) | {_range(memory['small'], 0)} |",
         f"| peak RSS, {images} images streamed (MB) | {_range(memory['full'], 0)} |",
@@ -330,8 +331,9 @@ def table(results: dict) -> str:
             wall = [a / b for a, b in zip(speed["wall"], base["wall"], strict=True)]
             cpu = [a / b for a, b in zip(speed["cpu"], base["cpu"], strict=True)]
             lines.append(
-                f"| {label} examples/s, {name} | {_range(speed['wall'], 1)} "
-                f"({_range(wall, 2)}x; per CPU second {_range(cpu, 2)}x) |"
+                f"| {label} examples/s, {name} | {_range(speed['wall'], 1)}; ratio median "
+                f"{statistics.median(wall):.2f}x ({_range(wall, 2)}), per CPU second "
+                f"{statistics.median(cpu):.2f}x ({_range(cpu, 2)}) |"
             )
     for name, values in results["resume"].items():
         lines.append(f"| seconds to the first batch resumed at {name} | {_range(values, 3)} |")
