@@ -87,6 +87,15 @@ def test_multilabel_from_csv_through_the_command_line_path(tmp_path, csvs):
     for row, text in zip(probabilities, out["labels"].numpy(), strict=True):
         over = [n.decode() for n, p in zip(names, row, strict=True) if p > 0.4]
         assert text.decode() == ";".join(over)
+    # tlloop.predict prints the labels over the threshold, then the most probable ones.
+    image = tmp_path / "one.png"
+    image.write_bytes(tf.io.encode_png(csvs["images"][cut]).numpy())
+    done = run_cli(f"--workdir={config.workdir}", "--top_k=2", str(image), module="tlloop.predict")
+    assert done.returncode == 0, done.stderr[-2000:]
+    fields = done.stdout.strip().split("\t")
+    assert fields[:2] == [str(image), f"labels={out['labels'].numpy()[0].decode()}"]
+    top = np.argsort(-probabilities[0], kind="stable")[:2]
+    assert [f.split()[0] for f in fields[2:]] == [names[i].decode() for i in top]
 
 
 def test_regression_from_csv_predicts_in_the_targets_units(tmp_path, csvs):
@@ -116,6 +125,20 @@ def test_regression_from_csv_predicts_in_the_targets_units(tmp_path, csvs):
     assert saved["root_mean_squared_error"] == pytest.approx(results.best["value"], rel=1e-5)
     with pytest.raises(ConfigError, match="--checkpoint='best': a regression run is evaluated"):
         evaluate_saved(config.workdir, "best", config)
+    # tlloop.predict prints each target's value in its units; --top_k has nothing to rank.
+    image = tmp_path / "one.png"
+    image.write_bytes(tf.io.encode_png(csvs["images"][cut]).numpy())
+    done = run_cli(f"--workdir={config.workdir}", str(image), module="tlloop.predict")
+    assert done.returncode == 0, done.stderr[-2000:]
+    path, *fields = done.stdout.strip().split("\t")
+    assert path == str(image)
+    values = [float(field.split()[1]) for field in fields]
+    np.testing.assert_allclose(values, predictions[0], rtol=1e-4)
+    refused = run_cli(
+        f"--workdir={config.workdir}", "--top_k=2", str(image), module="tlloop.predict"
+    )
+    assert refused.returncode == 2
+    assert "--top_k=2: a regression model has no classes to rank" in refused.stderr
 
 
 def _write(path, text: str | bytes) -> str:

@@ -1,11 +1,13 @@
 """Entry point: `python -m tlloop.predict --workdir=WORKDIR [--top_k=3] IMAGE [IMAGE ...]`.
 
 Prints the top-k classes of each image file with their probabilities, one line per image:
-`PATH<TAB>CLASS PROB<TAB>CLASS PROB...`. The model is the run's exported SavedModel (or any
-tlloop SavedModel, `--saved_model=DIR`), called through its `serving_uint8` signature, so this
-is exactly what a server would answer. Images of any size are resized inside the model.
-Bad input: one line naming the flag or file, exit 2 (`--bad_images=skip` reports an unreadable
-file on stderr and goes on).
+`PATH<TAB>CLASS PROB<TAB>CLASS PROB...`; for a multi-label model the labels over its threshold
+first (`labels=A;B`), then the top-k labels; for a regression model each target's value
+(`NAME VALUE`, in the targets' units; --top_k is refused). The model is the run's exported
+SavedModel (or any tlloop SavedModel, `--saved_model=DIR`), called through its
+`serving_uint8` signature, so this is exactly what a server would answer. Images of any size
+are resized inside the model. Bad input: one line naming the flag or file, exit 2
+(`--bad_images=skip` reports an unreadable file on stderr and goes on).
 """
 
 from __future__ import annotations
@@ -44,20 +46,25 @@ def main(argv: list[str]) -> int:
         from tlloop.serving import Predictor
 
         predictor = Predictor(directory)
-        if not 1 <= FLAGS.top_k <= predictor.num_classes:
+        if predictor.kind == "regression" and FLAGS["top_k"].present:
+            raise ConfigError(
+                f"--top_k={FLAGS.top_k}: a regression model has no classes to rank; accepted: "
+                "no --top_k (each target's value is printed)"
+            )
+        if predictor.kind != "regression" and not 1 <= FLAGS.top_k <= predictor.num_classes:
             raise ConfigError(
                 f"--top_k={FLAGS.top_k}: the model has {predictor.num_classes} classes; "
                 f"accepted: 1 to {predictor.num_classes}"
             )
         for path in paths:
             try:
-                ranked = predictor.top_k(path, FLAGS.top_k)
+                fields = predictor.describe(path, FLAGS.top_k)
             except ConfigError as error:
                 if FLAGS.bad_images == "fail":
                     raise
                 print(f"tlloop.predict: skipped: {error}", file=sys.stderr)
                 continue
-            print("\t".join([path, *(f"{name} {p:.4f}" for name, p in ranked)]), flush=True)
+            print("\t".join([path, *fields]), flush=True)
     except ConfigError as error:
         print(f"tlloop.predict: error: {error}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Client side of the exported SavedModel: load it, decode image files, rank classes."""
+"""Client side of the exported SavedModel: load it, decode image files, say what it serves."""
 
 from __future__ import annotations
 
@@ -17,6 +17,15 @@ class Predictor:
         names = loaded.signatures["class_names"]()["class_names"].numpy()
         self.class_names = tuple(name.decode() for name in names)
         self._loaded = loaded  # the signatures need the object alive
+        outputs = set(self._serve.structured_outputs)
+        #: What the model serves: "classification", "multilabel" or "regression".
+        self.kind = (
+            "regression"
+            if "predictions" in outputs
+            else "multilabel"
+            if "predicted" in outputs
+            else "classification"
+        )
 
     @property
     def num_classes(self) -> int:
@@ -25,6 +34,21 @@ class Predictor:
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities (batch, classes) for uint8 images (batch, height, width, 3)."""
         return self._serve(images=tf.constant(images, tf.uint8))["probabilities"].numpy()
+
+    def describe(self, path: str, k: int) -> list[str]:
+        """What the model says of the image file `path`, as printable fields: the `k` most
+        probable classes (classification), the labels over the threshold then the `k` most
+        probable labels (multi-label), or each target's value (regression)."""
+        if self.kind == "regression":
+            values = self._serve(images=tf.constant(read_image(path)[None]))["predictions"]
+            values = values.numpy().reshape(-1)
+            names = self.class_names or tuple(f"target{i}" for i in range(len(values)))
+            return [f"{name} {value:.6g}" for name, value in zip(names, values, strict=True)]
+        ranked = [f"{name} {p:.4f}" for name, p in self.top_k(path, k)]
+        if self.kind == "multilabel":
+            served = self._serve(images=tf.constant(read_image(path)[None]))
+            return [f"labels={served['labels'].numpy()[0].decode()}", *ranked]
+        return ranked
 
     def top_k(self, path: str, k: int) -> list[tuple[str, float]]:
         """The `k` most probable (class name, probability) for the image file `path`, most
