@@ -414,7 +414,8 @@ class DataConfig:
     )
     label_feature: str = option(
         "image/class/label",
-        "For --dataset=tfrecord: the int64 feature holding the class index.",
+        "For --dataset=tfrecord: the int64 feature holding the class index (--task=multilabel: "
+        "a list of label indices, or a float multi-hot row).",
         evaluation=True,
     )
     tfds_dir: str = option(
