@@ -57,7 +57,7 @@ def test_multilabel_from_csv_through_the_command_line_path(tmp_path, csvs):
     cut = csvs["cut"]
     expected = csvs["labels"][:cut][:, [COLOURS.index(n) for n in data.class_names]]
     np.testing.assert_array_equal(data.train_examples.labels, expected)
-    task = experiment.trainer().task
+    task = experiment.trainer().task.prepared(data.train_examples)
     positives = expected.sum(0)
     np.testing.assert_allclose(task.class_weights, (cut - positives) / positives, rtol=1e-6)
     assert task.threshold == 0.4

@@ -13,6 +13,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 import tlloop
+from tlloop.data.examples import InMemoryExamples
 
 SIZE, LABELS = 12, 3
 NAMES = ("red", "green", "blue")
@@ -156,6 +157,10 @@ def test_multilabel_training_loss_weights_positives_and_smooths_labels():
     labels = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0], [1, 0, 0]], np.float32)
     weights = tlloop.positive_weights(labels)
     np.testing.assert_allclose(weights, [1 / 3, 3.0, 4.0])  # negatives / positives; none: /1
+    # class_weights="auto" takes the same weights from the training examples when a fit starts.
+    examples = InMemoryExamples(np.zeros((4, 2), np.float32), labels)
+    auto = tlloop.MultiLabel(3, class_weights="auto").prepared(examples)
+    np.testing.assert_array_equal(auto.class_weights, weights)
     logits = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
     task = tlloop.MultiLabel(3, class_weights=weights, label_smoothing=0.2)
     smoothed = labels * 0.8 + 0.1
@@ -172,7 +177,10 @@ def test_multilabel_training_loss_weights_positives_and_smooths_labels():
     [
         ({"num_labels": 0}, "num_labels=0"),
         ({"num_labels": 3, "threshold": 1.0}, "threshold=1.0"),
-        ({"num_labels": 3, "class_weights": "auto"}, "positive_weights"),
+        (
+            {"num_labels": 3, "class_weights": "balanced"},
+            "class_weights='balanced': accepted: 'auto'",
+        ),
         ({"num_labels": 3, "class_weights": [1.0, 2.0]}, "class_weights: shape"),
         ({"class_names": ["a"], "num_labels": 2}, "class_names: 1 names"),
     ],

@@ -77,7 +77,7 @@ def range_test(
         histogram_every_steps=0,
         nan_policy="stop",
     )
-    task = trainer.task.prepared(data.train_examples.label_counts)
+    task = trainer.task.prepared(data.train_examples)
     try:
         with strategy.scope():
             phase_lib.apply_trainability(model, phase)

@@ -15,12 +15,16 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from tlloop import summaries as summaries_lib
+
+if TYPE_CHECKING:
+    from tlloop.data.examples import Examples
 
 # Names the steps' own metrics use: a task metric may not take them.
 RESERVED_METRIC_NAMES = ("loss", "examples")
@@ -95,9 +99,9 @@ class Task:
         """What a served model returns for `outputs` (inference mode)."""
         return {"outputs": outputs}
 
-    def prepared(self, label_counts: Callable[[int], np.ndarray]) -> Task:
-        """This task with anything that depends on the training data resolved (e.g. class
-        weights from `label_counts(num_classes)`, the examples per class); self if nothing
+    def prepared(self, train: Examples) -> Task:
+        """This task with anything that depends on the training examples resolved (e.g. class
+        weights from `train.label_counts(num_classes)` and `train.size`); self if nothing
         does."""
         return self
 
@@ -168,12 +172,12 @@ class Classification(Task):
             losses *= tf.gather(weights, labels)
         return losses
 
-    def prepared(self, label_counts: Callable[[int], np.ndarray]) -> Classification:
+    def prepared(self, train: Examples) -> Classification:
         if not (isinstance(self.class_weights, str) and self.class_weights == "auto"):
             return self
         if not self.num_classes:
             raise ValueError("task: class_weights='auto' needs num_classes (or class_names)")
-        counts = np.asarray(label_counts(self.num_classes), np.float64)
+        counts = np.asarray(train.label_counts(self.num_classes), np.float64)
         result = copy.copy(self)
         result.class_weights = balanced_class_weights(counts)
         return result
@@ -286,9 +290,9 @@ class MultiLabel(Task):
     """Multi-label classification: the model outputs one logit per label (batch, labels),
     labels are multi-hot (batch, labels) of 0/1. Loss: sigmoid binary cross-entropy, the mean
     over labels, with `label_smoothing` (towards 1/2) and per-label positive weights
-    `class_weights` (an array of `num_labels`, e.g. `positive_weights(train_labels)`:
-    negatives / positives of each label, what --class_weights=auto gives) in the training
-    loss only. Metrics: micro and macro F1 of the labels whose probability is over
+    `class_weights` (an array of `num_labels`, or "auto": negatives / positives of each
+    label in the training examples, what `positive_weights(train_labels)` gives) in the
+    training loss only. Metrics: micro and macro F1 of the labels whose probability is over
     `threshold`, and the PR-AUC averaged over labels (`keras.metrics.AUC(curve="PR",
     multi_label=True)`). Serving: per-label probabilities, the multi-hot prediction and the
     names over the threshold joined by ";".
@@ -320,15 +324,12 @@ class MultiLabel(Task):
             raise ValueError(f"threshold={threshold!r}: accepted: 0 < x < 1")
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing={label_smoothing!r}: accepted: 0 <= x < 1")
-        if isinstance(class_weights, str):
-            # Task.prepared sees label counts only, not how many examples have none of a
-            # label: the weights come from the labels themselves.
+        if isinstance(class_weights, str) and class_weights != "auto":
             raise ValueError(
-                f"class_weights={class_weights!r}: a MultiLabel task is given its weights; "
-                "accepted: class_weights=tlloop.positive_weights(train_labels) (negatives / "
-                "positives per label, what --class_weights=auto uses), an array, or None"
+                f"class_weights={class_weights!r}: accepted: 'auto' (negatives / positives per "
+                "label in the training examples), an array of positive weights, or None"
             )
-        if class_weights is not None:
+        if class_weights is not None and not isinstance(class_weights, str):
             class_weights = np.asarray(class_weights, np.float32)
             if class_weights.shape != (num_labels,) or not np.all(class_weights > 0):
                 raise ValueError(
@@ -357,6 +358,14 @@ class MultiLabel(Task):
         self.label_smoothing = label_smoothing
         self.class_weights = class_weights
         self.class_names = tuple(class_names) if class_names is not None else None
+
+    def prepared(self, train: Examples) -> MultiLabel:
+        if not (isinstance(self.class_weights, str) and self.class_weights == "auto"):
+            return self
+        positives = np.asarray(train.label_counts(self.num_labels), np.float64)
+        result = copy.copy(self)
+        result.class_weights = _negatives_per_positive(positives, train.size)
+        return result
 
     def eval_loss(self, labels, outputs):
         return _sigmoid_cross_entropy(labels, outputs)
@@ -413,8 +422,11 @@ def positive_weights(labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels, np.float64)
     if labels.ndim != 2:
         raise ValueError(f"labels: shape {labels.shape}; accepted: multi-hot labels (N, labels)")
-    positives = labels.sum(axis=0)
-    return ((len(labels) - positives) / np.maximum(positives, 1.0)).astype(np.float32)
+    return _negatives_per_positive(labels.sum(axis=0), len(labels))
+
+
+def _negatives_per_positive(positives: np.ndarray, count: int) -> np.ndarray:
+    return ((count - positives) / np.maximum(positives, 1.0)).astype(np.float32)
 
 
 class MultiLabelF1(keras.metrics.Metric):

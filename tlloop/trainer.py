@@ -44,7 +44,7 @@ from tlloop.errors import RunFailed
 from tlloop.export import export_model
 from tlloop.models import TEXT_FINETUNE_MODES, TransferModel, build_model, build_text_model
 from tlloop.summaries import Summaries
-from tlloop.tasks import Classification, MultiLabel, Regression, Task, positive_weights
+from tlloop.tasks import Classification, MultiLabel, Regression, Task
 from tlloop.warm_start import WarmStartReport, warm_start
 from tlloop.workdir import prepare, write_json
 
@@ -229,7 +229,7 @@ class Trainer:
         strategy = self.strategy or tf.distribute.get_strategy()
         chief = is_chief(strategy)
         logging.info("strategy: %s", describe(strategy))
-        task = self.task.prepared(run.train.label_counts)
+        task = self.task.prepared(run.train)
         directory = os.path.join(self.workdir, "checkpoints")
         checkpoints = checkpoint_lib.Checkpoints(directory, keep=self.checkpoint.keep, chief=chief)
         best = checkpoint_lib.Checkpoints(
@@ -599,7 +599,7 @@ def build_task(config: RunConfig, data: Data) -> Task:
             class_names=data.class_names,
             threshold=config.task.threshold,
             label_smoothing=training.label_smoothing,
-            class_weights=positive_weights(labels) if training.class_weights == "auto" else None,
+            class_weights=training.class_weights or None,  # "auto": from the examples
         )
     return Regression(
         data.num_classes,
