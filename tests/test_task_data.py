@@ -331,3 +331,35 @@ def test_multilabel_tfrecords_hold_label_lists_or_multi_hot_rows(tmp_path, kind)
     assert labels.shape == (6, 3) and labels.dtype == np.float32
     expected = sorted(tuple(float(i in row) for i in range(3)) for row in rows)
     assert sorted(map(tuple, labels.tolist())) == expected
+
+
+def test_a_multilabel_run_on_two_replicas_evaluates_as_one_replica_does(tmp_path, csvs):
+    workdir = tmp_path / "run"
+    done = run_cli(
+        "--task=multilabel",
+        "--dataset=csv",
+        f"--train_csv={csvs['train_csv']}",
+        f"--val_csv={csvs['val_csv']}",
+        "--backbone=small_cnn",
+        "--weights=none",
+        "--image_size=16",
+        "--batch_size=8",
+        "--eval_batch_size=6",  # 48 - cut evaluation rows: the last batch is padded
+        "--head_epochs=2",
+        "--finetune_epochs=0",
+        "--best_metric=micro_f1",
+        "--strategy=mirrored",
+        "--logical_devices=2",
+        "--quiet",
+        f"--workdir={workdir}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    two = results["phases"][-1]["eval"]
+    assert results["replicas"] == 2 and two["examples"] == 48 - csvs["cut"]
+    # The same weights evaluated by one replica: every example counted once, the same values.
+    single = run_cli(f"--workdir={workdir}", "--checkpoint=latest", module="tlloop.evaluate")
+    assert single.returncode == 0, single.stderr[-2000:]
+    one = json.loads(single.stdout)
+    for name in ("loss", "micro_f1", "macro_f1", "pr_auc", "examples"):
+        assert one[name] == pytest.approx(two[name], abs=1e-5), name
