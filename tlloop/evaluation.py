@@ -12,7 +12,7 @@ from tlloop.checkpoints import load_trained_model
 from tlloop.config import ConfigError, RunConfig
 from tlloop.data.examples import as_examples
 from tlloop.data.text import is_text, load_task_data
-from tlloop.distribute import distribute_dataset
+from tlloop.distribute import distribute_batches
 from tlloop.models import INFERENCE, ModeTable, TransferModel
 from tlloop.steps import EvalStep, Metrics
 from tlloop.tasks import Classification, MultiLabel, Regression, Task
@@ -43,7 +43,12 @@ def evaluate_model(
     with strategy.scope():
         metrics = Metrics(task=task, evaluation=True)
         step = EvalStep(model, ModeTable(), metrics, task=task)
-    batches = distribute_dataset(strategy, examples.eval_batches(batch_size))
+    batches = distribute_batches(
+        strategy,
+        lambda part: examples.eval_batches(batch_size, part),
+        positionable=examples.positionable,
+        batch_size=batch_size,
+    )
     return evaluate(step, metrics, batches, examples.eval_steps(batch_size))
 
 
