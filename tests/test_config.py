@@ -277,6 +277,9 @@ CHANGED = [
         "backbone_layer": "-2",
         "backbone_channels": "grayscale",
         "backbone_range": "-1:1",
+        "mixup": 0.2,
+        "cutmix": 1.0,
+        "mix_prob": 0.5,
     },
     {"workdir": "w3", "dataset": "tfds:mnist", "tfds_dir": "tfds", "mixed_precision": "float16"},
 ]

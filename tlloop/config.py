@@ -866,9 +866,40 @@ class TrainingConfig:
         problem="unknown",
         accepted="auto, or empty for none",
     )
+    mixup: float = option(
+        0.0,
+        "MixUp alpha: each training batch is blended with a permutation of itself, with a "
+        "fraction drawn from Beta(alpha, alpha) and soft labels; 0: off.",
+        check=lambda value: 0 <= value <= 10,
+        problem="out of range",
+        accepted="0 (off) or an alpha in (0, 10], e.g. 0.2",
+    )
+    cutmix: float = option(
+        0.0,
+        "CutMix alpha: a box of each training image is replaced by its partner's, its area "
+        "from Beta(alpha, alpha), with soft labels; with --mixup, each batch takes one of the "
+        "two at random; 0: off.",
+        check=lambda value: 0 <= value <= 10,
+        problem="out of range",
+        accepted="0 (off) or an alpha in (0, 10], e.g. 1.0",
+    )
+    mix_prob: float = option(
+        1.0,
+        "Probability that a training batch is mixed by --mixup or --cutmix.",
+        check=lambda value: 0 < value <= 1,
+        problem="out of range",
+        accepted="0 < p <= 1",
+    )
 
     def __post_init__(self) -> None:
         _check_options(self)
+        _require(
+            self.mix_prob == 1.0 or bool(self.mixup or self.cutmix),
+            "mix_prob",
+            self.mix_prob,
+            "there is no --mixup or --cutmix to apply",
+            "--mix_prob with --mixup=ALPHA or --cutmix=ALPHA, or no --mix_prob",
+        )
         _require(
             not (self.warmup_steps and self.warmup_epochs),
             "warmup_steps",

@@ -27,6 +27,7 @@ from tlloop.actions import Action, Checkpointer, Stopped
 from tlloop.config import TrainingConfig
 from tlloop.data.examples import BatchStream, Examples
 from tlloop.errors import CallbackError, RunFailed
+from tlloop.mixing import Mixing
 from tlloop.models import TransferModel
 from tlloop.optim import make_optimizer
 from tlloop.steps import EvalStep, Metrics, TrainStep
@@ -112,7 +113,16 @@ def build_train_step(
         grad_accum_steps=training.grad_accum_steps,
         features_in=features_in,
         ema_decay=training.ema_decay,
+        mixing=mixing_of(settings),
     )
+
+
+def mixing_of(settings: StepSettings) -> Mixing | None:
+    """The MixUp/CutMix of `settings.training`, seeded by the run's seed; None when off."""
+    training = settings.training
+    if not (training.mixup or training.cutmix):
+        return None
+    return Mixing(training.mixup, training.cutmix, training.mix_prob, settings.seed)
 
 
 class Controller:
@@ -223,15 +233,7 @@ class Controller:
         logging.info("mode table:\n%s", phase.modes.to_text())
         logging.info("trainability:\n%s", self.report)
         self._call("on_phase_begin", phase)
-        use_cache, cache_reason = feature_cache.decide(
-            self.settings.feature_cache,
-            backbone_frozen=phase.config.unfreeze.kind == "none",
-            augmenting=phase.modes.train.augment and _augments(self.model),
-            model=self.model,
-            train=self.train,
-            eval_data=self.eval,
-            eval_batch_size=self.settings.eval_batch_size,
-        )
+        use_cache, cache_reason = self._feature_cache(phase)
         self.stop_phase = False
         step = self._new_step(phase, use_cache)
         if self.resume_from:
@@ -393,6 +395,24 @@ class Controller:
         # BatchNorm that uses batch statistics must see the global batch, not a replica's.
         phase_lib.synchronize_batch_norm(
             self.model, phase.modes.train.backbone and self.strategy.num_replicas_in_sync > 1
+        )
+
+    def _feature_cache(self, phase) -> tuple[bool, str]:
+        """(train this phase on cached features?, the reason logged)."""
+        mixing = mixing_of(self.settings)
+        frozen = phase.config.unfreeze.kind == "none"
+        if mixing and frozen and self.settings.feature_cache != "off":
+            # Mixed batches differ in every epoch, as augmented ones do, and mix pixels, not
+            # features: cached features cannot stand in for them.
+            return False, f"off: {mixing.describe()} mixes every epoch's images differently"
+        return feature_cache.decide(
+            self.settings.feature_cache,
+            backbone_frozen=frozen,
+            augmenting=phase.modes.train.augment and _augments(self.model),
+            model=self.model,
+            train=self.train,
+            eval_data=self.eval,
+            eval_batch_size=self.settings.eval_batch_size,
         )
 
     def _new_step(self, phase, use_cache: bool) -> TrainStep:
