@@ -40,6 +40,7 @@ from tlloop.distribute import cluster_task, describe, distribute_dataset, is_chi
 from tlloop.errors import RunFailed
 from tlloop.export import export_model
 from tlloop.models import TransferModel, build_model
+from tlloop.recipe import Recipe, resolve
 from tlloop.summaries import Summaries
 from tlloop.tasks import Classification, Task
 from tlloop.warm_start import WarmStartReport, warm_start
@@ -107,7 +108,7 @@ class Trainer:
         checkpoint: CheckpointConfig | None = None,
         logging: LoggingConfig | None = None,
         jit_compile: bool = False,
-        steps_per_loop: int = 1,
+        steps_per_loop: int | str = "auto",
         nan_policy: str = "stop",
         feature_cache: str = "auto",
         deterministic: bool = False,
@@ -133,6 +134,8 @@ class Trainer:
         self.training = training or TrainingConfig()
         self.checkpoint = checkpoint or CheckpointConfig()
         self.logging = logging or LoggingConfig()
+        with _arguments():
+            steps_per_loop = config_lib.parse_steps_per_loop(steps_per_loop)
         self.options = dict(
             jit_compile=jit_compile,
             steps_per_loop=steps_per_loop,
@@ -147,8 +150,6 @@ class Trainer:
         ):
             if value not in accepted:
                 raise ValueError(f"{name}={value!r}: unknown; accepted: {', '.join(accepted)}")
-        if steps_per_loop < 1:
-            raise ValueError(f"steps_per_loop={steps_per_loop}: accepted: >= 1")
         self.deterministic = deterministic
         self.overwrite = overwrite
         self.resize = resize
@@ -430,6 +431,7 @@ class Experiment:
     model: TransferModel
     phases: list[phase_lib.Phase]
     warm_start: WarmStartReport | None = None
+    recipe: Recipe | None = None
 
     def trainer(self, callbacks: Sequence[keras.callbacks.Callback] = ()) -> Trainer:
         """The Trainer the config describes."""
@@ -461,8 +463,9 @@ class Experiment:
 def build_experiment(
     config: RunConfig, strategy: tf.distribute.Strategy | None = None
 ) -> Experiment:
-    """Seeds, loads data, builds the model under `strategy` (warm-started from
-    --init_checkpoint if given) and plans the phases; writes nothing.
+    """Seeds, loads data, resolves --recipe from it (the experiment's config holds the
+    values chosen: write flags.txt from it), builds the model under `strategy`
+    (warm-started from --init_checkpoint if given) and plans the phases; writes nothing.
 
     Raises ConfigError (naming the flag or file) on bad input.
     """
@@ -471,6 +474,9 @@ def build_experiment(
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     data = load_data(config.data)
+    config, recipe = resolve(config, data.train_size, data.num_classes)
+    for line in recipe.lines():
+        logging.info("%s", line)
     with strategy.scope():
         model = build_model(config.model, data.num_classes, seed=config.seed)
     report = None
@@ -478,7 +484,7 @@ def build_experiment(
         report = warm_start(model.backbone, config.model.init_checkpoint)
         logging.info("%s", report.to_text())
     plan = phase_lib.plan_phases(config.phases, model)
-    return Experiment(config, strategy, data, model, plan, report)
+    return Experiment(config, strategy, data, model, plan, report, recipe)
 
 
 def train(
@@ -514,6 +520,7 @@ def train(
         "class_names": list(data.class_names),
         "skipped_images": list(data.skipped_files),
         "init_checkpoint": dataclasses.asdict(report) if report else None,
+        "recipe": experiment.recipe.to_json() if experiment.recipe else None,
     }
     return trainer._run(
         run,
