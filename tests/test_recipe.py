@@ -132,7 +132,7 @@ def test_command_line_flags_given_are_the_ones_present(tmp_path):
     assert config.given == {"workdir", "head_epochs", "finetune_lr"}
     resolved, recipe = recipe_lib.resolve(config, 25, 5)
     assert (resolved.phases[0].epochs, resolved.phases[1].learning_rate) == (5, 1e-5)
-    assert resolved.phases[0].learning_rate == 1e-2 and "head_lr" in recipe.chosen
+    assert resolved.phases[0].learning_rate == 3e-2 and "head_lr" in recipe.chosen
 
 
 def test_a_recipe_that_cannot_act_is_refused():
@@ -163,10 +163,10 @@ def test_the_chosen_values_are_logged_and_written_to_flags_txt_and_results(tmp_p
     result = run_cli(*args, f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "recipe auto: 25 training examples (tiny), 5 classes, file backbone" in result.stderr
-    assert "recipe: --head_lr=0.01" in result.stderr
+    assert "recipe: --head_lr=0.03" in result.stderr
     assert "recipe: --head_epochs given, kept" in result.stderr
     flags_txt = (workdir / "flags.txt").read_text()
-    for line in ("--head_lr=0.01", "--finetune_lr=0.0003", "--lr_schedule=cosine"):
+    for line in ("--head_lr=0.03", "--finetune_lr=0.0003", "--lr_schedule=cosine"):
         assert line in flags_txt.splitlines()
     assert "--head_epochs=1" in flags_txt.splitlines()
     results = json.loads((workdir / "results.json").read_text())
@@ -189,3 +189,16 @@ def test_the_chosen_values_are_logged_and_written_to_flags_txt_and_results(tmp_p
 
 def _without(values: dict, *names: str) -> dict:
     return {name: value for name, value in values.items() if name not in names}
+
+
+def test_a_config_made_in_python_keeps_the_values_it_sets():
+    phases = (
+        config_lib.PhaseConfig("head", 3, 5e-2),
+        config_lib.PhaseConfig("finetune", 2, 1e-5, config_lib.Unfreeze("all")),
+    )
+    config = config_lib.RunConfig(workdir="w", phases=phases)
+    resolved, recipe = recipe_lib.resolve(config, 25, 5)
+    # Values that differ from the defaults count as given; those equal to them do not.
+    assert (resolved.phases[0].epochs, resolved.phases[0].learning_rate) == (3, 5e-2)
+    assert resolved.phases[1].epochs == 2 and resolved.phases[1].learning_rate == 1e-3
+    assert set(recipe.given) == {"head_epochs", "head_lr", "finetune_epochs"}

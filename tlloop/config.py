@@ -1234,8 +1234,9 @@ class RunConfig:
         choices=RECIPES,
     )
     # The flags the user gave explicitly (the recipe leaves them alone); not itself a flag.
-    given: frozenset[str] = dataclasses.field(
-        default=frozenset(), compare=False, repr=False, metadata={_GIVEN: True}
+    # None (a RunConfig made in Python): those whose values differ from their defaults.
+    given: frozenset[str] | None = dataclasses.field(
+        default=None, compare=False, repr=False, metadata={_GIVEN: True}
     )
 
     def __post_init__(self) -> None:
@@ -1358,6 +1359,15 @@ def flag_values(config: RunConfig) -> dict[str, Any]:
     `from_flags(flag_values(config)) == config` for any config the flags can express.
     Raises ValueError for phases they cannot (see `TwoPhases.of`)."""
     return _read(config, {})
+
+
+def given_flags(config: RunConfig) -> frozenset[str]:
+    """The flags `config`'s user gave: `config.given`, or, for a RunConfig made in Python
+    (given None), every flag whose value differs from its default."""
+    if config.given is not None:
+        return config.given
+    values = flag_values(config)
+    return frozenset(meta.flag for meta in options() if values[meta.flag] != meta.default)
 
 
 def hparams(config: RunConfig) -> dict[str, str | int | float | bool]:

@@ -56,9 +56,10 @@ TABLE = (
     ),
     Row(
         "head_lr",
-        "a fresh linear head under Adam; few updates need a higher rate (the quickstart's "
-        "hand-tuned 3e-2; a sweep's best head rate at 3x the guide's or more)",
-        by_band=(1e-2, 3e-3, 1e-3),
+        "a fresh linear head under Adam; few updates need a higher rate (tiny: measured on the "
+        "digits, 3 seeds: 0.731 / 0.779 / 0.796 at 1e-2 / 2e-2 / 3e-2; a sweep on real "
+        "transfers put the best head rate at 3x the guide's or more)",
+        by_band=(3e-2, 3e-3, 1e-3),
     ),
     Row("finetune_epochs", "as the head phase", by_band=(30, 10, 5)),
     Row(
@@ -172,11 +173,11 @@ class Recipe:
 
 def resolve(config: RunConfig, train_examples: int, classes: int) -> tuple[RunConfig, Recipe]:
     """`config` with the recipe's values for the flags its user did not give
-    (`config.given`), and what was decided. Raises ConfigError when the recipe cannot act:
+    (`config_lib.given_flags`), and what was decided. Raises ConfigError when the recipe cannot act:
     its learning rates are Adam's, so another --optimizer needs both rates given."""
     if config.recipe == "guide":
         return config, Recipe("guide")
-    given = set(config.given)
+    given = set(config_lib.given_flags(config))
     kind = backbone_kind(config.model.backbone)
     missing = [flag for flag in ("head_lr", "finetune_lr") if flag not in given]
     if config.training.optimizer not in ADAM_LIKE and missing:
