@@ -31,7 +31,6 @@ ARGS = [
     "--histogram_every_steps=5",
     "--profile_steps=3,4",
     "--quiet",
-    "--recipe=guide",  # constant rates: the logged rates are the flags'
 ]
 
 
