@@ -44,6 +44,9 @@ _TASKS = flags.DEFINE_list("tasks", ["5", "20", "0"], "Training examples per cla
 _SWEEP_TASKS = flags.DEFINE_list(
     "sweep_tasks", ["5", "20", "0"], "The tasks (of --tasks) that get the learning-rate sweep."
 )
+_SWEEP_ONLY = flags.DEFINE_bool(
+    "sweep_only", False, "Only the recipe and its sweep (no guide or hand-tuned runs)."
+)
 # The quickstart's hand-tuned values (experiments/quickstart.flags), with the guide's others.
 HAND_TUNED = {
     "recipe": "guide",
@@ -134,13 +137,14 @@ def main(argv) -> None:
             head_epochs = recipe["config"].phases[0].epochs
             finetune_epochs = recipe["config"].phases[1].epochs
             epochs = {"head_epochs": head_epochs, "finetune_epochs": finetune_epochs}
-            guide, _ = run_tlloop(_values(per_class, seed, recipe="guide", **epochs))
-            scores.setdefault("guide (tlloop)", []).append(guide)
-            scores.setdefault("guide (fit)", []).append(
-                run_fit(per_class, seed, head_epochs, finetune_epochs)
-            )
-            hand, _ = run_tlloop(_values(per_class, seed, **HAND_TUNED))
-            scores.setdefault("hand-tuned", []).append(hand)
+            if not _SWEEP_ONLY.value:
+                guide, _ = run_tlloop(_values(per_class, seed, recipe="guide", **epochs))
+                scores.setdefault("guide (tlloop)", []).append(guide)
+                scores.setdefault("guide (fit)", []).append(
+                    run_fit(per_class, seed, head_epochs, finetune_epochs)
+                )
+                hand, _ = run_tlloop(_values(per_class, seed, **HAND_TUNED))
+                scores.setdefault("hand-tuned", []).append(hand)
             head_lr = recipe["config"].phases[0].learning_rate
             finetune_lr = recipe["config"].phases[1].learning_rate
             for factor in SWEEP if str(per_class) in _SWEEP_TASKS.value else ():
@@ -189,7 +193,7 @@ def markdown(tasks: list[dict], seconds: float) -> str:
             name = max(sweep, key=lambda k: statistics.mean(sweep[k]))
             best = f"{name}: {_cell(sweep[name])}"
             gap = f"{statistics.mean(scores['auto']) - statistics.mean(sweep[name]):+.3f}"
-        cells = [_cell(scores[k]) for k in contenders]
+        cells = [_cell(scores[k]) if k in scores else "not run" for k in contenders]
         lines.append(f"| {task['task']} | {' | '.join(cells)} | {best} | {gap} |")
     swept = [task for task in tasks if any(k.startswith("sweep") for k in task["scores"])]
     if swept:
