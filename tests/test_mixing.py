@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_config
+from conftest import make_config, run_python
 
 from tlloop import trainer
 from tlloop.config import ConfigError, ModelConfig, TrainingConfig
@@ -150,3 +150,65 @@ def test_flags_and_arguments_that_cannot_act_are_refused():
         Mixing(cutmix=1.0).draw(tf.zeros([4, 7]), step=0)
     with pytest.raises(ValueError, match=r"^mixup/cutmix: the inputs are dict"):
         Mixing(mixup=1.0).draw({"tokens": tf.zeros([4, 7], tf.int32)}, step=0)
+
+
+# Two replicas on two logical CPUs, in a fresh process (devices are split before TF starts).
+_TWO_REPLICAS = """
+import json
+
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import numpy as np
+
+from tlloop.config import ModelConfig
+from tlloop.distribute import distribute_dataset
+from tlloop.mixing import Mixing, mixed_loss
+from tlloop.models import ModeTable, build_model
+from tlloop.steps import Metrics, TrainStep
+from tlloop.tasks import Classification
+
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+rng = np.random.default_rng(0)
+images = tf.constant(rng.uniform(0, 255, (16, 16, 16, 3)), tf.float32)
+labels = tf.constant(np.arange(16) % 3)
+mixing = Mixing(mixup=1.0, seed=4)
+with strategy.scope():
+    keras.utils.set_random_seed(0)
+    model = build_model(ModelConfig(image_size=16, dropout=0.0), 3)
+    logits = model.head.get_layer("logits")
+    logits.set_weights([w * 100 for w in logits.get_weights()])
+    optimizer = keras.optimizers.SGD(learning_rate=1e-12)
+    optimizer.build(model.trainable_variables)
+    metrics = Metrics()
+    counter = tf.Variable(
+        3, dtype=tf.int64, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA
+    )
+    step = TrainStep(
+        model, optimizer, ModeTable(), metrics, counter, global_batch_size=16, mixing=mixing
+    )
+batches = distribute_dataset(strategy, tf.data.Dataset.from_tensors((images, labels)).repeat())
+step(iter(batches), 1)
+task = Classification()
+total, lams = 0.0, []
+for replica in (0, 1):
+    half = images[8 * replica : 8 * replica + 8]
+    half_labels = labels[8 * replica : 8 * replica + 8]
+    drawn = mixing.draw(half, 3, replica)
+    lams.append(float(drawn.lam[0]))
+    losses = mixed_loss(task.train_loss, half_labels, model(drawn.inputs), drawn)
+    total += float(tf.reduce_sum(losses))
+print(json.dumps([metrics.result()["loss"], total / 16, lams]))
+"""
+
+
+def test_each_replica_mixes_its_own_half_of_the_global_batch():
+    result = run_python("-c", _TWO_REPLICAS, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    logged, expected, lams = json.loads(result.stdout.strip().splitlines()[-1])
+    # The step's loss is the mean of each replica's mixed loss on its own 8 examples, each with
+    # the lambda drawn for (seed, step, its replica id).
+    assert np.isclose(logged, expected, rtol=1e-4)
+    assert lams[0] != lams[1]
