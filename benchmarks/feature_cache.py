@@ -43,6 +43,7 @@ def phase_seconds(feature_cache: str, epochs: int, backbone: str, size: int, per
             ),
             logging=config_lib.LoggingConfig(quiet=True, summaries=False),
             feature_cache=feature_cache,
+            recipe="guide",  # no augmentation: the frozen phase is what the cache is for
         )
         results = trainer.train(trainer.build_experiment(config), workdir)
     phase = results["phases"][0]

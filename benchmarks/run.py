@@ -1,6 +1,6 @@
 """tlloop against Keras `Model.fit` and a minimal hand-written loop, side by side.
 
-    python -m benchmarks.run [--quick] [--output=benchmarks/results]
+    python -m benchmarks.run [--quick] [--output=benchmarks/results] [--only=overhead ...]
 
 Writes RESULTS.md (a Markdown table) and RESULTS.json under --output. Every row runs its
 contenders in one process, on the same model, data (a cached, shuffled, repeated tf.data
@@ -52,6 +52,14 @@ from tlloop.trainer import Trainer
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer rounds and workloads: under 5 minutes here.")
 _OUTPUT = flags.DEFINE_string("output", "benchmarks/results", "Directory for RESULTS.md/json.")
 _MEMORY_CHILD = flags.DEFINE_string("memory_child", "", "Internal: run one memory contender.")
+ROW_GROUPS = ("throughput", "steps_per_loop", "feature_cache", "overhead", "memory")
+_ONLY = flags.DEFINE_multi_enum(
+    "only",
+    [],
+    ROW_GROUPS,
+    "Run only these groups of rows (repeat the flag); the results go to "
+    "RESULTS-only-GROUPS.md/json, the full table is left alone.",
+)
 
 BATCH = 32
 CLASSES = 10
@@ -314,7 +322,9 @@ def main(argv: list[str]) -> None:
             flush=True,
         )
 
-    for workload in workloads(quick):
+    only = _ONLY.value or ROW_GROUPS
+
+    for workload in workloads(quick) if "throughput" in only else ():
         for finetune in (False, True):
             for jit in (False, True) if workload.backbone == "small_cnn" or not quick else (False,):
                 contenders = {
@@ -327,7 +337,7 @@ def main(argv: list[str]) -> None:
                 add(label, workload.name, speeds)
                 add(label, workload.name, speeds, "tlloop", "hand")
     demo = workloads(quick)[0]
-    for finetune in (False, True):
+    for finetune in (False, True) if "steps_per_loop" in only else ():
         speeds = race(
             {
                 "K=10": Tlloop(demo, finetune, False, steps_per_loop=10),
@@ -346,22 +356,23 @@ def main(argv: list[str]) -> None:
 
     from benchmarks.feature_cache import measure
 
-    cache = measure(10 if not quick else 5, "MobileNetV2", 96, 16 if quick else 32, 1)
-    rows.append(
-        {
-            "row": "feature cache",
-            "workload": cache["workload"],
-            "seconds": {
-                "cached": cache["cached_seconds"],
-                "recomputed": cache["recompute_seconds"],
-            },
-            "ratio": cache["speedup"],
-            "compared": "recomputed / cached seconds",
-        }
-    )
-    print(f"feature cache | {cache['workload']} | x{cache['speedup']:.2f}", flush=True)
+    if "feature_cache" in only:
+        cache = measure(10 if not quick else 5, "MobileNetV2", 96, 16 if quick else 32, 1)
+        rows.append(
+            {
+                "row": "feature cache",
+                "workload": cache["workload"],
+                "seconds": {
+                    "cached": cache["cached_seconds"],
+                    "recomputed": cache["recompute_seconds"],
+                },
+                "ratio": cache["speedup"],
+                "compared": "recomputed / cached seconds",
+            }
+        )
+        print(f"feature cache | {cache['workload']} | x{cache['speedup']:.2f}", flush=True)
 
-    for workload in workloads(quick)[:2]:
+    for workload in workloads(quick)[:2] if "overhead" in only else ():
         speeds = overhead(workload, rounds)
         share = 1 - speeds["full loop"] / speeds["compiled step alone"]
         rows.append(
@@ -376,7 +387,7 @@ def main(argv: list[str]) -> None:
         )
         print(f"overhead | {workload.name} | {100 * share:.1f}%", flush=True)
 
-    for workload in workloads(quick)[:2]:
+    for workload in workloads(quick)[:2] if "memory" in only else ():
         peaks = peak_memory_mb(workload)
         rows.append(
             {
@@ -399,9 +410,10 @@ def main(argv: list[str]) -> None:
         "seconds": round(time.perf_counter() - started, 1),
     }
     os.makedirs(_OUTPUT.value, exist_ok=True)
-    with open(os.path.join(_OUTPUT.value, "RESULTS.json"), "w") as file:
+    name = "RESULTS" + ("-only-" + "-".join(_ONLY.value) if _ONLY.value else "")
+    with open(os.path.join(_OUTPUT.value, name + ".json"), "w") as file:
         json.dump({"machine": machine, "rows": rows}, file, indent=2)
-    with open(os.path.join(_OUTPUT.value, "RESULTS.md"), "w") as file:
+    with open(os.path.join(_OUTPUT.value, name + ".md"), "w") as file:
         file.write(markdown(rows, machine))
     print(markdown(rows, machine))
 

@@ -29,6 +29,10 @@ SMALL_RUN = {
     "head_lr": 1e-2,
     "finetune_epochs": 1,
     "finetune_lr": 1e-3,
+    # One step per host call: StopAfter counts host calls (auto is tested on its own).
+    "steps_per_loop": "1",
+    # The flags' own defaults for what is not given (the auto recipe is tested on its own).
+    "recipe": "guide",
 }
 
 

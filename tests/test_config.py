@@ -135,7 +135,8 @@ def _option_fields(kind: type = config_lib.RunConfig) -> list[str]:
         elif config_lib._SECTION in meta:
             found += _option_fields(meta[config_lib._SECTION].kind)
         else:
-            assert config_lib._FOLLOWS in meta, f"{kind.__name__}.{field.name} has no flag"
+            known = config_lib._FOLLOWS in meta or config_lib._GIVEN in meta
+            assert known, f"{kind.__name__}.{field.name} has no flag"
     return found
 
 
@@ -262,7 +263,7 @@ CHANGED = [
         "deterministic": True,
         "jit_compile": True,
         "feature_cache": "off",
-        "steps_per_loop": 4,
+        "steps_per_loop": "4",
     },
     {
         "workdir": "w2",
@@ -282,8 +283,17 @@ CHANGED = [
         "backbone_layer": "-2",
         "backbone_channels": "grayscale",
         "backbone_range": "-1:1",
+        "mixup": 0.2,
+        "cutmix": 1.0,
+        "mix_prob": 0.5,
     },
-    {"workdir": "w3", "dataset": "tfds:mnist", "tfds_dir": "tfds", "mixed_precision": "float16"},
+    {
+        "workdir": "w3",
+        "dataset": "tfds:mnist",
+        "tfds_dir": "tfds",
+        "mixed_precision": "float16",
+        "recipe": "guide",
+    },
     {
         "workdir": "w4",
         "dataset": "csv",

@@ -241,6 +241,10 @@ def test_the_command_line_refuses_a_bad_row_in_one_line_before_the_workdir(tmp_p
             "--label_smoothing=0.1: applies to classification",
         ),
         (
+            {"task": "regression", "dataset": "csv", "mixup": 0.2},
+            "--mixup=0.2: mixing the losses of two targets is not the loss of a mixed target",
+        ),
+        (
             {"task": "multilabel", "dataset": "csv", "export_tflite": "float32"},
             "--export_tflite='float32': TFLite exports serve class probabilities",
         ),

@@ -260,3 +260,21 @@ def test_regression_fit_histogram_counts_each_weighted_example_once_on_the_diago
     rows, columns = np.nonzero(histogram)
     np.testing.assert_array_equal(rows, 7 - columns)  # predicted = true: the diagonal
     assert float(fit.result()) == pytest.approx(1.0)
+
+
+def test_mixing_is_refused_for_regression_and_for_inputs_that_are_not_images(tmp_path):
+    train = _regression_data(16, 1)
+    task = tlloop.Regression(2, targets=train[1])
+    backbone = _backbone()
+    model = tlloop.TransferModel(backbone, tlloop.regression_head(backbone, task))
+    mixing = tlloop.TrainingConfig(mixup=0.2)
+    trainer = tlloop.Trainer(str(tmp_path / "r"), phases=_phases(1, 0), task=task, training=mixing)
+    with pytest.raises(ValueError, match=r"^training.mixup=0.2: a Regression task's loss of"):
+        trainer.fit(model, train, train)
+    texts = (np.array(["a b", "c d"] * 4, dtype=object), np.array([0, 1] * 4, np.int32))
+    classify = tlloop.Trainer(
+        str(tmp_path / "t"), phases=_phases(1, 0), task=tlloop.Classification(2), training=mixing
+    )
+    with pytest.raises(ValueError, match=r"^training.mixup=0.2: the inputs are TensorSpec"):
+        classify.fit(model, texts, texts)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "t").exists()  # nothing written

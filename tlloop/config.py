@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 DATASETS = ("digits", "folder", "tfrecord", "csv", "text_folder", "tfds:NAME")
@@ -31,6 +31,7 @@ EXPORTS = ("best", "last")
 OPTIMIZERS = ("adam", "adamw", "sgd", "lamb")
 LR_SCHEDULES = ("constant", "cosine", "linear", "step")
 FEATURE_CACHE = ("auto", "off")
+RECIPES = ("auto", "guide")
 MIXED_PRECISION = ("", "float16", "bfloat16")
 TFLITE_FORMATS = ("float32", "dynamic", "int8")
 BACKBONE_CHANNELS = ("", "rgb", "grayscale")
@@ -67,6 +68,7 @@ def _require(ok: bool, flag: str, value: object, problem: str, accepted: str) ->
 _OPTION = "tlloop.option"  # field metadata key: the field is set by its own flag
 _FOLLOWS = "tlloop.follows"  # field metadata key: the field takes another field's flag value
 _SECTION = "tlloop.section"  # field metadata key: the field is a dataclass of options
+_GIVEN = "tlloop.given"  # field metadata key: the flags given explicitly (not an option)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +318,23 @@ def parse_tflite_formats(spec: Any) -> tuple[str, ...]:
         'pip install "tlloop[tflite]" (ai-edge-litert), or no --export_tflite',
     )
     return formats
+
+
+def parse_steps_per_loop(value: Any, name: str = "steps_per_loop") -> int | str:
+    """--steps_per_loop's value: "auto", or a whole number >= 1 (given as text or int)."""
+    if value == "auto":
+        return "auto"
+    text = str(value).strip()
+    _require(
+        not isinstance(value, bool)
+        and re.fullmatch(r"[0-9]+", text) is not None
+        and int(text) >= 1,
+        name,
+        value,
+        "not auto or a step count",
+        "auto, or a whole number of steps >= 1",
+    )
+    return int(text)
 
 
 def _lower_direction(name: str) -> bool:
@@ -975,9 +994,40 @@ class TrainingConfig:
         problem="unknown",
         accepted="auto, or empty for none",
     )
+    mixup: float = option(
+        0.0,
+        "MixUp alpha: each training batch is blended with a permutation of itself, with a "
+        "fraction drawn from Beta(alpha, alpha) and soft labels; 0: off.",
+        check=lambda value: 0 <= value <= 10,
+        problem="out of range",
+        accepted="0 (off) or an alpha in (0, 10], e.g. 0.2",
+    )
+    cutmix: float = option(
+        0.0,
+        "CutMix alpha: a box of each training image is replaced by its partner's, its area "
+        "from Beta(alpha, alpha), with soft labels; with --mixup, each batch takes one of the "
+        "two at random; 0: off.",
+        check=lambda value: 0 <= value <= 10,
+        problem="out of range",
+        accepted="0 (off) or an alpha in (0, 10], e.g. 1.0",
+    )
+    mix_prob: float = option(
+        1.0,
+        "Probability that a training batch is mixed by --mixup or --cutmix.",
+        check=lambda value: 0 < value <= 1,
+        problem="out of range",
+        accepted="0 < p <= 1",
+    )
 
     def __post_init__(self) -> None:
         _check_options(self)
+        _require(
+            self.mix_prob == 1.0 or bool(self.mixup or self.cutmix),
+            "mix_prob",
+            self.mix_prob,
+            "there is no --mixup or --cutmix to apply",
+            "--mix_prob with --mixup=ALPHA or --cutmix=ALPHA, or no --mix_prob",
+        )
         _require(
             not (self.warmup_steps and self.warmup_epochs),
             "warmup_steps",
@@ -1260,12 +1310,13 @@ class RunConfig:
         choices=FEATURE_CACHE,
         hparam=False,
     )
-    steps_per_loop: int = option(
-        1,
-        "Train steps per host call (a tf.while_loop inside one tf.function call).",
-        check=lambda value: value >= 1,
-        problem="too small",
-        accepted=">= 1",
+    steps_per_loop: int | str = option(
+        "auto",
+        "Train steps per host call (a tf.while_loop inside one tf.function call): a number, "
+        "or auto: as many as fit before the next logged step, checkpoint, evaluation or "
+        "profiler boundary, with calls of about a second (same batches and logged rows as 1).",
+        parse=lambda text: parse_steps_per_loop(text, "steps_per_loop"),
+        format=str,
         hparam=False,
     )
     supervise: bool = option(
@@ -1284,9 +1335,24 @@ class RunConfig:
         accepted="0 (report and stop) or a number of restarts",
         hparam=False,
     )
+    recipe: str = option(
+        "auto",
+        "auto: learning rates, epochs, schedule and warm-up, augmentation, label smoothing, "
+        "MixUp and EMA chosen from the training examples, classes and backbone kind (the "
+        "README's Defaults table; logged, and written to flags.txt and results.json); a flag "
+        "given explicitly wins. guide: the flags' own defaults, the Keras guide's numbers.",
+        choices=RECIPES,
+    )
+    # The flags the user gave explicitly (the recipe leaves them alone); not itself a flag.
+    # None (a RunConfig made in Python): those whose values differ from their defaults.
+    given: frozenset[str] | None = dataclasses.field(
+        default=None, compare=False, repr=False, metadata={_GIVEN: True}
+    )
 
     def __post_init__(self) -> None:
         _check_options(self)
+        # A Python caller may give a number or "auto": checked as the flag's text is.
+        object.__setattr__(self, "steps_per_loop", parse_steps_per_loop(self.steps_per_loop))
         _require(
             self.supervise or not self.max_restarts,
             "max_restarts",
@@ -1371,15 +1437,19 @@ def _build(kind: type, values: Mapping[str, Any], by_flag: Mapping[str, Option])
     return kind(**kwargs)
 
 
-def from_flags(values: Mapping[str, Any]) -> RunConfig:
+def from_flags(values: Mapping[str, Any], given: Collection[str] | None = None) -> RunConfig:
     """The RunConfig that `values` (flag name -> value as absl holds it: text for --classes,
-    --augment, --unfreeze, ...) describe; flags left out keep their defaults. Raises
-    ConfigError naming the first bad flag, or the names that are not flags."""
+    --augment, --unfreeze, ...) describe; flags left out keep their defaults. `given` names
+    the flags the user set explicitly (default: those in `values`), which --recipe=auto
+    leaves alone. Raises ConfigError naming the first bad flag, or the names that are not
+    flags."""
     by_flag = {meta.flag: meta for meta in options()}
     unknown = sorted(set(values) - set(by_flag))
     if unknown:
         raise ConfigError(f"{unknown}: not tlloop flags; accepted: {', '.join(by_flag)}")
-    return _build(RunConfig, values, by_flag)
+    config = _build(RunConfig, values, by_flag)
+    object.__setattr__(config, "given", frozenset(values if given is None else given))
+    return config
 
 
 def _read(config: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -1399,6 +1469,15 @@ def flag_values(config: RunConfig) -> dict[str, Any]:
     `from_flags(flag_values(config)) == config` for any config the flags can express.
     Raises ValueError for phases they cannot (see `TwoPhases.of`)."""
     return _read(config, {})
+
+
+def given_flags(config: RunConfig) -> frozenset[str]:
+    """The flags `config`'s user gave: `config.given`, or, for a RunConfig made in Python
+    (given None), every flag whose value differs from its default."""
+    if config.given is not None:
+        return config.given
+    values = flag_values(config)
+    return frozenset(meta.flag for meta in options() if values[meta.flag] != meta.default)
 
 
 def hparams(config: RunConfig) -> dict[str, str | int | float | bool]:

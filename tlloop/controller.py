@@ -27,6 +27,7 @@ from tlloop.actions import Action, Checkpointer, Stopped
 from tlloop.config import TrainingConfig
 from tlloop.data.examples import BatchStream, Examples
 from tlloop.errors import CallbackError, RunFailed
+from tlloop.mixing import Mixing
 from tlloop.models import TransferModel
 from tlloop.optim import make_optimizer
 from tlloop.steps import EvalStep, Metrics, TrainStep
@@ -42,7 +43,7 @@ class StepSettings:
     seed: int = 0
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     jit_compile: bool = False
-    steps_per_loop: int = 1
+    steps_per_loop: int | str = "auto"
     nan_policy: str = "stop"
     feature_cache: str = "auto"
     log_every_steps: int = 10
@@ -112,7 +113,16 @@ def build_train_step(
         grad_accum_steps=training.grad_accum_steps,
         features_in=features_in,
         ema_decay=training.ema_decay,
+        mixing=mixing_of(settings),
     )
+
+
+def mixing_of(settings: StepSettings) -> Mixing | None:
+    """The MixUp/CutMix of `settings.training`, seeded by the run's seed; None when off."""
+    training = settings.training
+    if not (training.mixup or training.cutmix):
+        return None
+    return Mixing(training.mixup, training.cutmix, training.mix_prob, settings.seed)
 
 
 class Controller:
@@ -159,6 +169,8 @@ class Controller:
         self.report = ""
         self.epoch_seconds = []  # each epoch's training loop, the phase under way
         self.in_epoch = False  # from an epoch's first host call to its last action
+        self.auto_loop = AutoLoop()
+        self.host_calls = 0  # train-step calls of the phase under way
         self.epoch_number = self.epoch_start_step = self.epoch_offset = 0
         found = [a for a in actions if isinstance(a, Checkpointer)]
         if len(found) != 1:
@@ -230,16 +242,9 @@ class Controller:
         logging.info("mode table:\n%s", phase.modes.to_text())
         logging.info("trainability:\n%s", self.report)
         self._call("on_phase_begin", phase)
-        use_cache, cache_reason = feature_cache.decide(
-            self.settings.feature_cache,
-            backbone_frozen=phase.config.unfreeze.kind == "none",
-            augmenting=phase.modes.train.augment and _augments(self.model),
-            model=self.model,
-            train=self.train,
-            eval_data=self.eval,
-            eval_batch_size=self.settings.eval_batch_size,
-        )
+        use_cache, cache_reason = self._feature_cache(phase)
         self.stop_phase = False
+        self.host_calls = 0
         step = self._new_step(phase, use_cache)
         if self.resume_from:
             self.checkpoints.restore(self.resume_from)
@@ -305,6 +310,7 @@ class Controller:
             "last_step": self._step(),
             "seconds": round(time.perf_counter() - started, 3),
             "epoch_seconds": [round(t, 4) for t in self.epoch_seconds],
+            "host_calls": self.host_calls,
             "train": train_result,
             "eval": eval_result,
         }
@@ -344,7 +350,8 @@ class Controller:
         return train_result, eval_result
 
     def _run_steps(self, phase, step: TrainStep, batches, count: int) -> float:
-        """Runs `count` steps in host calls of up to `steps_per_loop`, ending calls where an
+        """Runs `count` steps in host calls of up to `steps_per_loop` (with "auto": up to the
+        next logged step, and calls of about `AutoLoop.seconds`), ending calls where an
         action needs the host; returns the seconds of the whole loop (input waits, host calls
         and every action's work between them). A NaN/Inf step raises RunFailed under
         nan_policy "stop" (before any checkpoint is saved after it) and is counted under
@@ -352,13 +359,13 @@ class Controller:
         done, loop_started = 0, time.perf_counter()
         while done < count and not self.stop_requested:
             current = self._step()
-            chunk = min(count - done, self.settings.steps_per_loop)
-            for action in self.actions:
-                chunk = action.limit(current, chunk)
+            chunk = self._chunk(current, count - done)
             self._call("before_steps", current)
             started = time.perf_counter()
             output = step(batches, chunk)
             elapsed = time.perf_counter() - started
+            self.auto_loop.observe(chunk, elapsed)
+            self.host_calls += 1
             self._check_finite(phase, output.nonfinite, current + chunk)
             done += chunk
             speed = {
@@ -368,6 +375,20 @@ class Controller:
             rows = [_row(step.log_columns, values) for values in output.rows]
             self._call("on_steps", phase, self._step(), rows, speed, output.nonfinite)
         return time.perf_counter() - loop_started
+
+    def _chunk(self, current: int, remaining: int) -> int:
+        """The steps of the next host call from global step `current`: `remaining` (the
+        epoch's, so an evaluation ends a call) cut by steps_per_loop and by every action."""
+        if self.settings.steps_per_loop == "auto":
+            chunk = min(remaining, self.auto_loop.steps())
+            every = self.settings.log_every_steps
+            if every:  # a logged row reaches the host (console, callbacks) as it is made
+                chunk = min(chunk, every - current % every)
+        else:
+            chunk = min(remaining, self.settings.steps_per_loop)
+        for action in self.actions:
+            chunk = action.limit(current, chunk)
+        return chunk
 
     def _finish(self, results: dict) -> None:
         self.state.phase.assign(len(self.plan))
@@ -401,6 +422,20 @@ class Controller:
             self.model, phase.modes.train.backbone and self.strategy.num_replicas_in_sync > 1
         )
 
+    def _feature_cache(self, phase) -> tuple[bool, str]:
+        """(train this phase on cached features?, the reason logged)."""
+        mixing = mixing_of(self.settings)
+        return feature_cache.decide(
+            self.settings.feature_cache,
+            backbone_frozen=phase.config.unfreeze.kind == "none",
+            augmenting=phase.modes.train.augment and _augments(self.model),
+            mixing=mixing.describe() if mixing else "",
+            model=self.model,
+            train=self.train,
+            eval_data=self.eval,
+            eval_batch_size=self.settings.eval_batch_size,
+        )
+
     def _new_step(self, phase, use_cache: bool) -> TrainStep:
         """A fresh optimizer and compiled step for the current trainable set, and the
         checkpoint tracking them."""
@@ -425,6 +460,7 @@ class Controller:
             rng=checkpoint_lib.rng_states(self.model),
         )
         self.last_step = step
+        self.auto_loop = AutoLoop()  # a new step traces in its first call: measured afresh
         return step
 
     def _evaluate(self, step: TrainStep, evaluator) -> dict:
@@ -494,6 +530,32 @@ class Controller:
             if self.in_epoch:
                 self.checkpointer.save()
             raise
+
+
+class AutoLoop:
+    """How many steps the next host call of a compiled step may run under steps_per_loop
+    "auto": one while the step is new (its first call traces, its second is timed), then as
+    many as take about `seconds` at the last call's speed, at most `max_steps`. The bound
+    keeps a call short enough for the console, a SIGTERM and the checkpoint clock, which
+    are served between calls; the results do not depend on it (every step is the same)."""
+
+    seconds = 1.0
+    max_steps = 1000
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.step_seconds = 0.0
+
+    def steps(self) -> int:
+        if self.calls < 2 or self.step_seconds <= 0:
+            return 1
+        return max(1, min(self.max_steps, int(self.seconds / self.step_seconds)))
+
+    def observe(self, steps: int, seconds: float) -> None:
+        """Records a host call of `steps` steps that took `seconds`."""
+        self.calls += 1
+        if self.calls >= 2:  # the first call's time is mostly tracing
+            self.step_seconds = seconds / steps
 
 
 def _row(columns: tuple[str, ...], values) -> dict:

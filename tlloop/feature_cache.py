@@ -40,18 +40,22 @@ def decide(
     *,
     backbone_frozen: bool,
     augmenting: bool,
+    mixing: str = "",
     model: TransferModel,
     train: Examples,
     eval_data: Examples,
     eval_batch_size: int,
 ):
-    """(use the cache?, the reason, as logged)."""
+    """(use the cache?, the reason, as logged). `mixing` describes the phase's MixUp/CutMix
+    (empty: none)."""
     if mode == "off":
         return False, "off (--feature_cache=off)"
     if not backbone_frozen:
         return False, "off: backbone weights train in this phase"
     if augmenting:
         return False, "off: augmentation makes every epoch's images differ"
+    if mixing:  # mixed batches differ every epoch, and mix pixels, not features
+        return False, f"off: {mixing} mixes every epoch's images differently"
     if not (train.positionable and eval_data.positionable):
         return False, "off: the data is a stream in its own order, not examples tlloop orders"
     per_example = _feature_bytes(model, train)

@@ -50,9 +50,12 @@ def define_flags(flag_values: flags.FlagValues, only: Collection[str] | None = N
 
 def to_config(flag_values: flags.FlagValues) -> config_lib.RunConfig:
     """The RunConfig the parsed `flag_values` describe (tlloop flags it lacks keep their
-    defaults); raises ConfigError naming a bad flag."""
+    defaults), knowing which flags were given (on the command line or in a flagfile);
+    raises ConfigError naming a bad flag."""
+    names = [name for name in FLAG_NAMES if name in flag_values]
     return config_lib.from_flags(
-        {name: flag_values[name].value for name in FLAG_NAMES if name in flag_values}
+        {name: flag_values[name].value for name in names},
+        given=[name for name in names if flag_values[name].present],
     )
 
 

@@ -54,7 +54,9 @@ def main(argv: list[str]) -> int:
         )
         strategy = distribute.make_strategy(config.distribute)
         experiment = trainer.build_experiment(config, strategy)
-        flags_text = tlloop_flags.flags_text(FLAGS)
+        # The resolved flags: the values --recipe chose are written out, so flags.txt re-runs
+        # the same experiment.
+        flags_text = tlloop_flags.flags_text(experiment.config)
         if distribute.is_chief(strategy):
             workdir.prepare(config.workdir, flags_text, overwrite=config.overwrite)
     except ConfigError as error:

@@ -20,6 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlloop.mixing import Mixing, mixed_loss
 from tlloop.models import ModeTable, TransferModel
 from tlloop.tasks import Classification, ConfusionMatrix, Task
 
@@ -131,6 +132,10 @@ class TrainStep:
     `clip_grad_norm` > 0 clips the gradient of the global batch (summed over replicas first:
     each replica's own norm would clip the wrong thing).
 
+    With `mixing` (MixUp/CutMix, see `tlloop.mixing`), each replica mixes its own batch after
+    augmentation, drawn from (seed, global step, replica), and the loss is the mixed loss of
+    the two labels; the training metrics compare the outputs with each example's own label.
+
     With `ema_decay` > 0 it keeps `averages`, exponential moving averages of the trainable
     weights (checkpoint them with the optimizer; `swap_averages` puts them in the model).
 
@@ -158,6 +163,7 @@ class TrainStep:
         grad_accum_steps: int = 1,
         features_in: bool = False,
         ema_decay: float = 0.0,
+        mixing: Mixing | None = None,
     ) -> None:
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy {nan_policy!r}; known: {', '.join(NAN_POLICIES)}")
@@ -185,6 +191,12 @@ class TrainStep:
         self.clip_grad_norm = clip_grad_norm
         self.grad_accum_steps = grad_accum_steps
         self.features_in = features_in
+        self.mixing = mixing if mixing is not None and mixing.enabled else None
+        if self.mixing and features_in:
+            raise ValueError(
+                "mixing: MixUp/CutMix mix images, not cached backbone features; accepted: "
+                "features_in=False with mixing"
+            )
         # float16: the loss is scaled up before the gradient and the optimizer scales back,
         # skipping (and lowering the scale) when the scaled gradients overflow.
         self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -250,14 +262,17 @@ class TrainStep:
         rows, nonfinite = self._loop(iterator, tf.constant(num_steps, tf.int32))
         return StepsResult(rows.numpy(), nonfinite.numpy())
 
-    def _loss_and_grads(self, inputs, labels):
+    def _loss_and_grads(self, inputs, labels, mixed=None):
         with tf.GradientTape() as tape:
             if self.features_in:  # backbone features computed once (a frozen backbone)
                 features = inputs
             else:
                 features = self.model.backbone(inputs, training=self.modes.backbone)
             outputs = self.model.head(features, training=self.modes.head)
-            losses = self.task.train_loss(labels, outputs)
+            if mixed is None:
+                losses = self.task.train_loss(labels, outputs)
+            else:
+                losses = mixed_loss(self.task.train_loss, labels, outputs, mixed)
             loss = tf.nn.compute_average_loss(losses, global_batch_size=self.global_batch_size)
             if self.model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
@@ -268,7 +283,12 @@ class TrainStep:
     def _replica_gradients(self, inputs, labels):
         if not self.features_in:
             inputs = self.model.augment(inputs, training=self.modes.augment)
-        grads, losses, outputs = self._grads(inputs, labels)
+        mixed = None
+        if self.mixing is not None:
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            mixed = self.mixing.draw(inputs, self.global_step, replica)
+            inputs = mixed.inputs
+        grads, losses, outputs = self._grads(inputs, labels, mixed)
         finite = tf.reduce_all(tf.math.is_finite(losses))
         if not self.loss_scaled:  # overflowing scaled gradients are the optimizer's to handle
             finite = tf.logical_and(

@@ -41,8 +41,12 @@ class Task:
     `step_metrics`: `{name: (labels, outputs) -> one value per example}`, averaged over the
     global batch of every logged step (Keras metrics are reported per epoch). `label_rank`: the
     rank of one example's label (0 for a class index), used to tell a batched dataset from an
-    unbatched one. Raises ValueError/TypeError naming the argument at fault.
+    unbatched one. `mixable`: whether MixUp/CutMix may train it (the loss of mixed labels is
+    the mix of the labels' losses: true of cross-entropy, not of a squared error). Raises
+    ValueError/TypeError naming the argument at fault.
     """
+
+    mixable = True
 
     def __init__(
         self,
@@ -509,6 +513,8 @@ class Regression(Task):
     TensorBoard's scatter image per output). Serving: "predictions". Raises ValueError naming
     the argument.
     """
+
+    mixable = False  # a squared error of a mixed target is not the mix of squared errors
 
     def __init__(
         self,

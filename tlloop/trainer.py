@@ -43,6 +43,7 @@ from tlloop.distribute import cluster_task, describe, distribute_batches, is_chi
 from tlloop.errors import RunFailed
 from tlloop.export import export_model
 from tlloop.models import TEXT_FINETUNE_MODES, TransferModel, build_model, build_text_model
+from tlloop.recipe import Recipe, resolve
 from tlloop.summaries import Summaries
 from tlloop.tasks import Classification, MultiLabel, Regression, Task
 from tlloop.warm_start import WarmStartReport, warm_start
@@ -110,7 +111,7 @@ class Trainer:
         checkpoint: CheckpointConfig | None = None,
         logging: LoggingConfig | None = None,
         jit_compile: bool = False,
-        steps_per_loop: int = 1,
+        steps_per_loop: int | str = "auto",
         nan_policy: str = "stop",
         feature_cache: str = "auto",
         deterministic: bool = False,
@@ -136,6 +137,8 @@ class Trainer:
         self.training = training or TrainingConfig()
         self.checkpoint = checkpoint or CheckpointConfig()
         self.logging = logging or LoggingConfig()
+        with _arguments():
+            steps_per_loop = config_lib.parse_steps_per_loop(steps_per_loop)
         self.options = dict(
             jit_compile=jit_compile,
             steps_per_loop=steps_per_loop,
@@ -150,8 +153,6 @@ class Trainer:
         ):
             if value not in accepted:
                 raise ValueError(f"{name}={value!r}: unknown; accepted: {', '.join(accepted)}")
-        if steps_per_loop < 1:
-            raise ValueError(f"steps_per_loop={steps_per_loop}: accepted: >= 1")
         self.deterministic = deterministic
         self.overwrite = overwrite
         self.resize = resize
@@ -203,6 +204,7 @@ class Trainer:
             tf.config.experimental.enable_op_determinism()
         rank = self.task.label_rank
         train = as_examples(train, argument="train", label_rank=rank)
+        _check_mixing(self.training, self.task, train)
         eval_data = as_examples(eval_data, argument="eval_data", label_rank=rank)
         metric = self.checkpoint.best_metric
         known = ("loss", *self.task.metric_names)
@@ -441,6 +443,26 @@ class _Run:
     eval_batch_size: int
 
 
+def _check_mixing(training: TrainingConfig, task: Task, train: Examples) -> None:
+    """Refuses MixUp/CutMix, before anything is written, for a task whose loss is not linear
+    in its labels (`Task.mixable`) or inputs that are not one numeric tensor of images."""
+    if not (training.mixup or training.cutmix):
+        return
+    name = "mixup" if training.mixup else "cutmix"
+    value = getattr(training, name)
+    if not task.mixable:
+        raise ValueError(
+            f"training.{name}={value}: a {type(task).__name__} task's loss of mixed labels is "
+            "not its loss of their mix; accepted: 0"
+        )
+    spec = train.element_spec[0]
+    if not (isinstance(spec, tf.TensorSpec) and (spec.dtype.is_floating or spec.dtype.is_integer)):
+        raise ValueError(
+            f"training.{name}={value}: the inputs are {spec}; accepted: images (one numeric "
+            "tensor per example), or 0"
+        )
+
+
 # The command line's path: a RunConfig -> data and model -> the same Trainer.
 
 
@@ -455,6 +477,7 @@ class Experiment:
     phases: list[phase_lib.Phase]
     warm_start: WarmStartReport | None = None
     task: Task | None = None  # None: the classification the config describes
+    recipe: Recipe | None = None
 
     def trainer(self, callbacks: Sequence[keras.callbacks.Callback] = ()) -> Trainer:
         """The Trainer the config describes."""
@@ -482,8 +505,9 @@ class Experiment:
 def build_experiment(
     config: RunConfig, strategy: tf.distribute.Strategy | None = None
 ) -> Experiment:
-    """Seeds, loads data, builds the model under `strategy` (warm-started from
-    --init_checkpoint if given) and plans the phases; writes nothing.
+    """Seeds, loads data, resolves --recipe from it (the experiment's config holds the
+    values chosen: write flags.txt from it), builds the model under `strategy`
+    (warm-started from --init_checkpoint if given) and plans the phases; writes nothing.
 
     Raises ConfigError (naming the flag or file) on bad input.
     """
@@ -494,6 +518,11 @@ def build_experiment(
     text = is_text(config.data)
     check_task(config, text)
     data = load_task_data(config.data)
+    config, recipe = resolve(
+        config, data.train_size, data.num_classes, task=config.task.task, text=text
+    )
+    for line in recipe.lines():
+        logging.info("%s", line)
     task = build_task(config, data)
     metric = config.checkpoint.best_metric
     known = ("loss", *task.metric_names)
@@ -527,7 +556,7 @@ def build_experiment(
         report = warm_start(model.backbone, config.model.init_checkpoint)
         logging.info("%s", report.to_text())
     plan = phase_lib.plan_phases(phases, model)
-    return Experiment(config, strategy, data, model, plan, report, task)
+    return Experiment(config, strategy, data, model, plan, report, task, recipe)
 
 
 # Where each task other than classification finds its labels or targets.
@@ -577,6 +606,17 @@ def check_task(config: RunConfig, text: bool) -> None:
             ",".join(config.checkpoint.export_tflite),
             "TFLite exports take images, the examples are texts",
             "empty",
+        )
+    elif (text or kind == "regression") and (config.training.mixup or config.training.cutmix):
+        flag = "mixup" if config.training.mixup else "cutmix"
+        problem = (
+            flag,
+            getattr(config.training, flag),
+            "mixing is for images, the examples are texts"
+            if text
+            else "mixing the losses of two targets is not the loss of a mixed target "
+            "(--task=regression)",
+            "0",
         )
     if problem:
         flag, value, what, accepted = problem
@@ -643,6 +683,7 @@ def train(
         "skipped_images": list(data.skipped_files),
         "data_storage": dict(data.storage),
         "init_checkpoint": dataclasses.asdict(report) if report else None,
+        "recipe": experiment.recipe.to_json() if experiment.recipe else None,
     }
     return trainer._run(
         run,
