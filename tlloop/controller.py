@@ -164,6 +164,7 @@ class Controller:
         # Outside the strategy's scope: the same on every task, and a distributed string
         # variable cannot be broadcast by MultiWorkerMirroredStrategy.
         self.state = checkpoint_lib.RunState()
+        self.host_call = (0, 1)  # the last host call's (first global step, steps)
         self.stop_requested = False  # set by an action: end the run after the host call
         self.stop_phase = False  # set by an action: end the phase after this epoch
         self.report = ""
@@ -360,6 +361,7 @@ class Controller:
         while done < count and not self.stop_requested:
             current = self._step()
             chunk = self._chunk(current, count - done)
+            self.host_call = (current, chunk)
             self._call("before_steps", current)
             started = time.perf_counter()
             output = step(batches, chunk)

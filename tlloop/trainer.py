@@ -285,13 +285,12 @@ class Trainer:
             outcome = controller.run()
         except tf.errors.InvalidArgumentError:
             # A streamed image that starts like one but does not decode is met only when read.
+            first, steps = controller.host_call if controller else (0, 1)
             found = find_unreadable(
                 run.train,
                 run.eval,
-                step=int(controller.global_step.numpy())
-                if hasattr(controller, "global_step")
-                else 0,
-                steps=max(1, settings.steps_per_loop),
+                step=first,
+                steps=steps,
                 batch_size=run.batch_size,
                 seed=self.seed,
             )
