@@ -117,6 +117,16 @@ def _digits() -> tuple[tuple[str, ...], Split]:
 def _folder(path: str, flag: str) -> tuple[tuple[str, ...], Split]:
     """One sub-folder per class, sorted by name; image files found by extension."""
     accepted = "a folder with one sub-folder of images (JPEG, PNG, BMP, GIF) per class"
+    names, files, labels = class_folders(path, flag, IMAGE_EXTENSIONS, "images", accepted)
+    return names, Split(files, labels)
+
+
+def class_folders(
+    path: str, flag: str, extensions: tuple[str, ...], what: str, accepted: str
+) -> tuple[tuple[str, ...], list[str], np.ndarray]:
+    """(class names, files, int32 labels) of a folder with one sub-folder per class, sorted by
+    name, its files found by `extensions`; ConfigError naming `--flag` (`what` the files are)
+    for a missing folder, no class folder, or an empty one."""
     if not os.path.isdir(path):
         raise ConfigError(f"--{flag}={path!r}: not a folder; accepted: {accepted}")
     names = tuple(sorted(e.name for e in os.scandir(path) if e.is_dir()))
@@ -128,15 +138,15 @@ def _folder(path: str, flag: str) -> tuple[tuple[str, ...], Split]:
         found = sorted(
             entry.path
             for entry in os.scandir(os.path.join(path, name))
-            if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+            if entry.is_file() and entry.name.lower().endswith(extensions)
         )
         if not found:
             raise ConfigError(
-                f"--{flag}={path!r}: class folder {name!r} holds no images; accepted: {accepted}"
+                f"--{flag}={path!r}: class folder {name!r} holds no {what}; accepted: {accepted}"
             )
         files += found
         labels += [label] * len(found)
-    return names, Split(files, np.asarray(labels, np.int32))
+    return names, files, np.asarray(labels, np.int32)
 
 
 def _split(split: Split, val_fraction: float) -> tuple[Split, Split]:

@@ -8,14 +8,12 @@ in memory as strings: a text backbone tokenizes them inside the model.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from tlloop.config import ConfigError, DataConfig
 from tlloop.data.examples import InMemoryExamples
 from tlloop.data.pipeline import Data, load_data
-from tlloop.data.sources import Split, _limit_per_class, _select, _split
+from tlloop.data.sources import Split, _limit_per_class, _select, _split, class_folders
 from tlloop.data.tables import csv_content, load_tables, read_text_file
 
 TEXT_EXTENSIONS = (".txt",)
@@ -70,27 +68,9 @@ def load_text_data(config: DataConfig, *, evaluation_only: bool = False) -> Data
 def text_folder(path: str, flag: str) -> tuple[tuple[str, ...], Split]:
     """One sub-folder of .txt files per class, sorted by name; each file one example."""
     accepted = "a folder with one sub-folder of UTF-8 .txt files per class"
-    if not os.path.isdir(path):
-        raise ConfigError(f"--{flag}={path!r}: not a folder; accepted: {accepted}")
-    names = tuple(sorted(e.name for e in os.scandir(path) if e.is_dir()))
-    if not names:
-        raise ConfigError(f"--{flag}={path!r}: has no class sub-folders; accepted: {accepted}")
-    texts: list[str] = []
-    labels: list[int] = []
-    for label, name in enumerate(names):
-        files = sorted(
-            entry.path
-            for entry in os.scandir(os.path.join(path, name))
-            if entry.is_file() and entry.name.lower().endswith(TEXT_EXTENSIONS)
-        )
-        if not files:
-            raise ConfigError(
-                f"--{flag}={path!r}: class folder {name!r} holds no .txt files; accepted: "
-                f"{accepted}"
-            )
-        texts += [read_text_file(file, f"--{flag}: text file ") for file in files]
-        labels += [label] * len(files)
-    return names, Split(texts, np.asarray(labels, np.int32))
+    names, files, labels = class_folders(path, flag, TEXT_EXTENSIONS, ".txt files", accepted)
+    texts = [read_text_file(file, f"--{flag}: text file ") for file in files]
+    return names, Split(texts, labels)
 
 
 def _examples(split: Split) -> InMemoryExamples:
