@@ -126,6 +126,18 @@ def start_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(**_cli(args, env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+@pytest.fixture(autouse=True)
+def _op_determinism_ends_with_the_test():
+    """A test that trains with deterministic=True turns op determinism on for the whole
+    process (TensorFlow's switch is global), where XLA then refuses ops it has no
+    deterministic kernel for (MaxPool's gradient): it is turned off again after the test."""
+    yield
+    from tensorflow.python.framework import config as framework_config  # no public switch off
+
+    if framework_config.is_op_determinism_enabled():
+        framework_config.disable_op_determinism()
+
+
 @pytest.fixture
 def workdir(tmp_path) -> str:
     return str(tmp_path / "run")
