@@ -38,22 +38,24 @@ class Predictor:
     def describe(self, path: str, k: int) -> list[str]:
         """What the model says of the image file `path`, as printable fields: the `k` most
         probable classes (classification), the labels over the threshold then the `k` most
-        probable labels (multi-label), or each target's value (regression)."""
+        probable labels (multi-label), or each target's value (regression). One call of the
+        model. Raises ConfigError naming the file if it cannot be read or decoded."""
+        served = self._serve(images=tf.constant(read_image(path)[None], tf.uint8))
         if self.kind == "regression":
-            values = self._serve(images=tf.constant(read_image(path)[None]))["predictions"]
-            values = values.numpy().reshape(-1)
+            values = served["predictions"].numpy().reshape(-1)
             names = self.class_names or tuple(f"target{i}" for i in range(len(values)))
             return [f"{name} {value:.6g}" for name, value in zip(names, values, strict=True)]
-        ranked = [f"{name} {p:.4f}" for name, p in self.top_k(path, k)]
+        probabilities = served["probabilities"].numpy()[0]
+        ranked = [f"{name} {p:.4f}" for name, p in self._ranked(probabilities, k)]
         if self.kind == "multilabel":
-            served = self._serve(images=tf.constant(read_image(path)[None]))
             return [f"labels={served['labels'].numpy()[0].decode()}", *ranked]
         return ranked
 
     def top_k(self, path: str, k: int) -> list[tuple[str, float]]:
         """The `k` most probable (class name, probability) for the image file `path`, most
         probable first. Raises ConfigError naming the file if it cannot be read or decoded."""
-        image = read_image(path)
-        probabilities = self.probabilities(image[None])[0]
+        return self._ranked(self.probabilities(read_image(path)[None])[0], k)
+
+    def _ranked(self, probabilities: np.ndarray, k: int) -> list[tuple[str, float]]:
         order = np.argsort(-probabilities, kind="stable")[:k]
         return [(self.class_names[i], float(probabilities[i])) for i in order]

@@ -4,11 +4,13 @@ Whatever the source (tlloop's digits and image folders, a user's numpy arrays, a
 `tf.data.Dataset`), training reads `Examples`, and the input position of a run is its global
 step: step t reads the t-th global batch of one endless stream. Two kinds:
 
-- `InMemoryExamples` hold (inputs, labels) as arrays. tlloop owns their order: example position
-  k (counting across epochs) is example `index_shuffle(k mod N, seed=(seed, k div N))`, a
-  seeded permutation per epoch computed per position. So a run resumed at step t starts
-  reading at position t x batch directly (no replay), and backbone features cached per example
-  line up with their inputs, batch for batch.
+- `IndexedExamples` are read by index, in an order tlloop owns: example position k (counting
+  across epochs) is example `index_shuffle(k mod N, seed=(seed, k div N))`, a seeded
+  permutation per epoch computed per position. So a run resumed at step t starts reading at
+  position t x batch directly (no replay), each input pipeline reads only its part of a
+  global batch (`Part`), and backbone features cached per example line up with their inputs,
+  batch for batch. `InMemoryExamples` hold (inputs, labels) as arrays; `streaming` has
+  examples of encoded images, decoded as they are read.
 - `StreamedExamples` wrap a user's finite `tf.data.Dataset`, iterated as given: its own order,
   its own random maps, repeated; tlloop only batches it into full global batches. A resumed
   run skips the batches already read (a replay, exact when a fresh iterator of the dataset
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -151,18 +154,16 @@ class IndexedExamples(Examples):
         rows = batch_size // (part.count * part.replicas)
         if slicer is not None:
             positions = positions.map(slicer).unbatch()
-        if self.finish is None:
-            batches = positions.map(
-                self._read_rows, num_parallel_calls=AUTOTUNE, deterministic=True
-            )
-        else:
-            batches = (
-                positions.map(self._read_rows, num_parallel_calls=AUTOTUNE, deterministic=True)
-                .unbatch()
-                .map(self._finish_row, num_parallel_calls=AUTOTUNE, deterministic=True)
-                .batch(rows, drop_remainder=True)
-            )
+        batches = positions.map(self._read_rows, num_parallel_calls=AUTOTUNE, deterministic=True)
+        if self.finish is not None:
+            batches = self._finished(batches).batch(rows, drop_remainder=True)
         return batches.prefetch(AUTOTUNE)
+
+    def _finished(self, batches: tf.data.Dataset) -> tf.data.Dataset:
+        """`batches` as examples, each finished in parallel (in order)."""
+        return batches.unbatch().map(
+            self._finish_row, num_parallel_calls=AUTOTUNE, deterministic=True
+        )
 
     def _read_rows(self, indices, *weights):
         return (*self.read(indices), *weights)
@@ -172,11 +173,7 @@ class IndexedExamples(Examples):
 
     def ordered(self) -> tf.data.Dataset:
         rows = tf.data.Dataset.range(self.size).batch(256).map(self._read_rows)
-        if self.finish is not None:
-            return rows.unbatch().map(
-                self._finish_row, num_parallel_calls=AUTOTUNE, deterministic=True
-            )
-        return rows.unbatch()
+        return rows.unbatch() if self.finish is None else self._finished(rows)
 
     def eval_batches(self, batch_size: int, part: Part | None = None) -> tf.data.Dataset:
         # Padding positions read example 0 with weight 0.
@@ -221,6 +218,21 @@ class IndexedExamples(Examples):
     def label_counts(self, num_classes: int) -> np.ndarray:
         return _counts(np.asarray(self.labels), num_classes)
 
+    @functools.cached_property
+    def _label_tensor(self) -> tf.Tensor:
+        return eager_constant(self.labels)
+
+    def labels_at(self, indices: tf.Tensor) -> tf.Tensor:
+        """The labels (`self.labels`, held as one tensor) of the examples at `indices`."""
+        return tf.gather(self._label_tensor, indices)
+
+
+def eager_constant(value) -> tf.Tensor:
+    """`value` as one eager tensor, whatever graph is being traced when it is first asked for:
+    tf.data functions capture it instead of embedding a copy in every trace."""
+    with tf.init_scope():
+        return tf.convert_to_tensor(value)
+
 
 class InMemoryExamples(IndexedExamples):
     """(inputs, labels) held as arrays: `inputs` an array or a nested structure (dict, tuple)
@@ -239,7 +251,6 @@ class InMemoryExamples(IndexedExamples):
         self.inputs = inputs
         self.labels = labels
         self.transform = transform
-        self._tensors = None
 
     @classmethod
     def from_dataset(cls, dataset: tf.data.Dataset, *, batched: bool = False) -> InMemoryExamples:
@@ -257,19 +268,15 @@ class InMemoryExamples(IndexedExamples):
     def size(self) -> int:
         return len(self.labels)
 
-    def _constants(self):
-        if self._tensors is None:
-            with tf.init_scope():  # eager tensors, made once, whatever graph first asks
-                self._tensors = tf.nest.map_structure(
-                    tf.convert_to_tensor, (self.inputs, self.labels)
-                )
-        return self._tensors
+    @functools.cached_property
+    def _input_tensors(self):
+        return tf.nest.map_structure(eager_constant, self.inputs)
 
     def read(self, indices):
-        inputs, labels = tf.nest.map_structure(lambda t: tf.gather(t, indices), self._constants())
+        inputs = tf.nest.map_structure(lambda t: tf.gather(t, indices), self._input_tensors)
         if self.transform is not None:
             inputs = self.transform(inputs)
-        return inputs, labels
+        return inputs, self.labels_at(indices)
 
 
 def example_index(position, size: int, seed: int):

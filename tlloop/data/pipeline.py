@@ -115,9 +115,8 @@ def load_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
     splits = [("eval", source.eval)] + [("train", source.train)] * (not evaluation_only)
     for name, split in splits:  # evaluation first: it is read in full at every evaluation
         examples, storage[name], bad = _load_split(split, config, budget)
-        budget -= (
-            examples.size * config.image_size**2 * 3 if storage[name].startswith("memory") else 0
-        )
+        if isinstance(examples, InMemoryExamples):
+            budget -= examples.size * config.image_size**2 * 3
         _check_every_class(examples.labels, source.class_names, bad)
         loaded[name] = examples
         skipped = list(bad) + skipped
@@ -176,13 +175,11 @@ def _load_split(split: Split, config: DataConfig, budget: int):
         images, more = _keep(images, kept)
         cached = DiskImages(pixels_path, images.labels, config.image_size)
     elif fits:
-        chunks = list(images.decode_all())
-        kept = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, np.int64)
-        pixels = np.concatenate([c[1] for c in chunks]) if chunks else None
+        kept, pixels = _decode_pass(images, keep_pixels=True)
         images, more = _keep(images, kept)
         how = "decoded at load"
     elif config.bad_images == "skip":  # every image decoded once now, so training meets none
-        kept = np.concatenate([c[0] for c in images.decode_all()] or [np.zeros(0, np.int64)])
+        kept, _ = _decode_pass(images, keep_pixels=False)
         images, more = _keep(images, kept)
         how = "decoded as read; every image checked at load"
     else:
@@ -202,6 +199,17 @@ def _load_split(split: Split, config: DataConfig, budget: int):
         examples = InMemoryExamples(pixels, images.labels, transform=_to_float)
         return examples, f"memory ({size}, {how})", skipped
     return cached or images, f"streamed ({size} {left}; {how})", skipped
+
+
+def _decode_pass(images: EncodedImages, *, keep_pixels: bool):
+    """(the indices of the images that decode, their uint8 pixels or None): one pass over
+    every image; without `keep_pixels` memory holds one batch of pixels at a time."""
+    kept, pixels = [np.zeros(0, np.int64)], []
+    for indices, batch in images.decode_all():
+        kept.append(indices)
+        if keep_pixels:
+            pixels.append(batch)
+    return np.concatenate(kept), np.concatenate(pixels) if pixels else None
 
 
 def _keep(images: EncodedImages, kept: np.ndarray) -> tuple[EncodedImages, tuple[str, ...]]:

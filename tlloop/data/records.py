@@ -48,8 +48,8 @@ def read_records(
         example = tf.io.parse_single_example(record, spec)
         head = tf.strings.substr(example[image_key], 0, HEAD_BYTES)
         label = example[label_key]
-        if multilabel:
-            label = tf.RaggedTensor.from_tensor(tf.sparse.to_dense(label)[None])[0]
+        if multilabel:  # a row of any length: ragged_batch batches the rows
+            label = tf.sparse.to_dense(label)
         return tf.strings.length(record), label, head
 
     columns: list[list[np.ndarray]] = [[], [], [], [], []]
@@ -81,8 +81,9 @@ def read_records(
         columns[2].append(starts.astype(np.int64))
         columns[3].append(lengths)
         if multilabel:  # ragged rows, one per record
-            rows = [np.asarray(row) for p in parts for row in p[1]]
-            columns[4].append(np.asarray([*rows, None], dtype=object)[:-1])
+            rows = np.empty(sum(len(p[1]) for p in parts), dtype=object)  # not a 2-D array
+            rows[:] = [np.asarray(row) for p in parts for row in p[1]]
+            columns[4].append(rows)
         else:
             columns[4].append(
                 np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)

@@ -15,6 +15,7 @@ it holds the pixels in memory, writes them to the cache, or only checks that the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ import tensorflow as tf
 from absl import logging
 
 from tlloop.config import ConfigError
-from tlloop.data.examples import AUTOTUNE, IndexedExamples, example_index
+from tlloop.data.examples import AUTOTUNE, IndexedExamples, eager_constant, example_index
 from tlloop.data.images import HEAD_BYTES, decode_resized, reason
 
 
@@ -67,7 +68,6 @@ class Reader:
             else "bytes"
         )
         self._origins = origins
-        self._constant = None
         self._descriptors: dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -90,10 +90,11 @@ class Reader:
             records.set_shape(indices.shape)
             spec = {self.image_key: tf.io.FixedLenFeature([], tf.string)}
             return tf.io.parse_example(records, spec)[self.image_key]
-        if self._constant is None:
-            with tf.init_scope():  # one eager constant, whatever graph first asks
-                self._constant = tf.constant(self.items)
-        return tf.gather(self._constant, indices)
+        return tf.gather(self._items_tensor, indices)
+
+    @functools.cached_property
+    def _items_tensor(self) -> tf.Tensor:
+        return eager_constant(self.items)
 
     def fetch(self, item: tf.Tensor) -> tf.Tensor:
         """One encoded image from its item of `items_at` (a file is read here, in the
@@ -166,7 +167,6 @@ class EncodedImages(IndexedExamples):
             raise ValueError(f"{len(reader)} images but {len(labels)} labels")
         self.reader, self.labels = reader, np.asarray(labels)
         self.image_size, self.resize = image_size, resize
-        self._labels = None
 
     @classmethod
     def from_files(
@@ -185,14 +185,8 @@ class EncodedImages(IndexedExamples):
         """Bytes of every image decoded, as uint8."""
         return self.size * self.image_size**2 * 3
 
-    def _label_constant(self) -> tf.Tensor:
-        if self._labels is None:
-            with tf.init_scope():
-                self._labels = tf.constant(self.labels)
-        return self._labels
-
     def read(self, indices):
-        return self.reader.items_at(indices), tf.gather(self._label_constant(), indices)
+        return self.reader.items_at(indices), self.labels_at(indices)
 
     def finish(self, item, label):
         return decode_resized(self.reader.fetch(item), self.image_size, self.resize), label
@@ -226,18 +220,18 @@ class EncodedImages(IndexedExamples):
     def unreadable(self, indices) -> str | None:
         """The origin of the first example of `indices` that cannot be read and decoded, with
         TensorFlow's reason; None if they all decode."""
+        files = self.reader.kind == "files"
+        problem = (
+            "image file {!r}: cannot be read or decoded"
+            if files
+            else "image {!r}: cannot be decoded"
+        )
         for i in indices:
             try:
                 item = self.reader.items_at(tf.constant([int(i)], tf.int64))[0]
                 decode_resized(self.reader.fetch(item), self.image_size, self.resize)
             except (tf.errors.OpError, ValueError) as error:
-                what = "image file" if self.reader.kind == "files" else "image"
-                problem = (
-                    "cannot be read or decoded"
-                    if self.reader.kind == "files"
-                    else "cannot be decoded"
-                )
-                return f"{what} {self.reader.origin(int(i))!r}: {problem} ({reason(error)})"
+                return f"{problem.format(self.reader.origin(int(i)))} ({reason(error)})"
         return None
 
 
@@ -256,7 +250,6 @@ class DiskImages(IndexedExamples):
                 "(delete the file to rebuild it)"
             )
         self._descriptor = None
-        self._labels = None
 
     @property
     def size(self) -> int:
@@ -265,22 +258,16 @@ class DiskImages(IndexedExamples):
     def _rows(self, indices: np.ndarray) -> np.ndarray:
         if self._descriptor is None:
             self._descriptor = os.open(self.path, os.O_RDONLY)
-        out = np.empty((len(indices), self.row), np.uint8)
+        out = np.empty((len(indices), self.image_size, self.image_size, 3), np.uint8)
         for k, i in enumerate(indices):
-            out[k] = np.frombuffer(
-                os.pread(self._descriptor, self.row, int(i) * self.row), np.uint8
-            )
+            data = os.pread(self._descriptor, self.row, int(i) * self.row)
+            out[k] = np.frombuffer(data, np.uint8).reshape(out.shape[1:])
         return out
 
     def read(self, indices):
-        if self._labels is None:
-            with tf.init_scope():
-                self._labels = tf.constant(self.labels)
-        rows = tf.numpy_function(self._rows, [indices], tf.uint8, stateful=False)
-        shape = (indices.shape[0], self.image_size, self.image_size, 3)
-        pixels = tf.reshape(rows, (-1, self.image_size, self.image_size, 3))
-        pixels.set_shape(shape)
-        return tf.cast(pixels, tf.float32), tf.gather(self._labels, indices)
+        pixels = tf.numpy_function(self._rows, [indices], tf.uint8, stateful=False)
+        pixels.set_shape((indices.shape[0], self.image_size, self.image_size, 3))
+        return tf.cast(pixels, tf.float32), self.labels_at(indices)
 
     def pixels(self) -> np.ndarray:
         """Every image, read into memory (uint8)."""
