@@ -179,6 +179,8 @@ def test_data_flags_are_checked():
         DataConfig(data_memory="lots")
     with pytest.raises(ConfigError, match=r"^--data_cache='c': --dataset=digits is decoded in"):
         DataConfig(data_cache="c")
+    with pytest.raises(ConfigError, match=r"^--data_memory='0': --dataset=digits is always held"):
+        DataConfig(data_memory="0")
     assert memory_budget("12") == 12 * 2**20
     assert 0 < memory_budget("auto") < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 

@@ -16,6 +16,8 @@ from task_data import write_text_folder
 
 import tlloop
 from tlloop import phases as phase_lib
+from tlloop.config import ConfigError, DataConfig
+from tlloop.data.text import load_task_data
 from tlloop.trainer import build_experiment, train
 
 keras_hub = pytest.importorskip("keras_hub")
@@ -111,3 +113,12 @@ def test_the_library_builds_a_text_backbone_and_names_a_bad_source(tmp_path, ber
     keras_hub.models.Backbone.from_preset(bert_preset).save_to_preset(encoder_only)
     with pytest.raises(ValueError, match=r"^source='.*encoder': no text preprocessor"):
         tlloop.text_backbone(encoder_only)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("data_cache", "cache"), ("data_memory", "0")])
+def test_data_flags_that_cannot_act_on_texts_are_refused(tmp_path, flag, value):
+    csv = tmp_path / "texts.csv"
+    csv.write_text("text,label\ngood day,pos\nbad day,neg\nfine,pos\nawful,neg\n")
+    config = DataConfig(dataset="csv", train_csv=str(csv), **{flag: value})
+    with pytest.raises(ConfigError, match=rf"^--{flag}='{value}': the examples are texts"):
+        load_task_data(config)

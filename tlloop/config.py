@@ -597,11 +597,18 @@ class DataConfig:
                 f"--{flag} only with --dataset={' or '.join(readers)}",
             )
         _require(
-            not self.data_cache or self.dataset in ("folder", "tfrecord"),
+            not self.data_cache or self.dataset in ("folder", "tfrecord", "csv"),
             "data_cache",
             self.data_cache,
             f"--dataset={self.dataset} is decoded in memory, not read from files",
-            "--data_cache only with --dataset=folder or tfrecord",
+            "--data_cache only with --dataset=folder, tfrecord or csv (of images)",
+        )
+        _require(
+            self.data_memory == "auto" or self.dataset not in ("digits", "text_folder"),
+            "data_memory",
+            self.data_memory,
+            f"--dataset={self.dataset} is always held in memory",
+            "auto with this dataset",
         )
         separate = {
             "folder": "val_dir",

@@ -36,6 +36,15 @@ def load_task_data(config: DataConfig, *, evaluation_only: bool = False) -> Data
 def load_text_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
     """The texts of a text folder or a text CSV as in-memory string examples (the labels as
     `load_data` gives them); ConfigError naming the folder, file and line of a bad input."""
+    for flag, value, default in (
+        ("data_cache", config.data_cache, ""),
+        ("data_memory", config.data_memory, "auto"),
+    ):
+        if value != default:  # texts are held in memory and tokenized inside the model
+            raise ConfigError(
+                f"--{flag}={value!r}: the examples are texts, always held in memory; "
+                f"accepted: {default or 'empty'} with texts"
+            )
     if config.dataset == "csv":
         _, names, train, evaluation = load_tables(config)
     else:
