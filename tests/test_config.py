@@ -223,9 +223,9 @@ CHANGED = [
         "init_checkpoint": "runs/donor",
         "mixed_precision": "bfloat16",
         "head_epochs": 2,
-        "head_lr": 0.03,
+        "head_lr": "0.03",  # rate flags are text: a number or auto
         "finetune_epochs": 7,
-        "finetune_lr": 3e-4,
+        "finetune_lr": "0.0003",
         "unfreeze": "blocks:3",
         "unfreeze_schedule": "gradual:1",
         "bn_mode": "train",
@@ -303,6 +303,7 @@ CHANGED = [
         "task": "multilabel",
         "threshold": 0.3,
         "regression_loss": "huber",
+        "head_lr": "auto",
     },
 ]
 

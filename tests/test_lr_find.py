@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +13,8 @@ from conftest import make_config, run_cli, snapshot
 from tensorboard.backend.event_processing import event_accumulator
 
 from tlloop import lr_range, trainer
-from tlloop.config import TrainingConfig
+from tlloop.config import ConfigError, TrainingConfig
+from tlloop.flags import flags_text
 
 
 def test_range_test_rises_geometrically_suggests_and_restores_the_model(workdir):
@@ -99,3 +103,86 @@ def test_lr_find_command_prints_a_suggestion_and_writes_the_curve(tmp_path):
         module="tlloop.lr_find",
     )
     assert bad.returncode == 2 and "--lr_min=1 / --lr_max=0.1: not a rising range" in bad.stderr
+
+
+# --head_lr=auto: the range test chooses the head phase's rate before training.
+
+
+def test_head_lr_auto_trains_the_head_at_the_suggestion_and_keeps_auto_in_the_flags(workdir):
+    config = make_config(workdir, head_lr="auto", deterministic=True)
+    assert config.phases[0].learning_rate == "auto"
+    experiment = trainer.build_experiment(config)
+    found = experiment.found_rate
+    plain = trainer.build_experiment(config, find_rates=False)  # same seed, same model
+    expected = lr_range.range_test(plain, 0, *lr_range.RANGE_TEST)
+    assert found.rate == pytest.approx(expected.suggestion, rel=1e-6)
+    assert found.steps == len(expected.rates) and found.seconds > 0 and not found.reused
+    assert experiment.phases[0].config.learning_rate == found.rate
+    assert experiment.phases[1].config.learning_rate == 1e-3  # the fine-tune rate as given
+    assert experiment.config.phases[0].learning_rate == "auto"  # flags.txt keeps the choice
+    assert "--head_lr=auto" in flags_text(experiment.config)
+
+    results = trainer.train(experiment, workdir)
+    assert results["found_rate"]["rate"] == found.rate
+    with open(os.path.join(workdir, "found_rate.json")) as file:
+        assert json.load(file)["rate"] == found.rate
+
+
+def test_head_lr_auto_reuses_the_recorded_rate_when_resuming_unless_overwriting(workdir):
+    os.makedirs(workdir, exist_ok=True)
+    record = {"phase": "head", "rate": 0.0123, "steps": 61, "seconds": 2.5}
+    with open(os.path.join(workdir, "found_rate.json"), "w") as file:
+        json.dump({**record, "stopped_early": True}, file)
+    experiment = trainer.build_experiment(make_config(workdir, head_lr="auto"))
+    assert experiment.found_rate.reused and experiment.found_rate.rate == 0.0123
+    assert experiment.phases[0].config.learning_rate == 0.0123
+    assert "no range test" in experiment.found_rate.line()
+
+    fresh = trainer.build_experiment(make_config(workdir, head_lr="auto", overwrite=True))
+    assert not fresh.found_rate.reused and fresh.found_rate.rate != 0.0123
+
+    with open(os.path.join(workdir, "found_rate.json"), "w") as file:
+        file.write("{not json")
+    with pytest.raises(ConfigError, match=r"found_rate\.json'?: not the rate record"):
+        trainer.build_experiment(make_config(workdir, head_lr="auto"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"finetune_lr": "auto"}, "--finetune_lr='auto': the range test runs before training"),
+        ({"head_lr": "auto", "head_epochs": 0}, "the head phase, which has 0 epochs"),
+        ({"head_lr": "fast"}, "--head_lr='fast': not a positive number"),
+        ({"head_lr": "-1"}, "--head_lr='-1': not a positive number"),
+    ],
+)
+def test_rate_flags_refuse_what_they_cannot_take(workdir, flags, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_config(workdir, **flags)
+
+
+def test_a_trainer_refuses_a_phase_whose_rate_is_still_auto(workdir):
+    experiment = trainer.build_experiment(make_config(workdir, head_lr="auto"), find_rates=False)
+    assert experiment.found_rate is None
+    with pytest.raises(ValueError, match="'head' has learning_rate='auto'"):
+        experiment.trainer().fit(
+            experiment.model, experiment.data.train_examples, experiment.data.eval_examples
+        )
+
+
+def test_head_lr_auto_from_the_command_line_resumes_at_the_same_rate(tmp_path):
+    workdir = tmp_path / "run"
+    command = (
+        "--flagfile=experiments/quickstart.flags",
+        f"--workdir={workdir}",
+        "--head_lr=auto",
+        "--head_epochs=1",
+        "--finetune_epochs=1",
+    )
+    first = run_cli(*command)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "--head_lr=auto: " in first.stderr and "range test of" in first.stderr
+    rate = json.loads((workdir / "results.json").read_text())["found_rate"]["rate"]
+    again = run_cli(*command)  # the finished run, resumed: no second test, the same rate
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"--head_lr=auto: {rate:.3g}, the rate this run's first start found" in again.stderr

@@ -54,7 +54,7 @@ def _resolve(values: dict, examples: int, classes: int):
 @pytest.mark.parametrize("kind", list(BACKBONES))
 def test_recipe_guide_gives_todays_defaults(examples, kind):
     resolved, recipe = _resolve({"recipe": "guide", "backbone": BACKBONES[kind]}, examples, 10)
-    values = config_lib.flag_values(resolved)
+    values = _flag_values(resolved)
     assert {name: values[name] for name in GUIDE} == GUIDE
     assert recipe.chosen == {} and recipe.name == "guide"
 
@@ -93,7 +93,7 @@ def test_recipe_auto_chooses_what_the_readme_table_says(classes):
         column = 1 + band // 2  # two sizes each side of every band edge
         for kind, backbone in BACKBONES.items():
             resolved, recipe = _resolve({"backbone": backbone}, examples, classes)
-            values = config_lib.flag_values(resolved)
+            values = _flag_values(resolved)
             for row in table:
                 flag = row[0].strip("`-")
                 assert values[flag] == _parse_cell(row[column], kind, classes), (flag, examples)
@@ -103,7 +103,7 @@ def test_recipe_auto_chooses_what_the_readme_table_says(classes):
 def test_given_flags_win_and_a_group_is_left_whole():
     given = {"head_lr": 1e-3, "warmup_steps": 7, "cutmix": 1.0, "augment": ""}
     resolved, recipe = _resolve(given, 100_000, 10)
-    values = config_lib.flag_values(resolved)
+    values = _flag_values(resolved)
     # Given values win, even those equal to the guide's defaults.
     assert values["head_lr"] == 1e-3 and values["augment"] == ""
     assert values["warmup_steps"] == 7 and values["warmup_epochs"] == 0  # group: warm-up
@@ -119,7 +119,7 @@ def test_given_flags_win_and_a_group_is_left_whole():
     assert "head_lr" not in recipe.chosen and recipe.chosen["finetune_lr"] == 1e-3
     # Resolving the resolved config again changes nothing: flags.txt re-runs the same run.
     again, _ = recipe_lib.resolve(resolved, 100_000, 10)
-    assert config_lib.flag_values(again) == values
+    assert _flag_values(again) == values
 
 
 def test_command_line_flags_given_are_the_ones_present(tmp_path):
@@ -217,6 +217,12 @@ def test_rows_that_do_not_apply_to_a_task_or_to_texts_are_not_set(task, text, le
     resolved, recipe = recipe_lib.resolve(config, 100_000, 5, task=task, text=text)
     everything = set(recipe_lib.choose(100_000, 5, "small_cnn"))
     assert set(recipe.chosen) == everything - left
-    defaults = config_lib.flag_values(config)
-    values = config_lib.flag_values(resolved)
+    defaults = _flag_values(config)
+    values = _flag_values(resolved)
     assert all(values[flag] == defaults[flag] for flag in left)
+
+
+def _flag_values(config) -> dict:
+    """The config's flag values, rates as numbers (their flags hold text: a number or auto)."""
+    values = config_lib.flag_values(config)
+    return {k: float(v) if k.endswith("_lr") else v for k, v in values.items()}

@@ -337,6 +337,35 @@ def parse_steps_per_loop(value: Any, name: str = "steps_per_loop") -> int | str:
     return int(text)
 
 
+AUTO_RATE = "auto"
+# The learning-rate range test's first and last rates and its steps: python -m tlloop.lr_find's
+# defaults, and what --head_lr=auto runs.
+RANGE_TEST = (1e-7, 10.0, 100)
+
+
+def parse_rate(value: Any, name: str, auto: bool = False) -> float | str:
+    """A learning rate flag's value: a number > 0 (given as text or number), or, where `auto`,
+    "auto" (the learning-rate range test's suggestion, found before training starts)."""
+    if auto and value == AUTO_RATE:
+        return AUTO_RATE
+    accepted = "a rate > 0" + (", or auto (the range test's suggestion)" if auto else "")
+    if value == AUTO_RATE:
+        _require(
+            False,
+            name,
+            value,
+            "the range test runs before training, with a fresh head on the pretrained "
+            "backbone, so it can suggest only --head_lr",
+            "a rate > 0 (python -m tlloop.lr_find --phase=finetune suggests one)",
+        )
+    try:
+        rate = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        rate = float("nan")
+    _require(rate > 0, name, value, "not a positive number", accepted)
+    return rate
+
+
 def _lower_direction(name: str) -> bool:
     """Whether lower is better for metric `name` by default: losses and errors."""
     return name.endswith(("loss", "error"))
@@ -741,12 +770,14 @@ class PhaseConfig:
     phase; a fresh copy is made for each trainable set. Give `learning_rate` or `optimizer`.
     `modes`, a `ModeTable`, sets the `training` value of each submodule in the train step
     directly (e.g. a text encoder's Dropout on while its BatchNorm-free layers fine-tune);
-    default: the backbone in training mode only with bn_mode "train".
+    default: the backbone in training mode only with bn_mode "train". `learning_rate` "auto"
+    (--head_lr=auto) is for `build_experiment`, which replaces it with the range test's
+    suggestion; a Trainer refuses it.
     """
 
     name: str
     epochs: int
-    learning_rate: float | None = None
+    learning_rate: float | str | None = None
     unfreeze: Unfreeze = Unfreeze("none")
     bn_mode: str = "frozen"
     gradual: int = 0
@@ -780,7 +811,9 @@ class PhaseConfig:
             "a rate > 0, or optimizer=keras.optimizers.X(...) and no learning_rate",
         )
         _require(
-            self.learning_rate is None or self.learning_rate > 0,
+            self.learning_rate is None
+            or self.learning_rate == AUTO_RATE
+            or (not isinstance(self.learning_rate, str) and self.learning_rate > 0),
             f"{self.name}_lr",
             self.learning_rate,
             "not positive",
@@ -803,9 +836,21 @@ class TwoPhases:
     Each value is checked by the PhaseConfig it goes into, which names its flag."""
 
     head_epochs: int = option(5, "Epochs of the head phase (backbone frozen).")
-    head_lr: float = option(1e-3, "Learning rate of the head phase.")
+    head_lr: float | str = option(
+        1e-3,
+        "Learning rate of the head phase, or auto: run the learning-rate range test (as "
+        "python -m tlloop.lr_find) before training and use its suggestion (its cost is logged "
+        "and written to results.json).",
+        parse=lambda value: parse_rate(value, "head_lr", auto=True),
+        format=str,
+    )
     finetune_epochs: int = option(5, "Epochs of the fine-tune phase.")
-    finetune_lr: float = option(1e-5, "Learning rate of the fine-tune phase.")
+    finetune_lr: float = option(
+        1e-5,
+        "Learning rate of the fine-tune phase.",
+        parse=lambda value: parse_rate(value, "finetune_lr"),
+        format=str,
+    )
     unfreeze: Unfreeze = option(  # noqa: RUF009  option() returns a dataclasses.field
         Unfreeze("all"),
         "Backbone layers that train in fine-tune: all, none, top:N (the last N layers with "
@@ -832,6 +877,16 @@ class TwoPhases:
 
     def __post_init__(self) -> None:
         _check_options(self)
+        # A Python caller may give a number or text: checked as the flag's text is.
+        object.__setattr__(self, "head_lr", parse_rate(self.head_lr, "head_lr", auto=True))
+        object.__setattr__(self, "finetune_lr", parse_rate(self.finetune_lr, "finetune_lr"))
+        _require(
+            self.head_lr != AUTO_RATE or self.head_epochs > 0,
+            "head_lr",
+            self.head_lr,
+            "the range test is for the head phase, which has 0 epochs (--head_epochs=0)",
+            "a rate > 0, or --head_epochs >= 1 with it",
+        )
         self.to_phases()  # each PhaseConfig checks its values
 
     def to_phases(self) -> tuple[PhaseConfig, PhaseConfig]:
@@ -1492,10 +1547,16 @@ def hparams(config: RunConfig) -> dict[str, str | int | float | bool]:
     the run learns (plumbing such as paths of outputs, cadences and devices left out), by flag
     name, as flat values; structured values as their flag text."""
     values = flag_values(config)
-    return {
-        meta.flag: ",".join(values[meta.flag])
-        if isinstance(values[meta.flag], list)
-        else values[meta.flag]
-        for meta in options()
-        if meta.hparam
-    }
+    flat = {}
+    for meta in options():
+        if not meta.hparam:
+            continue
+        value = values[meta.flag]
+        if isinstance(value, list):
+            value = ",".join(value)
+        elif meta.parse is not None and isinstance(value, str):
+            parsed = meta.to_value(value)  # a rate given as text ("auto" or a number)
+            if isinstance(parsed, float):
+                value = parsed
+        flat[meta.flag] = value
+    return flat

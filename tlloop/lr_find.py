@@ -16,15 +16,15 @@ import sys
 from absl import app, flags
 
 from tlloop import flags as tlloop_flags
-from tlloop.config import ConfigError
+from tlloop.config import RANGE_TEST, ConfigError
 
 FLAGS = flags.FLAGS
 tlloop_flags.define_flags(FLAGS)
 flags.mark_flag_as_required("workdir")
 flags.DEFINE_enum("phase", "head", ["head", "finetune"], "The phase to test.")
-flags.DEFINE_float("lr_min", 1e-7, "The first rate.")
-flags.DEFINE_float("lr_max", 10.0, "The last rate.")
-flags.DEFINE_integer("find_steps", 100, "Steps of the test.")
+flags.DEFINE_float("lr_min", RANGE_TEST[0], "The first rate.")
+flags.DEFINE_float("lr_max", RANGE_TEST[1], "The last rate.")
+flags.DEFINE_integer("find_steps", RANGE_TEST[2], "Steps of the test.")
 
 
 def main(argv: list[str]) -> int:
@@ -45,7 +45,9 @@ def main(argv: list[str]) -> int:
         distribute.configure_logical_devices(
             config.distribute.logical_devices, config.distribute.logical_device_memory_mb
         )
-        experiment = trainer.build_experiment(config, distribute.make_strategy(config.distribute))
+        experiment = trainer.build_experiment(
+            config, distribute.make_strategy(config.distribute), find_rates=False
+        )
         names = [phase.name for phase in experiment.phases]
         if FLAGS.phase not in names:
             raise ConfigError(

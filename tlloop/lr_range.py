@@ -1,20 +1,28 @@
 """The learning-rate range test: train one phase briefly with an exponentially rising rate,
-record the loss, suggest a rate, and put the model back as it was."""
+record the loss, suggest a rate, and put the model back as it was. `find_rate` runs it for
+--head_lr=auto (or reads the rate a resumed run's first process found)."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
+import os
+import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from tlloop import phases as phase_lib
+from tlloop.config import RANGE_TEST, ConfigError
 from tlloop.controller import build_train_step
 from tlloop.distribute import distribute_dataset
 from tlloop.steps import Metrics
+from tlloop.workdir import FOUND_RATE_FILE
+
+LOW, HIGH, STEPS = RANGE_TEST  # --head_lr=auto's test (python -m tlloop.lr_find's defaults)
 
 
 @keras.saving.register_keras_serializable(package="tlloop")
@@ -132,3 +140,62 @@ def plot(result: RangeResult, width: int = 320, height: int = 200) -> np.ndarray
     if 0 <= suggested < width:
         image[:, suggested] = (0.8, 0.2, 0.2)
     return image
+
+
+@dataclasses.dataclass(frozen=True)
+class FoundRate:
+    """--head_lr=auto's outcome: the phase, the suggested `rate` it trains with, the test's
+    `steps` and `seconds` (its cost), whether it stopped early on a diverging loss, and whether
+    it was `reused` (read from the workdir of the run being resumed, not measured again)."""
+
+    phase: str
+    rate: float
+    steps: int
+    seconds: float
+    stopped_early: bool
+    reused: bool = False
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def line(self) -> str:
+        """What the run logs at its start."""
+        if self.reused:
+            return (
+                f"--{self.phase}_lr=auto: {self.rate:.3g}, the rate this run's first start "
+                f"found ({FOUND_RATE_FILE}); no range test"
+            )
+        return (
+            f"--{self.phase}_lr=auto: {self.rate:.3g}, a tenth of the rate at the smoothed "
+            f"loss's minimum in a range test of {self.steps} steps ({LOW:g} to {HIGH:g}"
+            f"{', stopped when the loss diverged' if self.stopped_early else ''}) that took "
+            f"{self.seconds:.1f} s"
+        )
+
+
+def find_rate(experiment, phase_index: int, workdir: str, reuse: bool = True) -> FoundRate:
+    """The rate for phase `phase_index` (learning rate "auto"): with `reuse`, the one recorded
+    in `workdir` by the run being resumed (so a restart trains on at the same rate); else a
+    range test of STEPS steps from LOW to HIGH on `experiment` (the model is left as built).
+    Raises ConfigError naming the file when the record is unreadable."""
+    name = experiment.phases[phase_index].config.name
+    path = os.path.join(workdir, FOUND_RATE_FILE)
+    if reuse and os.path.exists(path):
+        try:
+            with open(path) as file:
+                record = json.load(file)
+            return dataclasses.replace(FoundRate(**record), reused=True)
+        except (OSError, ValueError, TypeError) as error:
+            raise ConfigError(
+                f"{path!r}: not the rate record --{name}_lr=auto writes ({error}); accepted: the "
+                "file as a run wrote it, or --overwrite to start the run afresh"
+            ) from None
+    started = time.perf_counter()
+    result = range_test(experiment, phase_index, LOW, HIGH, STEPS)
+    return FoundRate(
+        name,
+        result.suggestion,
+        len(result.rates),
+        round(time.perf_counter() - started, 2),
+        result.stopped_early,
+    )

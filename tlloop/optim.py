@@ -133,12 +133,12 @@ def make_optimizer(
 
 
 def _one_optimizer(phase, variables, training, steps, warmup_steps, no_decay, scale, override=None):
-    peak = phase.learning_rate * scale
-    rate = peak
-    if override is not None:
+    if override is not None:  # the phase's own rate is not read (it may be "auto")
         rate = override(scale)
-    elif training.lr_schedule != "constant" or warmup_steps:
-        rate = PhaseSchedule(peak, training.lr_schedule, steps, warmup_steps)
+    else:
+        rate = phase.learning_rate * scale
+        if training.lr_schedule != "constant" or warmup_steps:
+            rate = PhaseSchedule(rate, training.lr_schedule, steps, warmup_steps)
     decay = training.weight_decay or None
     if training.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(rate, momentum=0.9, weight_decay=decay)

@@ -22,6 +22,7 @@ from absl import logging
 from tlloop import actions as action_lib
 from tlloop import checkpoints as checkpoint_lib
 from tlloop import config as config_lib
+from tlloop import lr_range
 from tlloop import phases as phase_lib
 from tlloop import tflite as tflite_lib
 from tlloop.actions import Stopped
@@ -47,7 +48,7 @@ from tlloop.recipe import Recipe, resolve
 from tlloop.summaries import Summaries
 from tlloop.tasks import Classification, MultiLabel, Regression, Task
 from tlloop.warm_start import WarmStartReport, warm_start
-from tlloop.workdir import prepare, write_json
+from tlloop.workdir import FOUND_RATE_FILE, prepare, write_json
 
 __all__ = [
     "Experiment",
@@ -200,6 +201,13 @@ class Trainer:
             )
         if batch_size < 1 or eval_batch_size < 0:
             raise ValueError(f"batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+        auto = [p.name for p in self.phases if p.learning_rate == config_lib.AUTO_RATE]
+        if auto:
+            raise ValueError(
+                f"phases: {auto[0]!r} has learning_rate='auto', which only build_experiment "
+                "(--head_lr=auto) resolves; accepted: a rate > 0 (tlloop.lr_range.range_test "
+                "suggests one)"
+            )
         if self.deterministic:
             tf.config.experimental.enable_op_determinism()
         rank = self.task.label_rank
@@ -477,6 +485,7 @@ class Experiment:
     warm_start: WarmStartReport | None = None
     task: Task | None = None  # None: the classification the config describes
     recipe: Recipe | None = None
+    found_rate: lr_range.FoundRate | None = None  # --head_lr=auto's
 
     def trainer(self, callbacks: Sequence[keras.callbacks.Callback] = ()) -> Trainer:
         """The Trainer the config describes."""
@@ -502,11 +511,13 @@ class Experiment:
 
 
 def build_experiment(
-    config: RunConfig, strategy: tf.distribute.Strategy | None = None
+    config: RunConfig, strategy: tf.distribute.Strategy | None = None, *, find_rates: bool = True
 ) -> Experiment:
     """Seeds, loads data, resolves --recipe from it (the experiment's config holds the
     values chosen: write flags.txt from it), builds the model under `strategy`
-    (warm-started from --init_checkpoint if given) and plans the phases; writes nothing.
+    (warm-started from --init_checkpoint if given) and plans the phases; with `find_rates`,
+    --head_lr=auto's range test sets the head phase's rate (`Experiment.found_rate`; the config
+    keeps "auto"; a resumed run reads the rate its first start found). Writes nothing.
 
     Raises ConfigError (naming the flag or file) on bad input.
     """
@@ -555,7 +566,18 @@ def build_experiment(
         report = warm_start(model.backbone, config.model.init_checkpoint)
         logging.info("%s", report.to_text())
     plan = phase_lib.plan_phases(phases, model)
-    return Experiment(config, strategy, data, model, plan, report, task, recipe)
+    experiment = Experiment(config, strategy, data, model, plan, report, task, recipe)
+    auto = [i for i, p in enumerate(phases) if p.learning_rate == config_lib.AUTO_RATE]
+    if not (find_rates and auto):
+        return experiment
+    found = lr_range.find_rate(experiment, auto[0], config.workdir, reuse=not config.overwrite)
+    logging.info("%s", found.line())
+    phases = tuple(
+        dataclasses.replace(p, learning_rate=found.rate) if i == auto[0] else p
+        for i, p in enumerate(phases)
+    )
+    plan = phase_lib.plan_phases(phases, model)
+    return dataclasses.replace(experiment, phases=plan, found_rate=found)
 
 
 # Where each task other than classification finds its labels or targets.
@@ -684,11 +706,18 @@ def train(
         "init_checkpoint": dataclasses.asdict(report) if report else None,
         "recipe": experiment.recipe.to_json() if experiment.recipe else None,
     }
+    hparams = config_lib.hparams(config)
+    found = experiment.found_rate
+    if found:
+        header["found_rate"] = found.to_json()
+        hparams[f"{found.phase}_lr"] = found.rate
+        if is_chief(experiment.strategy) and not found.reused:
+            write_json(os.path.join(workdir, FOUND_RATE_FILE), found.to_json())
     return trainer._run(
         run,
         stop=stop,
         flags_text=flags_text,
-        hparams=config_lib.hparams(config),
+        hparams=hparams,
         header=header,
         texts=[("init_checkpoint", report.to_text())] if report else [],
         scalars={"restarts": float(restarts)} if restarts else None,

@@ -12,7 +12,17 @@ from absl import logging
 from tlloop.config import ConfigError
 
 # What a run writes at the top of its workdir; --overwrite removes exactly these.
-RUN_OUTPUTS = ("flags.txt", "checkpoints", "tensorboard", "metrics.jsonl", "export", "results.json")
+# The rate --head_lr=auto found (tlloop.lr_range.FoundRate), read back when the run resumes.
+FOUND_RATE_FILE = "found_rate.json"
+RUN_OUTPUTS = (
+    "flags.txt",
+    "checkpoints",
+    "tensorboard",
+    "metrics.jsonl",
+    "export",
+    "results.json",
+    FOUND_RATE_FILE,
+)
 FLAGS_FILE = "flags.txt"
 # Flags that say what to do with the workdir, not what the run is: they may differ on resume.
 _ACTION_FLAGS = (
