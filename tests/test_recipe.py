@@ -68,13 +68,19 @@ def _readme_table() -> list[list[str]]:
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
 
 
-def _parse_cell(text: str, kind: str, classes: int):
-    """The README cell's value for a backbone kind and a class count, as a flag value."""
+def _parse_cell(text: str, kind: str, classes: int, steps_per_epoch: int):
+    """The README cell's value for a backbone kind, a class count and steps per epoch (S in
+    "x S": at most 16), as a flag value."""
     binary = re.fullmatch(r"(.*) \((.*) with 2 classes\)", text)
     if binary:
         text = binary.group(2) if classes == 2 else binary.group(1)
+    scaled_kinds = re.fullmatch(r"(.*) \((.*): x S\)", text)
+    if scaled_kinds:
+        text = scaled_kinds.group(1) + (" x S" if kind in scaled_kinds.group(2) else "")
     if ";" in text:
-        text = dict(part.strip().split(" ") for part in text.split(";"))[kind]
+        text = dict(part.strip().split(" ", 1) for part in text.split(";"))[kind]
+    if text.endswith(" x S"):
+        return float(text[: -len(" x S")]) * min(steps_per_epoch, 16)
     if text == "(none)":
         return ""
     for kind_of in (int, float):
@@ -89,14 +95,20 @@ def _parse_cell(text: str, kind: str, classes: int):
 def test_recipe_auto_chooses_what_the_readme_table_says(classes):
     table = _readme_table()
     assert [row[0] for row in table] == [f"`--{row.flag}`" for row in recipe_lib.TABLE]
-    for band, examples in enumerate((25, 999, 1_000, 19_999, 20_000, 1_000_000)):
+    edges = [end for _, end in recipe_lib.BANDS[:-1]]
+    sizes = [25, *[size for end in edges for size in (end - 1, end)], 1_000_000]
+    for band, examples in enumerate(sizes):
         column = 1 + band // 2  # two sizes each side of every band edge
         for kind, backbone in BACKBONES.items():
             resolved, recipe = _resolve({"backbone": backbone}, examples, classes)
             values = _flag_values(resolved)
+            steps = -(-examples // 32)  # the default batch
             for row in table:
                 flag = row[0].strip("`-")
-                assert values[flag] == _parse_cell(row[column], kind, classes), (flag, examples)
+                expected = _parse_cell(row[column], kind, classes, steps)
+                if isinstance(expected, float):  # a scaled rate: a product of floats
+                    expected = pytest.approx(expected, rel=1e-12)
+                assert values[flag] == expected, (flag, examples)
             assert recipe.backbone_kind == kind and recipe.given == {}
 
 
@@ -226,3 +238,21 @@ def _flag_values(config) -> dict:
     """The config's flag values, rates as numbers (their flags hold text: a number or auto)."""
     values = config_lib.flag_values(config)
     return {k: float(v) if k.endswith("_lr") else v for k, v in values.items()}
+
+
+def test_tiny_band_rates_of_a_file_backbone_scale_with_the_steps_per_epoch():
+    # 100 examples at the default batch of 32: 4 steps per epoch, the rates 4x the table's.
+    resolved, recipe = _resolve({"backbone": BACKBONES["file"]}, 100, 5)
+    assert recipe.step_scale == 4 and "rates x4 (steps per epoch)" in recipe.lines()[0]
+    assert resolved.phases[0].learning_rate == pytest.approx(4 * 3e-2)
+    assert resolved.phases[1].learning_rate == pytest.approx(4 * 3e-4)
+    # The steps follow the batch size given; the scale stops at 16.
+    _, recipe = _resolve({"backbone": BACKBONES["file"], "batch_size": 50}, 100, 5)
+    assert recipe.step_scale == 2
+    _, recipe = _resolve({"backbone": BACKBONES["file"]}, 999, 5)
+    assert recipe.step_scale == 16
+    # Other kinds, and other bands, are not scaled (not measured).
+    for backbone, examples in ((BACKBONES["application"], 100), (BACKBONES["file"], 5_000)):
+        resolved, recipe = _resolve({"backbone": backbone}, examples, 5)
+        assert recipe.step_scale == 1
+        assert resolved.phases[0].learning_rate in (3e-2, 3e-3)

@@ -15,6 +15,7 @@ KerasHub preset.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,23 +29,41 @@ BACKBONE_KINDS = ("application", "file", "small_cnn", "hub")
 ADAM_LIKE = ("adam", "adamw")
 
 
+# Rates that grow with the steps of an epoch: in the tiny band, for the backbone kinds where
+# that was measured (the shipped small CNN, a `file`: the sweep's best rate was 1x, 4x, 8x and
+# 16x the table's at 1, 4, 8 and 16 steps per epoch), the rates are the table's times the
+# steps per epoch, at most MAX_STEP_SCALE. Not measured for other kinds (no pretrained
+# ImageNet or KerasHub weights offline): their rates are the table's.
+STEP_SCALED_KINDS = ("file",)
+MAX_STEP_SCALE = 16
+
+
+def step_scale(band: int, kind: str, steps_per_epoch: int) -> int:
+    """What the rates of a run in band `band` with a `kind` backbone and `steps_per_epoch` are
+    multiplied by (see STEP_SCALED_KINDS)."""
+    if band != 0 or kind not in STEP_SCALED_KINDS:
+        return 1
+    return max(1, min(steps_per_epoch, MAX_STEP_SCALE))
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
     """One choice of the recipe: the flag it sets, its value per size band (`by_band`) or per
-    backbone kind (`by_kind`), and why (shown in the README)."""
+    backbone kind (`by_kind`), and why (shown in the README). A `scaled` row (a rate) is
+    multiplied by `step_scale`."""
 
     flag: str
     why: str
-    by_band: tuple[Any, Any, Any] | None = None
+    by_band: tuple[Any, ...] | None = None
     by_kind: Mapping[str, Any] | None = None
     binary: Any = None  # the value with 2 classes, when it differs
+    scaled: bool = False
 
-    def value(self, band: int, kind: str, classes: int) -> Any:
+    def value(self, band: int, kind: str, classes: int, scale: int = 1) -> Any:
         if self.binary is not None and classes <= 2:
             return self.binary
-        if self.by_kind is not None:
-            return self.by_kind[kind]
-        return self.by_band[band]
+        value = self.by_kind[kind] if self.by_kind is not None else self.by_band[band]
+        return value * scale if self.scaled and scale != 1 else value
 
 
 # The recipe. Values are as the flags take them (text for --augment).
@@ -57,9 +76,10 @@ TABLE = (
     Row(
         "head_lr",
         "a fresh linear head under Adam; few updates need a higher rate (tiny: measured on the "
-        "digits, 3 seeds: 0.731 / 0.779 / 0.796 at 1e-2 / 2e-2 / 3e-2; a sweep on real "
-        "transfers put the best head rate at 3x the guide's or more)",
+        "digits, 3 seeds: 0.731 / 0.779 / 0.796 at 1e-2 / 2e-2 / 3e-2 with 1 step per epoch; "
+        "a sweep on real transfers put the best head rate at 3x the guide's or more)",
         by_band=(3e-2, 3e-3, 1e-3),
+        scaled=True,
     ),
     Row("finetune_epochs", "as the head phase", by_band=(30, 10, 5)),
     Row(
@@ -68,6 +88,7 @@ TABLE = (
         "sweep's best), a saved model 3e-4 (the quickstart's), the from-scratch demo CNN "
         "1e-3, KerasHub transformers 3e-5",
         by_kind={"application": 1e-4, "file": 3e-4, "small_cnn": 1e-3, "hub": 3e-5},
+        scaled=True,
     ),
     Row(
         "lr_schedule",
@@ -122,12 +143,16 @@ def backbone_kind(backbone: str) -> str:
     return "hub" if hub.is_preset(backbone) else "application"
 
 
-def choose(train_examples: int, classes: int, kind: str) -> dict[str, Any]:
-    """The recipe's value of every flag in TABLE for this data and backbone kind."""
+def choose(
+    train_examples: int, classes: int, kind: str, steps_per_epoch: int = 1
+) -> dict[str, Any]:
+    """The recipe's value of every flag in TABLE for this data, backbone kind and number of
+    optimizer steps per epoch (training examples over the global batch, rounded up)."""
     if kind not in BACKBONE_KINDS:
         raise ValueError(f"kind={kind!r}: accepted: {', '.join(BACKBONE_KINDS)}")
     band = band_of(train_examples)
-    return {row.flag: row.value(band, kind, classes) for row in TABLE}
+    scale = step_scale(band, kind, steps_per_epoch)
+    return {row.flag: row.value(band, kind, classes, scale) for row in TABLE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +168,7 @@ class Recipe:
     band: str = ""
     chosen: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     given: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    step_scale: int = 1  # the scaled rates' multiplier (see `step_scale`)
 
     def to_json(self) -> dict:
         return {
@@ -153,6 +179,7 @@ class Recipe:
             "band": self.band,
             "chosen": dict(self.chosen),
             "given": dict(self.given),
+            "step_scale": self.step_scale,
         }
 
     def lines(self) -> list[str]:
@@ -162,6 +189,7 @@ class Recipe:
         head = (
             f"recipe auto: {self.train_examples} training examples ({self.band}), "
             f"{self.classes} classes, {self.backbone_kind} backbone"
+            + (f", rates x{self.step_scale} (steps per epoch)" if self.step_scale != 1 else "")
         )
         chosen = [f"recipe: --{flag}={value}" for flag, value in self.chosen.items()]
         given = [
@@ -213,7 +241,8 @@ def resolve(
                 decided_by.setdefault(flag, by[0])
     values = config_lib.flag_values(config)
     chosen, kept = {}, {}
-    for flag, value in choose(train_examples, classes, kind).items():
+    steps_per_epoch = math.ceil(train_examples / config.data.batch_size)
+    for flag, value in choose(train_examples, classes, kind, steps_per_epoch).items():
         if not applies(flag, task, text):
             continue
         if flag in decided_by:
@@ -230,6 +259,7 @@ def resolve(
         BANDS[band_of(train_examples)][0],
         chosen,
         kept,
+        step_scale(band_of(train_examples), kind, steps_per_epoch),
     )
     return resolved, recipe
 
@@ -246,14 +276,27 @@ def table_markdown() -> str:
     ]
     for row in TABLE:
         if row.by_kind is not None:
-            text = "; ".join(f"{kind} {_cell(value)}" for kind, value in row.by_kind.items())
-            cells = [text] * len(BANDS)
+            cells = [
+                "; ".join(
+                    f"{kind} {_cell(value)}{_scaled(row, band, kind)}"
+                    for kind, value in row.by_kind.items()
+                )
+                for band in range(len(BANDS))
+            ]
         else:
             cells = [_cell(value) for value in row.by_band]
+            if row.scaled:
+                kinds = ", ".join(STEP_SCALED_KINDS)
+                cells[0] += f" ({kinds}: x S)"
         if row.binary is not None:
             cells = [f"{cell} ({_cell(row.binary)} with 2 classes)" for cell in cells]
         lines.append(f"| `--{row.flag}` | {' | '.join(cells)} | {row.why} |")
     return "\n".join(lines)
+
+
+def _scaled(row: Row, band: int, kind: str) -> str:
+    """ " x S" where the row's value for `kind` in `band` is multiplied by `step_scale`."""
+    return " x S" if row.scaled and step_scale(band, kind, 2) != 1 else ""
 
 
 def _cell(value: Any) -> str:
