@@ -126,12 +126,13 @@ class TrainStep:
     outside, where every op can) with several replicas (the optimizer's all-reduce is a
     merge_call XLA cannot hold) and when the whole step does not compile (an op with no XLA
     kernel: the image transform of RandomRotation, RandomTranslation and RandomZoom, MixUp's
-    and CutMix's Beta draw, string preprocessing). The choice is made before any batch is read,
-    by lowering the step to HLO for the iterator's `element_spec` (`choose_xla`; the first call
-    makes it otherwise), and logged in one line; `xla_scope` ("step", "gradients", or None
-    without XLA) and `xla_reason` say which and why. Under whole-step XLA the random
-    augmentation layers draw from XLA's random kernels: the same seeds give other (equally
-    distributed) draws than without XLA, and the same ones again on a resume.
+    and CutMix's Beta draw); string inputs (a text backbone's tokenizer) get no XLA at all. The
+    choice is made before any batch is read, by lowering the step to HLO for the iterator's
+    `element_spec` (`choose_xla`; the first call makes it otherwise), and logged in one line;
+    `xla_scope` ("step", "gradients", or None: no XLA) and `xla_reason` say which and why.
+    Under whole-step XLA the random augmentation layers draw from XLA's random kernels: the
+    same seeds give other (equally distributed) draws than without XLA, and the same ones
+    again on a resume.
 
     Every `log_every_steps` steps (0: never) it writes scalars to the default summary writer
     and returns a row of `log_columns` (the step, its loss, the task's step metrics, the learning
@@ -254,16 +255,16 @@ class TrainStep:
         grads = self._loss_and_grads
         self._grads = tf.function(grads, jit_compile=True) if jit_compile else grads
         self._whole = tf.function(self._whole_step, jit_compile=True) if jit_compile else None
-        self._scope, self._reason = (None, "jit_compile is off") if not jit_compile else _UNDECIDED
-        replicas = self.strategy.num_replicas_in_sync
-        if jit_compile and replicas > 1:
-            self._decide("gradients", _REPLICAS_REASON.format(replicas=replicas))
+        self._decided = not jit_compile
+        self._scope = None
+        self._reason = _UNDECIDED if jit_compile else "jit_compile is off"
         self._loop = tf.function(self._run_loop)
 
     @property
     def xla_scope(self) -> str | None:
         """What XLA compiles: "step" (the whole step), "gradients" (the loss and gradients
-        only) or None (no XLA: jit_compile off, or not decided yet: see `xla_reason`)."""
+        only) or None (nothing: jit_compile off, string inputs, or not decided yet; see
+        `xla_reason`)."""
         return self._scope
 
     @property
@@ -272,10 +273,22 @@ class TrainStep:
         return self._reason
 
     def choose_xla(self, element_spec) -> str | None:
-        """Decides, once and before any batch is read, whether XLA compiles the whole step,
-        by lowering it to HLO for batches of `element_spec` (an iterator's: (inputs, labels));
-        nothing runs and no variable changes. Returns `xla_scope`; later calls return it too."""
-        if self._scope is not None or self._whole is None:
+        """Decides, once and before any batch is read, what XLA compiles for batches of
+        `element_spec` (an iterator's: (inputs, labels)): the whole step when one replica
+        runs it and it lowers to HLO (nothing runs, no variable changes), else the loss and
+        gradients; nothing for string inputs. Logs the choice in one line and returns
+        `xla_scope`; later calls return it unchanged."""
+        if self._decided:
+            return self._scope
+        self._decided = True
+        replicas = self.strategy.num_replicas_in_sync
+        if _holds_strings(element_spec):
+            self._grads = self._loss_and_grads  # neither XLA function can take strings
+            self._scope, self._reason = None, _STRINGS_REASON
+            logging.warning("jit_compile: no XLA in the train step: %s", _STRINGS_REASON)
+            return None
+        if replicas > 1:
+            self._fall_back(_REPLICAS_REASON.format(replicas=replicas))
             return self._scope
         inputs_spec, labels_spec = element_spec
         try:
@@ -285,17 +298,16 @@ class TrainStep:
                 )
             )
         except Exception as error:  # any failure to trace or lower: the step that always works
-            self._decide("gradients", _compile_failure(error), warn=True)
+            self._fall_back(_compile_failure(error), warn=True)
         else:
-            self._decide("step", "")
+            self._scope, self._reason = "step", ""
+            logging.info("jit_compile: XLA compiles the whole train step")
         return self._scope
 
-    def _decide(self, scope: str, reason: str, *, warn: bool = False) -> None:
-        """Records the choice and logs it in one line (a warning with `warn`)."""
-        self._scope, self._reason = scope, reason
-        if scope == "step":
-            logging.info("jit_compile: XLA compiles the whole train step")
-            return
+    def _fall_back(self, reason: str, *, warn: bool = False) -> None:
+        """XLA compiles the loss and gradients only; the reason logged in one line (a warning
+        with `warn`: the whole step was meant to compile)."""
+        self._scope, self._reason = "gradients", reason
         log = logging.warning if warn else logging.info
         log("jit_compile: XLA compiles only the loss and gradients: %s", reason)
 
@@ -305,9 +317,10 @@ class TrainStep:
         "xla" (the XLA function in use: the whole step, or the loss and gradients). One each
         per step object, whatever the step counts."""
         traces = {"loop": self._loop.experimental_get_tracing_count()}
-        if self._scope is not None:
-            xla = self._whole if self._scope == "step" else self._grads
-            traces["xla"] = xla.experimental_get_tracing_count()
+        if self._scope == "step":
+            traces["xla"] = self._whole.experimental_get_tracing_count()
+        elif self._scope == "gradients":
+            traces["xla"] = self._grads.experimental_get_tracing_count()
         return traces
 
     def matches(self, model: TransferModel) -> bool:
@@ -320,7 +333,7 @@ class TrainStep:
     def __call__(self, iterator, num_steps: int) -> StepsResult:
         """Runs `num_steps` steps on batches from `iterator`; the global step advances by that
         (by fewer only when nan_policy "stop" ended the call at a non-finite step)."""
-        if self._scope is None and self._whole is not None:
+        if not self._decided:
             self.choose_xla(iterator.element_spec)
         rows, nonfinite = self._loop(iterator, tf.constant(num_steps, tf.int32))
         return StepsResult(rows.numpy(), nonfinite.numpy())
@@ -379,8 +392,8 @@ class TrainStep:
     def _whole_step(self, inputs, labels):
         """One replica's whole step (compiled by XLA, one replica only): the gradients, and
         the update only when they and the loss are finite. Returns the step values, what the
-        logging needs of the gradients (all of them with histograms, else their global norm)
-        and 1.0 for a non-finite step (else 0.0)."""
+        logging needs of the gradients (all of them with histograms, else their global norm
+        when rows are logged) and 1.0 for a non-finite step (else 0.0)."""
         inputs, mixed = self._prepare(inputs)
         grads, losses, outputs = self._loss_and_grads(inputs, labels, mixed)
         finite = self._finite(grads, losses)
@@ -394,7 +407,10 @@ class TrainStep:
                 if count % self.grad_accum_steps == 0:
                     self._replica_apply_accumulated()
                     self._update_averages()
-        logged = grads if self.histogram_every_steps else tf.linalg.global_norm(grads)
+        if self.histogram_every_steps:
+            logged = grads
+        else:  # the norm only when rows are logged: 0 otherwise, never read
+            logged = tf.linalg.global_norm(grads) if self.log_every_steps else tf.zeros([])
         values = self._step_values(labels, losses, outputs)
         return values, logged, 1.0 - tf.cast(finite, tf.float32)
 
@@ -523,7 +539,16 @@ class TrainStep:
                 tf.summary.histogram(f"gradients/{variable.path}", grad, step=step)
 
 
-_UNDECIDED = (None, "not decided yet: choose_xla() or the first call decides")
+def _holds_strings(element_spec) -> bool:
+    specs = tf.nest.flatten(element_spec, expand_composites=True)
+    return any(getattr(spec, "dtype", None) == tf.string for spec in specs)
+
+
+_UNDECIDED = "not decided yet: choose_xla() or the first call decides"
+_STRINGS_REASON = (
+    "the inputs are strings (a text backbone's tokenizer), which XLA cannot compile: the "
+    "train step runs without XLA"
+)
 _REPLICAS_REASON = (
     "{replicas} replicas: the optimizer's cross-replica all-reduce is a merge_call, which XLA "
     "cannot compile; augmentation, mixing and the update run outside XLA"
@@ -572,7 +597,9 @@ class EvalStep:
     """Evaluation over weighted batches, every submodule in inference mode.
 
     Batches are (inputs, labels, weights); padding examples have weight 0, so `metrics`
-    counts each real example exactly once. The loss is the `task`'s evaluation loss.
+    counts each real example exactly once. The loss is the `task`'s evaluation loss. With
+    `jit_compile`, XLA compiles the forward pass, unless the inputs are strings (a text
+    backbone's tokenizer), which XLA cannot compile.
     """
 
     def __init__(
@@ -596,6 +623,7 @@ class EvalStep:
         check_created_in_scope(self.strategy, metrics.variables, "metric")
         forward = self._forward
         self._outputs = tf.function(forward, jit_compile=True) if jit_compile else forward
+        self._jit_compile = jit_compile
         self._loop = tf.function(self._run_loop)
 
     @property
@@ -605,6 +633,8 @@ class EvalStep:
 
     def __call__(self, iterator, num_steps: int) -> None:
         """Evaluates `num_steps` batches from `iterator` into `metrics`."""
+        if self._jit_compile and _holds_strings(iterator.element_spec):
+            self._jit_compile, self._outputs = False, self._forward  # before the loop traces
         self._loop(iterator, tf.constant(num_steps, tf.int32))
 
     def _forward(self, inputs):
