@@ -255,14 +255,18 @@ def test_several_replicas_and_merge_call_strategies_fall_back():
         "2 replicas: the optimizer's cross-replica all-reduce is a merge_call, which XLA "
         "cannot compile; augmentation, mixing and the update run outside XLA"
     )
-    # Several replicas: decided when the step is made, without a probe.
-    assert two["replicas"] == 2 and two["decided_when_made"] == "gradients"
+    assert two["replicas"] == 2
     assert two["scope"] == "gradients" and two["reason"] == replicas_reason
     # One replica of MirroredStrategy: its replica context still all-reduces by merge_call.
-    assert mirrored_one["replicas"] == 1 and mirrored_one["decided_when_made"] is None
-    assert mirrored_one["scope"] == "gradients" and "merge_call" in mirrored_one["reason"]
+    assert mirrored_one["replicas"] == 1 and mirrored_one["scope"] == "gradients"
+    assert mirrored_one["reason"] == (
+        "the whole step does not compile: the strategy's replica context synchronises "
+        "through a merge_call (the optimizer's all-reduce), which a compiled function cannot "
+        "hold, even with one replica; augmentation, mixing and the update run outside XLA"
+    )
     assert one_device["replicas"] == 1 and one_device["scope"] == "step"
     for run in (two, mirrored_one, one_device):
+        assert run["decided_when_made"] is None  # decided by the first call
         assert run["moved"] and run["steps"] == run["iterations"] == 3
     lines = [line for line in result.stderr.splitlines() if "jit_compile: XLA compiles" in line]
     assert len(lines) == 3  # one line per step object
@@ -314,3 +318,54 @@ def test_whole_step_xla_traces_once_and_its_decision_changes_nothing():
     assert int(step.global_step.numpy()) == 11 and int(optimizer.iterations.numpy()) == 5
     assert step.traces == {"loop": 1, "xla": 1}
     assert step.choose_xla(None) == "step"  # decided once
+
+
+WORDS = ("the", "a", "movie", "plot", "actor", "scene", "and", "was")
+WORDS += ("bad", "awful", "boring", "good", "great", "fun")
+
+
+def test_string_inputs_train_and_evaluate_without_xla(tmp_path, caplog):
+    """A text backbone's tokenizer takes strings, which neither XLA function can: before, the
+    first step failed in tf2xla; now the step and the evaluation run without XLA."""
+    keras_hub = pytest.importorskip("keras_hub")
+    from task_data import write_text_folder
+
+    preset = str(tmp_path / "bert")
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(WORDS)]
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary, lowercase=True)
+    keras_hub.models.BertTextClassifierPreprocessor(tokenizer, sequence_length=12).save_to_preset(
+        preset
+    )
+    keras_hub.models.BertBackbone(
+        vocabulary_size=len(vocabulary),
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=12,
+    ).save_to_preset(preset)
+    config = make_config(
+        str(tmp_path / "run"),
+        dataset="text_folder",
+        data_dir=write_text_folder(tmp_path, per_class=8),
+        classes="",
+        per_class=0,
+        val_split=0.25,
+        backbone=preset,
+        batch_size=8,
+        head_epochs=1,
+        finetune_epochs=1,
+        jit_compile=True,
+    )
+    with caplog.at_level(logging.INFO):
+        results = trainer.train(trainer.build_experiment(config), config.workdir)
+    assert [phase["eval"]["examples"] for phase in results.phases] == [4, 4]
+    reason = (
+        "the inputs are strings (a text backbone's tokenizer), which XLA cannot compile: the "
+        "train step runs without XLA"
+    )
+    # The head phase trains on cached backbone features (numbers): the whole step compiles.
+    assert _jit_lines(caplog.records) == [
+        "jit_compile: XLA compiles the whole train step",
+        f"jit_compile: no XLA in the train step: {reason}",
+    ]
