@@ -276,6 +276,8 @@ class Controller:
         else:
             batches = self.stream.at(self._step())
         logging.info("%s phase feature cache: %s", phase.name, cache_reason)
+        # With jit_compile: XLA's scope (the whole step or the gradients), before any batch is read.
+        step.choose_xla(batches.element_spec)
         first_epoch, offset = self._resume_epoch()
         started = time.perf_counter()
         train_result = eval_result = None

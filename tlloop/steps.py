@@ -14,11 +14,13 @@ state fails or hangs later, far from its cause.
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tlloop.mixing import Mixing, mixed_loss
 from tlloop.models import ModeTable, TransferModel
@@ -113,10 +115,24 @@ class TrainStep:
     Forward: augment, backbone and head each called with the `train` row of `modes`. The loss
     is the per-example loss averaged over the global batch (`tf.nn.compute_average_loss`), plus
     the model's regularisation losses, so gradients do not depend on the replica count. With
-    `jit_compile`, only the loss-and-gradient computation is compiled by XLA: augmentation
-    layers (RandomRotation), summaries and the update stay outside, where every op can run.
-    With `features_in`, batches hold backbone features (the feature cache of a frozen phase)
-    and only the head runs.
+    `features_in`, batches hold backbone features (the feature cache of a frozen phase) and
+    only the head runs.
+
+    With `jit_compile` on one replica, XLA compiles the whole step as one function:
+    augmentation, mixing, forward, loss, gradients, the finiteness decision and, only when
+    finite, the update (clipping, the optimizer, gradient accumulation, the moving averages,
+    the training metrics); summaries and the logged rows stay outside. It falls back to
+    compiling only the loss and gradients (augmentation, mixing and the update then run
+    outside, where every op can) with several replicas (the optimizer's all-reduce is a
+    merge_call XLA cannot hold) and when the whole step does not compile (an op with no XLA
+    kernel: the image transform of RandomRotation, RandomTranslation and RandomZoom, MixUp's
+    and CutMix's Beta draw); string inputs (a text backbone's tokenizer) get no XLA at all. The
+    choice is made before any batch is read, by lowering the step to HLO for the iterator's
+    `element_spec` (`choose_xla`; the first call makes it otherwise), and logged in one line;
+    `xla_scope` ("step", "gradients", or None: no XLA) and `xla_reason` say which and why.
+    Under whole-step XLA the random augmentation layers draw from XLA's random kernels: the
+    same seeds give other (equally distributed) draws than without XLA, and the same ones
+    again on a resume.
 
     Every `log_every_steps` steps (0: never) it writes scalars to the default summary writer
     and returns a row of `log_columns` (the step, its loss, the task's step metrics, the learning
@@ -238,14 +254,72 @@ class TrainStep:
         check_created_in_scope(self.strategy, [global_step], "step counter")
         grads = self._loss_and_grads
         self._grads = tf.function(grads, jit_compile=True) if jit_compile else grads
+        self._whole = tf.function(self._whole_step, jit_compile=True) if jit_compile else None
+        self._decided = not jit_compile
+        self._scope = None
+        self._reason = _UNDECIDED if jit_compile else "jit_compile is off"
         self._loop = tf.function(self._run_loop)
+
+    @property
+    def xla_scope(self) -> str | None:
+        """What XLA compiles: "step" (the whole step), "gradients" (the loss and gradients
+        only) or None (nothing: jit_compile off, string inputs, or not decided yet; see
+        `xla_reason`)."""
+        return self._scope
+
+    @property
+    def xla_reason(self) -> str:
+        """Why `xla_scope` is what it is, in one line (empty for the whole step)."""
+        return self._reason
+
+    def choose_xla(self, element_spec) -> str | None:
+        """Decides, once and before any batch is read, what XLA compiles for batches of
+        `element_spec` (an iterator's: (inputs, labels)): the whole step when one replica
+        runs it and it lowers to HLO (nothing runs, no variable changes), else the loss and
+        gradients; nothing for string inputs. Logs the choice in one line and returns
+        `xla_scope`; later calls return it unchanged."""
+        if self._decided:
+            return self._scope
+        self._decided = True
+        replicas = self.strategy.num_replicas_in_sync
+        if _holds_strings(element_spec):
+            self._grads = self._loss_and_grads  # neither XLA function can take strings
+            self._scope, self._reason = None, _STRINGS_REASON
+            logging.warning("jit_compile: no XLA in the train step: %s", _STRINGS_REASON)
+            return None
+        if replicas > 1:
+            self._fall_back(_REPLICAS_REASON.format(replicas=replicas))
+            return self._scope
+        inputs_spec, labels_spec = element_spec
+        try:
+            self.strategy.run(
+                lambda: self._whole.experimental_get_compiler_ir(inputs_spec, labels_spec)(
+                    stage="hlo"
+                )
+            )
+        except Exception as error:  # any failure to trace or lower: the step that always works
+            self._fall_back(_compile_failure(error), warn=True)
+        else:
+            self._scope, self._reason = "step", ""
+            logging.info("jit_compile: XLA compiles the whole train step")
+        return self._scope
+
+    def _fall_back(self, reason: str, *, warn: bool = False) -> None:
+        """XLA compiles the loss and gradients only; the reason logged in one line (a warning
+        with `warn`: the whole step was meant to compile)."""
+        self._scope, self._reason = "gradients", reason
+        log = logging.warning if warn else logging.info
+        log("jit_compile: XLA compiles only the loss and gradients: %s", reason)
 
     @property
     def traces(self) -> dict[str, int]:
         """How often the compiled parts were traced: "loop" (the whole call) and, with XLA,
-        "xla" (the loss and gradients). One each per step object, whatever the step counts."""
+        "xla" (the XLA function in use: the whole step, or the loss and gradients). One each
+        per step object, whatever the step counts."""
         traces = {"loop": self._loop.experimental_get_tracing_count()}
-        if hasattr(self._grads, "experimental_get_tracing_count"):
+        if self._scope == "step":
+            traces["xla"] = self._whole.experimental_get_tracing_count()
+        elif self._scope == "gradients":
             traces["xla"] = self._grads.experimental_get_tracing_count()
         return traces
 
@@ -259,6 +333,8 @@ class TrainStep:
     def __call__(self, iterator, num_steps: int) -> StepsResult:
         """Runs `num_steps` steps on batches from `iterator`; the global step advances by that
         (by fewer only when nan_policy "stop" ended the call at a non-finite step)."""
+        if not self._decided:
+            self.choose_xla(iterator.element_spec)
         rows, nonfinite = self._loop(iterator, tf.constant(num_steps, tf.int32))
         return StepsResult(rows.numpy(), nonfinite.numpy())
 
@@ -280,7 +356,8 @@ class TrainStep:
                 loss = self.optimizer.scale_loss(loss)
         return tape.gradient(loss, self.variables), losses, outputs
 
-    def _replica_gradients(self, inputs, labels):
+    def _prepare(self, inputs):
+        """Augments and mixes one replica's batch: (the inputs to train on, the mixing)."""
         if not self.features_in:
             inputs = self.model.augment(inputs, training=self.modes.augment)
         mixed = None
@@ -288,18 +365,54 @@ class TrainStep:
             replica = tf.distribute.get_replica_context().replica_id_in_sync_group
             mixed = self.mixing.draw(inputs, self.global_step, replica)
             inputs = mixed.inputs
-        grads, losses, outputs = self._grads(inputs, labels, mixed)
+        return inputs, mixed
+
+    def _finite(self, grads, losses):
         finite = tf.reduce_all(tf.math.is_finite(losses))
         if not self.loss_scaled:  # overflowing scaled gradients are the optimizer's to handle
             finite = tf.logical_and(
                 finite, tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
             )
-        # This replica's shares of the global batch's mean loss and step metrics.
+        return finite
+
+    def _step_values(self, labels, losses, outputs) -> list:
+        """This replica's shares of the global batch's mean loss and step metrics."""
         share = 1.0 / self.global_batch_size
-        values = [tf.reduce_sum(losses) * share] + [
+        return [tf.reduce_sum(losses) * share] + [
             tf.reduce_sum(v) * share for v in self.task.step_values(labels, outputs).values()
         ]
+
+    def _replica_gradients(self, inputs, labels):
+        inputs, mixed = self._prepare(inputs)
+        grads, losses, outputs = self._grads(inputs, labels, mixed)
+        finite = self._finite(grads, losses)
+        values = self._step_values(labels, losses, outputs)
         return values, grads, losses, outputs, 1.0 - tf.cast(finite, tf.float32)
+
+    def _whole_step(self, inputs, labels):
+        """One replica's whole step (compiled by XLA, one replica only): the gradients, and
+        the update only when they and the loss are finite. Returns the step values, what the
+        logging needs of the gradients (all of them with histograms, else their global norm
+        when rows are logged) and 1.0 for a non-finite step (else 0.0)."""
+        inputs, mixed = self._prepare(inputs)
+        grads, losses, outputs = self._loss_and_grads(inputs, labels, mixed)
+        finite = self._finite(grads, losses)
+        if finite:
+            if self.grad_accum_steps == 1:
+                self._replica_apply(grads, labels, losses, outputs)
+                self._update_averages()
+            else:
+                self._replica_accumulate(grads, labels, losses, outputs)
+                count = self.accumulated.assign_add(1)
+                if count % self.grad_accum_steps == 0:
+                    self._replica_apply_accumulated()
+                    self._update_averages()
+        if self.histogram_every_steps:
+            logged = grads
+        else:  # the norm only when rows are logged: 0 otherwise, never read
+            logged = tf.linalg.global_norm(grads) if self.log_every_steps else tf.zeros([])
+        values = self._step_values(labels, losses, outputs)
+        return values, logged, 1.0 - tf.cast(finite, tf.float32)
 
     def _replica_apply(self, grads, labels, losses, outputs) -> None:
         self.metrics.update(losses, labels, outputs)
@@ -346,32 +459,32 @@ class TrainStep:
         width = len(self.log_columns)
         rows = tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=(width,))
         nonfinite = tf.TensorArray(tf.int64, size=0, dynamic_size=True, element_shape=())
+        whole = self._scope == "step"
         for _ in tf.range(num_steps):
             inputs, labels = next(iterator)
-            values, grads, losses, outputs, bad = self.strategy.run(
-                self._replica_gradients, args=(inputs, labels)
-            )
-            # Decided in cross-replica context on the sum over replicas: every replica takes the
-            # same branch, and the optimizer's all-reduce (a merge_call) is never inside a
-            # replica-context cond, which tf.distribute does not support.
-            finite = self.strategy.reduce(tf.distribute.ReduceOp.SUM, bad, axis=None) == 0.0
-            # The rate this step's update uses (a schedule reads the optimizer's iterations).
-            rate = tf.cast(self.optimizer.learning_rate, tf.float32)
-            if finite:
-                if self.grad_accum_steps == 1:
-                    self.strategy.run(self._replica_apply, args=(grads, labels, losses, outputs))
-                    self._update_averages()
-                else:
-                    self.strategy.run(
-                        self._replica_accumulate, args=(grads, labels, losses, outputs)
-                    )
-                    count = self.accumulated.assign_add(1)
-                    if count % self.grad_accum_steps == 0:
-                        self.strategy.run(self._replica_apply_accumulated)
-                        self._update_averages()
+            if whole:  # one replica: the update, when finite, happens inside the XLA step
+                # The rate this step's update uses (a schedule reads the optimizer's iterations).
+                rate = tf.cast(self.optimizer.learning_rate, tf.float32)
+                values, logged, bad = self.strategy.run(self._whole, args=(inputs, labels))
+                finite = self.strategy.reduce(tf.distribute.ReduceOp.SUM, bad, axis=None) == 0.0
+                grads = logged if self.histogram_every_steps else None
+                norm = None if self.histogram_every_steps else logged
+            else:
+                values, grads, losses, outputs, bad = self.strategy.run(
+                    self._replica_gradients, args=(inputs, labels)
+                )
+                # Decided in cross-replica context on the sum over replicas: every replica takes
+                # the same branch, and the optimizer's all-reduce (a merge_call) is never inside
+                # a replica-context cond, which tf.distribute does not support.
+                finite = self.strategy.reduce(tf.distribute.ReduceOp.SUM, bad, axis=None) == 0.0
+                # The rate this step's update uses (a schedule reads the optimizer's iterations).
+                rate = tf.cast(self.optimizer.learning_rate, tf.float32)
+                norm = None
+                if finite:
+                    self._apply(grads, labels, losses, outputs)
             step = self.global_step.assign_add(1)
             if self.log_every_steps and step % self.log_every_steps == 0:
-                row = self._log(step, values, grads, rate)
+                row = self._log(step, values, self._norm(norm, grads), rate)
                 rows = rows.write(rows.size(), row)
             if self.histogram_every_steps and step % self.histogram_every_steps == 0:
                 self._histograms(step, grads)
@@ -381,9 +494,22 @@ class TrainStep:
                     break
         return rows.stack(), nonfinite.stack()
 
-    def _log(self, step, values, grads, rate):
+    def _apply(self, grads, labels, losses, outputs) -> None:
+        """The update of a finite step outside XLA, in cross-replica context."""
+        if self.grad_accum_steps == 1:
+            self.strategy.run(self._replica_apply, args=(grads, labels, losses, outputs))
+            self._update_averages()
+        else:
+            self.strategy.run(self._replica_accumulate, args=(grads, labels, losses, outputs))
+            count = self.accumulated.assign_add(1)
+            if count % self.grad_accum_steps == 0:
+                self.strategy.run(self._replica_apply_accumulated)
+                self._update_averages()
+
+    def _log(self, step, values, norm, rate):
+        """Writes the step's scalars and returns its row; `norm` is the global norm of the
+        global batch's (scaled, under loss scaling) gradients."""
         batch = [self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in values]
-        norm = tf.linalg.global_norm(self._global_gradients(grads))
         if self.loss_scaled:
             norm /= tf.cast(self.optimizer.dynamic_scale, tf.float32)
         row = [*batch, rate, norm]
@@ -391,6 +517,11 @@ class TrainStep:
             for name, value in zip(self.log_columns[1:], row, strict=True):
                 tf.summary.scalar(name, value, step=step)
         return tf.stack([tf.cast(step, tf.float32), *row])
+
+    def _norm(self, norm, grads):
+        """`norm` when the whole XLA step computed it, else the global norm of the global
+        batch's `grads`."""
+        return norm if norm is not None else tf.linalg.global_norm(self._global_gradients(grads))
 
     def _global_gradients(self, grads) -> list:
         """The gradients of the global batch: the sum of every replica's.
@@ -408,6 +539,54 @@ class TrainStep:
                 tf.summary.histogram(f"gradients/{variable.path}", grad, step=step)
 
 
+def _holds_strings(element_spec) -> bool:
+    specs = tf.nest.flatten(element_spec, expand_composites=True)
+    return any(getattr(spec, "dtype", None) == tf.string for spec in specs)
+
+
+_UNDECIDED = "not decided yet: choose_xla() or the first call decides"
+_STRINGS_REASON = (
+    "the inputs are strings (a text backbone's tokenizer), which XLA cannot compile: the "
+    "train step runs without XLA"
+)
+_REPLICAS_REASON = (
+    "{replicas} replicas: the optimizer's cross-replica all-reduce is a merge_call, which XLA "
+    "cannot compile; augmentation, mixing and the update run outside XLA"
+)
+# What the ops XLA has no kernel for belong to, for the reason logged.
+_KNOWN_OPS = (
+    ("ImageProjectiveTransform", "RandomRotation, RandomTranslation or RandomZoom"),
+    ("StatelessRandomGamma", "MixUp's or CutMix's Beta draw"),
+    ("String", "string preprocessing"),
+    ("Regex", "string preprocessing"),
+)
+
+
+def _compile_failure(error: Exception) -> str:
+    """The reason logged when the whole step does not compile: the ops XLA has no kernel for
+    (and what in tlloop uses them), a merge_call, or the error's own line."""
+    text = str(error)
+    ops = sorted(set(re.findall(r"No registered '(\w+)' OpKernel for XLA", text)))
+    if ops:
+        users = sorted({user for op in ops for key, user in _KNOWN_OPS if key in op})
+        used_by = f" (used by {'; '.join(users)})" if users else ""
+        cause = f"XLA has no kernel for {', '.join(ops)}{used_by}"
+    elif "merge_call" in text:
+        cause = (
+            "the strategy's replica context synchronises through a merge_call (the optimizer's "
+            "all-reduce), which a compiled function cannot hold, even with one replica"
+        )
+    else:  # autograph's message ends with the error's own line, after the traceback
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        named = [line for line in lines if re.match(r"\w+(Error|Exception): ", line)]
+        line = (named or lines or [type(error).__name__])[-1 if named else 0]
+        cause = line if len(line) <= 300 else line[:297] + "..."
+    return (
+        f"the whole step does not compile: {cause}; augmentation, mixing and the update run "
+        "outside XLA"
+    )
+
+
 def _top_level_name_scope():
     """A name scope at the top of the graph: summary tags take the current scope as a prefix,
     which inside the step's loop and conditions would be "while/cond/"."""
@@ -418,7 +597,9 @@ class EvalStep:
     """Evaluation over weighted batches, every submodule in inference mode.
 
     Batches are (inputs, labels, weights); padding examples have weight 0, so `metrics`
-    counts each real example exactly once. The loss is the `task`'s evaluation loss.
+    counts each real example exactly once. The loss is the `task`'s evaluation loss. With
+    `jit_compile`, XLA compiles the forward pass, unless the inputs are strings (a text
+    backbone's tokenizer), which XLA cannot compile.
     """
 
     def __init__(
@@ -442,6 +623,7 @@ class EvalStep:
         check_created_in_scope(self.strategy, metrics.variables, "metric")
         forward = self._forward
         self._outputs = tf.function(forward, jit_compile=True) if jit_compile else forward
+        self._jit_compile = jit_compile
         self._loop = tf.function(self._run_loop)
 
     @property
@@ -451,6 +633,8 @@ class EvalStep:
 
     def __call__(self, iterator, num_steps: int) -> None:
         """Evaluates `num_steps` batches from `iterator` into `metrics`."""
+        if self._jit_compile and _holds_strings(iterator.element_spec):
+            self._jit_compile, self._outputs = False, self._forward  # before the loop traces
         self._loop(iterator, tf.constant(num_steps, tf.int32))
 
     def _forward(self, inputs):
