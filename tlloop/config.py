@@ -1364,7 +1364,11 @@ class RunConfig:
         "and resumed ends bit-identical to one that was not.",
         hparam=False,
     )
-    jit_compile: bool = option(False, "Compile the loss and gradient computation with XLA.")
+    jit_compile: bool = option(
+        False,
+        "Compile the train step with XLA: on one device the whole step where every op has an "
+        "XLA kernel, else the loss and gradients only (the choice and its reason are logged).",
+    )
     feature_cache: str = option(
         "auto",
         "auto: a phase with the backbone frozen and no augmentation computes backbone features "
