@@ -181,7 +181,7 @@ def test_a_step_xla_cannot_compile_falls_back_before_reading_a_batch(case, caplo
     assert step.xla_scope is None and step.xla_reason.startswith("not decided yet")
     iterator = iter(_images(4))
     before = snapshot(model)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):  # whatever an earlier test set
         step(iterator, 2)
     assert step.xla_scope == "gradients"
     assert step.xla_reason.startswith("the whole step does not compile: ")
@@ -357,7 +357,7 @@ def test_string_inputs_train_and_evaluate_without_xla(tmp_path, caplog):
         finetune_epochs=1,
         jit_compile=True,
     )
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):  # whatever an earlier test set
         results = trainer.train(trainer.build_experiment(config), config.workdir)
     assert [phase["eval"]["examples"] for phase in results.phases] == [4, 4]
     reason = (
