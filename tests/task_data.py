@@ -58,6 +58,28 @@ def write_text_folder(root, per_class: int = 24, seed: int = 0) -> str:
     return os.path.join(root, "texts")
 
 
+def write_bert_preset(directory: str, words, dropout: float = 0.0) -> str:
+    """A one-layer BERT over `words` (and BERT's special tokens) with its preprocessor
+    (sequences of 12 tokens), saved as a local KerasHub preset in `directory`."""
+    import keras_hub
+
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary, lowercase=True)
+    keras_hub.models.BertTextClassifierPreprocessor(tokenizer, sequence_length=12).save_to_preset(
+        directory
+    )
+    keras_hub.models.BertBackbone(
+        vocabulary_size=len(vocabulary),
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=12,
+        dropout=dropout,
+    ).save_to_preset(directory)
+    return directory
+
+
 def _write(folder, name: str, lines: list[str]) -> str:
     path = os.path.join(folder, name)
     with open(path, "w", encoding="utf-8") as file:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import make_config
-from task_data import write_text_folder
+from task_data import write_bert_preset, write_text_folder
 
 import tlloop
 from tlloop import phases as phase_lib
@@ -24,27 +24,12 @@ keras_hub = pytest.importorskip("keras_hub")
 
 WORDS = ("the", "a", "movie", "plot", "actor", "scene", "and", "was")
 WORDS += ("bad", "awful", "boring", "good", "great", "fun")
-VOCABULARY = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(WORDS)]
 
 
 @pytest.fixture(scope="module")
 def bert_preset(tmp_path_factory) -> str:
     """A one-layer BERT with Dropout 0.1 and its preprocessor, saved as a local preset."""
-    directory = str(tmp_path_factory.mktemp("bert"))
-    tokenizer = keras_hub.models.BertTokenizer(vocabulary=VOCABULARY, lowercase=True)
-    keras_hub.models.BertTextClassifierPreprocessor(tokenizer, sequence_length=12).save_to_preset(
-        directory
-    )
-    keras_hub.models.BertBackbone(
-        vocabulary_size=len(VOCABULARY),
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=12,
-        dropout=0.1,
-    ).save_to_preset(directory)
-    return directory
+    return write_bert_preset(str(tmp_path_factory.mktemp("bert")), WORDS, dropout=0.1)
 
 
 def test_text_folder_fine_tunes_a_bert_preset_with_dropout_on_and_serves_strings(

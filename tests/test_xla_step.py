@@ -327,23 +327,10 @@ WORDS += ("bad", "awful", "boring", "good", "great", "fun")
 def test_string_inputs_train_and_evaluate_without_xla(tmp_path, caplog):
     """A text backbone's tokenizer takes strings, which neither XLA function can: before, the
     first step failed in tf2xla; now the step and the evaluation run without XLA."""
-    keras_hub = pytest.importorskip("keras_hub")
-    from task_data import write_text_folder
+    pytest.importorskip("keras_hub")
+    from task_data import write_bert_preset, write_text_folder
 
-    preset = str(tmp_path / "bert")
-    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(WORDS)]
-    tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary, lowercase=True)
-    keras_hub.models.BertTextClassifierPreprocessor(tokenizer, sequence_length=12).save_to_preset(
-        preset
-    )
-    keras_hub.models.BertBackbone(
-        vocabulary_size=len(vocabulary),
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=12,
-    ).save_to_preset(preset)
+    preset = write_bert_preset(str(tmp_path / "bert"), WORDS)
     config = make_config(
         str(tmp_path / "run"),
         dataset="text_folder",
