@@ -398,15 +398,7 @@ class TrainStep:
         grads, losses, outputs = self._loss_and_grads(inputs, labels, mixed)
         finite = self._finite(grads, losses)
         if finite:
-            if self.grad_accum_steps == 1:
-                self._replica_apply(grads, labels, losses, outputs)
-                self._update_averages()
-            else:
-                self._replica_accumulate(grads, labels, losses, outputs)
-                count = self.accumulated.assign_add(1)
-                if count % self.grad_accum_steps == 0:
-                    self._replica_apply_accumulated()
-                    self._update_averages()
+            self._apply(grads, labels, losses, outputs, per_replica=lambda fn, *args: fn(*args))
         if self.histogram_every_steps:
             logged = grads
         else:  # the norm only when rows are logged: 0 otherwise, never read
@@ -462,23 +454,18 @@ class TrainStep:
         whole = self._scope == "step"
         for _ in tf.range(num_steps):
             inputs, labels = next(iterator)
+            # The rate this step's update uses (a schedule reads the optimizer's iterations).
+            rate = tf.cast(self.optimizer.learning_rate, tf.float32)
             if whole:  # one replica: the update, when finite, happens inside the XLA step
-                # The rate this step's update uses (a schedule reads the optimizer's iterations).
-                rate = tf.cast(self.optimizer.learning_rate, tf.float32)
                 values, logged, bad = self.strategy.run(self._whole, args=(inputs, labels))
-                finite = self.strategy.reduce(tf.distribute.ReduceOp.SUM, bad, axis=None) == 0.0
+                finite = self._all_finite(bad)
                 grads = logged if self.histogram_every_steps else None
                 norm = None if self.histogram_every_steps else logged
             else:
                 values, grads, losses, outputs, bad = self.strategy.run(
                     self._replica_gradients, args=(inputs, labels)
                 )
-                # Decided in cross-replica context on the sum over replicas: every replica takes
-                # the same branch, and the optimizer's all-reduce (a merge_call) is never inside
-                # a replica-context cond, which tf.distribute does not support.
-                finite = self.strategy.reduce(tf.distribute.ReduceOp.SUM, bad, axis=None) == 0.0
-                # The rate this step's update uses (a schedule reads the optimizer's iterations).
-                rate = tf.cast(self.optimizer.learning_rate, tf.float32)
+                finite = self._all_finite(bad)
                 norm = None
                 if finite:
                     self._apply(grads, labels, losses, outputs)
@@ -494,16 +481,27 @@ class TrainStep:
                     break
         return rows.stack(), nonfinite.stack()
 
-    def _apply(self, grads, labels, losses, outputs) -> None:
-        """The update of a finite step outside XLA, in cross-replica context."""
+    def _all_finite(self, bad):
+        """Whether no replica's step was non-finite (`bad`: 1.0 per replica that was).
+        Decided in cross-replica context on the sum over replicas: every replica takes the same
+        branch, and the optimizer's all-reduce (a merge_call) is never inside a replica-context
+        cond, which tf.distribute does not support."""
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, bad, axis=None) == 0.0
+
+    def _apply(self, grads, labels, losses, outputs, per_replica=None) -> None:
+        """The update of a finite step: applied, or accumulated (and applied every
+        grad_accum_steps), then the moving averages. `per_replica(fn, *args)` runs a replica
+        function: `strategy.run` in cross-replica context (default), a plain call inside the
+        one-replica XLA step."""
+        run = per_replica or (lambda fn, *args: self.strategy.run(fn, args=args))
         if self.grad_accum_steps == 1:
-            self.strategy.run(self._replica_apply, args=(grads, labels, losses, outputs))
+            run(self._replica_apply, grads, labels, losses, outputs)
             self._update_averages()
         else:
-            self.strategy.run(self._replica_accumulate, args=(grads, labels, losses, outputs))
+            run(self._replica_accumulate, grads, labels, losses, outputs)
             count = self.accumulated.assign_add(1)
             if count % self.grad_accum_steps == 0:
-                self.strategy.run(self._replica_apply_accumulated)
+                run(self._replica_apply_accumulated)
                 self._update_averages()
 
     def _log(self, step, values, norm, rate):

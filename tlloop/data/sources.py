@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -89,16 +90,7 @@ def load_source(config: DataConfig) -> Source:
         if evaluation is None:
             train, evaluation = _split(train, config.val_split)
     else:
-        names, train = _folder(config.data_dir, "data_dir")
-        if config.val_dir:
-            val_names, evaluation = _folder(config.val_dir, "val_dir")
-            if val_names != names:
-                raise ConfigError(
-                    f"--val_dir={config.val_dir!r}: its class folders {list(val_names)} differ "
-                    f"from --data_dir's {list(names)}; accepted: the same class folders"
-                )
-        else:
-            train, evaluation = _split(train, config.val_split)
+        names, train, evaluation = folder_splits(config, _folder)
     names, train, evaluation = _select(names, train, evaluation, config.classes)
     train = _limit_per_class(train, config.train_examples_per_class, len(names))
     return Source(names, train, evaluation)
@@ -112,6 +104,24 @@ def _digits() -> tuple[tuple[str, ...], Split]:
         labels = arrays["labels"].astype(np.int32)
     images = np.repeat(np.round(grey).astype(np.uint8)[..., None], 3, axis=-1)
     return tuple(str(i) for i in range(10)), Split(images, labels)
+
+
+def folder_splits(
+    config: DataConfig, read: Callable[[str, str], tuple[tuple[str, ...], Split]]
+) -> tuple[tuple[str, ...], Split, Split]:
+    """(class names, training split, evaluation split) of --data_dir's class folders, each
+    read by `read(path, flag)`: the evaluation split is --val_dir's (same class folders, else
+    ConfigError) or --val_split of --data_dir's."""
+    names, train = read(config.data_dir, "data_dir")
+    if not config.val_dir:
+        return (names, *_split(train, config.val_split))
+    val_names, evaluation = read(config.val_dir, "val_dir")
+    if val_names != names:
+        raise ConfigError(
+            f"--val_dir={config.val_dir!r}: its class folders {list(val_names)} differ "
+            f"from --data_dir's {list(names)}; accepted: the same class folders"
+        )
+    return names, train, evaluation
 
 
 def _folder(path: str, flag: str) -> tuple[tuple[str, ...], Split]:

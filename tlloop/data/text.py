@@ -13,7 +13,7 @@ import numpy as np
 from tlloop.config import ConfigError, DataConfig
 from tlloop.data.examples import InMemoryExamples
 from tlloop.data.pipeline import Data, load_data
-from tlloop.data.sources import Split, _limit_per_class, _select, _split, class_folders
+from tlloop.data.sources import Split, _limit_per_class, _select, class_folders, folder_splits
 from tlloop.data.tables import csv_content, load_tables, read_text_file
 
 TEXT_EXTENSIONS = (".txt",)
@@ -48,16 +48,7 @@ def load_text_data(config: DataConfig, *, evaluation_only: bool = False) -> Data
     if config.dataset == "csv":
         _, names, train, evaluation = load_tables(config)
     else:
-        names, train = text_folder(config.data_dir, "data_dir")
-        if config.val_dir:
-            val_names, evaluation = text_folder(config.val_dir, "val_dir")
-            if val_names != names:
-                raise ConfigError(
-                    f"--val_dir={config.val_dir!r}: its class folders {list(val_names)} differ "
-                    f"from --data_dir's {list(names)}; accepted: the same class folders"
-                )
-        else:
-            train, evaluation = _split(train, config.val_split)
+        names, train, evaluation = folder_splits(config, text_folder)
         names, train, evaluation = _select(names, train, evaluation, config.classes)
         train = _limit_per_class(train, config.train_examples_per_class, len(names))
     return Data(
