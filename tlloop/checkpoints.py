@@ -31,7 +31,7 @@ from tlloop.config import ConfigError
 from tlloop.errors import RunFailed
 from tlloop.models import build_model
 from tlloop.models.modes import SUBMODULES
-from tlloop.phases import leaf_layers
+from tlloop.models.walk import seed_generators
 
 BEST = "best"  # WORKDIR/checkpoints/best
 
@@ -171,17 +171,20 @@ def _restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
 
 
 def rng_states(model) -> list:
-    """The state variable of every Keras SeedGenerator in `model`'s submodules.
+    """The state variable of every Keras SeedGenerator in `model`'s submodules, at any depth
+    (a Dropout inside a custom layer, every layer of a text encoder), each once.
 
     Dropout and the random augmentation layers draw from these; they are not among the
     model's weights, so a checkpoint of the model alone would resume with fresh randomness.
+    The order (submodule, then layers depth first) keeps a checkpoint of a model whose random
+    layers all sit at its top level readable under the keys earlier versions wrote.
     """
-    states = []
+    states, seen = [], set()
     for name in SUBMODULES:
-        for layer in leaf_layers(getattr(model, name)):
-            for value in vars(layer).values():
-                if isinstance(value, keras.random.SeedGenerator):
-                    states.append(value.state)
+        for generator in seed_generators(getattr(model, name)):
+            if id(generator) not in seen:  # a layer shared by two submodules
+                seen.add(id(generator))
+                states.append(generator.state)
     return states
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlloop import phases as phase_lib
+from tlloop.checkpoints import rng_states
 from tlloop.config import RANGE_TEST, ConfigError
 from tlloop.controller import build_train_step
 from tlloop.distribute import distribute_dataset
@@ -76,7 +77,9 @@ def range_test(
     model (and its RNG states). Stops early once the smoothed loss exceeds `diverge` x its
     minimum."""
     model, phase = experiment.model, experiment.phases[phase_index]
-    saved = [np.array(v.numpy()) for v in model.weights]
+    # The random states too: the run after the test draws what it would have drawn without it.
+    kept = [*model.weights, *rng_states(model)]
+    saved = [np.array(v.numpy()) for v in kept]
     strategy, data = experiment.strategy, experiment.data
     trainer = experiment.trainer()
     settings = dataclasses.replace(
@@ -114,7 +117,7 @@ def range_test(
                 stopped = True
                 break
     finally:
-        for variable, value in zip(model.weights, saved, strict=True):
+        for variable, value in zip(kept, saved, strict=True):
             variable.assign(value)
     finite = [i for i, loss in enumerate(losses) if math.isfinite(loss)]
     rates, losses = [rates[i] for i in finite], [losses[i] for i in finite]

@@ -1,21 +1,29 @@
 """The phase plan: which phases run, what each makes trainable, and in which modes.
 
 `apply_trainability` is the only code that sets `trainable` flags. It keeps every container
-trainable and sets leaf layers one by one, because in Keras 3 a container with
-`trainable=False` hides the weights of all its children, whatever their own flag.
+trainable and sets each layer's own weights one by one, at any depth (`walk.all_layers`),
+because in Keras 3 a container with `trainable=False` hides the weights of all its children,
+whatever their own flag, and setting `trainable` on a container sets it on every sublayer.
+Policies count the layers that hold weights and that the backbone's forward pass uses
+(`walk.used_variables`); layers it holds but never calls never train.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
 
 import keras
+import tensorflow as tf
 
 from tlloop.config import ConfigError, PhaseConfig, Unfreeze
-from tlloop.models import ModeTable, TransferModel
+from tlloop.models import ModeTable, TransferModel, walk
 from tlloop.models.modes import SUBMODULES
+from tlloop.models.walk import all_layers, leaf_layers, own_weights
+
+__all__ = ["all_layers", "leaf_layers"]  # re-exported: the walk every module uses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,11 +39,20 @@ class Phase:
         return self.config.name
 
 
-def plan_phases(phases: tuple[PhaseConfig, ...], model: TransferModel) -> list[Phase]:
+def plan_phases(
+    phases: tuple[PhaseConfig, ...], model: TransferModel, example_spec=None
+) -> list[Phase]:
     """The phases with epochs, in order; checks each unfreeze policy against the backbone.
 
     A phase's mode table is its own `modes` if given, else the default one with the backbone
-    in training mode only under bn_mode "train" (and something unfrozen)."""
+    in training mode only under bn_mode "train" (and something unfrozen). `example_spec`, the
+    spec of one example's inputs (the training data's), is what a backbone that declares no
+    inputs is traced on to find the layers it uses."""
+    if example_spec is not None:
+        batch = tf.nest.map_structure(
+            lambda s: tf.TensorSpec((None, *s.shape), s.dtype, name=s.name), example_spec
+        )
+        walk.used_variables(model.backbone, batch, lambda x: model.augment(x, training=False))
     plan = []
     for config in phases:
         if config.epochs == 0:
@@ -56,21 +73,36 @@ def plan_phases(phases: tuple[PhaseConfig, ...], model: TransferModel) -> list[P
     return plan
 
 
-def leaf_layers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
-    """The layers inside `layer` that are not containers, in the order they were added."""
-    children = getattr(layer, "layers", None)
-    if children is None:
-        return [layer]
-    return [leaf for child in children for leaf in leaf_layers(child)]
-
-
 def is_batch_norm(layer: keras.layers.Layer) -> bool:
     return isinstance(layer, keras.layers.BatchNormalization)
 
 
+def held_layers(backbone: keras.Model) -> list[keras.layers.Layer]:
+    """Every layer at any depth (the backbone itself first) that holds weights of its own,
+    BatchNormalization excluded: what the unfreeze policies choose from, used or not."""
+    return [
+        layer
+        for layer in all_layers(backbone, include_self=True)
+        if own_weights(layer) and not is_batch_norm(layer)
+    ]
+
+
 def weighted_layers(backbone: keras.Model) -> list[keras.layers.Layer]:
-    """Leaf layers that hold weights, BatchNormalization excluded: what `top:N` counts."""
-    return [layer for layer in leaf_layers(backbone) if layer.weights and not is_batch_norm(layer)]
+    """The layers with weights (BatchNormalization excluded) the forward pass uses, in walk
+    order: what `top:N` counts and `all` trains."""
+    used = walk.used_variables(backbone)
+    return [layer for layer in held_layers(backbone) if walk.is_used(layer, used)]
+
+
+def unused_layers(backbone: keras.Model) -> list[keras.layers.Layer]:
+    """The layers with weights (BatchNorm included) that the backbone holds but its forward
+    pass never uses (e.g. the old classifier of a model cut by overriding `call`)."""
+    used = walk.used_variables(backbone)
+    return [
+        layer
+        for layer in all_layers(backbone, include_self=True)
+        if own_weights(layer) and not walk.is_used(layer, used)
+    ]
 
 
 # Block names of keras.applications families, by the layer-name prefix they share.
@@ -86,19 +118,21 @@ BLOCK_PATTERNS = (
 
 
 def backbone_blocks(backbone: keras.Model) -> list[list[keras.layers.Layer]]:
-    """The backbone's leaf layers grouped into the blocks of its family, in order; the layers
-    after the last block (a final 1x1 conv, its BatchNorm) belong to the last block, the stem
-    before the first to none. Empty if no known naming matches."""
-    leaves = leaf_layers(backbone)
+    """The backbone's layers (at any depth, those it holds but never uses left out) grouped
+    into the blocks of its family, in order; the layers after the last block (a final 1x1
+    conv, its BatchNorm) belong to the last block, the stem before the first to none. Empty if
+    no known naming matches."""
+    used = walk.used_variables(backbone)
+    layers = [layer for layer in all_layers(backbone) if walk.is_used(layer, used)]
     best: tuple[int, str] = (0, "")
     for pattern in BLOCK_PATTERNS:
-        matched = sum(1 for layer in leaves if re.search(pattern, layer.name))
+        matched = sum(1 for layer in layers if re.search(pattern, layer.name))
         best = max(best, (matched, pattern))
     if best[0] < 2:
         return []
     blocks: dict[str, list] = {}
     last = None
-    for layer in leaves:
+    for layer in layers:
         found = re.search(best[1], layer.name)
         if found:
             last = found.group(1)
@@ -107,9 +141,27 @@ def backbone_blocks(backbone: keras.Model) -> list[list[keras.layers.Layer]]:
     return list(blocks.values())
 
 
+def _matches(pattern: str, backbone: keras.Model) -> set[int]:
+    """Ids of the layers whose name, or the name of a custom Layer holding them (a block that
+    is not a model), `pattern` matches."""
+    matched: set[int] = set()
+
+    def visit(layer, inherited: bool) -> None:
+        hit = inherited or bool(re.search(pattern, layer.name))
+        if hit:
+            matched.add(id(layer))
+        for child in walk.sublayers(layer):
+            visit(child, hit and not isinstance(layer, keras.Model))
+
+    for child in walk.sublayers(backbone):
+        visit(child, False)
+    return matched
+
+
 def unfrozen_layers(unfreeze: Unfreeze, backbone: keras.Model) -> list[keras.layers.Layer]:
-    """The leaf layers with weights that `unfreeze` chooses (BatchNorm aside: --bn_mode
-    decides it). Raises ConfigError, naming the flag, when the policy does not fit."""
+    """The layers with weights that `unfreeze` chooses among those the forward pass uses
+    (BatchNorm aside: --bn_mode decides it). Raises ConfigError, naming the flag, when the
+    policy does not fit."""
     weighted = weighted_layers(backbone)
     if unfreeze.kind == "none":
         return []
@@ -119,8 +171,8 @@ def unfrozen_layers(unfreeze: Unfreeze, backbone: keras.Model) -> list[keras.lay
         if unfreeze.count > len(weighted):
             raise ConfigError(
                 f"--unfreeze={unfreeze}: the backbone has only {len(weighted)} layers with "
-                f"weights (BatchNormalization not counted); accepted: top:N with 1 <= N <= "
-                f"{len(weighted)}, or all"
+                "weights that its forward pass uses (BatchNormalization not counted); "
+                f"accepted: top:N with 1 <= N <= {len(weighted)}, or all"
             )
         return weighted[-unfreeze.count :]
     if unfreeze.kind == "blocks":
@@ -134,17 +186,18 @@ def unfrozen_layers(unfreeze: Unfreeze, backbone: keras.Model) -> list[keras.lay
             )
         chosen = {id(layer) for block in blocks[-unfreeze.count :] for layer in block}
         return [layer for layer in weighted if id(layer) in chosen]
-    leaves = leaf_layers(backbone)
+    order = all_layers(backbone)
     if unfreeze.kind == "from":
-        names = [layer.name for layer in leaves]
+        names = [layer.name for layer in order]
         if unfreeze.value not in names:
             raise ConfigError(
                 f"--unfreeze={unfreeze}: no layer {unfreeze.value!r} in the backbone; "
                 f"accepted: from:NAME with a backbone layer name, e.g. {', '.join(names[-3:])}"
             )
-        after = {id(layer) for layer in leaves[names.index(unfreeze.value) :]}
+        after = {id(layer) for layer in order[names.index(unfreeze.value) :]}
         return [layer for layer in weighted if id(layer) in after]
-    chosen = [layer for layer in weighted if re.search(unfreeze.value, layer.name)]
+    matched = _matches(unfreeze.value, backbone)
+    chosen = [layer for layer in weighted if id(layer) in matched]
     if not chosen:
         raise ConfigError(
             f"--unfreeze={unfreeze}: matches no backbone layer with weights; accepted: a "
@@ -167,7 +220,9 @@ def stage_layers(unfreeze: Unfreeze, backbone: keras.Model, units: int) -> list:
 
 def apply_trainability(model: TransferModel, phase: Phase, epoch: int = 0) -> None:
     """Sets which weights train in `phase` (at `epoch`, for a gradual unfreeze): the head
-    always, the backbone per its policy."""
+    always, the backbone per its policy, at any depth: the layers the policy chooses, the
+    BatchNorm layers among them only with bn_mode "train", nothing the forward pass does not
+    use."""
     unfreeze, bn_mode = phase.config.unfreeze, phase.config.bn_mode
     # Each submodule is set by itself: Keras 3 does not carry `model.trainable = True` down
     # into a submodule that an earlier phase set to False.
@@ -175,29 +230,50 @@ def apply_trainability(model: TransferModel, phase: Phase, epoch: int = 0) -> No
     model.augment.trainable = False
     model.head.trainable = True
     backbone = model.backbone
+    # Keras sets this on every layer below, and on each one's own weights: a clean start.
     backbone.trainable = unfreeze.kind != "none"
     if unfreeze.kind == "none":
         return
-    leaves = leaf_layers(backbone)
+    order = all_layers(backbone, include_self=True)
     chosen = unfrozen_layers(unfreeze, backbone)
     if phase.config.gradual:
         chosen = stage_layers(unfreeze, backbone, phase.config.gradual * (epoch + 1))
-    first = min((leaves.index(layer) for layer in chosen), default=len(leaves))
+    positions = {id(layer): position for position, layer in enumerate(order)}
+    first = min((positions[id(layer)] for layer in chosen), default=len(order))
     if unfreeze.kind == "from" and not phase.config.gradual:  # it may name a BatchNorm
-        first = [layer.name for layer in leaves].index(unfreeze.value)
+        first = 1 + [layer.name for layer in order[1:]].index(unfreeze.value)
     chosen_ids = {id(layer) for layer in chosen}
-    for position, layer in enumerate(leaves):
+    matched = _matches(unfreeze.value, backbone) if unfreeze.kind == "regex" else set()
+    used = walk.used_variables(backbone)
+    # Parents come before their children in `order`, so a custom block's own weights are set
+    # before the BatchNorm inside it is (re-)frozen.
+    for position, layer in enumerate(order):
+        if not own_weights(layer):
+            continue
         if is_batch_norm(layer):
             # With --bn_mode=train, the BatchNorm layers among the chosen ones train: all
             # after the first chosen layer; for a regex, those it matches.
-            among = (
-                re.search(unfreeze.value, layer.name)
-                if unfreeze.kind == "regex"
-                else position >= first
-            )
-            layer.trainable = bn_mode == "train" and bool(among)
+            among = id(layer) in matched if unfreeze.kind == "regex" else position >= first
+            trains = bn_mode == "train" and among and walk.is_used(layer, used)
         else:
-            layer.trainable = id(layer) in chosen_ids
+            trains = id(layer) in chosen_ids
+        walk.set_own_trainable(layer, trains)
+
+
+@contextlib.contextmanager
+def kept_trainability(model: keras.Model):
+    """Inside, set trainability freely; after, every layer's and variable's flag is as before."""
+    layers = all_layers(model, include_self=True)
+    flags = [layer.trainable for layer in layers]
+    variables = model.variables
+    variable_flags = [variable.trainable for variable in variables]
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, flags, strict=True):  # parents first: setters cascade
+            layer.trainable = flag
+        for variable, flag in zip(variables, variable_flags, strict=True):
+            variable.trainable = flag
 
 
 def lr_multipliers(model: TransferModel, decay: float) -> dict[int, float]:
@@ -211,10 +287,10 @@ def lr_multipliers(model: TransferModel, decay: float) -> dict[int, float]:
     units = backbone_blocks(backbone) or [[layer] for layer in weighted_layers(backbone)]
     unit_of = {id(layer): i for i, unit in enumerate(units) for layer in unit}
     multipliers, depth = {}, len(units) + 1
-    for layer in leaf_layers(backbone):
+    for layer in all_layers(backbone, include_self=True):
         if id(layer) in unit_of:
             depth = len(units) - unit_of[id(layer)]
-        for variable in layer.weights:
+        for variable in own_weights(layer):
             multipliers[id(variable)] = decay**depth
     return multipliers
 
@@ -222,17 +298,20 @@ def lr_multipliers(model: TransferModel, decay: float) -> dict[int, float]:
 def no_decay_variables(model: TransferModel) -> list:
     """Trainable weights weight decay must leave alone: biases and BatchNormalization weights
     (decaying a BatchNorm scale or a bias toward 0 is not regularisation, it is damage)."""
+    trainable = {id(variable) for variable in model.trainable_variables}
     chosen = []
     for name in SUBMODULES:
-        for layer in leaf_layers(getattr(model, name)):
-            for variable in layer.trainable_weights:
-                if is_batch_norm(layer) or variable.path.endswith("bias"):
+        for layer in all_layers(getattr(model, name), include_self=True):
+            for variable in own_weights(layer):
+                if id(variable) in trainable and (
+                    is_batch_norm(layer) or variable.path.endswith("bias")
+                ):
                     chosen.append(variable)
     return chosen
 
 
 def synchronize_batch_norm(model: TransferModel, synchronized: bool) -> None:
-    """Sets `synchronized` on every BatchNormalization layer of the model.
+    """Sets `synchronized` on every BatchNormalization layer of the model, at any depth.
 
     With more than one replica, a BatchNorm that computes batch statistics must all-reduce
     them; otherwise each replica normalises with its own share of the batch and its moving
@@ -245,7 +324,9 @@ def synchronize_batch_norm(model: TransferModel, synchronized: bool) -> None:
 
 
 def trainability_report(model: TransferModel, phase: Phase) -> str:
-    """A Markdown table of each submodule's mode, parameter counts and BatchNorm layers."""
+    """A Markdown table of each submodule's mode, parameter counts and BatchNorm layers (at
+    any depth), then the backbone layers that train, by name, and those it holds but never
+    uses."""
     row = phase.modes.row("train")
     lines = [
         f"phase {phase.index + 1} `{phase.name}`: unfreeze={phase.config.unfreeze}, "
@@ -266,7 +347,29 @@ def trainability_report(model: TransferModel, phase: Phase) -> str:
             f"| {name} | {training} | {_count(part.trainable_weights):,} | "
             f"{_count(part.non_trainable_weights):,} | {len(norms)} | {inference} |"
         )
+    trained = trained_layers(model.backbone)
+    lines += ["", f"backbone layers that train ({len(trained)}): {_names(trained)}"]
+    unused = unused_layers(model.backbone)
+    if unused:
+        lines.append(
+            f"backbone layers held but not used by its forward pass, never trained "
+            f"({len(unused)}): {_names(unused)}"
+        )
     return "\n".join(lines)
+
+
+def trained_layers(backbone: keras.Model) -> list[keras.layers.Layer]:
+    """The layers at any depth whose own weights are among the backbone's trainable ones."""
+    trainable = {id(variable) for variable in backbone.trainable_weights}
+    return [
+        layer
+        for layer in all_layers(backbone, include_self=True)
+        if any(id(variable) in trainable for variable in own_weights(layer))
+    ]
+
+
+def _names(layers: list) -> str:
+    return ", ".join(layer.name for layer in layers) or "none"
 
 
 def _rate(config) -> str:

@@ -181,14 +181,17 @@ class Trainer:
 
     def describe(self, model: TransferModel) -> str:
         """Markdown: each phase's mode table and what it trains in `model` (trainable and
-        non-trainable parameters, BatchNorm layers and their mode per submodule), as the run
-        logs them at each phase start. Sets the model's trainability as the last phase does."""
+        non-trainable parameters, BatchNorm layers and their mode per submodule, the backbone
+        layers that train by name, those it holds but never uses), as the run logs them at
+        each phase start. The model's trainability is left as it was."""
         with _arguments():
             plan = phase_lib.plan_phases(self.phases, model)
         parts = []
-        for phase in plan:
-            phase_lib.apply_trainability(model, phase)
-            parts += [phase_lib.trainability_report(model, phase), "", phase.modes.to_text(), ""]
+        with phase_lib.kept_trainability(model):
+            for phase in plan:
+                phase_lib.apply_trainability(model, phase)
+                report = phase_lib.trainability_report(model, phase)
+                parts += [report, "", phase.modes.to_text(), ""]
         return "\n".join(parts)
 
     # A fit in two parts: its inputs checked (nothing written), then the run.
@@ -221,7 +224,7 @@ class Trainer:
                 f"best_metric={metric}: the task has no metric {metric.name!r}; accepted: "
                 f"{', '.join(known)}"
             )
-        plan = phase_lib.plan_phases(self.phases, model)
+        plan = phase_lib.plan_phases(self.phases, model, train.element_spec[0])
         return _Run(model, train, eval_data, plan, batch_size, eval_batch_size or batch_size)
 
     def _run(

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import keras
 import numpy as np
 
+from tlloop.models import walk
+
 if TYPE_CHECKING:
     from tlloop.tasks import Regression
 
@@ -42,42 +44,49 @@ def build_head(
 
 
 def classification_head(
-    features: keras.Model | tuple[int, ...], num_classes: int, *, dropout: float = 0.2
+    features: keras.layers.Layer | tuple[int, ...],
+    num_classes: int,
+    *,
+    dropout: float = 0.2,
+    input_shape=None,
 ) -> keras.Model:
     """The built-in head for `num_classes` classes on a backbone's features: `features` is the
-    backbone (a functional model: its output shape is read) or the shape of one example's
-    features, (H, W, C) for a feature map (pooled first) or (C,) for a vector. One logit per
-    class: also the head of a `MultiLabel` task (one logit per label)."""
+    backbone, any Keras model or layer (its declared output shape is read; a subclassed one is
+    called once, on `input_shape` if given, else on the inputs it was built for), or the shape
+    of one example's features, (H, W, C) for a feature map (pooled first) or (C,) for a
+    vector. `input_shape`: one example's input shape, e.g. (224, 224, 3), or a dict of them.
+    One logit per class: also the head of a `MultiLabel` task (one logit per label)."""
     if num_classes < 1:
         raise ValueError(f"num_classes={num_classes}: accepted: >= 1")
-    return build_head(_feature_shape(features), num_classes, dropout)
+    return build_head(_feature_shape(features, input_shape), num_classes, dropout)
 
 
 def regression_head(
-    features: keras.Model | tuple[int, ...], task: Regression, *, dropout: float = 0.0
+    features: keras.layers.Layer | tuple[int, ...],
+    task: Regression,
+    *,
+    dropout: float = 0.0,
+    input_shape=None,
 ) -> keras.Model:
     """The head of a `Regression` task: pooling, Dropout, Dense with one output per target,
     then the task's target mean and standard deviation (from its `targets`) applied, so the
-    model (and its export) predicts in the targets' units. `features` as for
-    `classification_head`."""
+    model (and its export) predicts in the targets' units. `features` and `input_shape` as
+    for `classification_head`."""
     from tlloop.tasks import Regression
 
     if not isinstance(task, Regression):
         raise TypeError(f"task: {type(task).__name__} is not a tlloop.Regression")
     return build_head(
-        _feature_shape(features), task.outputs, dropout, standardized=(task.mean, task.std)
+        _feature_shape(features, input_shape),
+        task.outputs,
+        dropout,
+        standardized=(task.mean, task.std),
     )
 
 
-def _feature_shape(features) -> tuple[int, ...]:
-    if isinstance(features, keras.Model):
-        outputs = getattr(features, "outputs", None)
-        if not outputs or len(outputs) != 1:
-            raise ValueError(
-                "features: the backbone declares no single output; accepted: a functional "
-                "backbone, or the feature shape, e.g. (7, 7, 1280)"
-            )
-        features = tuple(outputs[0].shape[1:])
+def _feature_shape(features, input_shape) -> tuple[int, ...]:
+    if isinstance(features, keras.layers.Layer):
+        return walk.feature_shape(features, input_shape)
     return tuple(features)
 
 
