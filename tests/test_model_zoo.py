@@ -15,7 +15,8 @@ import keras
 import numpy as np
 import pytest
 from conftest import changed, make_config, snapshot
-from model_zoo import CLASSES, MEMBERS, all_layers, flags, layer_of
+from model_zoo import CLASSES, MEMBERS, Member, all_layers, flags, layer_of
+from task_data import write_bert_preset
 
 import tlloop
 from tlloop import checkpoints as checkpoint_lib
@@ -24,14 +25,14 @@ from tlloop import lr_range, trainer
 FINETUNE_MODES = tlloop.ModeTable().with_backbone_training(True)  # Dropout on, BN left alone
 
 
-def _trainer(workdir, member, finetune_epochs: int = 1, **kwargs) -> tlloop.Trainer:
+def _trainer(
+    workdir, member, finetune_epochs: int = 1, modes=FINETUNE_MODES, **kwargs
+) -> tlloop.Trainer:
     return tlloop.Trainer(
         str(workdir),
         phases=[
             tlloop.Phase("head", 1, 3e-2),
-            tlloop.Phase(
-                "finetune", finetune_epochs, 1e-2, unfreeze=member.unfreeze, modes=FINETUNE_MODES
-            ),
+            tlloop.Phase("finetune", finetune_epochs, 1e-2, unfreeze=member.unfreeze, modes=modes),
         ],
         task=tlloop.Classification(CLASSES),
         logging=tlloop.LoggingConfig(quiet=True),
@@ -48,9 +49,47 @@ def _trained_names(description: str, phase: int) -> set[str]:
 
 @pytest.mark.parametrize("name", list(MEMBERS))
 def test_exactly_the_named_layers_train_and_batch_norm_never_moves(name, tmp_path):
-    member = MEMBERS[name]
+    _check(MEMBERS[name], tmp_path)
+
+
+def test_with_the_default_modes_too_inner_batch_norm_is_not_trained(tmp_path):
+    _check(MEMBERS["custom"], tmp_path, modes=None)  # the backbone in inference mode
+
+
+def test_a_text_encoder_trains_exactly_its_named_layers(tmp_path):
+    pytest.importorskip("keras_hub")
+    preset = write_bert_preset(str(tmp_path / "bert"), WORDS, dropout=0.1)
+
+    def build():
+        keras.utils.set_random_seed(7)
+        backbone = tlloop.text_backbone(preset)
+        return tlloop.TransferModel(backbone, tlloop.classification_head(backbone, CLASSES))
+
+    member = Member(
+        "text", build, _texts, "top:2", frozenset({"feedforward_output_dense", "pooled_dense"})
+    )
+    model = _check(member, tmp_path / "run", batch_norm=False)
+    # Every random state of the encoder (its embeddings', attention's, feed-forward's
+    # Dropout), not only those of the top-level layers.
+    generators = [v for v in model.variables if "seed_generator_state" in v.path]
+    assert len(generators) == 5
+    assert {id(v) for v in checkpoint_lib.rng_states(model)} == {id(v) for v in generators}
+
+
+WORDS = ("good", "great", "fun", "bad", "awful", "dull", "the", "movie", "was", "plot")
+
+
+def _texts(count: int, seed: int):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, count).astype("int32")
+    own = (("good", "great"), ("bad", "awful"), ("dull", "plot"))
+    texts = [" ".join([*rng.choice(WORDS[6:9], 3), *rng.choice(own[label], 2)]) for label in labels]
+    return np.array(texts), labels
+
+
+def _check(member, workdir, batch_norm: bool = True, modes=FINETUNE_MODES) -> tlloop.TransferModel:
     model = member.build()
-    trainer = _trainer(tmp_path, member)
+    trainer = _trainer(workdir, member, modes=modes)
     before_flags = flags(model)
     description = trainer.describe(model)
     assert flags(model) == before_flags  # describe leaves trainability as it was
@@ -64,7 +103,7 @@ def test_exactly_the_named_layers_train_and_batch_norm_never_moves(name, tmp_pat
         for layer in all_layers(model.backbone)
         if isinstance(layer, keras.layers.BatchNormalization)
     }
-    assert norms, "every member has BatchNorm"
+    assert bool(norms) == batch_norm
     before = snapshot(model.backbone)
     train, evaluation = member.data(24, 1), member.data(8, 2)
     results = trainer.fit(model, train, evaluation, batch_size=8, export=False)
@@ -73,6 +112,7 @@ def test_exactly_the_named_layers_train_and_batch_norm_never_moves(name, tmp_pat
     moved = {owner[path] for path in changed(before, snapshot(model.backbone))}
     assert not moved & norms  # moving statistics, gamma and beta bit-identical
     assert moved == member.trains
+    return model
 
 
 class _StopAfterFirstFinetuneEpoch(keras.callbacks.Callback):

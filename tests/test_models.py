@@ -270,3 +270,26 @@ def test_weights_none_on_a_keras_file_with_code_keeps_safe_mode(tmp_path):
     fresh = build_backbone(path, "none", 16, safe_mode=False)
     kernel = next(v for v in fresh.weights if v.path.endswith("conv/kernel"))
     assert not np.allclose(kernel.numpy(), source.get_layer("conv").kernel.numpy())
+
+
+def test_heads_take_a_subclassed_backbone_and_name_input_shape_when_it_cannot_be_probed():
+    from model_zoo import SIZE, CutNet
+
+    import tlloop
+
+    built = CutNet()
+    built(np.zeros((2, SIZE, SIZE, 3), "float32"))  # a loaded model: built on its inputs
+    head = tlloop.classification_head(built, 4)
+    assert tuple(head.inputs[0].shape[1:]) == (SIZE, SIZE, 6) and head.outputs[0].shape[-1] == 4
+    task = tlloop.Regression(2, targets=np.array([[1.0, 2.0], [3.0, 5.0]], "float32"))
+    assert tlloop.regression_head(built, task).outputs[0].shape[-1] == 2
+    # Never called: it declares no inputs, so its feature shape needs one example's shape.
+    with pytest.raises(
+        ValueError, match=r"^input_shape: the backbone \(CutNet\) declares no inputs"
+    ):
+        tlloop.classification_head(CutNet(), 4)
+    fresh = CutNet()
+    head = tlloop.classification_head(fresh, 4, input_shape=(SIZE, SIZE, 3))
+    assert tuple(head.inputs[0].shape[1:]) == (SIZE, SIZE, 6) and fresh.built
+    with pytest.raises(ValueError, match=r"^input_shape=\('a',\): not a shape"):
+        tlloop.classification_head(CutNet(), 4, input_shape=("a",))

@@ -10,7 +10,7 @@ from conftest import StopAfter, changed, make_config, snapshot
 
 from tlloop import phases as phase_lib
 from tlloop import trainer
-from tlloop.config import CheckpointConfig
+from tlloop.config import CheckpointConfig, ConfigError, Unfreeze
 
 
 def _train(config):
@@ -152,3 +152,47 @@ def test_gradual_unfreeze_adds_layers_each_epoch_and_resumes_in_its_stage(workdi
         experiment = trainer.build_experiment(config)
     trainer.train(experiment, workdir)
     assert kernels_changed(experiment.model) == {"conv1", "conv2", "conv3"}
+
+
+def _phase(unfreeze: str, bn_mode: str = "frozen") -> phase_lib.Phase:
+    from tlloop.config import PhaseConfig, Unfreeze
+    from tlloop.models import ModeTable
+
+    return phase_lib.Phase(
+        1, PhaseConfig("finetune", 1, 1e-3, Unfreeze.parse(unfreeze), bn_mode), ModeTable()
+    )
+
+
+def _trainable_names(model) -> set[str]:
+    return {layer.name for layer in phase_lib.trained_layers(model.backbone)}
+
+
+def test_policies_count_only_used_layers_at_any_depth_and_keep_inner_batch_norm_frozen():
+    from model_zoo import MEMBERS
+
+    cut = MEMBERS["subclassed"].build()  # holds two built classifier heads it never calls
+    backbone = cut.backbone
+    names = [layer.name for layer in phase_lib.unfrozen_layers(Unfreeze.parse("top:2"), backbone)]
+    assert names == ["stem", "body"]
+    assert {layer.name for layer in phase_lib.unused_layers(backbone)} == {"old_logits", "old_aux"}
+    with pytest.raises(ConfigError, match=r"--unfreeze=top:3: the backbone has only 2 layers"):
+        phase_lib.unfrozen_layers(Unfreeze.parse("top:3"), backbone)
+    with pytest.raises(ConfigError, match=r"--unfreeze=blocks:1: no known block naming"):
+        phase_lib.unfrozen_layers(Unfreeze.parse("blocks:1"), backbone)
+    phase_lib.apply_trainability(cut, _phase("all"))
+    assert _trainable_names(cut) == {"stem", "body"}
+    report = phase_lib.trainability_report(cut, _phase("all"))
+    assert "backbone layers that train (2): stem, body" in report
+    assert "never trained (2): old_logits, old_aux" in report
+
+    blocks = MEMBERS["custom"].build()  # custom layers holding Conv + BatchNorm + Dropout
+    phase_lib.apply_trainability(blocks, _phase("all"))
+    assert _trainable_names(blocks) == {"block1_conv", "block2_conv"}
+    assert "| backbone | False | " in phase_lib.trainability_report(blocks, _phase("all"))
+    phase_lib.apply_trainability(blocks, _phase("regex:block2", "train"))
+    assert _trainable_names(blocks) == {"block2_conv", "block2_bn"}
+    phase_lib.apply_trainability(blocks, _phase("from:block2_bn", "train"))
+    assert _trainable_names(blocks) == {"block2_bn"}
+
+    twice = MEMBERS["shared"].build()  # one Conv called twice counts once
+    assert [x.name for x in phase_lib.weighted_layers(twice.backbone)] == ["twice", "mix"]
