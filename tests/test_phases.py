@@ -191,6 +191,8 @@ def test_policies_count_only_used_layers_at_any_depth_and_keep_inner_batch_norm_
     assert "| backbone | False | " in phase_lib.trainability_report(blocks, _phase("all"))
     phase_lib.apply_trainability(blocks, _phase("regex:block2", "train"))
     assert _trainable_names(blocks) == {"block2_conv", "block2_bn"}
+    phase_lib.apply_trainability(blocks, _phase("from:block2"))  # a block, by its name
+    assert _trainable_names(blocks) == {"block2_conv"}
     phase_lib.apply_trainability(blocks, _phase("from:block2_bn", "train"))
     assert _trainable_names(blocks) == {"block2_bn"}
 
