@@ -280,6 +280,8 @@ def test_heads_take_a_subclassed_backbone_and_name_input_shape_when_it_cannot_be
     built = CutNet()
     built(np.zeros((2, SIZE, SIZE, 3), "float32"))  # a loaded model: built on its inputs
     head = tlloop.classification_head(built, 4)
+    table = tlloop.inspect_backbone(built, print_fn=None)
+    assert "Held but not used by its forward pass (never trained): old_logits, old_aux" in table
     assert tuple(head.inputs[0].shape[1:]) == (SIZE, SIZE, 6) and head.outputs[0].shape[-1] == 4
     task = tlloop.Regression(2, targets=np.array([[1.0, 2.0], [3.0, 5.0]], "float32"))
     assert tlloop.regression_head(built, task).outputs[0].shape[-1] == 2

@@ -2,7 +2,8 @@
 
 Prints what `--backbone=SOURCE` would load, before any cut or adapter: its input, each
 top-level layer (its -N index from the end for --backbone_layer, name, class, output shape,
-parameters, BatchNorm layers inside), and suggested --backbone_layer cut points. SOURCE is
+parameters, BatchNorm layers inside at any depth), the layers with weights it holds but its
+forward pass never uses, and suggested --backbone_layer cut points. SOURCE is
 anything --backbone accepts (a model file, a KerasHub preset, a keras.applications name).
 `inspect_backbone` is the same in Python. Bad input: one line naming SOURCE, exit 2.
 """
@@ -24,7 +25,7 @@ FLAGS = flags.FLAGS
 def inspect_backbone(
     source, *, safe_mode: bool = True, print_fn: Callable[[str], None] | None = print
 ) -> str:
-    """The layer table and cut points of `source` (what --backbone accepts, or a functional
+    """The layer table and cut points of `source` (what --backbone accepts, or a
     keras.Model), printed with `print_fn` (None: not printed) and returned. Raises ConfigError
     for a source --backbone would refuse."""
     import keras
@@ -49,7 +50,14 @@ def inspect_backbone(
             f"{position - len(layers):>5}  {layer.name:<32.32} {type(layer).__name__:<24.24} "
             f"{_shape(_output(layer)):<22} {_params(layer):>10,}  {mark}"
         )
-    lines += ["", f"BatchNorm layers: {norms_total}", "", "Suggested --backbone_layer cut points:"]
+    lines += ["", f"BatchNorm layers: {norms_total}"]
+    unused = _unused(model)
+    if unused:
+        lines.append(
+            "Held but not used by its forward pass (never trained): "
+            + ", ".join(layer.name for layer in unused)
+        )
+    lines += ["", "Suggested --backbone_layer cut points:"]
     suggestions = cut_points(model)
     lines += [f"  --backbone_layer={n:<24} {why}" for n, why in suggestions] or [
         "  none: use the whole model (a token sequence is pooled by tlloop)"
@@ -113,6 +121,12 @@ def _shape(tensors) -> str:
 
 def _params(layer) -> int:
     return sum(math.prod(w.shape) for w in layer.weights)
+
+
+def _unused(model) -> list:
+    from tlloop.phases import unused_layers
+
+    return unused_layers(model)
 
 
 def _batch_norms(layer) -> list:
