@@ -6,7 +6,7 @@ For each: BatchNorm moving statistics and gamma/beta bit-identical through both 
 the layers the unfreeze policy names change, every other backbone variable bit-identical;
 `describe` names them (and the layers held but never used) and leaves trainability as it was.
 Resume after a stop is bit-identical with deterministic=True for the member whose Dropout sits
-inside custom layers (backbone and head) and for the subclassed one.
+inside custom layers (backbone and head), the subclassed one and the KerasHub text encoder.
 """
 
 from __future__ import annotations
@@ -56,19 +56,24 @@ def test_with_the_default_modes_too_inner_batch_norm_is_not_trained(tmp_path):
     _check(MEMBERS["custom"], tmp_path, modes=None)  # the backbone in inference mode
 
 
-def test_a_text_encoder_trains_exactly_its_named_layers(tmp_path):
+@pytest.fixture(scope="module")
+def text_member(tmp_path_factory) -> Member:
+    """A one-layer KerasHub BERT (Dropout 0.1) saved with save_to_preset, strings in."""
     pytest.importorskip("keras_hub")
-    preset = write_bert_preset(str(tmp_path / "bert"), WORDS, dropout=0.1)
+    preset = write_bert_preset(str(tmp_path_factory.mktemp("bert")), WORDS, dropout=0.1)
 
     def build():
         keras.utils.set_random_seed(7)
         backbone = tlloop.text_backbone(preset)
         return tlloop.TransferModel(backbone, tlloop.classification_head(backbone, CLASSES))
 
-    member = Member(
+    return Member(
         "text", build, _texts, "top:2", frozenset({"feedforward_output_dense", "pooled_dense"})
     )
-    model = _check(member, tmp_path / "run", batch_norm=False)
+
+
+def test_a_text_encoder_trains_exactly_its_named_layers(text_member, tmp_path):
+    model = _check(text_member, tmp_path, batch_norm=False)
     # Every random state of the encoder (its embeddings', attention's, feed-forward's
     # Dropout), not only those of the top-level layers.
     generators = [v for v in model.variables if "seed_generator_state" in v.path]
@@ -121,9 +126,9 @@ class _StopAfterFirstFinetuneEpoch(keras.callbacks.Callback):
             raise RuntimeError("stopped")
 
 
-@pytest.mark.parametrize("name", ["custom", "subclassed"])
-def test_resume_after_a_stop_is_bit_identical(name, tmp_path):
-    member = MEMBERS[name]
+@pytest.mark.parametrize("name", ["custom", "subclassed", "text"])
+def test_resume_after_a_stop_is_bit_identical(name, request, tmp_path):
+    member = request.getfixturevalue("text_member") if name == "text" else MEMBERS[name]
     train, evaluation = member.data(24, 1), member.data(8, 2)
 
     def fit(workdir, **kwargs):
