@@ -49,9 +49,12 @@ def plan_phases(
     spec of one example's inputs (the training data's), is what a backbone that declares no
     inputs is traced on to find the layers it uses."""
     if example_spec is not None:
-        batch = tf.nest.map_structure(
-            lambda s: tf.TensorSpec((None, *s.shape), s.dtype, name=s.name), example_spec
-        )
+        try:
+            batch = tf.nest.map_structure(
+                lambda s: tf.TensorSpec((None, *s.shape), s.dtype), example_spec
+            )
+        except (TypeError, ValueError, AttributeError):  # ragged, sparse, unknown rank
+            batch = None  # the backbone's own spec (or its first call's shapes) decides
         walk.used_variables(model.backbone, batch, lambda x: model.augment(x, training=False))
     plan = []
     for config in phases:
