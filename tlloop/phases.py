@@ -126,7 +126,11 @@ def backbone_blocks(backbone: keras.Model) -> list[list[keras.layers.Layer]]:
     conv, its BatchNorm) belong to the last block, the stem before the first to none. Empty if
     no known naming matches."""
     used = walk.used_variables(backbone)
-    layers = [layer for layer in all_layers(backbone) if walk.is_used(layer, used)]
+    layers = [
+        layer
+        for layer in all_layers(backbone)
+        if not own_weights(layer) or walk.is_used(layer, used)
+    ]
     best: tuple[int, str] = (0, "")
     for pattern in BLOCK_PATTERNS:
         matched = sum(1 for layer in layers if re.search(pattern, layer.name))
