@@ -291,8 +291,9 @@ class Trainer:
                 train_writer=summaries.default("train"),
             )
             outcome = controller.run()
-        except tf.errors.InvalidArgumentError:
-            # A streamed image that starts like one but does not decode is met only when read.
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+            # A streamed image that starts like one but does not decode (or that was deleted
+            # since the run started) is met only when read.
             first, steps = controller.host_call if controller else (0, 1)
             found = find_unreadable(
                 run.train,
@@ -702,6 +703,7 @@ def train(
         "restarts": restarts,  # by the supervisor, before this process
         "class_names": list(data.class_names),
         "skipped_images": list(data.skipped_files),
+        "skipped_reasons": dict(data.skipped_files),
         "data_storage": dict(data.storage),
         "init_checkpoint": dataclasses.asdict(report) if report else None,
         "recipe": experiment.recipe.to_json() if experiment.recipe else None,
