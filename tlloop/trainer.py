@@ -22,7 +22,7 @@ from absl import logging
 from tlloop import actions as action_lib
 from tlloop import checkpoints as checkpoint_lib
 from tlloop import config as config_lib
-from tlloop import lr_range
+from tlloop import lr_range, supervise
 from tlloop import phases as phase_lib
 from tlloop import tflite as tflite_lib
 from tlloop.actions import Stopped
@@ -701,6 +701,8 @@ def train(
     report = experiment.warm_start
     header = {
         "restarts": restarts,  # by the supervisor, before this process
+        # The supervisor restarted it with oneDNN off after that known crash (supervise.py).
+        "restarted_without_onednn": os.environ.get(supervise.WITHOUT_ONEDNN_ENV) == "1",
         "class_names": list(data.class_names),
         "skipped_images": list(data.skipped_files),
         "skipped_reasons": dict(data.skipped_files),

@@ -28,7 +28,14 @@ from absl import logging
 
 from tlloop.config import ConfigError
 from tlloop.data.examples import AUTOTUNE, IndexedExamples, eager_constant, example_index
-from tlloop.data.images import decode_resized, reason, scan_bytes, scan_file, shown
+from tlloop.data.images import (
+    DECODE_VERSION,
+    decode_resized,
+    reason,
+    scan_bytes,
+    scan_file,
+    shown,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +204,15 @@ class EncodedImages(IndexedExamples):
 
     def finish(self, inputs, label):
         item, form = inputs
-        image = decode_resized(self.reader.fetch(item), self.image_size, self.resize, form)
+        image = decode_resized(
+            self.reader.fetch(item), self.image_size, self.resize, self._form(form)
+        )
         return image, label
+
+    def _form(self, form: tf.Tensor) -> tf.Tensor | None:
+        """`form` for `decode`, or None when every image is of form 0 (the common case:
+        `decode` then builds no control flow; the same pixels)."""
+        return form if self.forms.any() else None
 
     def forms_at(self, indices: tf.Tensor) -> tf.Tensor:
         return tf.gather(self._forms_tensor, indices)
@@ -232,7 +246,7 @@ class EncodedImages(IndexedExamples):
             .map(
                 lambda i, item, form: (
                     i,
-                    tf.cast(decode_resized(fetch(item), size, resize, form), tf.uint8),
+                    tf.cast(decode_resized(fetch(item), size, resize, self._form(form)), tf.uint8),
                 ),
                 num_parallel_calls=AUTOTUNE,
                 deterministic=True,
@@ -262,7 +276,7 @@ class EncodedImages(IndexedExamples):
         """Why example `i` cannot be read and decoded (TensorFlow's reason), None if it can."""
         try:
             item = self.reader.items_at(tf.constant([i], tf.int64))[0]
-            form = int(self.forms[i])
+            form = int(self.forms[i]) or None
             decode_resized(self.reader.fetch(item), self.image_size, self.resize, form)
         except (tf.errors.OpError, ValueError) as error:
             return reason(error)
@@ -310,8 +324,11 @@ class DiskImages(IndexedExamples):
 
 def cache_files(directory: str, images: EncodedImages) -> tuple[str, str]:
     """(pixels file, description file) of `images` in the cache `directory`: named by what
-    decides their pixels (the images' fingerprint, the size and the resize mode)."""
-    key = json.dumps([images.reader.fingerprint(), images.image_size, images.resize])
+    decides their pixels (the images' fingerprint, the size, the resize mode and the way
+    images are decoded)."""
+    key = json.dumps(
+        [images.reader.fingerprint(), images.image_size, images.resize, DECODE_VERSION]
+    )
     name = hashlib.sha256(key.encode()).hexdigest()[:24]
     return os.path.join(directory, f"{name}.pixels"), os.path.join(directory, f"{name}.json")
 
