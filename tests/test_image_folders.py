@@ -10,10 +10,12 @@ composited on white), or listed as skipped with its reason.
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image, ImageOps
 
 from tlloop.config import ConfigError, DataConfig
@@ -212,6 +214,12 @@ def test_a_class_of_one_image_is_refused_in_one_line(tmp_path):
         (root / "many" / f"{i}.png").write_bytes(_encode(Image.fromarray(_pixels(i)), "PNG"))
     with pytest.raises(ConfigError, match=r"class 'only' has 1 example\(s\), too few"):
         load_data(_config(root))
+    # Left out by --classes: no class of the run is short of an example.
+    (root / "more").mkdir()
+    for i in range(5):
+        (root / "more" / f"{i}.png").write_bytes(_encode(Image.fromarray(_pixels(i)), "PNG"))
+    data = load_data(_config(root, classes=("many", "more")))
+    assert data.class_names == ("many", "more") and data.train_size + data.eval_size == 10
 
 
 def test_one_file_is_read_as_training_reads_it(messy):
@@ -236,3 +244,30 @@ def test_the_scan_finds_the_form_in_a_few_bytes():
     assert scan_bytes(b"") == (0, "an empty file")
     form, problem = scan_bytes(_encode(Image.fromarray(_pixels(0, alpha=True)), "PNG"))
     assert form & 16 and not problem
+
+
+def test_a_run_lists_every_file_it_left_out_with_its_reason(messy, tmp_path):
+    root, used, skipped = messy
+    workdir = tmp_path / "run"
+    done = run_cli(
+        "--dataset=folder",
+        f"--data_dir={root}",
+        "--backbone=small_cnn",
+        "--weights=none",
+        "--image_size=16",
+        "--batch_size=4",
+        "--head_epochs=1",
+        "--finetune_epochs=0",
+        "--bad_images=skip",
+        "--data_memory=0",
+        f"--data_cache={tmp_path / 'cache'}",  # its file names hash every path, bytes too
+        "--quiet",
+        f"--workdir={workdir}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["class_names"] == ["cat", "dog"]
+    assert results["train_size"] + results["eval_size"] == len(used)
+    assert sorted(results["skipped_images"]) == sorted(results["skipped_reasons"])
+    assert sorted(results["skipped_reasons"]) == sorted(skipped)
+    assert "with transparency composited on white" in done.stderr

@@ -53,6 +53,8 @@ AUTOTUNE = tf.data.AUTOTUNE
 # In-memory examples live in the tf.data graph as constants, and a graph over 2 GB cannot be
 # serialized (as distributing a dataset may need): a larger split streams.
 MAX_IN_MEMORY = 2**31 - 2**20
+# How the reason of an unreadable image starts, in `Data.skipped_files`.
+UNREADABLE = "unreadable: "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,9 +189,6 @@ class _Unreadable(Exception):
 def skipped_unreadable(skipped: dict[str, str]) -> dict[str, str]:
     """The unreadable images among files `skipped` (not the kinds never read)."""
     return {path: why for path, why in skipped.items() if why.startswith(UNREADABLE)}
-
-
-UNREADABLE = "unreadable: "
 
 
 def _load_split(split: Split, config: DataConfig, budget: int, forms: dict):

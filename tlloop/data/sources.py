@@ -60,7 +60,9 @@ def load_source(config: DataConfig) -> Source:
     skipped: dict[str, str] = {}
     if config.dataset == "digits":
         names, everything = _digits()
-        train, evaluation = _split(everything, config.val_split, names, "--dataset=digits")
+        train, evaluation = _split(
+            everything, config.val_split, names, "--dataset=digits", config.classes
+        )
     elif config.dataset == "tfrecord":
         from tlloop.data.records import multi_hot, read_records
 
@@ -73,7 +75,8 @@ def load_source(config: DataConfig) -> Source:
             train, evaluation = random_split(train, config.val_split)
         else:
             names = tuple(str(i) for i in range(int(train.labels.max(initial=0)) + 1))
-            train, evaluation = _split(train, config.val_split, names, "--train_files")
+            where = "--train_files"
+            train, evaluation = _split(train, config.val_split, names, where, config.classes)
         if multilabel:
             count, (train, evaluation) = multi_hot(
                 [train, evaluation], "train_files", config.label_feature
@@ -93,7 +96,7 @@ def load_source(config: DataConfig) -> Source:
         names, train, evaluation = read_tfds(config.dataset[5:], config.tfds_dir)
         if evaluation is None:
             where = f"--dataset={config.dataset}"
-            train, evaluation = _split(train, config.val_split, names, where)
+            train, evaluation = _split(train, config.val_split, names, where, config.classes)
     else:
         names, train, evaluation, skipped = folder_splits(config, _folder)
     names, train, evaluation = _select(names, train, evaluation, config.classes)
@@ -121,7 +124,7 @@ def folder_splits(
     names, train, skipped = read(config.data_dir, "data_dir")
     if not config.val_dir:
         where = f"--data_dir={config.data_dir!r}"
-        return (names, *_split(train, config.val_split, names, where), skipped)
+        return (names, *_split(train, config.val_split, names, where, config.classes), skipped)
     val_names, evaluation, val_skipped = read(config.val_dir, "val_dir")
     if val_names != names:
         raise ConfigError(
@@ -219,18 +222,22 @@ def _files(
 
 
 def _split(
-    split: Split, val_fraction: float, names: tuple[str, ...] = (), where: str = "the examples"
+    split: Split,
+    val_fraction: float,
+    names: tuple[str, ...] = (),
+    where: str = "the examples",
+    selected: tuple[str, ...] = (),
 ) -> tuple[Split, Split]:
     """A stratified split: `val_fraction` of each class (at least one) goes to evaluation.
     ConfigError naming the class of `names` and `where` it comes from if one would keep no
-    training example (a class of one example)."""
+    training example (a class of one example), unless `selected` (--classes) leaves it out."""
     rng = np.random.default_rng(SPLIT_SEED)
     train_index, eval_index = [], []
     for label in np.unique(split.labels):
         index = rng.permutation(np.flatnonzero(split.labels == label))
         count = max(1, round(len(index) * val_fraction))
-        if count >= len(index):
-            name = names[label] if label < len(names) else str(label)
+        name = names[label] if label < len(names) else str(label)
+        if count >= len(index) and (not selected or name in selected):
             raise ConfigError(
                 f"{where}: class {shown(name)!r} has {len(index)} example(s), too few to "
                 f"keep one for training and split one off for evaluation (--val_split="
