@@ -25,7 +25,7 @@ import tensorflow as tf
 from tlloop.config import ConfigError
 
 # The file name extensions of the formats tf.io.decode_image reads (JPEG XL aside: no file
-# of it was at hand to test); the format itself is found from the file's first bytes.
+# of it was at hand to test it); the format itself is found from the file's first bytes.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 ACCEPTED_IMAGES = f"{', '.join(e[1:].upper() for e in IMAGE_EXTENSIONS)} images"
 # Kinds that are images TensorFlow does not decode, by extension: listed as skipped, saying so.
@@ -35,7 +35,6 @@ UNDECODED_KINDS = {
     ".heic": "HEIC",
     ".heif": "HEIF",
     ".avif": "AVIF",
-    ".jxl": "JPEG XL",
     ".psd": "Photoshop",
     ".svg": "SVG",
     ".ico": "ICO",
@@ -53,7 +52,7 @@ HEAD_BYTES = 256
 # Raised whenever decoding gives other pixels for the same file: it names --data_cache files.
 # 2: EXIF orientation, palettes and transparency applied.
 DECODE_VERSION = 2
-# The form of an image (see the module's doc): bits 0-3 the EXIF orientation (0 or 1: as
+# The form of an image (see the module's doc): bits 0-3 the EXIF orientation (0: as
 # stored), bit 4 transparency, bit 5 an 8-bit palette BMP, bits 8- where its palette starts.
 ALPHA, PALETTE, PALETTE_SHIFT = 16, 32, 8
 
@@ -103,13 +102,13 @@ def _scan(read: Callable[[int, int], bytes]) -> tuple[int, str]:
     if head[4:8] == b"ftyp":
         brand = head[8:12].decode("latin-1")
         return 0, f"an ISO media file ({brand!r}: HEIC, AVIF or video), not decoded by TensorFlow"
-    return 0, f"no image format TensorFlow decodes (first bytes {head[:8]!r})"
+    return 0, f"not an image format tlloop reads (first bytes {head[:8]!r})"
 
 
 def _jpeg_orientation(read: Callable[[int, int], bytes]) -> int:
-    """The EXIF orientation (2-8) in a JPEG's APP1 segment, 0 if it has none (or 1, as
-    stored): the segments
-    before the image data are walked by their lengths, so only a few bytes are read."""
+    """The EXIF orientation (2-8) in a JPEG's APP1 segment, 0 if it has none (or 1: as
+    stored): the segments before the image data are walked by their lengths, so only a few
+    bytes are read."""
     position = 2
     for _ in range(64):
         marker = read(position, 4)

@@ -185,7 +185,8 @@ def class_folders(
             )
         files += found
         labels += [label] * len(found)
-    return names, files, np.asarray(labels, np.int32), skipped
+    # Class names travel into the export as text: a folder name that is not UTF-8, escaped.
+    return tuple(shown(n) for n in names), files, np.asarray(labels, np.int32), skipped
 
 
 def _files(
