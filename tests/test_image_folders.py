@@ -242,6 +242,13 @@ def test_the_scan_finds_the_form_in_a_few_bytes():
     assert scan_bytes(_jpeg(0, 6)) == (6, "")
     assert scan_bytes(_jpeg(0, 1)) == (0, "")  # as stored: as with no tag
     assert scan_bytes(b"") == (0, "an empty file")
+    # Big-endian EXIF after a JFIF segment, as some cameras write it.
+    tiff = b"MM\0*" + (8).to_bytes(4, "big") + (1).to_bytes(2, "big")
+    tiff += (0x0112).to_bytes(2, "big") + (3).to_bytes(2, "big") + (1).to_bytes(4, "big")
+    tiff += (8).to_bytes(2, "big") + bytes(2) + bytes(4)
+    app1 = b"\xff\xe1" + (2 + 6 + len(tiff)).to_bytes(2, "big") + b"Exif\0\0" + tiff
+    jfif = b"\xff\xe0" + (16).to_bytes(2, "big") + b"JFIF\0" + bytes(9)
+    assert scan_bytes(b"\xff\xd8" + jfif + app1 + b"\xff\xda") == (8, "")
     form, problem = scan_bytes(_encode(Image.fromarray(_pixels(0, alpha=True)), "PNG"))
     assert form & 16 and not problem
 
