@@ -283,13 +283,11 @@ def main(argv: list[str]) -> None:
     if set(_PARTS.value) != set(PARTS) and os.path.exists(path):
         with open(path) as file:
             results = json.load(file)  # the parts not re-run are kept
-    results.update(
-        {
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, TF {tf.__version__}",
-            "images": _IMAGES.value,
-            "small": _SMALL.value,
-        }
-    )
+    results["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, TF {tf.__version__}"
+    if "memory" in _PARTS.value:  # the counts the memory rows name
+        results.update({"images": _IMAGES.value, "small": _SMALL.value})
+    for part in _PARTS.value:  # the folder each part read (--images may differ run to run)
+        results[f"{part}_images"] = _IMAGES.value
     measure = {
         "memory": lambda: rss_and_start(small, full),
         "input": lambda: input_speed(full, records, max(rounds, 5)),
@@ -327,6 +325,7 @@ def table(results: dict) -> str:
     rows += [("training", "one resident batch", "MobileNetV2 224 px training")]
     for part, reference, label in rows:
         base = results[part][reference]
+        label += f" ({results.get(f'{part}_images', images)} images)"
         for name, speed in results[part].items():
             wall = [a / b for a, b in zip(speed["wall"], base["wall"], strict=True)]
             cpu = [a / b for a, b in zip(speed["cpu"], base["cpu"], strict=True)]

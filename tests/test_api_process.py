@@ -78,7 +78,7 @@ def test_sigkill_and_rerun_of_an_api_script_ends_bit_identical(tmp_path, uninter
 
 def test_the_supervise_command_restarts_an_api_script_that_crashed(tmp_path, uninterrupted):
     workdir = tmp_path / "run"
-    fault = f"SIGSEGV@20:once={tmp_path / 'fired'}"  # once, in the fine-tune phase
+    fault = f"SIGABRT@20:once={tmp_path / 'fired'}"  # once, in the fine-tune phase
     done = run_python(
         "-m",
         "tlloop.supervise",
@@ -91,6 +91,6 @@ def test_the_supervise_command_restarts_an_api_script_that_crashed(tmp_path, uni
         env={FAULT_ENV: fault},
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "died by SIGSEGV (signal 11)" in done.stderr and "restart 1 of 1" in done.stderr
+    assert "died by SIGABRT (signal 6)" in done.stderr and "restart 1 of 1" in done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["weights_sha256"] == uninterrupted["weights_sha256"]

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from tlloop.config import ConfigError, DataConfig, parse_classes
 from tlloop.data import load_data
+from tlloop.data.pipeline import skipped_unreadable
 from tlloop.data.sources import load_source
 
 
@@ -105,12 +106,15 @@ def test_unreadable_images_fail_naming_the_file_or_are_skipped_and_counted(tmp_p
     with pytest.raises(
         ConfigError,
         match=r"^image file '.*/dog/9.png': cannot be read or decoded \(.+\); accepted: JPG, "
-        r"JPEG, PNG, BMP, GIF images, or --bad_images=skip to leave them out \(1 more ",
+        r"JPEG, PNG, BMP, GIF, WEBP images, or --bad_images=skip to leave them out \(1 more ",
     ):
         load_data(_folder_config(tmp_path / "images"))
     data = load_data(_folder_config(tmp_path / "images", bad_images="skip"))
-    assert sorted(data.skipped_files) == sorted(
+    assert sorted(skipped_unreadable(data.skipped_files)) == sorted(
         str(tmp_path / "images" / name) for name in ("dog/9.png", "eel/9.jpg")
+    )
+    assert data.skipped_files[str(tmp_path / "images" / "eel" / "9.jpg")] == (
+        "unreadable: an empty file"
     )
     assert data.train_size + data.eval_size == 15
     # Every kept example is a decoded image of the right shape and label.
@@ -122,6 +126,7 @@ def test_skipping_the_only_image_of_a_class_is_refused(tmp_path):
     _write_folder(tmp_path / "images", {"cat": 4, "dog": 4})
     (tmp_path / "images" / "emu").mkdir()
     (tmp_path / "images" / "emu" / "0.png").write_bytes(b"garbage")
+    (tmp_path / "images" / "emu" / "1.png").write_bytes(b"garbage")
     with pytest.raises(ConfigError, match=r"^class 'emu': no readable images left"):
         load_data(_folder_config(tmp_path / "images", bad_images="skip"))
 
@@ -276,7 +281,7 @@ def test_tfrecord_errors_name_the_flag(tmp_path):
     with pytest.raises(ConfigError, match=r"^image 'record 3 of .*bad.tfrecord': cannot be decod"):
         load_data(config(train_files=str(tmp_path / "bad.tfrecord")))
     skipped = load_data(config(train_files=str(tmp_path / "bad.tfrecord"), bad_images="skip"))
-    assert skipped.skipped_files == (f"record 3 of {tmp_path / 'bad.tfrecord'}",)
+    assert list(skipped.skipped_files) == [f"record 3 of {tmp_path / 'bad.tfrecord'}"]
 
 
 def test_tfds_without_the_package_is_a_clear_error(monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -313,3 +314,45 @@ def test_label_counts_count_class_indices_and_multi_hot_labels():
     assert multi.label_counts(3).tolist() == [2, 1, 3]
     streamed = tf.data.Dataset.from_tensor_slices((np.zeros((3, 2), "float32"), hot))
     assert StreamedExamples(streamed).label_counts(3).tolist() == [2, 1, 3]
+
+
+def test_an_image_deleted_under_a_streamed_run_is_named_in_one_line(tmp_path):
+    import keras
+
+    import tlloop
+
+    root = _folder(tmp_path / "images", {"ant": 6, "bee": 6})
+    paths = sorted(str(p) for p in root.glob("*/*.png"))
+    labels = [int("bee" in p) for p in paths]
+
+    class DeleteOne(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0 and os.path.exists(paths[-1]):
+                os.remove(paths[-1])
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    backbone = keras.Model(inputs, keras.layers.Conv2D(4, 3)(inputs / 255.0), name="backbone")
+    model = tlloop.TransferModel(backbone, tlloop.classification_head(backbone, 2))
+    trainer = tlloop.Trainer(
+        str(tmp_path / "run"),
+        phases=[tlloop.Phase("tune", 3, 1e-2, unfreeze="all")],  # images read every epoch
+        task=tlloop.Classification(2),
+        logging=tlloop.LoggingConfig(quiet=True),
+        callbacks=[DeleteOne()],
+    )
+    # Deleted after the examples were listed: met first by the run's preview of its first
+    # images (read eagerly: NotFoundError), or later by a training step.
+    for deleted in (paths[0], paths[-1]):
+        if deleted == paths[0]:
+            os.rename(deleted, deleted + ".away")
+        train = tlloop.EncodedImages.from_files(paths, labels, image_size=8)
+        with pytest.raises(ValueError) as error:  # a ConfigError, as the library raises it
+            trainer.fit(model, train, train, batch_size=4, export=False)
+        message = str(error.value)
+        assert "\n" not in message
+        assert message.startswith(f"image file '{deleted}': cannot be read or decoded (")
+        assert "(No such file or directory)" in message
+        if deleted == paths[0]:
+            os.rename(deleted + ".away", deleted)
+            shutil.rmtree(tmp_path / "run")

@@ -42,23 +42,40 @@ def test_a_crash_is_one_line_with_the_step_the_checkpoint_and_the_remedy(tmp_pat
     workdir = tmp_path / "run"
     done = run_cli(*ARGS, f"--workdir={workdir}", env={supervise.FAULT_ENV: "SIGSEGV@4"})
     assert done.returncode == supervise.DIED
-    (line,) = _lines(done.stderr)
+    # A SIGSEGV with oneDNN on: its known remedy is tried once, even with --max_restarts=0.
+    restart, line = _lines(done.stderr)
+    assert restart.startswith("tlloop: the training process died by SIGSEGV (signal 11)")
+    assert "restart once in 1 s from that checkpoint with TF_ENABLE_ONEDNN_OPTS=0" in restart
     assert line.startswith("tlloop: error: the training process died by SIGSEGV (signal 11)")
-    assert "after step 3 (head phase)" in line and "TF_ENABLE_ONEDNN_OPTS=0" in line
+    assert "again at the same step, without progress after step 3 (head phase)" in line
+    assert "TF_ENABLE_ONEDNN_OPTS" not in line  # tried: no remedy left to name
     checkpoint = str(workdir / "checkpoints" / "ckpt-3")
     assert f"the last checkpoint ({checkpoint}) is intact" in line
     assert tf.train.load_variable(checkpoint, "step/.ATTRIBUTES/VARIABLE_VALUE") == 3
 
 
+def test_a_onednn_crash_is_restarted_once_without_onednn(tmp_path):
+    workdir = tmp_path / "run"
+    # As oneDNN's known crash: only while its kernels are on.
+    done = run_cli(*ARGS, f"--workdir={workdir}", env={supervise.FAULT_ENV: "SIGSEGV@4:onednn"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = _lines(done.stderr)
+    assert "died by SIGSEGV" in line and "with TF_ENABLE_ONEDNN_OPTS=0" in line
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["restarts"] == 1 and results["restarted_without_onednn"] is True
+
+
 def test_restarts_resume_and_end_bit_identical(tmp_path, uninterrupted):
     workdir = tmp_path / "run"
-    fault = f"SIGSEGV@8:once={tmp_path / 'fired'}"  # dies once, in fine-tune
+    # Dies once, in fine-tune (SIGABRT: a SIGSEGV would be restarted without oneDNN, whose
+    # kernels round differently).
+    fault = f"SIGABRT@8:once={tmp_path / 'fired'}"
     done = run_cli(
         *ARGS, f"--workdir={workdir}", "--max_restarts=2", env={supervise.FAULT_ENV: fault}
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (line,) = _lines(done.stderr)
-    assert "died by SIGSEGV" in line and "restart 1 of 2 in 1 s" in line
+    assert "died by SIGABRT" in line and "restart 1 of 2 in 1 s" in line
     results = json.loads((workdir / "results.json").read_text())
     assert results["restarts"] == 1
     assert results["weights_sha256"] == uninterrupted["weights_sha256"]

@@ -142,6 +142,7 @@ def test_regression_from_csv_predicts_in_the_targets_units(tmp_path, csvs):
 
 
 def _write(path, text: str | bytes) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     mode = "wb" if isinstance(text, bytes) else "w"
     with open(path, mode) as file:
         file.write(text)
@@ -209,6 +210,22 @@ def test_a_text_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
     csv_path = _write(tmp_path / "texts.csv", b"text,label\nok,a\n\xff\xfe,b\n")
     with pytest.raises(ConfigError, match=r"--train_csv='.*texts.csv' line 3: not UTF-8 text"):
         load_task_data(DataConfig(dataset="csv", train_csv=csv_path))
+
+
+def test_a_text_folder_is_walked_as_image_folders_are(tmp_path):
+    root = tmp_path / "texts"
+    for name in ("a", "b"):
+        for i in range(3):
+            _write(root / name / "deeper" / f"{i}.txt" if i else root / name / "0.txt", f"{i}")
+    os.makedirs(root / ".ipynb_checkpoints")  # hidden: no class
+    _write(root / "a" / ".0-checkpoint.txt", "hidden")
+    _write(root / "b" / "notes.md", "not a .txt")
+    data = load_task_data(DataConfig(dataset="text_folder", data_dir=str(root), val_split=0.34))
+    assert data.class_names == ("a", "b")
+    assert data.train_size + data.eval_size == 6  # the nested ones too, not the hidden one
+    assert data.skipped_files == {
+        str(root / "b" / "notes.md"): "not read: extension .md (read: .txt)"
+    }
 
 
 def test_the_command_line_refuses_a_bad_row_in_one_line_before_the_workdir(tmp_path, csvs):

@@ -285,10 +285,11 @@ class FaultHook(Action):
     native crash inside that step would (every time it gets there). Configured by the
     environment variable TLLOOP_FAULT = "SIGNAL@STEP" (e.g. "SIGSEGV@5"), or
     "SIGNAL@STEP:once=PATH" to fire only while PATH does not exist (it is created first), so
-    that a restarted process goes on."""
+    that a restarted process goes on; "SIGNAL@STEP:onednn" fires only while TensorFlow's
+    oneDNN kernels are on (TF_ENABLE_ONEDNN_OPTS is not "0"), as their known crash does."""
 
-    def __init__(self, signum: int, step: int, once: str = "") -> None:
-        self.signum, self.step, self.once = signum, step, once
+    def __init__(self, signum: int, step: int, once: str = "", onednn: bool = False) -> None:
+        self.signum, self.step, self.once, self.onednn = signum, step, once, onednn
 
     @classmethod
     def from_environment(cls) -> list[FaultHook]:
@@ -296,8 +297,9 @@ class FaultHook(Action):
         if not spec:
             return []
         name, _, rest = spec.partition("@")
-        step, _, once = rest.partition(":once=")
-        return [cls(int(signal.Signals[name]), int(step), once)]
+        onednn = rest.endswith(":onednn")
+        step, _, once = rest.removesuffix(":onednn").partition(":once=")
+        return [cls(int(signal.Signals[name]), int(step), once, onednn)]
 
     def limit(self, step: int, chunk: int) -> int:
         before = self.step - 1  # a host call ends right before the step that crashes
@@ -305,6 +307,8 @@ class FaultHook(Action):
 
     def before_steps(self, step: int) -> None:
         if step + 1 != self.step or (self.once and os.path.exists(self.once)):
+            return
+        if self.onednn and os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":
             return
         if self.once:
             with open(self.once, "w"):

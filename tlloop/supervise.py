@@ -11,6 +11,11 @@ checkpoint) after a back-off, up to N times, unless the child died at the same s
 before (no progress: restarting would only repeat the death). It exits with `DIED` when it
 gives up.
 
+One remedy it applies itself: a child that died by SIGSEGV with TensorFlow's oneDNN CPU
+kernels on (TF_ENABLE_ONEDNN_OPTS not "0"; their known crash, see PITFALLS) is restarted once
+with TF_ENABLE_ONEDNN_OPTS=0, even with `--max_restarts=0` (then as one restart more), and
+results.json says so (`restarted_without_onednn`).
+
 This module imports no TensorFlow, so the parent stays small; `python -m tlloop.supervise`
 supervises any command whose workdir holds a tlloop run (a script of your own on the API).
 """
@@ -27,7 +32,9 @@ import time
 
 CHILD_ENV = "TLLOOP_SUPERVISED"  # set in the child: it trains instead of supervising
 RESTARTS_ENV = "TLLOOP_RESTARTS"  # the child's restart count, for its records
-FAULT_ENV = "TLLOOP_FAULT"  # for tests only: SIGNAL@STEP[:once=PATH], see actions.FaultHook
+FAULT_ENV = "TLLOOP_FAULT"  # for tests only: SIGNAL@STEP[:once=PATH][:onednn], see FaultHook
+ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"  # TensorFlow's switch for its oneDNN CPU kernels
+WITHOUT_ONEDNN_ENV = "TLLOOP_WITHOUT_ONEDNN"  # set in a child restarted with oneDNN off
 DIED = 3  # exit code: the training process died and was not (or no longer) restarted
 OWN_EXITS = (0, 1, 2, 128 + signal.SIGTERM, 128 + signal.SIGINT)
 BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
@@ -48,7 +55,7 @@ def supervise(
     exits, up to `max_restarts` times, unless it died at the step it died at before. Every
     restart and the final verdict are one line on stderr."""
     environment = {**os.environ, **(env or {}), CHILD_ENV: "1"}
-    restarts, reached_before = 0, None
+    restarts, reached_before, extra = 0, None, 0
     while True:
         environment[RESTARTS_ENV] = str(restarts)
         run = command if not restarts else (restart_command or command)
@@ -62,12 +69,23 @@ def supervise(
         death = describe_death(code, peak_mb)
         where = f"after step {reached}" + (f" ({phase})" if phase else "")
         kept = f"the last checkpoint ({checkpoint}) is intact" if checkpoint else "no checkpoint"
-        if restarts < max_restarts and reached != reached_before:
+        onednn = code == -signal.SIGSEGV and environment.get(ONEDNN_ENV) != "0"
+        if onednn or (restarts - extra < max_restarts and reached != reached_before):
             delay = backoff[min(restarts, len(backoff) - 1)] if backoff else 0.0
+            counted = restarts - extra < max_restarts
+            extra += not counted
             restarts += 1
+            which = f"restart {restarts - extra} of {max_restarts}" if counted else "restart once"
+            how = ""
+            if onednn:  # the known remedy, applied: the switch is read as TensorFlow loads
+                environment[ONEDNN_ENV], environment[WITHOUT_ONEDNN_ENV] = "0", "1"
+                how = (
+                    f" with {ONEDNN_ENV}=0 (the known remedy: TensorFlow's oneDNN CPU kernels "
+                    "crash on some models)"
+                )
             _say(
-                f"tlloop: the training process {death} {where}; {kept}; restart {restarts} of "
-                f"{max_restarts} in {delay:g} s from that checkpoint"
+                f"tlloop: the training process {death} {where}; {kept}; {which} in "
+                f"{delay:g} s from that checkpoint{how}"
             )
             time.sleep(delay)
             reached_before = reached
@@ -75,7 +93,7 @@ def supervise(
         repeated = " again at the same step, without progress" if reached == reached_before else ""
         _say(
             f"tlloop: error: the training process {death}{repeated} {where}; {kept}; "
-            f"{remedy(code, peak_mb)}the same command resumes from that checkpoint"
+            f"{remedy(code, peak_mb, environment)}the same command resumes from that checkpoint"
             + (f" (after {restarts} restart(s))" if restarts else "")
         )
         return DIED
@@ -91,9 +109,10 @@ def describe_death(code: int, peak_mb: float) -> str:
     return text + (f", peak memory {peak_mb:,.0f} MB" if peak_mb else "")
 
 
-def remedy(code: int, peak_mb: float) -> str:
-    """The known remedy for a death, ending in '; ', or ''."""
-    if code == -signal.SIGSEGV:
+def remedy(code: int, peak_mb: float, environment: dict | None = None) -> str:
+    """The known remedy for a death, ending in '; ', or '' (none, or already applied in
+    `environment`, default this process's)."""
+    if code == -signal.SIGSEGV and (environment or os.environ).get(ONEDNN_ENV) != "0":
         return (
             "known remedy: TF_ENABLE_ONEDNN_OPTS=0 in the environment (TensorFlow's oneDNN CPU "
             "kernels crash on some models); "

@@ -22,7 +22,7 @@ from absl import logging
 from tlloop import actions as action_lib
 from tlloop import checkpoints as checkpoint_lib
 from tlloop import config as config_lib
-from tlloop import lr_range
+from tlloop import lr_range, supervise
 from tlloop import phases as phase_lib
 from tlloop import tflite as tflite_lib
 from tlloop.actions import Stopped
@@ -294,8 +294,9 @@ class Trainer:
                 train_writer=summaries.default("train"),
             )
             outcome = controller.run()
-        except tf.errors.InvalidArgumentError:
-            # A streamed image that starts like one but does not decode is met only when read.
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+            # A streamed image that starts like one but does not decode (or that was deleted
+            # since the run started) is met only when read.
             first, steps = controller.host_call if controller else (0, 1)
             found = find_unreadable(
                 run.train,
@@ -703,8 +704,11 @@ def train(
     report = experiment.warm_start
     header = {
         "restarts": restarts,  # by the supervisor, before this process
+        # The supervisor restarted it with oneDNN off after that known crash (supervise.py).
+        "restarted_without_onednn": os.environ.get(supervise.WITHOUT_ONEDNN_ENV) == "1",
         "class_names": list(data.class_names),
         "skipped_images": list(data.skipped_files),
+        "skipped_reasons": dict(data.skipped_files),
         "data_storage": dict(data.storage),
         "init_checkpoint": dataclasses.asdict(report) if report else None,
         "recipe": experiment.recipe.to_json() if experiment.recipe else None,

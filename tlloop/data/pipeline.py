@@ -30,7 +30,13 @@ from absl import logging
 
 from tlloop.config import ConfigError, DataConfig
 from tlloop.data.examples import IndexedExamples, InMemoryExamples
-from tlloop.data.images import ACCEPTED_IMAGES, looks_like_image, read_image, resize_images
+from tlloop.data.images import (
+    ACCEPTED_IMAGES,
+    ALPHA,
+    PALETTE,
+    read_image,
+    resize_images,
+)
 from tlloop.data.sources import Split, load_source
 from tlloop.data.streaming import (
     DiskImages,
@@ -47,6 +53,8 @@ AUTOTUNE = tf.data.AUTOTUNE
 # In-memory examples live in the tf.data graph as constants, and a graph over 2 GB cannot be
 # serialized (as distributing a dataset may need): a larger split streams.
 MAX_IN_MEMORY = 2**31 - 2**20
+# How the reason of an unreadable image starts, in `Data.skipped_files`.
+UNREADABLE = "unreadable: "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +74,9 @@ class Data:
     batch_size: int
     eval_batch_size: int
     seed: int = 0
-    skipped_files: tuple[str, ...] = ()  # unreadable image files left out (--bad_images=skip)
+    # Every file found and not used, with the reason (printable path: reason): kinds not read
+    # (TIFF, other extensions, dangling links) and unreadable images (--bad_images=skip).
+    skipped_files: dict[str, str] = dataclasses.field(default_factory=dict)
     storage: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -111,16 +121,37 @@ def load_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
     logging.info(
         "data memory budget: %.0f MiB (--data_memory=%s)", budget / 2**20, config.data_memory
     )
-    loaded, storage, skipped = {}, {}, []
+    skipped = dict(source.skipped)
+    if skipped:
+        logging.warning(
+            "left out %d file(s) that are no images tlloop reads (each with its reason in "
+            "results.json's skipped_reasons), e.g. %s: %s",
+            len(skipped),
+            *next(iter(skipped.items())),
+        )
+    loaded, storage, forms = {}, {}, {ALPHA: 0, PALETTE: 0, "oriented": 0}
     splits = [("eval", source.eval)] + [("train", source.train)] * (not evaluation_only)
-    for name, split in splits:  # evaluation first: it is read in full at every evaluation
-        examples, storage[name], bad = _load_split(split, config, budget)
+    for position, (name, split) in enumerate(splits):
+        # Evaluation first: it is read in full at every evaluation.
+        try:
+            examples, storage[name], bad = _load_split(split, config, budget, forms)
+        except _Unreadable as refusal:  # counted over every split, the others by first bytes
+            later = sum(_unreadable_count(s, config) for _, s in splits[position + 1 :])
+            _refuse(refusal.images, refusal.bad, len(skipped_unreadable(skipped)) + later)
         if isinstance(examples, InMemoryExamples):
             budget -= examples.size * config.image_size**2 * 3
-        _check_every_class(examples.labels, source.class_names, bad)
+        _check_every_class(examples.labels, source.class_names, tuple(bad))
         loaded[name] = examples
-        skipped = list(bad) + skipped
+        skipped.update(bad)
         logging.info("%s split: %d examples, %s", name, examples.size, storage[name])
+    if any(forms.values()):
+        logging.info(
+            "images read as they are shown: %d turned as their EXIF orientation says, %d "
+            "palette BMPs given their colours, %d with transparency composited on white",
+            forms["oriented"],
+            forms[PALETTE],
+            forms[ALPHA],
+        )
     return Data(
         class_names=source.class_names,
         train_examples=loaded.get("train"),
@@ -128,7 +159,7 @@ def load_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
         batch_size=config.batch_size,
         eval_batch_size=config.eval_batch,
         seed=config.seed,
-        skipped_files=tuple(skipped),
+        skipped_files=skipped,
         storage=storage,
     )
 
@@ -147,15 +178,36 @@ def memory_budget(setting: str) -> int:
     return available // 2
 
 
-def _load_split(split: Split, config: DataConfig, budget: int):
-    """(examples, how they are stored, as logged, the images skipped) of one split."""
+class _Unreadable(Exception):
+    """A split holds unreadable images under --bad_images=fail (`_refuse` says which)."""
+
+    def __init__(self, images: EncodedImages, bad: dict[str, str]) -> None:
+        super().__init__()
+        self.images, self.bad = images, bad
+
+
+def skipped_unreadable(skipped: dict[str, str]) -> dict[str, str]:
+    """The unreadable images among files `skipped` (not the kinds never read)."""
+    return {path: why for path, why in skipped.items() if why.startswith(UNREADABLE)}
+
+
+def _load_split(split: Split, config: DataConfig, budget: int, forms: dict):
+    """(examples, how they are stored, as logged, the images skipped with their reasons) of
+    one split; counts the images of each form into `forms`. Raises _Unreadable under
+    --bad_images=fail when images are unreadable."""
     if isinstance(split.images, np.ndarray):
-        return in_memory(split, config.image_size, config.resize), "memory: arrays", ()
+        return in_memory(split, config.image_size, config.resize), "memory: arrays", {}
     origins = split.origins if isinstance(split.images, list) and split.origins else None
     reader = Reader(split.images, origins, config.image_feature)
-    every = EncodedImages(reader, split.labels, config.image_size, config.resize)
-    heads = reader.heads()
-    images, skipped = _keep(every, np.flatnonzero([looks_like_image(h) for h in heads]))
+    scans = reader.scans()
+    every = EncodedImages(
+        reader, split.labels, config.image_size, config.resize, [f for f, _ in scans]
+    )
+    forms[ALPHA] += int(np.sum(every.forms & ALPHA > 0))
+    forms[PALETTE] += int(np.sum(every.forms & PALETTE > 0))
+    forms["oriented"] += int(np.sum(every.forms % 16 > 1))
+    problems = {i: why for i, (_, why) in enumerate(scans) if why}
+    images, skipped = _keep(every, np.flatnonzero([not why for _, why in scans]), problems)
     size = f"{images.decoded_bytes / 2**20:.1f} MiB decoded"
     fits = images.decoded_bytes <= min(budget, MAX_IN_MEMORY)
     left = (
@@ -164,7 +216,7 @@ def _load_split(split: Split, config: DataConfig, budget: int):
         else "over the 2 GiB one split may hold in memory"
     )
     if skipped and config.bad_images == "fail" and not (fits or config.data_cache):
-        _refuse(every, skipped)  # found cheaply; nothing will decode every image at load
+        raise _Unreadable(every, skipped)  # found cheaply; nothing decodes every image at load
     cached = pixels = None
     if config.data_cache:
         pixels_path, meta_path = cache_files(config.data_cache, images)
@@ -183,22 +235,30 @@ def _load_split(split: Split, config: DataConfig, budget: int):
         images, more = _keep(images, kept)
         how = "decoded as read; every image checked at load"
     else:
-        more, how = (), "decoded as read"
-    skipped += more
+        more, how = {}, "decoded as read"
+    skipped.update(more)
     if skipped and config.bad_images == "fail":
-        _refuse(every, skipped)
+        raise _Unreadable(every, skipped)
     if skipped:
         logging.warning(
             "--bad_images=skip: skipped %d unreadable image file(s) of %d: %s",
             len(skipped),
             every.size,
-            ", ".join(skipped),
+            ", ".join(f"{path} ({why[len(UNREADABLE) :]})" for path, why in skipped.items()),
         )
     if fits:
         pixels = cached.pixels() if cached else pixels
         examples = InMemoryExamples(pixels, images.labels, transform=_to_float)
         return examples, f"memory ({size}, {how})", skipped
     return cached or images, f"streamed ({size} {left}; {how})", skipped
+
+
+def _unreadable_count(split: Split, config: DataConfig) -> int:
+    """How many images of `split` are unreadable by their first bytes."""
+    if isinstance(split.images, np.ndarray):
+        return 0
+    reader = Reader(split.images, split.origins, config.image_feature)
+    return sum(bool(why) for _, why in reader.scans())
 
 
 def _decode_pass(images: EncodedImages, *, keep_pixels: bool):
@@ -212,24 +272,34 @@ def _decode_pass(images: EncodedImages, *, keep_pixels: bool):
     return np.concatenate(kept), np.concatenate(pixels) if pixels else None
 
 
-def _keep(images: EncodedImages, kept: np.ndarray) -> tuple[EncodedImages, tuple[str, ...]]:
-    """`images` reduced to the indices `kept`, and where the others come from."""
+def _keep(
+    images: EncodedImages, kept: np.ndarray, problems: dict[int, str] | None = None
+) -> tuple[EncodedImages, dict[str, str]]:
+    """`images` reduced to the indices `kept`, and where the others come from, with why they
+    are unreadable (`problems` by index, else TensorFlow's reason, decoding it again)."""
     if len(kept) == images.size:
-        return images, ()
+        return images, {}
     bad = np.setdiff1d(np.arange(images.size), kept)
-    return images.keep(kept), tuple(images.reader.origin(int(i)) for i in bad)
+    why = {int(i): (problems or {}).get(int(i)) or images.problem(int(i)) or "" for i in bad}
+    return images.keep(kept), {images.reader.origin(int(i)): UNREADABLE + why[int(i)] for i in bad}
 
 
-def _refuse(images: EncodedImages, unreadable: tuple[str, ...]) -> None:
+def _refuse(images: EncodedImages, unreadable: dict[str, str], elsewhere: int) -> None:
     """Raises ConfigError naming the first of `images` (in their order) that is `unreadable`,
-    with TensorFlow's reason."""
-    bad = set(unreadable)
-    first = next(i for i in range(images.size) if images.reader.origin(i) in bad)
-    problem = images.unreadable([first]) or f"image {images.reader.origin(first)!r}: unreadable"
-    more = f" ({len(bad) - 1} more unreadable images)" if len(bad) > 1 else ""
-    raise ConfigError(
-        f"{problem}; accepted: {ACCEPTED_IMAGES}, or --bad_images=skip to leave them out{more}"
+    with the reason, and how many more there are (`elsewhere`: in other splits)."""
+    first = next(i for i in range(images.size) if images.reader.origin(i) in unreadable)
+    origin = images.reader.origin(first)
+    what = (
+        f"image file {origin!r}: cannot be read or decoded"
+        if images.reader.kind == "files"
+        else f"image {origin!r}: cannot be decoded"
     )
+    count = len(unreadable) - 1 + elsewhere
+    more = f" ({count} more unreadable images)" if count else ""
+    raise ConfigError(
+        f"{what} ({unreadable[origin][len(UNREADABLE) :]}); accepted: {ACCEPTED_IMAGES}, or "
+        f"--bad_images=skip to leave them out{more}"
+    ) from None
 
 
 def in_memory(split: Split, image_size: int, resize: str = "squash") -> InMemoryExamples:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tlloop.config import ConfigError, DataConfig
-from tlloop.data.images import IMAGE_EXTENSIONS
+from tlloop.data.images import IMAGE_EXTENSIONS, UNDECODED_KINDS, shown
 
 if TYPE_CHECKING:
     from tlloop.data.streaming import RecordRefs
@@ -46,18 +46,23 @@ class Split:
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """Class names in label order and the two splits."""
+    """Class names in label order, the two splits, and the files found but not used, each
+    with the reason (printable path: reason)."""
 
     class_names: tuple[str, ...]
     train: Split
     eval: Split
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def load_source(config: DataConfig) -> Source:
     """Loads `config.dataset`, keeps the selected classes and applies the few-shot limit."""
+    skipped: dict[str, str] = {}
     if config.dataset == "digits":
         names, everything = _digits()
-        train, evaluation = _split(everything, config.val_split)
+        train, evaluation = _split(
+            everything, config.val_split, names, "--dataset=digits", config.classes
+        )
     elif config.dataset == "tfrecord":
         from tlloop.data.records import multi_hot, read_records
 
@@ -69,7 +74,9 @@ def load_source(config: DataConfig) -> Source:
         elif multilabel:  # no one class to stratify by
             train, evaluation = random_split(train, config.val_split)
         else:
-            train, evaluation = _split(train, config.val_split)
+            names = tuple(str(i) for i in range(int(train.labels.max(initial=0)) + 1))
+            where = "--train_files"
+            train, evaluation = _split(train, config.val_split, names, where, config.classes)
         if multilabel:
             count, (train, evaluation) = multi_hot(
                 [train, evaluation], "train_files", config.label_feature
@@ -88,12 +95,13 @@ def load_source(config: DataConfig) -> Source:
 
         names, train, evaluation = read_tfds(config.dataset[5:], config.tfds_dir)
         if evaluation is None:
-            train, evaluation = _split(train, config.val_split)
+            where = f"--dataset={config.dataset}"
+            train, evaluation = _split(train, config.val_split, names, where, config.classes)
     else:
-        names, train, evaluation = folder_splits(config, _folder)
+        names, train, evaluation, skipped = folder_splits(config, _folder)
     names, train, evaluation = _select(names, train, evaluation, config.classes)
     train = _limit_per_class(train, config.train_examples_per_class, len(names))
-    return Source(names, train, evaluation)
+    return Source(names, train, evaluation, skipped)
 
 
 def _digits() -> tuple[tuple[str, ...], Split]:
@@ -107,65 +115,135 @@ def _digits() -> tuple[tuple[str, ...], Split]:
 
 
 def folder_splits(
-    config: DataConfig, read: Callable[[str, str], tuple[tuple[str, ...], Split]]
-) -> tuple[tuple[str, ...], Split, Split]:
-    """(class names, training split, evaluation split) of --data_dir's class folders, each
-    read by `read(path, flag)`: the evaluation split is --val_dir's (same class folders, else
-    ConfigError) or --val_split of --data_dir's."""
-    names, train = read(config.data_dir, "data_dir")
+    config: DataConfig, read: Callable[[str, str], tuple[tuple[str, ...], Split, dict[str, str]]]
+) -> tuple[tuple[str, ...], Split, Split, dict[str, str]]:
+    """(class names, training split, evaluation split, files skipped with their reasons) of
+    --data_dir's class folders, each read by `read(path, flag)`: the evaluation split is
+    --val_dir's (same class folders, else ConfigError) or --val_split of --data_dir's (every
+    class keeping an example in each split, else ConfigError naming it)."""
+    names, train, skipped = read(config.data_dir, "data_dir")
     if not config.val_dir:
-        return (names, *_split(train, config.val_split))
-    val_names, evaluation = read(config.val_dir, "val_dir")
+        where = f"--data_dir={config.data_dir!r}"
+        return (names, *_split(train, config.val_split, names, where, config.classes), skipped)
+    val_names, evaluation, val_skipped = read(config.val_dir, "val_dir")
     if val_names != names:
         raise ConfigError(
             f"--val_dir={config.val_dir!r}: its class folders {list(val_names)} differ "
             f"from --data_dir's {list(names)}; accepted: the same class folders"
         )
-    return names, train, evaluation
+    return names, train, evaluation, {**skipped, **val_skipped}
 
 
-def _folder(path: str, flag: str) -> tuple[tuple[str, ...], Split]:
-    """One sub-folder per class, sorted by name; image files found by extension."""
-    accepted = "a folder with one sub-folder of images (JPEG, PNG, BMP, GIF) per class"
-    names, files, labels = class_folders(path, flag, IMAGE_EXTENSIONS, "images", accepted)
-    return names, Split(files, labels)
+def _folder(path: str, flag: str) -> tuple[tuple[str, ...], Split, dict[str, str]]:
+    """One sub-folder per class, sorted by name (`class_folders`); image files found by
+    extension (the format by content, when read), other files skipped with the reason."""
+    accepted = f"a folder with one sub-folder of images ({', '.join(IMAGE_EXTENSIONS)}) per class"
+    names, files, labels, skipped = class_folders(
+        path, flag, IMAGE_EXTENSIONS, "images", accepted, UNDECODED_KINDS
+    )
+    return names, Split(files, labels), skipped
 
 
 def class_folders(
-    path: str, flag: str, extensions: tuple[str, ...], what: str, accepted: str
-) -> tuple[tuple[str, ...], list[str], np.ndarray]:
-    """(class names, files, int32 labels) of a folder with one sub-folder per class, sorted by
-    name, its files found by `extensions`; ConfigError naming `--flag` (`what` the files are)
-    for a missing folder, no class folder, or an empty one."""
+    path: str,
+    flag: str,
+    extensions: tuple[str, ...],
+    what: str,
+    accepted: str,
+    undecoded: dict[str, str] | None = None,
+) -> tuple[tuple[str, ...], list[str], np.ndarray, dict[str, str]]:
+    """(class names, files, int32 labels, files skipped) of a folder with one sub-folder per
+    class, as Keras' `image_dataset_from_directory` reads it: class folders sorted by name,
+    the files of each (in its nested folders too, in sorted path order) found by
+    `extensions`; hidden files and folders (names starting with '.') ignored.
+
+    Every other file is skipped and returned with the reason (printable path: reason): a
+    kind `undecoded` names (extension: kind, e.g. TIFF), another extension, a link to nothing
+    or to a folder (not followed), files beside the class folders. ConfigError naming
+    `--flag` (`what` the files are) for a missing folder, no class folder, or a class with
+    none of its files."""
     if not os.path.isdir(path):
         raise ConfigError(f"--{flag}={path!r}: not a folder; accepted: {accepted}")
-    names = tuple(sorted(e.name for e in os.scandir(path) if e.is_dir()))
+    skipped: dict[str, str] = {}
+    entries = sorted(
+        (e for e in os.scandir(path) if not e.name.startswith(".")), key=lambda e: e.name
+    )
+    names = tuple(e.name for e in entries if e.is_dir())
+    for entry in entries:
+        if not entry.is_dir():
+            skipped[shown(entry.path)] = "beside the class folders, not in one"
     if not names:
         raise ConfigError(f"--{flag}={path!r}: has no class sub-folders; accepted: {accepted}")
     files: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(names):
-        found = sorted(
-            entry.path
-            for entry in os.scandir(os.path.join(path, name))
-            if entry.is_file() and entry.name.lower().endswith(extensions)
-        )
+        found = _files(os.path.join(path, name), extensions, what, undecoded or {}, skipped)
         if not found:
             raise ConfigError(
-                f"--{flag}={path!r}: class folder {name!r} holds no {what}; accepted: {accepted}"
+                f"--{flag}={path!r}: class folder {shown(name)!r} holds no {what}; "
+                f"accepted: {accepted}"
             )
         files += found
         labels += [label] * len(found)
-    return names, files, np.asarray(labels, np.int32)
+    # Class names travel into the export as text: a folder name that is not UTF-8, escaped.
+    return tuple(shown(n) for n in names), files, np.asarray(labels, np.int32), skipped
 
 
-def _split(split: Split, val_fraction: float) -> tuple[Split, Split]:
-    """A stratified split: `val_fraction` of each class (at least one) goes to evaluation."""
+def _files(
+    folder: str,
+    extensions: tuple[str, ...],
+    what: str,
+    undecoded: dict[str, str],
+    skipped: dict[str, str],
+) -> list[str]:
+    """The files of `folder` and its nested folders with one of `extensions`, in sorted path
+    order, hidden ones left out; the others into `skipped` with their reasons."""
+    found: list[str] = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue  # hidden: .DS_Store, .ipynb_checkpoints/, .thumbnails/ (as Keras)
+        extension = os.path.splitext(entry.name)[1].lower()
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            skipped[shown(entry.path)] = "a link to nothing (the file it names does not exist)"
+        elif entry.is_dir(follow_symlinks=False):
+            found += _files(entry.path, extensions, what, undecoded, skipped)
+        elif entry.is_dir():
+            skipped[shown(entry.path)] = "a link to a folder (not followed, as Keras)"
+        elif not entry.is_file():
+            skipped[shown(entry.path)] = "not a regular file"
+        elif entry.name.lower().endswith(extensions):
+            found.append(entry.path)
+        elif extension in undecoded:
+            skipped[shown(entry.path)] = f"{undecoded[extension]}: TensorFlow does not decode it"
+        else:
+            skipped[shown(entry.path)] = (
+                f"not read: extension {extension or '(none)'} (read: {', '.join(extensions)})"
+            )
+    return found
+
+
+def _split(
+    split: Split,
+    val_fraction: float,
+    names: tuple[str, ...] = (),
+    where: str = "the examples",
+    selected: tuple[str, ...] = (),
+) -> tuple[Split, Split]:
+    """A stratified split: `val_fraction` of each class (at least one) goes to evaluation.
+    ConfigError naming the class of `names` and `where` it comes from if one would keep no
+    training example (a class of one example), unless `selected` (--classes) leaves it out."""
     rng = np.random.default_rng(SPLIT_SEED)
     train_index, eval_index = [], []
     for label in np.unique(split.labels):
         index = rng.permutation(np.flatnonzero(split.labels == label))
         count = max(1, round(len(index) * val_fraction))
+        name = names[label] if label < len(names) else str(label)
+        if count >= len(index) and (not selected or name in selected):
+            raise ConfigError(
+                f"{where}: class {shown(name)!r} has {len(index)} example(s), too few to "
+                f"keep one for training and split one off for evaluation (--val_split="
+                f"{val_fraction:g}); accepted: at least 2 per class, or --val_dir"
+            )
         eval_index.append(index[:count])
         train_index.append(index[count:])
     return split.take(np.sort(np.concatenate(train_index))), split.take(

@@ -28,7 +28,14 @@ from absl import logging
 
 from tlloop.config import ConfigError
 from tlloop.data.examples import AUTOTUNE, IndexedExamples, eager_constant, example_index
-from tlloop.data.images import HEAD_BYTES, decode_resized, reason
+from tlloop.data.images import (
+    DECODE_VERSION,
+    decode_resized,
+    reason,
+    scan_bytes,
+    scan_file,
+    shown,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +86,7 @@ class Reader:
         if self.kind == "records":
             return self.items.origin(i)
         if self.kind == "files":
-            return self.items[i]
+            return shown(self.items[i])
         return self._origins[i] if self._origins else f"example {i}"
 
     def items_at(self, indices: tf.Tensor) -> tf.Tensor:
@@ -94,6 +101,8 @@ class Reader:
 
     @functools.cached_property
     def _items_tensor(self) -> tf.Tensor:
+        if self.kind == "files":  # as bytes: a name that is not UTF-8 is no Python str to TF
+            return eager_constant([os.fsencode(path) for path in self.items])
         return eager_constant(self.items)
 
     def fetch(self, item: tf.Tensor) -> tf.Tensor:
@@ -116,21 +125,15 @@ class Reader:
                 self._descriptors[file] = os.open(self.items.files[file], os.O_RDONLY)
             return self._descriptors[file]
 
-    def heads(self) -> list[bytes | None]:
-        """Each image's first bytes (None for a file that cannot be read), for a cheap check
-        before training that they are images; records carry theirs from their scan."""
+    def scans(self) -> list[tuple[int, str]]:
+        """Each image's (form, problem) from its first bytes (`images.scan_file`): a cheap
+        look before training at what each is; records carry their first bytes from their
+        scan."""
         if self.kind == "records":
-            return list(self.items.head)
+            return [scan_bytes(head) for head in self.items.head]
         if self.kind == "bytes":
-            return [item[:HEAD_BYTES] for item in self.items]
-        heads: list[bytes | None] = []
-        for path in self.items:
-            try:
-                with open(path, "rb") as file:
-                    heads.append(file.read(HEAD_BYTES))
-            except OSError:
-                heads.append(None)
-        return heads
+            return [scan_bytes(item) for item in self.items]
+        return [scan_file(path) for path in self.items]
 
     def fingerprint(self) -> str:
         """Changes when the images do: paths with their sizes and modification times, record
@@ -143,7 +146,9 @@ class Reader:
         paths = self.items.files if self.kind == "records" else self.items
         for path in paths:
             stat = os.stat(path)
-            digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+            digest.update(
+                os.fsencode(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0")
+            )
         if self.kind == "records":
             for array in (self.items.file, self.items.offset, self.items.length):
                 digest.update(np.ascontiguousarray(array, np.int64).tobytes())
@@ -160,13 +165,22 @@ class Reader:
 
 class EncodedImages(IndexedExamples):
     """Examples whose inputs are encoded images (`reader`), decoded into float32
-    (`image_size`, `image_size`, 3) images in [0, 255] as they are read; `labels` in memory."""
+    (`image_size`, `image_size`, 3) images in [0, 255] as they are read, each as its form
+    says (`forms`, int32 from `Reader.scans`; None: all as stored); `labels` in memory."""
 
-    def __init__(self, reader: Reader, labels: np.ndarray, image_size: int, resize: str) -> None:
+    def __init__(
+        self,
+        reader: Reader,
+        labels: np.ndarray,
+        image_size: int,
+        resize: str,
+        forms: np.ndarray | None = None,
+    ) -> None:
         if len(reader) != len(labels):
             raise ValueError(f"{len(reader)} images but {len(labels)} labels")
         self.reader, self.labels = reader, np.asarray(labels)
         self.image_size, self.resize = image_size, resize
+        self.forms = np.zeros(len(labels), np.int32) if forms is None else np.asarray(forms)
 
     @classmethod
     def from_files(
@@ -186,15 +200,35 @@ class EncodedImages(IndexedExamples):
         return self.size * self.image_size**2 * 3
 
     def read(self, indices):
-        return self.reader.items_at(indices), self.labels_at(indices)
+        return (self.reader.items_at(indices), self.forms_at(indices)), self.labels_at(indices)
 
-    def finish(self, item, label):
-        return decode_resized(self.reader.fetch(item), self.image_size, self.resize), label
+    def finish(self, inputs, label):
+        item, form = inputs
+        image = decode_resized(
+            self.reader.fetch(item), self.image_size, self.resize, self._form(form)
+        )
+        return image, label
+
+    def _form(self, form: tf.Tensor) -> tf.Tensor | None:
+        """`form` for `decode`, or None when every image is of form 0 (the common case:
+        `decode` then builds no control flow; the same pixels)."""
+        return form if self.forms.any() else None
+
+    def forms_at(self, indices: tf.Tensor) -> tf.Tensor:
+        return tf.gather(self._forms_tensor, indices)
+
+    @functools.cached_property
+    def _forms_tensor(self) -> tf.Tensor:
+        return eager_constant(self.forms.astype(np.int32))
 
     def keep(self, kept: np.ndarray) -> EncodedImages:
         """These examples without the ones not in `kept` (indices, in order)."""
         return EncodedImages(
-            self.reader.take(kept), self.labels[kept], self.image_size, self.resize
+            self.reader.take(kept),
+            self.labels[kept],
+            self.image_size,
+            self.resize,
+            self.forms[kept],
         )
 
     def decode_all(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -204,10 +238,16 @@ class EncodedImages(IndexedExamples):
         encoded = (
             tf.data.Dataset.range(self.size)
             .batch(64)
-            .map(lambda i: (i, self.reader.items_at(i)), num_parallel_calls=AUTOTUNE)
+            .map(
+                lambda i: (i, self.reader.items_at(i), self.forms_at(i)),
+                num_parallel_calls=AUTOTUNE,
+            )
             .unbatch()
             .map(
-                lambda i, item: (i, tf.cast(decode_resized(fetch(item), size, resize), tf.uint8)),
+                lambda i, item, form: (
+                    i,
+                    tf.cast(decode_resized(fetch(item), size, resize, self._form(form)), tf.uint8),
+                ),
                 num_parallel_calls=AUTOTUNE,
                 deterministic=True,
             )
@@ -227,11 +267,19 @@ class EncodedImages(IndexedExamples):
             else "image {!r}: cannot be decoded"
         )
         for i in indices:
-            try:
-                item = self.reader.items_at(tf.constant([int(i)], tf.int64))[0]
-                decode_resized(self.reader.fetch(item), self.image_size, self.resize)
-            except (tf.errors.OpError, ValueError) as error:
-                return f"{problem.format(self.reader.origin(int(i)))} ({reason(error)})"
+            why = self.problem(int(i))
+            if why is not None:
+                return f"{problem.format(self.reader.origin(int(i)))} ({why})"
+        return None
+
+    def problem(self, i: int) -> str | None:
+        """Why example `i` cannot be read and decoded (TensorFlow's reason), None if it can."""
+        try:
+            item = self.reader.items_at(tf.constant([i], tf.int64))[0]
+            form = int(self.forms[i]) or None
+            decode_resized(self.reader.fetch(item), self.image_size, self.resize, form)
+        except (tf.errors.OpError, ValueError) as error:
+            return reason(error)
         return None
 
 
@@ -276,8 +324,11 @@ class DiskImages(IndexedExamples):
 
 def cache_files(directory: str, images: EncodedImages) -> tuple[str, str]:
     """(pixels file, description file) of `images` in the cache `directory`: named by what
-    decides their pixels (the images' fingerprint, the size and the resize mode)."""
-    key = json.dumps([images.reader.fingerprint(), images.image_size, images.resize])
+    decides their pixels (the images' fingerprint, the size, the resize mode and the way
+    images are decoded)."""
+    key = json.dumps(
+        [images.reader.fingerprint(), images.image_size, images.resize, DECODE_VERSION]
+    )
     name = hashlib.sha256(key.encode()).hexdigest()[:24]
     return os.path.join(directory, f"{name}.pixels"), os.path.join(directory, f"{name}.json")
 

@@ -45,10 +45,11 @@ def load_text_data(config: DataConfig, *, evaluation_only: bool = False) -> Data
                 f"--{flag}={value!r}: the examples are texts, always held in memory; "
                 f"accepted: {default or 'empty'} with texts"
             )
+    skipped: dict[str, str] = {}
     if config.dataset == "csv":
         _, names, train, evaluation = load_tables(config)
     else:
-        names, train, evaluation = folder_splits(config, text_folder)
+        names, train, evaluation, skipped = folder_splits(config, text_folder)
         names, train, evaluation = _select(names, train, evaluation, config.classes)
         train = _limit_per_class(train, config.train_examples_per_class, len(names))
     return Data(
@@ -58,6 +59,7 @@ def load_text_data(config: DataConfig, *, evaluation_only: bool = False) -> Data
         batch_size=config.batch_size,
         eval_batch_size=config.eval_batch,
         seed=config.seed,
+        skipped_files=skipped,
         storage={
             name: "memory (texts, tokenized inside the model)"
             for name in ("eval",) + ("train",) * (not evaluation_only)
@@ -65,12 +67,16 @@ def load_text_data(config: DataConfig, *, evaluation_only: bool = False) -> Data
     )
 
 
-def text_folder(path: str, flag: str) -> tuple[tuple[str, ...], Split]:
-    """One sub-folder of .txt files per class, sorted by name; each file one example."""
+def text_folder(path: str, flag: str) -> tuple[tuple[str, ...], Split, dict[str, str]]:
+    """One sub-folder of .txt files per class, sorted by name, walked as image folders are
+    (`class_folders`: nested folders read, hidden ones ignored, other files skipped with the
+    reason); each file one example."""
     accepted = "a folder with one sub-folder of UTF-8 .txt files per class"
-    names, files, labels = class_folders(path, flag, TEXT_EXTENSIONS, ".txt files", accepted)
+    names, files, labels, skipped = class_folders(
+        path, flag, TEXT_EXTENSIONS, ".txt files", accepted
+    )
     texts = [read_text_file(file, f"--{flag}: text file ") for file in files]
-    return names, Split(texts, labels)
+    return names, Split(texts, labels), skipped
 
 
 def _examples(split: Split) -> InMemoryExamples:
