@@ -28,7 +28,7 @@ from absl import logging
 
 from tlloop.config import ConfigError
 from tlloop.data.examples import AUTOTUNE, IndexedExamples, eager_constant, example_index
-from tlloop.data.images import HEAD_BYTES, decode_resized, reason
+from tlloop.data.images import ACCEPTED_IMAGES, HEAD_BYTES, decode_resized, reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,9 +172,18 @@ class EncodedImages(IndexedExamples):
     def from_files(
         cls, paths: list[str], labels, *, image_size: int, resize: str = "squash"
     ) -> EncodedImages:
-        """Image files (JPEG, PNG, BMP, GIF) with their labels, streamed: nothing is read now;
-        each batch reads and decodes its files, in tlloop's seeded order."""
-        return cls(Reader(list(paths)), np.asarray(labels), image_size, resize)
+        """Image files (JPEG, PNG, BMP, GIF) with their labels, streamed: nothing is read now
+        (only that each file exists is checked); each batch reads and decodes its files, in
+        tlloop's seeded order. Raises ValueError naming the first file that does not exist, in
+        the words used for one that does not decode when training reads it."""
+        paths = [os.fspath(path) for path in paths]
+        for path in paths:
+            if not os.path.isfile(path):
+                raise ValueError(
+                    f"image file {path!r}: cannot be read or decoded (no such file); "
+                    f"accepted: {ACCEPTED_IMAGES}"
+                )
+        return cls(Reader(paths), np.asarray(labels), image_size, resize)
 
     @property
     def size(self) -> int:
