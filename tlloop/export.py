@@ -13,13 +13,15 @@ WORKDIR/export/ holds:
   the threshold) and `labels` (the names over it, joined by ";"); for regression
   `predictions` in the targets' units. `class_names` (no input) returns every class name in
   label order. A model of other inputs (raw strings for a text backbone, token ids) gets one
-  `serving_default` over its backbone's inputs.
+  `serving_default` over its backbone's inputs. A backbone that declares no inputs (a
+  subclassed model) is served the `inputs` given (`Trainer.fit` gives its training inputs').
 - `model_float32.tflite`, `model_dynamic.tflite`, `model_int8.tflite` and `labels.txt`, when
   TFLite formats are asked for (`tflite=`, `--export_tflite`): see `tlloop.tflite`; each file
   checked with the LiteRT interpreter before it is written.
 
 Load the .keras files with `keras.saving.load_model` after `import tlloop` (which registers
-tlloop's classes); the SavedModel needs only TensorFlow.
+tlloop's classes) and the modules that register yours; the SavedModel needs only TensorFlow.
+`check_export` refuses, before anything is written, a model whose .keras files would not load.
 """
 
 from __future__ import annotations
@@ -165,23 +167,33 @@ def check_export(model: TransferModel, inputs=None):
     """Checks, before anything is written (and before training), that `export_model` can
     write every file for `model`; returns the input specs its SavedModel will serve.
 
-    The .keras files: the model's config makes a Keras serialization round trip
-    (`serialize_keras_object`, then `deserialize_keras_object` in safe mode, as
-    `keras.saving.load_model` does): every class of the model, at any depth, must be Keras' own
-    or registered (`keras.saving.register_keras_serializable`), and give its `__init__`
-    arguments in `get_config`. The round trip builds a copy of the model (the random state is
-    put back after it). The SavedModel: the backbone's declared inputs, or `inputs`.
+    The .keras files: the model's config makes the Keras serialization round trip
+    `keras.saving.load_model` makes (`serialize_keras_object`, then `deserialize_keras_object`,
+    not in safe mode, which a model with Lambda layers loads without): every class of the
+    model, at any depth, must be Keras' own or registered
+    (`keras.saving.register_keras_serializable`), and give its `__init__` arguments in
+    `get_config`. The round trip builds a copy of the model (the random state is put back
+    after it). The SavedModel: the backbone's declared inputs, or `inputs` (the forward pass
+    is traced on them once).
 
     Raises ValueError in one line naming the class at fault and the fix."""
     specs = input_specs(model.backbone)
     if specs is None:
+        if inputs is None:
+            raise ValueError(
+                "export: the backbone declares no inputs, so the SavedModel has no signature "
+                "to serve; accepted: inputs=tf.TensorSpec((None, ...)) of one batch, a "
+                "functional backbone, or export=False"
+            )
         specs = inputs
-    if specs is None:
-        raise ValueError(
-            "export: the backbone declares no inputs, so the SavedModel has no signature to "
-            "serve; accepted: inputs=tf.TensorSpec((None, ...)) of one batch, a functional "
-            "backbone, or export=False"
-        )
+        try:  # the serving function, traced as the SavedModel will trace it
+            tf.function(lambda x: model.forward(x, INFERENCE)).get_concrete_function(specs)
+        except Exception as error:
+            raise ValueError(
+                f"export: the model cannot serve a batch of any size of the inputs {specs} "
+                f"({_first_line(error)}); accepted: a backbone that takes them, or "
+                "export=False"
+            ) from None
     problem = _serialization_problem(model)
     if problem:
         raise ValueError(f"export: {problem}, or export=False")
@@ -215,7 +227,7 @@ def _serialization_problem(model: TransferModel) -> str | None:
         return f"class {unknown} {_FIX_REGISTER}"
     with _random_state_kept():
         try:
-            keras.saving.deserialize_keras_object(config, safe_mode=True)
+            keras.saving.deserialize_keras_object(config, safe_mode=False)
         except Exception as error:
             found = re.search(r"Could not locate (?:class|function) '([^']+)'", str(error))
             if found:
