@@ -58,7 +58,7 @@ def export_model(
     verify_images: np.ndarray | None = None,
     representative: np.ndarray | None = None,
     min_agreement: Mapping[str, float] | None = None,
-    inputs=None,
+    inputs: Any = None,
 ) -> dict[str, Any]:
     """Writes `model.keras`, `backbone.keras` and `saved_model/` into `directory`; returns
     their paths. Each replaces its previous version in one step, never half-written.
@@ -163,13 +163,13 @@ class ExportError(RuntimeError):
         super().__init__(f"{', '.join(missing)} not written: {self.reason}")
 
 
-def check_export(model: TransferModel, inputs=None):
+def check_export(model: TransferModel, inputs: Any = None) -> Any:
     """Checks, before anything is written (and before training), that `export_model` can
     write every file for `model`; returns the input specs its SavedModel will serve.
 
     The .keras files: the model's config makes the Keras serialization round trip
-    `keras.saving.load_model` makes (`serialize_keras_object`, then `deserialize_keras_object`,
-    not in safe mode, which a model with Lambda layers loads without): every class of the
+    `keras.saving.load_model` makes (`serialize_keras_object`, then `deserialize_keras_object`
+    with safe mode off, as a model with Lambda layers is loaded): every class of the
     model, at any depth, must be Keras' own or registered
     (`keras.saving.register_keras_serializable`), and give its `__init__` arguments in
     `get_config`. The round trip builds a copy of the model (the random state is put back
@@ -241,7 +241,8 @@ def _serialization_problem(model: TransferModel) -> str | None:
 
 
 def _failing_config(model: keras.layers.Layer) -> str | None:
-    """The class of the innermost layer of `model` whose get_config raises, or None."""
+    """The class of the last layer of `model` (walked depth first, the model itself first)
+    whose get_config raises: the deepest on its branch, when Keras' message names none."""
     failing = None
     for layer in model._flatten_layers(include_self=True, recursive=True):
         try:

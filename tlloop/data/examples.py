@@ -12,7 +12,8 @@ step: step t reads the t-th global batch of one endless stream. Two kinds:
   batch for batch. `InMemoryExamples` hold (inputs, labels) as arrays; `streaming` has
   examples of encoded images, decoded as they are read.
 - `StreamedExamples` wrap a user's finite `tf.data.Dataset`, iterated as given: its own order,
-  its own random maps, repeated; tlloop only batches it into full global batches. A resumed
+  its own random maps, repeated; tlloop only batches it into full global batches (unbatching a
+  batched one first: `batching` tells which from its inputs). A resumed
   run skips the batches already read (a replay, exact when a fresh iterator of the dataset
   gives the same sequence, e.g. when it shuffles with a seed).
 
@@ -26,6 +27,7 @@ import abc
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -326,7 +328,7 @@ class StreamedExamples(Examples):
         return batches.skip(start_step).prefetch(AUTOTUNE)
 
 
-def as_examples(data, *, argument: str, inputs=None) -> Examples:
+def as_examples(data, *, argument: str, inputs: Any = None) -> Examples:
     """`data` as Examples: Examples as they are; a tuple (inputs, labels) of arrays (inputs may
     be a dict or tuple of arrays) in memory; a `tf.data.Dataset` of (inputs, label) pairs
     streamed as given, unbatched first when it is batched (`batching`). `inputs`: the
@@ -354,7 +356,7 @@ def as_examples(data, *, argument: str, inputs=None) -> Examples:
     )
 
 
-def batching(dataset: tf.data.Dataset, inputs=None) -> bool:
+def batching(dataset: tf.data.Dataset, inputs: Any = None) -> bool:
     """Whether the elements of `dataset` ((inputs, label) pairs) are batches, decided from the
     inputs, never from the labels (a batch of scalar targets has the rank of one example's
     target vector): by the ranks of the model's declared `inputs` (TensorSpecs with their

@@ -178,7 +178,7 @@ class EncodedImages(IndexedExamples):
         the words used for one that does not decode when training reads it."""
         paths = [os.fspath(path) for path in paths]
         for path in paths:
-            if not os.path.isfile(path):
+            if not tf.io.gfile.exists(path):  # local or remote (gs://), as read_file reads
                 raise ValueError(
                     f"image file {path!r}: cannot be read or decoded (no such file); "
                     f"accepted: {ACCEPTED_IMAGES}"
