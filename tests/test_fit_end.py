@@ -115,6 +115,22 @@ def test_a_model_keras_cannot_save_is_refused_before_anything_is_written(tmp_pat
     assert "export" not in results
 
 
+def test_tflite_files_the_model_or_task_cannot_give_are_refused_before_training(tmp_path):
+    workdir = str(tmp_path / "run")
+    loss = tlloop.BestMetric("loss", "min")
+    tflite = tlloop.CheckpointConfig(export_tflite=("float32",), best_metric=loss)
+    regression = tlloop.Regression(1, targets=np.zeros((8, 1), "float32"))
+    phases = [tlloop.Phase("head", 1, 1e-2)]
+    trainer = tlloop.Trainer(workdir, phases=phases, task=regression, checkpoint=tflite)
+    targets = (_data(8, 1)[0], np.zeros(8, "float32"))
+    with pytest.raises(ValueError, match=r"^checkpoint.export_tflite=float32: TFLite files serve"):
+        trainer.fit(_model(outputs=1), targets, targets)
+    trainer = tlloop.Trainer(workdir, phases=phases, checkpoint=tflite)
+    with pytest.raises(ValueError, match=r"^model: the backbone takes no declared input"):
+        trainer.fit(_subclassed(), _data(8, 1), _data(4, 2))
+    assert not os.path.exists(workdir)
+
+
 def test_a_subclassed_backbone_exports_files_that_load_and_serve_the_same_outputs(tmp_path):
     trainer = tlloop.Trainer(
         str(tmp_path / "run"), phases=[tlloop.Phase("head", 1, 1e-2)], logging=_quiet()

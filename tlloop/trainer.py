@@ -234,6 +234,7 @@ class Trainer:
         serving = serving_inputs(train)
         if export:  # decided now: an export refused after training would cost the whole run
             check_export(model, serving)
+            _check_tflite(self.checkpoint, self.task, model)
         return _Run(
             model, train, eval_data, plan, batch_size, eval_batch_size or batch_size, serving
         )
@@ -475,6 +476,20 @@ def serving_inputs(examples: Examples):
     the SavedModel of a backbone that declares no inputs serves."""
     spec = examples.element_spec[0]
     return tf.nest.map_structure(lambda s: tf.TensorSpec((None, *s.shape), s.dtype), spec)
+
+
+def _check_tflite(checkpoint: CheckpointConfig, task: Task, model: TransferModel) -> None:
+    """Refuses TFLite formats (`checkpoint.export_tflite`) the model or task cannot give,
+    before training: they serve a classifier's probabilities for square RGB images."""
+    if not checkpoint.export_tflite:
+        return
+    if not isinstance(task, Classification):
+        raise ValueError(
+            f"checkpoint.export_tflite={','.join(checkpoint.export_tflite)}: TFLite files serve "
+            f"a Classification task's probabilities, not a {type(task).__name__} task's; "
+            "accepted: no TFLite formats, or export=False"
+        )
+    tflite_lib.image_size(model)  # ValueError naming the backbone's inputs
 
 
 def _read_best(best, results: Results) -> None:
