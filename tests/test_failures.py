@@ -191,8 +191,11 @@ def test_an_export_that_cannot_be_written_fails_with_the_checkpoints_intact(tmp_
     workdir.mkdir()
     (workdir / "export").write_text("a file where the export directory goes")
     experiment = trainer.build_experiment(make_config(str(workdir), finetune_epochs=0))
-    with pytest.raises(RunFailed, match=r"^export to '.*export' failed \(.+\); the checkpoints"):
+    missing = "model.keras, backbone.keras, saved_model not written"
+    with pytest.raises(RunFailed, match=rf"^export to '.*' failed: {missing} \(.+\); results"):
         trainer.train(experiment, str(workdir))
     latest = tf.train.latest_checkpoint(str(workdir / "checkpoints"))
     assert latest.endswith("ckpt-3") and _checkpoint_values(latest)
-    assert not (workdir / "results.json").exists()
+    # The run's results are kept, with what was not exported.
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["export"]["not_exported"] == ["model.keras", "backbone.keras", "saved_model"]

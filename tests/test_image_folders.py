@@ -22,6 +22,7 @@ from tlloop.config import ConfigError, DataConfig
 from tlloop.data import load_data
 from tlloop.data.images import read_image, scan_bytes
 from tlloop.data.pipeline import skipped_unreadable
+from tlloop.data.streaming import EncodedImages
 
 SIZE = 12  # images are SIZE x SIZE: read at --image_size=SIZE they are only cast, not resized
 
@@ -278,3 +279,15 @@ def test_a_run_lists_every_file_it_left_out_with_its_reason(messy, tmp_path):
     assert sorted(results["skipped_images"]) == sorted(results["skipped_reasons"])
     assert sorted(results["skipped_reasons"]) == sorted(skipped)
     assert "with transparency composited on white" in done.stderr
+
+
+def test_files_given_from_python_are_turned_and_composited_as_a_folders_are(messy):
+    root, used, _ = messy
+    names = ["cat/photo6.jpg", "cat/palette.bmp", "dog/rgba.png"]
+    paths = [str(root / name) for name in names]
+    examples = EncodedImages.from_files(paths, [0, 0, 1], image_size=SIZE)
+    pixels = _by_file(examples)
+    for name, path in zip(names, paths, strict=True):
+        reference = _reference(used[path]).astype(int)
+        limit = 3.0 if name.endswith(".jpg") else 0.5
+        assert np.abs(pixels[path].astype(int) - reference).mean() <= limit, name

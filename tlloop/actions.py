@@ -32,6 +32,7 @@ import tensorflow as tf
 from absl import logging
 
 from tlloop.errors import CallbackError
+from tlloop.steps import averaged
 from tlloop.summaries import Summaries, confusion_image, confusion_text, image_grid
 
 
@@ -94,8 +95,9 @@ class Checkpointer(Action):
 class BestKeeper(Action):
     """Keeps the best evaluation of `metric` (a config.BestMetric): its value and step in the
     run state, so a resumed run knows them, and its weights in `checkpoints` (WORKDIR/
-    checkpoints/best). With `patience` > 0, ends a phase after that many evaluations without a
-    better value than the phase's best so far."""
+    checkpoints/best): the weights evaluated, so the moving averages when they are kept. With
+    `patience` > 0, ends a phase after that many evaluations without a better value than the
+    phase's best so far."""
 
     def __init__(self, metric, checkpoints, *, patience: int = 0) -> None:
         self.metric = metric
@@ -119,7 +121,8 @@ class BestKeeper(Action):
             step = int(self.controller.global_step.numpy())
             state.best.assign(value)
             state.best_step.assign(step)
-            self.checkpoints.save(step)
+            with averaged(self.controller.last_step):  # the weights just evaluated
+                self.checkpoints.save(step)
         if self.patience and int(state.since_phase_best.numpy()) >= self.patience:
             logging.info(
                 "%s phase stopped early at epoch %d: %d evaluations without a better %s "

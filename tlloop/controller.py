@@ -30,7 +30,7 @@ from tlloop.errors import CallbackError, RunFailed
 from tlloop.mixing import Mixing
 from tlloop.models import TransferModel
 from tlloop.optim import make_optimizer
-from tlloop.steps import EvalStep, Metrics, TrainStep
+from tlloop.steps import EvalStep, Metrics, TrainStep, averaged
 from tlloop.tasks import Task
 
 
@@ -70,10 +70,10 @@ def build_train_step(
     training = settings.training
     optimizer = phase.config.optimizer
     if optimizer is None:
-        steps = phase.config.epochs * steps_per_epoch // training.grad_accum_steps
-        warmup = training.warmup_steps or (
-            training.warmup_epochs * steps_per_epoch // training.grad_accum_steps
-        )
+        # Optimizer updates: every epoch's batches, the leftover of each epoch one more update.
+        updates = -(-steps_per_epoch // training.grad_accum_steps)
+        steps = phase.config.epochs * updates
+        warmup = training.warmup_steps or training.warmup_epochs * updates
         optimizer = make_optimizer(
             phase.config,
             model.trainable_variables,
@@ -337,6 +337,13 @@ class Controller:
         self._call("on_epoch_begin", phase, epoch)
         self.in_epoch = True
         seconds = self._run_steps(phase, step, batches, self.steps_per_epoch - offset)
+        left = step.apply_leftover()
+        if left:
+            logging.info(
+                "gradient accumulation: the epoch's last %d batch(es) applied as one update "
+                "(the mean of their gradients)",
+                left,
+            )
         self.epoch_seconds.append(seconds)
         train_result = self.train_metrics.result()
         eval_result = self._evaluate(step, evaluator)
@@ -432,6 +439,7 @@ class Controller:
         return feature_cache.decide(
             self.settings.feature_cache,
             backbone_frozen=phase.config.unfreeze.kind == "none",
+            backbone_training=phase.modes.train.backbone,
             augmenting=phase.modes.train.augment and _augments(self.model),
             mixing=mixing.describe() if mixing else "",
             model=self.model,
@@ -583,16 +591,3 @@ def weights_digest(model: keras.Model) -> str:
         if "seed_generator" not in variable.path:
             digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def averaged(step: TrainStep | None):
-    """The model holds `step`'s moving averages inside, its trained weights again after."""
-    if step is None or not step.averages:
-        yield
-        return
-    step.swap_averages()
-    try:
-        yield
-    finally:
-        step.swap_averages()

@@ -13,6 +13,7 @@ from tlloop.config import ConfigError, RunConfig
 from tlloop.data.examples import as_examples
 from tlloop.data.text import is_text, load_task_data
 from tlloop.distribute import distribute_batches
+from tlloop.export import input_specs
 from tlloop.models import INFERENCE, ModeTable, TransferModel
 from tlloop.steps import EvalStep, Metrics
 from tlloop.tasks import Classification, MultiLabel, Regression, Task
@@ -39,7 +40,7 @@ def evaluate_model(
     and masked), every submodule in inference mode, under `strategy` (default: the current)."""
     strategy = strategy or tf.distribute.get_strategy()
     task = task or Classification()
-    examples = as_examples(data, argument="data", label_rank=task.label_rank)
+    examples = as_examples(data, argument="data", inputs=input_specs(model.backbone))
     with strategy.scope():
         metrics = Metrics(task=task, evaluation=True)
         step = EvalStep(model, ModeTable(), metrics, task=task)

@@ -1,7 +1,8 @@
 """The feature-extraction fast path: a frozen phase trains the head on cached features.
 
-When a phase leaves every backbone weight frozen and nothing upstream of the backbone is random
-(no augmentation), the backbone maps each example to the same features in every epoch: they are
+When a phase leaves every backbone weight frozen, its mode table runs the backbone in inference
+mode (training=False) in the train step, and nothing upstream of the backbone is random (no
+augmentation), the backbone maps each example to the same features in every epoch: they are
 computed once, in inference mode, and the head trains on them (the Keras transfer-learning
 guide's second workflow). Cached features are in-memory examples in the same index order as
 their inputs, so the seeded training order (`examples.example_index`) gives the same batches,
@@ -39,6 +40,7 @@ def decide(
     mode: str,
     *,
     backbone_frozen: bool,
+    backbone_training: bool = False,
     augmenting: bool,
     mixing: str = "",
     model: TransferModel,
@@ -46,12 +48,19 @@ def decide(
     eval_data: Examples,
     eval_batch_size: int,
 ):
-    """(use the cache?, the reason, as logged). `mixing` describes the phase's MixUp/CutMix
-    (empty: none)."""
+    """(use the cache?, the reason, as logged). `backbone_training`: the `training` value the
+    phase's mode table gives the backbone in the train step (the cache holds inference-mode
+    features, so only a phase that runs it with training=False may use them). `mixing`
+    describes the phase's MixUp/CutMix (empty: none)."""
     if mode == "off":
         return False, "off (--feature_cache=off)"
     if not backbone_frozen:
         return False, "off: backbone weights train in this phase"
+    if backbone_training:  # Dropout on (or BatchNorm on batch statistics): features vary
+        return False, (
+            "off: the mode table runs the backbone with training=True in the train step "
+            "(its Dropout or batch statistics change the features every step)"
+        )
     if augmenting:
         return False, "off: augmentation makes every epoch's images differ"
     if mixing:  # mixed batches differ every epoch, and mix pixels, not features

@@ -14,6 +14,8 @@ state fails or hangs later, far from its cause.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
 from typing import NamedTuple
 
@@ -144,7 +146,8 @@ class TrainStep:
     The loss and metrics are the `task`'s (default: `Classification()`); its training loss may
     differ from the evaluation loss (label smoothing, class weights). With `grad_accum_steps`
     k > 1 the gradients of k consecutive batches are summed in per-replica accumulators and
-    their mean is applied once (`accumulators` must be checkpointed with the optimizer).
+    their mean is applied once (`accumulators` must be checkpointed with the optimizer);
+    `apply_leftover` applies the mean of the fewer batches left at an epoch's end.
     `clip_grad_norm` > 0 clips the gradient of the global batch (summed over replicas first:
     each replica's own norm would clip the wrong thing).
 
@@ -441,11 +444,34 @@ class TrainStep:
         for accumulator, grad in zip(self.accumulators[1:], grads, strict=True):
             accumulator.assign_add(grad)
 
-    def _replica_apply_accumulated(self) -> None:
+    def _replica_apply_accumulated(self, count) -> None:
+        """Applies the mean of the `count` batches' gradients accumulated, and empties the sums."""
         sums = self.accumulators[1:]
-        self._update([tf.identity(a) / self.grad_accum_steps for a in sums])
+        self._update([tf.identity(a) / tf.cast(count, a.dtype) for a in sums])
         for accumulator in sums:
             accumulator.assign(tf.zeros_like(accumulator))
+
+    def apply_leftover(self) -> int:
+        """With gradient accumulation, applies the gradients of the batches accumulated since
+        the last update (fewer than `grad_accum_steps`), averaged over those batches, then the
+        moving averages; returns how many batches that was (0: nothing was pending). The
+        controller calls it at every epoch's end, so no batch's gradient is ever dropped and
+        an evaluation sees weights every batch before it updated."""
+        if self.grad_accum_steps == 1:
+            return 0
+        left = int(self.accumulated.numpy()) % self.grad_accum_steps
+        if left:
+            self._leftover(tf.constant(left, tf.float32))
+        return left
+
+    @functools.cached_property
+    def _leftover(self):
+        def leftover(count):
+            self.strategy.run(self._replica_apply_accumulated, args=(count,))
+            self._update_averages()
+            self.accumulated.assign(0)  # the next accumulation starts afresh
+
+        return tf.function(leftover)
 
     def _run_loop(self, iterator, num_steps):
         width = len(self.log_columns)
@@ -501,7 +527,7 @@ class TrainStep:
             run(self._replica_accumulate, grads, labels, losses, outputs)
             count = self.accumulated.assign_add(1)
             if count % self.grad_accum_steps == 0:
-                run(self._replica_apply_accumulated)
+                run(self._replica_apply_accumulated, tf.constant(self.grad_accum_steps, tf.float32))
                 self._update_averages()
 
     def _log(self, step, values, norm, rate):
@@ -535,6 +561,19 @@ class TrainStep:
             for variable, grad in zip(self.variables, grads, strict=True):
                 tf.summary.histogram(f"weights/{variable.path}", variable, step=step)
                 tf.summary.histogram(f"gradients/{variable.path}", grad, step=step)
+
+
+@contextlib.contextmanager
+def averaged(step: TrainStep | None):
+    """The model holds `step`'s moving averages inside, its trained weights again after."""
+    if step is None or not step.averages:
+        yield
+        return
+    step.swap_averages()
+    try:
+        yield
+    finally:
+        step.swap_averages()
 
 
 def _holds_strings(element_spec) -> bool:

@@ -40,10 +40,11 @@ class Task:
     scope, and updated with `(labels, outputs, sample_weight)` exactly as Keras updates them.
     `step_metrics`: `{name: (labels, outputs) -> one value per example}`, averaged over the
     global batch of every logged step (Keras metrics are reported per epoch). `label_rank`: the
-    rank of one example's label (0 for a class index), used to tell a batched dataset from an
-    unbatched one. `mixable`: whether MixUp/CutMix may train it (the loss of mixed labels is
-    the mix of the labels' losses: true of cross-entropy, not of a squared error). Raises
-    ValueError/TypeError naming the argument at fault.
+    rank of one example's label (0 for a class index); informative only: whether a dataset is
+    batched is decided from its inputs (`tlloop.data.examples.batching`). `mixable`: whether
+    MixUp/CutMix may train it (the loss of mixed labels is the mix of the labels' losses: true
+    of cross-entropy, not of a squared error). Raises ValueError/TypeError naming the argument
+    at fault.
     """
 
     mixable = True

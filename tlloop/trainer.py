@@ -42,7 +42,7 @@ from tlloop.data.streaming import find_unreadable
 from tlloop.data.text import is_text, load_task_data
 from tlloop.distribute import cluster_task, describe, distribute_batches, is_chief
 from tlloop.errors import RunFailed
-from tlloop.export import export_model
+from tlloop.export import ExportError, check_export, export_model, input_specs
 from tlloop.models import TEXT_FINETUNE_MODES, TransferModel, build_model, build_text_model
 from tlloop.recipe import Recipe, resolve
 from tlloop.summaries import Summaries
@@ -172,10 +172,17 @@ class Trainer:
         epoch; exports at the end (unless `export` is False), after which `model` holds the
         exported weights: the best evaluation's, or the last with `checkpoint.export="last"`.
         Data: (inputs, labels) arrays, a
-        finite `tf.data.Dataset` of (inputs, label) pairs (batched or not), or tlloop
-        `Examples`; see `tlloop.data.examples` for which can be positioned for exact resume."""
+        finite `tf.data.Dataset` of (inputs, label) pairs (batched or not: see
+        `tlloop.data.examples.batching`), or tlloop `Examples`; see `tlloop.data.examples` for
+        which can be positioned for exact resume.
+
+        Before anything is written: the inputs are checked, and with `export` so is the export
+        (`tlloop.export.check_export`: every class of the model registered with Keras and
+        serializable; a backbone that declares no inputs is served the training inputs'
+        spec). results.json and the checkpoints are written before the export, so an export
+        that still fails (RunFailed naming the files not written) loses nothing."""
         with _arguments():
-            run = self._prepare(model, train, eval_data, batch_size, eval_batch_size)
+            run = self._prepare(model, train, eval_data, batch_size, eval_batch_size, export)
             prepare(self.workdir, None, overwrite=self.overwrite)
             return self._run(run, export=export)
 
@@ -196,7 +203,9 @@ class Trainer:
 
     # A fit in two parts: its inputs checked (nothing written), then the run.
 
-    def _prepare(self, model, train, eval_data, batch_size: int, eval_batch_size: int):
+    def _prepare(
+        self, model, train, eval_data, batch_size: int, eval_batch_size: int, export: bool = False
+    ):
         if not isinstance(model, TransferModel):
             raise TypeError(
                 f"model: {type(model).__name__} is not a tlloop.TransferModel; accepted: "
@@ -213,10 +222,10 @@ class Trainer:
             )
         if self.deterministic:
             tf.config.experimental.enable_op_determinism()
-        rank = self.task.label_rank
-        train = as_examples(train, argument="train", label_rank=rank)
+        declared = input_specs(model.backbone)
+        train = as_examples(train, argument="train", inputs=declared)
         _check_mixing(self.training, self.task, train)
-        eval_data = as_examples(eval_data, argument="eval_data", label_rank=rank)
+        eval_data = as_examples(eval_data, argument="eval_data", inputs=declared)
         metric = self.checkpoint.best_metric
         known = ("loss", *self.task.metric_names)
         if metric.name not in known:
@@ -225,7 +234,13 @@ class Trainer:
                 f"{', '.join(known)}"
             )
         plan = phase_lib.plan_phases(self.phases, model, train.element_spec[0])
-        return _Run(model, train, eval_data, plan, batch_size, eval_batch_size or batch_size)
+        serving = serving_inputs(train)
+        if export:  # decided now: an export refused after training would cost the whole run
+            check_export(model, serving)
+            _check_tflite(self.checkpoint, self.task, model)
+        return _Run(
+            model, train, eval_data, plan, batch_size, eval_batch_size or batch_size, serving
+        )
 
     def _run(
         self,
@@ -329,9 +344,13 @@ class Trainer:
         )
         logging.info("final weights sha256: %s", results["weights_sha256"])
         if chief:
+            path = os.path.join(self.workdir, "results.json")
+            _read_best(best, results)
+            # Written before the export too: an export that fails leaves the run's results.
+            write_json(path, dict(results))
             if export:
                 results["export"] = self._export_best(run.model, task, best, results, run)
-            write_json(os.path.join(self.workdir, "results.json"), dict(results))
+                write_json(path, dict(results))
         return results
 
     def profiler(self, *, writes: bool) -> list[action_lib.Profiler]:
@@ -361,23 +380,23 @@ class Trainer:
         directory = os.path.join(self.workdir, "export")
         exported = {"weights": "last", "step": results["phases"][-1]["last_step"]}
         best_path = checkpoint_lib.latest(best.directory)
-        if best_path:
-            # The file is the truth: after a non-deterministic resume it may hold an
-            # evaluation the run's state never saw.
-            results["best"].update(
-                step=int(tf.train.load_variable(best_path, "step/.ATTRIBUTES/VARIABLE_VALUE")),
-                value=float(tf.train.load_variable(best_path, "value/.ATTRIBUTES/VARIABLE_VALUE")),
-            )
         if self.checkpoint.export == "best" and best_path:
             tf.train.Checkpoint(model=model).restore(best_path).expect_partial()
             exported = {"weights": "best", "step": results["best"]["step"]}
         try:
-            paths = export_model(model, directory, task=task, resize=self.resize)
-        except (OSError, tf.errors.OpError) as error:
-            reason = getattr(error, "strerror", None) or error
+            paths = export_model(
+                model, directory, task=task, resize=self.resize, inputs=run.serving_inputs
+            )
+        except (ExportError, ValueError) as error:
+            missing = getattr(error, "missing", ["model.keras", "backbone.keras", "saved_model"])
+            reason = getattr(error, "reason", str(error))
+            results["export"] = {**exported, "not_exported": missing, "error": reason}
+            write_json(os.path.join(self.workdir, "results.json"), dict(results))
             raise RunFailed(
-                f"export to {directory!r} failed ({reason}); the checkpoints are intact; "
-                "accepted: free space and write access, then the same call exports again"
+                f"export to {directory!r} failed: {', '.join(missing)} not written ({reason}); "
+                "results.json and every checkpoint are written; accepted: the cause removed "
+                "(free space and write access, or the model's classes made serializable), "
+                "then the same call exports again"
             ) from None
         if self.checkpoint.export_tflite:
             exported = {**exported, **paths}
@@ -444,7 +463,8 @@ def _arguments():
 
 @dataclasses.dataclass(frozen=True)
 class _Run:
-    """A fit's checked inputs: the model, the data as Examples, the planned phases."""
+    """A fit's checked inputs: the model, the data as Examples, the planned phases, and what
+    the SavedModel serves when the backbone declares no inputs (the training inputs' spec)."""
 
     model: TransferModel
     train: Examples
@@ -452,6 +472,40 @@ class _Run:
     plan: list[phase_lib.Phase]
     batch_size: int
     eval_batch_size: int
+    serving_inputs: object = None
+
+
+def serving_inputs(examples: Examples):
+    """TensorSpecs of a batch of `examples`' inputs (any batch size), in their structure: what
+    the SavedModel of a backbone that declares no inputs serves."""
+    spec = examples.element_spec[0]
+    return tf.nest.map_structure(lambda s: tf.TensorSpec((None, *s.shape), s.dtype), spec)
+
+
+def _check_tflite(checkpoint: CheckpointConfig, task: Task, model: TransferModel) -> None:
+    """Refuses TFLite formats (`checkpoint.export_tflite`) the model or task cannot give,
+    before training: they serve a classifier's probabilities for square RGB images."""
+    if not checkpoint.export_tflite:
+        return
+    if not isinstance(task, Classification):
+        raise ValueError(
+            f"checkpoint.export_tflite={','.join(checkpoint.export_tflite)}: TFLite files serve "
+            f"a Classification task's probabilities, not a {type(task).__name__} task's; "
+            "accepted: no TFLite formats, or export=False"
+        )
+    tflite_lib.image_size(model)  # ValueError naming the backbone's inputs
+
+
+def _read_best(best, results: Results) -> None:
+    """The best evaluation's step and value as its checkpoint holds them: the file is the
+    truth (after a non-deterministic resume it may hold an evaluation the run's state never
+    saw)."""
+    best_path = checkpoint_lib.latest(best.directory)
+    if best_path:
+        results["best"].update(
+            step=int(tf.train.load_variable(best_path, "step/.ATTRIBUTES/VARIABLE_VALUE")),
+            value=float(tf.train.load_variable(best_path, "value/.ATTRIBUTES/VARIABLE_VALUE")),
+        )
 
 
 def _check_mixing(training: TrainingConfig, task: Task, train: Examples) -> None:

@@ -12,7 +12,8 @@ step: step t reads the t-th global batch of one endless stream. Two kinds:
   batch for batch. `InMemoryExamples` hold (inputs, labels) as arrays; `streaming` has
   examples of encoded images, decoded as they are read.
 - `StreamedExamples` wrap a user's finite `tf.data.Dataset`, iterated as given: its own order,
-  its own random maps, repeated; tlloop only batches it into full global batches. A resumed
+  its own random maps, repeated; tlloop only batches it into full global batches (unbatching a
+  batched one first: `batching` tells which from its inputs). A resumed
   run skips the batches already read (a replay, exact when a fresh iterator of the dataset
   gives the same sequence, e.g. when it shuffles with a seed).
 
@@ -26,6 +27,7 @@ import abc
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -326,11 +328,12 @@ class StreamedExamples(Examples):
         return batches.skip(start_step).prefetch(AUTOTUNE)
 
 
-def as_examples(data, *, argument: str, label_rank: int = 0) -> Examples:
+def as_examples(data, *, argument: str, inputs: Any = None) -> Examples:
     """`data` as Examples: Examples as they are; a tuple (inputs, labels) of arrays (inputs may
     be a dict or tuple of arrays) in memory; a `tf.data.Dataset` of (inputs, label) pairs
-    streamed as given, unbatched first if its labels have more than `label_rank` dimensions.
-    Raises TypeError/ValueError naming `argument`."""
+    streamed as given, unbatched first when it is batched (`batching`). `inputs`: the
+    TensorSpecs of the model's declared inputs (batch dimension included), or None.
+    Raises TypeError/ValueError naming `argument`, also when the batching cannot be decided."""
     if isinstance(data, Examples):
         return data
     try:
@@ -341,9 +344,7 @@ def as_examples(data, *, argument: str, label_rank: int = 0) -> Examples:
                     f"its elements are {spec}; accepted: (inputs, label) pairs, e.g. "
                     "tf.data.Dataset.from_tensor_slices((images, labels))"
                 )
-            label = tf.nest.flatten(spec[1])[0]
-            batched = label.shape.rank is not None and label.shape.rank > label_rank
-            return StreamedExamples(data, batched=batched)
+            return StreamedExamples(data, batched=batching(data, inputs))
         if isinstance(data, tuple) and len(data) == 2:
             inputs = tf.nest.map_structure(np.asarray, data[0])
             return InMemoryExamples(inputs, np.asarray(data[1]))
@@ -353,6 +354,83 @@ def as_examples(data, *, argument: str, label_rank: int = 0) -> Examples:
         f"{argument}: {type(data).__name__} is not data tlloop reads; accepted: (inputs, labels) "
         "arrays, a finite tf.data.Dataset of (inputs, label) pairs, or tlloop Examples"
     )
+
+
+def batching(dataset: tf.data.Dataset, inputs: Any = None) -> bool:
+    """Whether the elements of `dataset` ((inputs, label) pairs) are batches, decided from the
+    inputs, never from the labels (a batch of scalar targets has the rank of one example's
+    target vector): by the ranks of the model's declared `inputs` (TensorSpecs with their
+    batch dimension) when given: equal ranks, batched; one less, one example each; otherwise
+    by the dataset's own transformations: the last `batch` (or `padded_batch`, `ragged_batch`)
+    or `unbatch` it applies, and none over sources that yield examples (tensor slices, files,
+    a range) means unbatched. Raises ValueError when neither decides (a generator, a dataset
+    made by `from_tensors`, `flat_map` or `interleave`, inputs that fit no rank)."""
+    data = tf.nest.flatten(dataset.element_spec[0])
+    declared = tf.nest.flatten(inputs) if inputs is not None else []
+    if declared and len(declared) == len(data):
+        gaps = {
+            d.shape.rank - m.shape.rank
+            for d, m in zip(data, declared, strict=True)
+            if d.shape.rank is not None and m.shape.rank is not None
+        }
+        if gaps in ({0}, {-1}):
+            return gaps == {0}
+        shapes = ", ".join(str(d.shape) for d in data)
+        wanted = ", ".join(str(m.shape) for m in declared)
+        raise ValueError(
+            f"the inputs' shapes {shapes} fit neither the model's inputs {wanted} nor one "
+            "example of them; accepted: batches or single examples of the model's inputs"
+        )
+    found = _batched_by_its_steps(dataset)
+    if found is None:
+        raise ValueError(
+            "cannot tell whether the dataset's elements are batches: the model declares no "
+            "inputs to compare with, and the dataset shows no batch() or unbatch() over "
+            "sources of examples; accepted: tlloop.StreamedExamples(dataset, batched=True) "
+            "or (dataset, batched=False)"
+        )
+    return found
+
+
+# tf.data's transformation classes (names without their leading underscore) by what they say
+# of batching: the last batching or unbatching one decides; an opaque one hides its source.
+_BATCHING = {
+    "BatchDataset",
+    "PaddedBatchDataset",
+    "ParallelBatchDataset",
+    "MapAndBatchDataset",
+    "RebatchDataset",
+}
+_UNBATCHING = {"UnbatchDataset"}
+_OPAQUE = {
+    "TensorDataset",  # from_tensors, from_generator: one element, whatever it is
+    "FlatMapDataset",
+    "InterleaveDataset",
+    "ParallelInterleaveDataset",
+    "GroupByWindowDataset",
+    "WindowDataset",
+    "ScanDataset",
+}
+
+
+def _batched_by_its_steps(dataset: tf.data.Dataset) -> bool | None:
+    """True/False from the last batching/unbatching transformation of `dataset`; False over
+    sources of examples with neither; None when it cannot be seen."""
+    name = type(dataset).__name__.lstrip("_")
+    if name in _BATCHING:
+        return True
+    if name in _UNBATCHING:
+        return False
+    if name in _OPAQUE:
+        return None
+    try:
+        parents = dataset._inputs()  # tf.data's own graph of transformations
+    except Exception:  # a dataset class that does not expose its inputs
+        return None
+    if not parents:
+        return False  # a source of examples: tensor slices, records, lines, a range
+    found = {_batched_by_its_steps(parent) for parent in parents}
+    return found.pop() if len(found) == 1 else None
 
 
 class BatchStream:

@@ -29,6 +29,7 @@ from absl import logging
 from tlloop.config import ConfigError
 from tlloop.data.examples import AUTOTUNE, IndexedExamples, eager_constant, example_index
 from tlloop.data.images import (
+    ACCEPTED_IMAGES,
     DECODE_VERSION,
     decode_resized,
     reason,
@@ -186,9 +187,21 @@ class EncodedImages(IndexedExamples):
     def from_files(
         cls, paths: list[str], labels, *, image_size: int, resize: str = "squash"
     ) -> EncodedImages:
-        """Image files (JPEG, PNG, BMP, GIF) with their labels, streamed: nothing is read now;
-        each batch reads and decodes its files, in tlloop's seeded order."""
-        return cls(Reader(list(paths)), np.asarray(labels), image_size, resize)
+        """Image files (JPEG, PNG, BMP, GIF) with their labels, streamed: nothing is read now
+        (only that each file exists is checked); each batch reads and decodes its files, in
+        tlloop's seeded order. Raises ValueError naming the first file that does not exist, in
+        the words used for one that does not decode when training reads it. A local file's
+        first bytes are read once, as a folder's are at load, so EXIF orientation, palettes and
+        alpha are applied as for a folder."""
+        paths = [os.fspath(path) for path in paths]
+        for path in paths:
+            if not tf.io.gfile.exists(path):  # local or remote (gs://), as read_file reads
+                raise ValueError(
+                    f"image file {path!r}: cannot be read or decoded (no such file); "
+                    f"accepted: {ACCEPTED_IMAGES}"
+                )
+        forms = np.array([0 if "://" in str(p) else scan_file(p)[0] for p in paths], np.int32)
+        return cls(Reader(paths), np.asarray(labels), image_size, resize, forms=forms)
 
     @property
     def size(self) -> int:
