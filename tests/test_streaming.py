@@ -344,9 +344,9 @@ def test_an_image_deleted_under_a_streamed_run_is_named_in_one_line(tmp_path):
     # Deleted after the examples were listed: met first by the run's preview of its first
     # images (read eagerly: NotFoundError), or later by a training step.
     for deleted in (paths[0], paths[-1]):
+        train = tlloop.EncodedImages.from_files(paths, labels, image_size=8)
         if deleted == paths[0]:
             os.rename(deleted, deleted + ".away")
-        train = tlloop.EncodedImages.from_files(paths, labels, image_size=8)
         with pytest.raises(ValueError) as error:  # a ConfigError, as the library raises it
             trainer.fit(model, train, train, batch_size=4, export=False)
         message = str(error.value)
