@@ -48,7 +48,7 @@ from tlloop.recipe import Recipe, resolve
 from tlloop.summaries import Summaries
 from tlloop.tasks import Classification, MultiLabel, Regression, Task
 from tlloop.warm_start import WarmStartReport, warm_start
-from tlloop.workdir import FOUND_RATE_FILE, prepare, write_json
+from tlloop.workdir import FOUND_RATE_FILE, prepare, release, write_json
 
 __all__ = [
     "Experiment",
@@ -176,8 +176,11 @@ class Trainer:
         `Examples`; see `tlloop.data.examples` for which can be positioned for exact resume."""
         with _arguments():
             run = self._prepare(model, train, eval_data, batch_size, eval_batch_size)
-            prepare(self.workdir, None, overwrite=self.overwrite)
-            return self._run(run, export=export)
+            prepare(self.workdir, None, overwrite=self.overwrite)  # takes the workdir's lock
+            try:
+                return self._run(run, export=export)
+            finally:
+                release(self.workdir)
 
     def describe(self, model: TransferModel) -> str:
         """Markdown: each phase's mode table and what it trains in `model` (trainable and
@@ -304,9 +307,15 @@ class Trainer:
             )
             if found is None:
                 raise
+            last = checkpoint_lib.latest(directory)
             raise ConfigError(
                 f"{found}; accepted: {ACCEPTED_IMAGES}, or --bad_images=skip (which decodes "
-                "every image before training) to leave it out; the last checkpoint is intact"
+                "every image before training) to leave it out; then the same command "
+                + (
+                    f"resumes from the last checkpoint ({last}), which is intact"
+                    if last
+                    else "starts afresh (no checkpoint was written yet)"
+                )
             ) from None
         finally:
             for action in actions:
