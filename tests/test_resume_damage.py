@@ -15,8 +15,8 @@ import pytest
 import tensorflow as tf
 from conftest import StopAfter, make_config
 
-from tlloop import trainer
 from tlloop import checkpoints as checkpoint_lib
+from tlloop import trainer
 from tlloop.checkpoints import Checkpoints
 from tlloop.config import CheckpointConfig, ConfigError
 from tlloop.errors import RunFailed
