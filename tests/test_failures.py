@@ -220,7 +220,7 @@ def test_a_streamed_image_failing_says_what_is_true_and_skip_may_follow(tmp_path
     assert f"image file '{data}/b/3.png': cannot be read or decoded" in line
     # It fails in the first batch, before any checkpoint: the line says so, not "intact".
     assert not (workdir / "checkpoints").exists()
-    assert line.endswith("then the same command starts afresh (no checkpoint was written yet)")
+    assert line.endswith("no checkpoint was written yet: the same command starts afresh")
     # The remedy it names is accepted on that workdir: not "a run with other flags".
     skipped = run_cli(*args, "--bad_images=skip")
     assert skipped.returncode == 0, skipped.stderr[-2000:]

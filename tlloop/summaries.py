@@ -58,7 +58,7 @@ class Summaries:
                 summary_ops_v2.import_event(tf.constant(start.SerializeToString()))
         self._jsonl.close()
         with open(self._jsonl_path) as file:
-            kept = [line for line in file if _step_of(line) <= step]
+            kept = [line.rstrip("\n") + "\n" for line in file if _step_of(line) <= step]
         write_text(self._jsonl_path, "".join(kept))
         self._jsonl = open(self._jsonl_path, "a")  # noqa: SIM115  closed in close()
 
@@ -179,8 +179,8 @@ def scatter_image(histogram: np.ndarray, cell: int = 4) -> np.ndarray:
 
 def _step_of(line: str) -> float:
     """The step of a metrics.jsonl line; infinite for one a killed process left unfinished
-    (no newline, or not JSON), so that it is dropped."""
+    (not JSON), so that it is dropped."""
     try:
-        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+        return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf

@@ -310,11 +310,11 @@ class Trainer:
             last = checkpoint_lib.latest(directory)
             raise ConfigError(
                 f"{found}; accepted: {ACCEPTED_IMAGES}, or --bad_images=skip (which decodes "
-                "every image before training) to leave it out; then the same command "
+                "every image before training) to leave it out; "
                 + (
-                    f"resumes from the last checkpoint ({last}), which is intact"
+                    f"the last checkpoint is intact ({last}): the same command resumes from it"
                     if last
-                    else "starts afresh (no checkpoint was written yet)"
+                    else "no checkpoint was written yet: the same command starts afresh"
                 )
             ) from None
         finally:
