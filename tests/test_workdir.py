@@ -184,3 +184,50 @@ def test_an_export_a_kill_interrupted_is_put_back_and_its_leftovers_removed(tmp_
     _prepare(run, _flags(head_epochs=1))
     assert (export / "saved_model" / "saved_model.pb").read_text() == "old"
     assert sorted(os.listdir(export)) == ["model.keras", "saved_model"]
+
+
+# Replaces a SavedModel twice; the second time the process dies (SIGKILL) or raises between
+# the two renames (the old one moved aside, the new one not yet in place).
+_REPLACE = """
+import os, signal, sys
+import tensorflow as tf
+from tlloop.export import _replace_directory
+
+def saved_model(value):
+    module = tf.Module()
+    module.value = tf.Variable(value)
+    return lambda path: tf.saved_model.save(module, path)
+
+target = sys.argv[1]
+_replace_directory(target, saved_model(1.0))
+replace = os.replace
+def dies(source, destination):
+    if os.path.basename(source).startswith(".tmp-"):
+        if sys.argv[2] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise KeyboardInterrupt
+    replace(source, destination)
+os.replace = dies
+try:
+    _replace_directory(target, saved_model(2.0))
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+@pytest.mark.parametrize("how", ["kill", "raise"])
+def test_an_export_interrupted_between_its_renames_leaves_a_usable_saved_model(tmp_path, how):
+    import tensorflow as tf
+
+    from tlloop.export import recover
+
+    target = tmp_path / "export" / "saved_model"
+    done = subprocess.run(
+        **python_command("-c", _REPLACE, str(target), how), capture_output=True, timeout=120
+    )
+    assert done.returncode == (-signal.SIGKILL if how == "kill" else 0), done.stderr[-2000:]
+    if how == "kill":
+        assert not target.exists()  # the gap a kill can land in ...
+        recover(str(tmp_path / "export"))  # ... which the next start closes
+    assert sorted(os.listdir(tmp_path / "export")) == ["saved_model"]
+    assert float(tf.saved_model.load(str(target)).value.numpy()) == 1.0

@@ -170,8 +170,9 @@ def _replace_directory(path: str, writer) -> None:
     """Calls `writer(tmp)` for a new directory, then puts it at `path` in place of the old one.
 
     The old directory is moved aside (into `.old-*/NAME`) before the new one is renamed in,
-    and deleted after: a failure while writing leaves the old one as it was, and a kill between
-    the two renames leaves the old one aside, which `recover` puts back at the next start.
+    and deleted after: a failure while writing leaves the old one as it was, so does an
+    exception between the two renames (the old one is put back), and a kill there leaves the
+    old one aside, which `recover` puts back at the next start.
     """
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -185,6 +186,8 @@ def _replace_directory(path: str, writer) -> None:
             os.replace(path, os.path.join(old, os.path.basename(path)))
         os.replace(tmp, path)
     finally:
+        if old and not os.path.exists(path):  # the new one never came: the old one goes back
+            os.replace(os.path.join(old, os.path.basename(path)), path)
         shutil.rmtree(tmp, ignore_errors=True)
         if old:
             shutil.rmtree(old, ignore_errors=True)
