@@ -176,8 +176,8 @@ class Trainer:
         `Examples`; see `tlloop.data.examples` for which can be positioned for exact resume."""
         with _arguments():
             run = self._prepare(model, train, eval_data, batch_size, eval_batch_size)
-            prepare(self.workdir, None, overwrite=self.overwrite)  # takes the workdir's lock
             try:
+                prepare(self.workdir, None, overwrite=self.overwrite)  # takes the workdir's lock
                 return self._run(run, export=export)
             finally:
                 release(self.workdir)

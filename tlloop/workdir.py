@@ -39,8 +39,9 @@ LOCK = os.path.join(STATE_DIR, "lock")
 # with its own entry here; any other directory matched is tlloop's whole). Anything else found
 # in them is not tlloop's: --overwrite leaves it.
 _OWN = {
-    "checkpoints": ("checkpoint", "ckpt-*", "best/"),
-    "checkpoints/best": ("checkpoint", "ckpt-*"),
+    # .tmp-*: a kill during an atomic write (the sums, the re-seated state file)
+    "checkpoints": ("checkpoint", "ckpt-*", "best/", ".tmp-*"),
+    "checkpoints/best": ("checkpoint", "ckpt-*", ".tmp-*"),
     "tensorboard": ("events.out.tfevents.*", "train/", "eval/"),
     "tensorboard/train": ("events.out.tfevents.*", "plugins"),
     "tensorboard/eval": ("events.out.tfevents.*",),
@@ -93,15 +94,7 @@ def prepare(path: str, flags_text: str | None, *, overwrite: bool) -> bool:
             "a new directory, or that one without them (tlloop never deletes files it did not "
             "write, --overwrite neither)"
         )
-    # An empty directory (made by hand, or emptied by --overwrite) holds no previous run.
-    previous = [
-        name
-        for name in RUN_OUTPUTS
-        if os.path.exists(os.path.join(path, name))
-        and not (
-            os.path.isdir(os.path.join(path, name)) and not os.listdir(os.path.join(path, name))
-        )
-    ]
+    previous = [name for name in RUN_OUTPUTS if _holds(os.path.join(path, name))]
     resume = bool(previous) and not overwrite
     if resume and flags_text is not None:
         differences = _flag_differences(os.path.join(path, FLAGS_FILE), flags_text)
@@ -161,6 +154,12 @@ def foreign(path: str) -> list[str]:
             for root, _, files in os.walk(target):
                 found += sorted(os.path.relpath(os.path.join(root, f), path) for f in files)
     return found
+
+
+def _holds(target: str) -> bool:
+    """True if `target` exists and is no empty directory (made by hand, or emptied by
+    --overwrite: it holds no previous run)."""
+    return os.path.exists(target) and not (os.path.isdir(target) and not os.listdir(target))
 
 
 def _older_run(path: str) -> bool:
