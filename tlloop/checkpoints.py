@@ -140,8 +140,11 @@ def damage(prefix: str) -> str | None:
                 return (
                     f"{kind} {'truncated' if actual < size else 'grown'} ({actual} of {size} bytes)"
                 )
-            if _sha256(path) != digest:
-                return f"{kind} changed (SHA-256 differs from the one recorded at save)"
+            try:
+                if _sha256(path) != digest:
+                    return f"{kind} changed (SHA-256 differs from the one recorded at save)"
+            except OSError as error:
+                return f"{kind} unreadable ({error.strerror})"
         return None
     try:
         reader = tf.train.load_checkpoint(prefix)
