@@ -152,9 +152,10 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
     assert workdir.read_text() == "keep me"
 
 
-def test_overwrite_replaces_only_the_previous_runs_outputs(tmp_path):
+def test_overwrite_removes_only_what_tlloop_wrote(tmp_path):
     workdir = tmp_path / "run"
     (workdir / "export").mkdir(parents=True)
+    (workdir / "export" / "m.onnx").write_text("mine")
     (workdir / "results.json").write_text("{}")
     (workdir / "notes.txt").write_text("mine")
     args = [
@@ -165,14 +166,27 @@ def test_overwrite_replaces_only_the_previous_runs_outputs(tmp_path):
         "--head_epochs=1",
         "--finetune_epochs=0",
     ]
-    refused = run_cli(*args)
-    assert refused.returncode == 2 and "--overwrite" in _error_line(refused)
+    # No tlloop run wrote them: refused, --overwrite too, naming them.
+    refused = run_cli(*args, "--overwrite")
+    assert refused.returncode == 2
+    line = _error_line(refused)
+    assert "holds files tlloop did not write" in line
+    assert "export/m.onnx" in line and "results.json" in line
     assert (workdir / "results.json").read_text() == "{}"
-    replaced = run_cli(*args, "--overwrite")
+    assert (workdir / "export" / "m.onnx").read_text() == "mine"
+
+    # Moved away by their owner, a run; then a file of the owner's put beside the export.
+    (workdir / "results.json").unlink()
+    (workdir / "export" / "m.onnx").rename(tmp_path / "m.onnx")
+    assert run_cli(*args).returncode == 0
+    (tmp_path / "m.onnx").rename(workdir / "export" / "m.onnx")
+    replaced = run_cli(*args, "--head_epochs=2", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr[-2000:]
     assert "removing" in replaced.stderr and "results.json" in replaced.stderr
-    assert json.loads((workdir / "results.json").read_text())["phases"]
+    assert "keeping" in replaced.stderr and "m.onnx (not written by tlloop)" in replaced.stderr
+    assert json.loads((workdir / "results.json").read_text())["phases"][0]["epochs"] == 2
     assert (workdir / "notes.txt").read_text() == "mine"
+    assert (workdir / "export" / "m.onnx").read_text() == "mine"
 
 
 def test_repo_root_holds_the_shipped_backbone():

@@ -199,3 +199,33 @@ def test_an_export_that_cannot_be_written_fails_with_the_checkpoints_intact(tmp_
     # The run's results are kept, with what was not exported.
     results = json.loads((workdir / "results.json").read_text())
     assert results["export"]["not_exported"] == ["model.keras", "backbone.keras", "saved_model"]
+
+
+def test_a_streamed_image_failing_says_what_is_true_and_skip_may_follow(tmp_path):
+    data = _image_folder(tmp_path / "images", corrupt="b/3.png")  # starts like a PNG
+    workdir = tmp_path / "run"
+    args = [
+        "--dataset=folder",
+        f"--data_dir={data}",
+        "--data_memory=0",  # streamed: the image fails when first read
+        "--backbone=small_cnn",
+        "--weights=none",
+        "--image_size=16",
+        "--batch_size=4",
+        "--head_epochs=1",
+        "--finetune_epochs=0",
+        "--quiet",
+        f"--workdir={workdir}",
+    ]
+    failed = run_cli(*args)
+    assert failed.returncode == 2
+    [line] = _error_lines(failed)
+    assert f"image file '{data}/b/3.png': cannot be read or decoded" in line
+    # It fails in the first batch, before any checkpoint: the line says so, not "intact".
+    assert not (workdir / "checkpoints").exists()
+    assert line.endswith("no checkpoint was written yet: the same command starts afresh")
+    # The remedy it names is accepted on that workdir: not "a run with other flags".
+    skipped = run_cli(*args, "--bad_images=skip")
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["skipped_images"] == [f"{data}/b/3.png"]

@@ -183,7 +183,7 @@ class Controller:
     # The run, top to bottom.
 
     def run(self) -> dict:
-        resume_from = checkpoint_lib.latest(self.checkpoints.directory)
+        resume_from = self.checkpoints.resume_point()  # the newest intact one, verified
         start_phase, start_step = checkpoint_lib.position(resume_from) if resume_from else (0, 0)
         if resume_from:
             self.checkpoints.check(resume_from, self.model)

@@ -324,8 +324,10 @@ def _takes_images(specs) -> bool:
 def _replace_directory(path: str, writer) -> None:
     """Calls `writer(tmp)` for a new directory, then puts it at `path` in place of the old one.
 
-    The old directory is moved aside before the new one is renamed in, and deleted after: a
-    failure while writing leaves the old one as it was.
+    The old directory is moved aside (into `.old-*/NAME`) before the new one is renamed in,
+    and deleted after: a failure while writing leaves the old one as it was, so does an
+    exception between the two renames (the old one is put back), and a kill there leaves the
+    old one aside, which `recover` puts back at the next start.
     """
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -336,9 +338,35 @@ def _replace_directory(path: str, writer) -> None:
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700 directories; exports are for sharing
         if os.path.exists(path):
             old = tempfile.mkdtemp(dir=parent, prefix=".old-")
-            os.replace(path, os.path.join(old, "previous"))
+            os.replace(path, os.path.join(old, os.path.basename(path)))
         os.replace(tmp, path)
     finally:
+        if old and not os.path.exists(path):  # the new one never came: the old one goes back
+            os.replace(os.path.join(old, os.path.basename(path)), path)
         shutil.rmtree(tmp, ignore_errors=True)
         if old:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(directory: str) -> None:
+    """Cleans up after an export a kill interrupted, in export `directory`: a previous
+    version moved aside (`.old-*/NAME`) with nothing at NAME is put back (the kill fell between
+    the two renames); every other `.old-*` and every `.tmp-*` (a half-written file or
+    directory) is removed, each logged. Run at each start, before anything is exported."""
+    for entry in sorted(os.listdir(directory)):
+        path = os.path.join(directory, entry)
+        if entry.startswith(".old-") and os.path.isdir(path):
+            for name in os.listdir(path):
+                # An older tlloop named what it moved aside "previous"; it was the SavedModel.
+                target = os.path.join(directory, "saved_model" if name == "previous" else name)
+                if not os.path.exists(target):
+                    os.replace(os.path.join(path, name), target)
+                    logging.warning(
+                        "export: put back %s, which a killed export moved aside", target
+                    )
+        if entry.startswith((".old-", ".tmp-")):
+            logging.warning("export: removing %s, left by a killed export", path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)

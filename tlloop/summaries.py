@@ -58,7 +58,7 @@ class Summaries:
                 summary_ops_v2.import_event(tf.constant(start.SerializeToString()))
         self._jsonl.close()
         with open(self._jsonl_path) as file:
-            kept = [line for line in file if json.loads(line)["step"] <= step]
+            kept = [line.rstrip("\n") + "\n" for line in file if _step_of(line) <= step]
         write_text(self._jsonl_path, "".join(kept))
         self._jsonl = open(self._jsonl_path, "a")  # noqa: SIM115  closed in close()
 
@@ -175,3 +175,12 @@ def scatter_image(histogram: np.ndarray, cell: int = 4) -> np.ndarray:
     empty = counts[diagonal] == 0
     colours[diagonal[0][empty], diagonal[1][empty]] = 0.75
     return np.kron(colours, np.ones((cell, cell, 1))).astype(np.float32)
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; infinite for one a killed process left unfinished
+    (not JSON), so that it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf

@@ -48,7 +48,7 @@ from tlloop.recipe import Recipe, resolve
 from tlloop.summaries import Summaries
 from tlloop.tasks import Classification, MultiLabel, Regression, Task
 from tlloop.warm_start import WarmStartReport, warm_start
-from tlloop.workdir import FOUND_RATE_FILE, prepare, write_json
+from tlloop.workdir import FOUND_RATE_FILE, prepare, release, write_json
 
 __all__ = [
     "Experiment",
@@ -183,8 +183,11 @@ class Trainer:
         that still fails (RunFailed naming the files not written) loses nothing."""
         with _arguments():
             run = self._prepare(model, train, eval_data, batch_size, eval_batch_size, export)
-            prepare(self.workdir, None, overwrite=self.overwrite)
-            return self._run(run, export=export)
+            try:
+                prepare(self.workdir, None, overwrite=self.overwrite)  # takes the workdir's lock
+                return self._run(run, export=export)
+            finally:
+                release(self.workdir)
 
     def describe(self, model: TransferModel) -> str:
         """Markdown: each phase's mode table and what it trains in `model` (trainable and
@@ -323,9 +326,15 @@ class Trainer:
             )
             if found is None:
                 raise
+            last = checkpoint_lib.latest(directory)
             raise ConfigError(
                 f"{found}; accepted: {ACCEPTED_IMAGES}, or --bad_images=skip (which decodes "
-                "every image before training) to leave it out; the last checkpoint is intact"
+                "every image before training) to leave it out; "
+                + (
+                    f"the last checkpoint is intact ({last}): the same command resumes from it"
+                    if last
+                    else "no checkpoint was written yet: the same command starts afresh"
+                )
             ) from None
         finally:
             for action in actions:

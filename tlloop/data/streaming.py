@@ -8,7 +8,8 @@ decoded and resized in parallel `tf.data` maps, with the very ops the in-memory 
 with at load (`decode_resized`), so both paths give the same batches, bit for bit.
 
 `DiskImages` are the same examples decoded once into a file of uint8 pixels (`--data_cache`),
-read back a batch at a time by offset. `decode_all` is the one decoding pass over every image:
+read back a batch at a time by offset, after the file is checked once against the CRC32 of
+each of its blocks, written with it. `decode_all` is the one decoding pass over every image:
 it holds the pixels in memory, writes them to the cache, or only checks that they decode.
 """
 
@@ -20,6 +21,7 @@ import hashlib
 import json
 import os
 import threading
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -298,18 +300,30 @@ class EncodedImages(IndexedExamples):
 
 class DiskImages(IndexedExamples):
     """Decoded uint8 images in a file of `count` rows (`--data_cache`), read a batch at a time
-    by offset (the page cache, not this process, holds what is read), as float32."""
+    by offset (the page cache, not this process, holds what is read), as float32. Opening one
+    reads the whole file once to check it against the checksums its description holds: a
+    damaged cache is refused (ConfigError naming it and how to rebuild it), never used."""
 
     def __init__(self, path: str, labels: np.ndarray, image_size: int) -> None:
         self.path, self.labels, self.image_size = path, np.asarray(labels), image_size
         self.row = image_size**2 * 3
         expected = len(self.labels) * self.row
+        rebuild = f"accepted: a cache tlloop wrote (delete {path!r} and the next run rebuilds it)"
         if os.path.getsize(path) != expected:
             raise ConfigError(
                 f"--data_cache: {path!r} holds {os.path.getsize(path)} bytes, not the "
-                f"{expected} of {len(self.labels)} images; accepted: a cache tlloop wrote "
-                "(delete the file to rebuild it)"
+                f"{expected} of {len(self.labels)} images; {rebuild}"
             )
+        meta = _read_meta(_meta_path(path)) if path.endswith(PIXELS) else None
+        if meta and "crc32" in meta:
+            bad = _damaged_block(path, meta["block_bytes"], meta["crc32"])
+            if bad is not None:
+                start = bad * meta["block_bytes"]
+                raise ConfigError(
+                    f"--data_cache: {path!r} is damaged (bytes {start} to "
+                    f"{min(start + meta['block_bytes'], expected)} differ from the checksum "
+                    f"written with them); {rebuild}"
+                )
         self._descriptor = None
 
     @property
@@ -335,6 +349,10 @@ class DiskImages(IndexedExamples):
         return np.fromfile(self.path, np.uint8).reshape(-1, self.image_size, self.image_size, 3)
 
 
+PIXELS, META = ".pixels", ".json"  # a cache's two files: NAME.pixels and NAME.json
+BLOCK_BYTES = 2**24  # the pixels file's checksum block (16 MiB)
+
+
 def cache_files(directory: str, images: EncodedImages) -> tuple[str, str]:
     """(pixels file, description file) of `images` in the cache `directory`: named by what
     decides their pixels (the images' fingerprint, the size, the resize mode and the way
@@ -343,23 +361,66 @@ def cache_files(directory: str, images: EncodedImages) -> tuple[str, str]:
         [images.reader.fingerprint(), images.image_size, images.resize, DECODE_VERSION]
     )
     name = hashlib.sha256(key.encode()).hexdigest()[:24]
-    return os.path.join(directory, f"{name}.pixels"), os.path.join(directory, f"{name}.json")
+    return os.path.join(directory, name + PIXELS), os.path.join(directory, name + META)
+
+
+def _meta_path(pixels_path: str) -> str:
+    return pixels_path[: -len(PIXELS)] + META
+
+
+class _BlockSums:
+    """CRC32 of each `BLOCK_BYTES` block of a byte stream written in pieces of any size."""
+
+    def __init__(self, block: int = BLOCK_BYTES) -> None:
+        self.block, self.sums, self.crc, self.filled = block, [], 0, 0
+
+    def update(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            piece = view[: self.block - self.filled]
+            self.crc = zlib.crc32(piece, self.crc)
+            self.filled += len(piece)
+            view = view[len(piece) :]
+            if self.filled == self.block:
+                self.sums.append(self.crc)
+                self.crc, self.filled = 0, 0
+
+    def done(self) -> list[int]:
+        return self.sums + [self.crc] * bool(self.filled)
+
+
+def _damaged_block(path: str, block: int, sums: list[int]) -> int | None:
+    """The first block of file `path` whose CRC32 is not in `sums`, or None."""
+    with open(path, "rb") as file:
+        for number, expected in enumerate(sums):
+            if zlib.crc32(file.read(block)) != expected:
+                return number
+        return len(sums) if file.read(1) else None
 
 
 def write_cache(images: EncodedImages, pixels_path: str, meta_path: str) -> np.ndarray:
     """Decodes every image once into `pixels_path` (written whole, then renamed into place,
     so a run stopped meanwhile leaves no partial cache); returns the indices kept (the others
-    cannot be decoded), also written to `meta_path` last: its presence marks the cache whole."""
+    cannot be decoded), also written to `meta_path` last, with the CRC32 of each block of the
+    pixels: its presence marks the cache whole."""
     os.makedirs(os.path.dirname(pixels_path) or ".", exist_ok=True)
     partial = f"{pixels_path}.partial-{os.getpid()}"
-    kept = []
+    kept, sums = [], _BlockSums()
     with open(partial, "wb") as file:
         for indices, pixels in images.decode_all():
             kept.append(indices)
-            file.write(pixels.tobytes())
+            data = pixels.tobytes()
+            sums.update(data)
+            file.write(data)
     kept_indices = np.concatenate(kept) if kept else np.zeros((0,), np.int64)
     os.replace(partial, pixels_path)
-    meta = {"count": images.size, "image_size": images.image_size, "kept": kept_indices.tolist()}
+    meta = {
+        "count": images.size,
+        "image_size": images.image_size,
+        "kept": kept_indices.tolist(),
+        "block_bytes": sums.block,
+        "crc32": sums.done(),
+    }
     with open(f"{meta_path}.partial-{os.getpid()}", "w") as file:
         json.dump(meta, file)
     os.replace(f"{meta_path}.partial-{os.getpid()}", meta_path)
@@ -367,18 +428,34 @@ def write_cache(images: EncodedImages, pixels_path: str, meta_path: str) -> np.n
     return kept_indices
 
 
-def read_cache_meta(meta_path: str) -> np.ndarray | None:
-    """The kept indices of a whole cache, or None when there is none."""
-    if not os.path.exists(meta_path):
-        return None
+def _read_meta(meta_path: str) -> dict:
     try:
         with open(meta_path) as file:
-            return np.asarray(json.load(file)["kept"], np.int64)
+            meta = json.load(file)
+        meta["kept"] = np.asarray(meta["kept"], np.int64)
+        return meta
     except (ValueError, KeyError, TypeError):
         raise ConfigError(
             f"--data_cache: {meta_path!r} is not a cache description tlloop wrote; accepted: "
             "a folder tlloop fills (delete the file to rebuild it)"
         ) from None
+
+
+def read_cache_meta(meta_path: str) -> np.ndarray | None:
+    """The kept indices of a whole cache, or None when there is none to use: no description,
+    no pixels file beside it (deleted, as an error advised), or a description of a tlloop that
+    wrote no checksums. The next write rebuilds both files."""
+    if not os.path.exists(meta_path):
+        return None
+    meta = _read_meta(meta_path)
+    pixels = meta_path[: -len(META)] + PIXELS
+    if not os.path.exists(pixels):
+        logging.warning("--data_cache: %s is gone: rebuilding the cache", pixels)
+        return None
+    if "crc32" not in meta:
+        logging.warning("--data_cache: %s has no checksums (an older tlloop): rebuilding", pixels)
+        return None
+    return meta["kept"]
 
 
 def find_unreadable(
