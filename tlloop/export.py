@@ -38,6 +38,7 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tlloop.data.pipeline import resize_images
 from tlloop.models import INFERENCE, TransferModel
