@@ -208,13 +208,21 @@ class Trainer:
                 "(--head_lr=auto) resolves; accepted: a rate > 0 (tlloop.lr_range.range_test "
                 "suggests one)"
             )
+        for name in ("label_smoothing", "class_weights"):  # the CLI gives them to its task
+            value = getattr(self.training, name)
+            if value:
+                raise ValueError(
+                    f"training.{name}={value!r}: the task's loss applies it, not the trainer; "
+                    f"accepted: {type(self.task).__name__}({name}={value!r}) "
+                    f"(tlloop.Classification or tlloop.MultiLabel), and training.{name} unset"
+                )
         if self.deterministic:
             tf.config.experimental.enable_op_determinism()
         rank = self.task.label_rank
         train = as_examples(train, argument="train", label_rank=rank)
         _check_mixing(self.training, self.task, train)
         eval_data = as_examples(eval_data, argument="eval_data", label_rank=rank)
-        metric = self.checkpoint.best_metric
+        metric = self.checkpoint.best_metric.resolved(self.task.best_metric)
         known = ("loss", *self.task.metric_names)
         if metric.name not in known:
             raise ValueError(
@@ -247,7 +255,9 @@ class Trainer:
         )
         summaries = Summaries(self.workdir, enabled=chief and self.logging.summaries)
         keeper = action_lib.BestKeeper(
-            self.checkpoint.best_metric, best, patience=self.checkpoint.early_stopping_patience
+            self.checkpoint.best_metric.resolved(task.best_metric),  # "auto": the task's
+            best,
+            patience=self.checkpoint.early_stopping_patience,
         )
         class_names = getattr(task, "class_names", None)
         writer = action_lib.SummaryWriter(
@@ -534,7 +544,7 @@ def build_experiment(
     for line in recipe.lines():
         logging.info("%s", line)
     task = build_task(config, data)
-    metric = config.checkpoint.best_metric
+    metric = config.checkpoint.best_metric.resolved(task.best_metric)
     known = ("loss", *task.metric_names)
     if metric.name not in known:
         raise ConfigError(
