@@ -317,8 +317,14 @@ class KerasCallbacks(Action):
     across phases; logs: the epoch's training metrics and, prefixed `val_`, its evaluation
     metrics, as `Model.fit` gives them), on_train_batch_begin/end at each logged step (its
     row: loss, step metrics, learning_rate, gradient_norm). A callback that sets
-    `model.stop_training` ends the run after the host call under way, with a checkpoint; one that
-    raises stops the run with a `CallbackError` naming it."""
+    `model.stop_training` ends the phase under way (as it ends one `fit` in the Keras guide's
+    two `fit`s) after the host call under way and its evaluation; the next phase runs. An
+    `EarlyStopping` starts afresh at each phase (as at each `fit`). One that raises stops the
+    run with a `CallbackError` naming it. Callbacks that drive `model.optimizer` are refused."""
+
+    # Callbacks that set model.optimizer's rate: a TransferModel has none (each phase makes its
+    # own), so they would fail after the first epoch had trained.
+    UNSUPPORTED = (keras.callbacks.ReduceLROnPlateau, keras.callbacks.LearningRateScheduler)
 
     def __init__(self, callbacks) -> None:
         self.callbacks = list(callbacks)
@@ -327,6 +333,13 @@ class KerasCallbacks(Action):
                 raise TypeError(
                     f"callbacks: {type(callback).__name__} is not a keras.callbacks.Callback; "
                     "accepted: Keras callbacks (CSVLogger, TerminateOnNaN, your own subclass)"
+                )
+            if isinstance(callback, self.UNSUPPORTED):
+                raise ValueError(
+                    f"callbacks: {type(callback).__name__} sets model.optimizer's learning rate, "
+                    "and a TransferModel's phases each make their own optimizer; accepted: a "
+                    "schedule in TrainingConfig(lr_schedule=..., warmup_steps=...) or a Phase's "
+                    "own optimizer=keras.optimizers.X(learning_rate=SCHEDULE)"
                 )
         self.last_logs: dict = {}
 
@@ -342,7 +355,7 @@ class KerasCallbacks(Action):
                     f"{type(error).__name__}: {error}"
                 ) from error
         if getattr(self.controller.model, "stop_training", False):
-            self.controller.stop_requested = True
+            self.controller.stop_phase = "callback"
 
     def on_run_begin(self) -> None:
         c = self.controller
@@ -352,6 +365,12 @@ class KerasCallbacks(Action):
             callback.set_model(c.model)
             callback.set_params(params)
         self._call("on_train_begin", {})
+
+    def on_phase_begin(self, phase) -> None:
+        self.controller.model.stop_training = False
+        for callback in self.callbacks:
+            if isinstance(callback, keras.callbacks.EarlyStopping):
+                callback.on_train_begin({})  # its patience counts within one phase, one fit
 
     def on_epoch_begin(self, phase, epoch) -> None:
         self._call("on_epoch_begin", self.controller.epoch_number, {})
