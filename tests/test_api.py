@@ -287,7 +287,9 @@ def test_early_stopping_ends_each_phase_and_results_say_what_ran(tmp_path):
     ids=lambda c: type(c).__name__,
 )
 def test_callbacks_that_set_the_optimizers_rate_are_refused_before_training(tmp_path, callback):
-    with pytest.raises(ValueError, match=r"^callbacks: \w+ sets model.optimizer's .*TrainingConfig"):
+    with pytest.raises(
+        ValueError, match=r"^callbacks: \w+ sets model.optimizer's .*TrainingConfig"
+    ):
         tlloop.Trainer(str(tmp_path), phases=_phases(), callbacks=[callback])
     assert not os.listdir(tmp_path)
 

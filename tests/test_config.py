@@ -505,9 +505,7 @@ def test_hparams_hold_every_training_setting_as_flat_values():
         base
     )
     assert all(isinstance(value, str | int | float | bool) for value in base.values())
-    assert (
-        base["unfreeze"] == "all" and base["head_epochs"] == 5 and base["best_metric"] == "auto"
-    )
+    assert base["unfreeze"] == "all" and base["head_epochs"] == 5 and base["best_metric"] == "auto"
     for name, value in TRAINING_HPARAMS.items():
         changed = config_lib.hparams(config_lib.from_flags({"workdir": "w", name: value}))
         assert changed[name] == value

@@ -865,6 +865,17 @@ class PhaseConfig:
             "given together with a mode table, which already says the backbone's mode",
             "one of the two",
         )
+        # The default mode table runs the backbone in training mode only when something in it
+        # trains (phases.plan_phases): with nothing unfrozen, "train" would change nothing.
+        _require(
+            not (self.bn_mode == "train" and self.unfreeze.kind == "none"),
+            "bn_mode",
+            self.bn_mode,
+            "with --unfreeze=none no backbone layer trains and the backbone stays in inference "
+            "mode, so it would change nothing",
+            "frozen, or train with an --unfreeze policy that trains backbone layers (a "
+            "ModeTable sets the backbone's mode directly)",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -649,9 +649,61 @@ def check_task(config: RunConfig, text: bool) -> None:
             "(--task=regression)",
             "0",
         )
+    # Flags this run would not read: refused when given with a value other than their default
+    # (flags.txt lists every flag, defaults included). (flag, read by this run?, why not).
+    data, formats = config.data, config.checkpoint.export_tflite
+    texts = "the examples are texts (a KerasHub text preset reads them)"
+    multi_hot = kind == "multilabel" and data.dataset == "tfrecord"
+    unread = [
+        *((flag, not text, f"it adapts an image model, {texts}") for flag in ADAPTER_FLAGS),
+        *((flag, not text, f"it is for images, {texts}") for flag in IMAGE_FLAGS),
+        ("mixed_precision", not text, f"a text model is built in float32, {texts}"),
+        ("threshold", kind == "multilabel", f"it applies to --task=multilabel, not {kind}"),
+        ("regression_loss", kind == "regression", f"it applies to --task=regression, not {kind}"),
+        (
+            "label_delimiter",
+            data.dataset == "csv" and kind == "multilabel",
+            "it separates the labels of --dataset=csv with --task=multilabel",
+        ),
+        ("image_feature", data.dataset == "tfrecord", "it is read by --dataset=tfrecord only"),
+        ("tfds_dir", data.dataset.startswith("tfds:"), "it is read by --dataset=tfds:NAME only"),
+        (
+            "tflite_min_agreement",
+            bool({"float32", "dynamic"} & set(formats)),
+            "it checks --export_tflite=float32 or dynamic, which is not asked for",
+        ),
+        *(
+            (flag, "int8" in formats, "it is for --export_tflite=int8, which is not asked for")
+            for flag in ("tflite_min_agreement_int8", "tflite_calibration_images")
+        ),
+        (
+            "classes",
+            kind != "regression" and not multi_hot,
+            "multi-hot TFRecord labels are read as they are"
+            if multi_hot
+            else "regression targets are the CSV's columns",
+        ),
+        (
+            "train_examples_per_class",
+            kind == "classification",
+            f"--task={kind} has no one class per example to count",
+        ),
+    ]
+    if not problem:
+        given, values = config_lib.given_flags(config), config_lib.flag_values(config)
+        defaults = {meta.flag: meta.default for meta in config_lib.options()}
+        for flag, read, why in unread:
+            if not read and flag in given and values[flag] != defaults[flag]:
+                problem = (flag, values[flag], f"this run does not read it: {why}", "no --" + flag)
+                break
     if problem:
         flag, value, what, accepted = problem
         raise ConfigError(f"--{flag}={value!r}: {what}; accepted: {accepted}")
+
+
+# Flags that adapt an image backbone's input, and flags of image decoding only.
+ADAPTER_FLAGS = ("backbone_layer", "backbone_range", "backbone_channels")
+IMAGE_FLAGS = ("resize", "image_size", "bad_images")
 
 
 def build_task(config: RunConfig, data: Data) -> Task:
