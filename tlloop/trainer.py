@@ -229,6 +229,14 @@ class Trainer:
                 f"best_metric={metric}: the task has no metric {metric.name!r}; accepted: "
                 f"{', '.join(known)}"
             )
+        if self.checkpoint.export_tflite:  # found now, not after training (as the CLI does)
+            try:
+                tflite_lib.check_model(model, self.task)
+            except ValueError as error:
+                raise ValueError(
+                    f"checkpoint.export_tflite={','.join(self.checkpoint.export_tflite)}: "
+                    f"{error}"
+                ) from None
         plan = phase_lib.plan_phases(self.phases, model)
         return _Run(model, train, eval_data, plan, batch_size, eval_batch_size or batch_size)
 
