@@ -234,8 +234,7 @@ class Trainer:
                 tflite_lib.check_model(model, self.task)
             except ValueError as error:
                 raise ValueError(
-                    f"checkpoint.export_tflite={','.join(self.checkpoint.export_tflite)}: "
-                    f"{error}"
+                    f"checkpoint.export_tflite={','.join(self.checkpoint.export_tflite)}: {error}"
                 ) from None
         plan = phase_lib.plan_phases(self.phases, model)
         return _Run(model, train, eval_data, plan, batch_size, eval_batch_size or batch_size)
