@@ -245,11 +245,20 @@ class Profiler(Action):
 
 
 class Progress(Action):
-    """The console: a progress bar per epoch (unless `quiet`) and one log line per epoch."""
+    """The console: a progress bar per epoch (unless `quiet`) and one log line per epoch; at
+    each phase start, the phase's mode table and trainability report, which the controller
+    logs at INFO, are printed too (unless `quiet`) when absl would not show INFO (a Python
+    caller's default verbosity, WARNING): set absl's verbosity to INFO to have them logged
+    instead, or `LoggingConfig(quiet=True)` for neither."""
 
     def __init__(self, *, verbose: bool) -> None:
         self.verbose = verbose
         self.bar = None
+
+    def on_phase_begin(self, phase) -> None:
+        if self.verbose and not logging.level_info():
+            report = self.controller.report
+            print(f"{phase.name} phase:\n{phase.modes.to_text()}\n{report}", flush=True)
 
     def on_epoch_begin(self, phase, epoch) -> None:
         c = self.controller

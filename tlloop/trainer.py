@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import threading
 from collections.abc import Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -48,7 +50,7 @@ from tlloop.recipe import Recipe, resolve
 from tlloop.summaries import Summaries
 from tlloop.tasks import Classification, MultiLabel, Regression, Task
 from tlloop.warm_start import WarmStartReport, warm_start
-from tlloop.workdir import FOUND_RATE_FILE, prepare, write_json
+from tlloop.workdir import CONFIG_FILE, FOUND_RATE_FILE, prepare, write_json
 
 __all__ = [
     "Experiment",
@@ -177,7 +179,67 @@ class Trainer:
         with _arguments():
             run = self._prepare(model, train, eval_data, batch_size, eval_batch_size)
             prepare(self.workdir, None, overwrite=self.overwrite)
-            return self._run(run, export=export)
+            # The record the command line keeps in flags.txt: config.json, HParams, a text.
+            record = self.config(run, export=export)
+            if is_chief(self.strategy or tf.distribute.get_strategy()):
+                write_json(os.path.join(self.workdir, CONFIG_FILE), record)
+            text = json.dumps(record, indent=1)
+            return self._run(
+                run,
+                export=export,
+                hparams=_hparams(record),
+                texts=[("config", f"```\n{text}\n```")],
+            )
+
+    def config(self, run: _Run, *, export: bool = True) -> dict:
+        """Every argument of this Trainer and its fit, resolved, as JSON values: the phases,
+        the task (its class, settings, metrics, best metric and class names), the option
+        objects, the model's class and size, the data's sizes (WORKDIR/config.json)."""
+        task = self.task
+        return {
+            "trainer": {
+                "workdir": self.workdir,
+                "seed": self.seed,
+                "strategy": describe(self.strategy or tf.distribute.get_strategy()),
+                "callbacks": [type(c).__name__ for c in self.callbacks.callbacks],
+                "training": _jsonable(self.training),
+                "checkpoint": _jsonable(self.checkpoint),
+                "logging": _jsonable(self.logging),
+                **self.options,
+                "deterministic": self.deterministic,
+                "overwrite": self.overwrite,
+                "resize": self.resize,
+            },
+            "phases": [
+                {
+                    **_jsonable(dataclasses.replace(p, optimizer=None, modes=None)),
+                    "optimizer": p.optimizer and keras.optimizers.serialize(p.optimizer),
+                    "modes": p.modes and p.modes.to_text(),
+                }
+                for p in self.phases
+            ],
+            "task": {
+                "class": type(task).__name__,
+                **{k: _jsonable(v) for k, v in vars(task).items() if _plain(k, v)},
+                "metrics": list(task.metric_names),
+                "best_metric": str(self.checkpoint.best_metric.resolved(task.best_metric)),
+            },
+            "class_names": _jsonable(
+                getattr(task, "class_names", None) or getattr(task, "target_names", None)
+            ),
+            "model": {
+                "class": type(run.model).__name__,
+                "backbone": run.model.backbone.name,
+                "parameters": int(run.model.count_params()),
+            },
+            "fit": {
+                "batch_size": run.batch_size,
+                "eval_batch_size": run.eval_batch_size,
+                "export": export,
+                "train_size": run.train.size,
+                "eval_size": run.eval.size,
+            },
+        }
 
     def describe(self, model: TransferModel) -> str:
         """Markdown: each phase's mode table and what it trains in `model` (trainable and
@@ -442,6 +504,53 @@ class Trainer:
         for fmt, report in reports.items():
             print(f"tflite {tflite_lib.describe(fmt, report)}", flush=True)
         return reports
+
+
+def _jsonable(value):
+    """`value` as JSON values: dataclasses as dicts, sequences as lists, arrays as lists,
+    other objects (an Unfreeze, a BestMetric) as their text."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if isinstance(value, (config_lib.Unfreeze, config_lib.BestMetric)):
+            return str(value)
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def _plain(name: str, value) -> bool:
+    """A task attribute the record shows: a public setting, not a function or metric."""
+    return not name.startswith("_") and not callable(value) and not isinstance(value, dict)
+
+
+def _hparams(record: dict) -> dict[str, str | int | float | bool]:
+    """The HParams of a Trainer.fit's `config` record, flat: the training options, each
+    phase's epochs, rate, unfreeze and BatchNorm mode, the task, the best metric, the batch."""
+    flat = {
+        "seed": record["trainer"]["seed"],
+        "task": record["task"]["class"],
+        "best_metric": record["task"]["best_metric"],
+        "batch_size": record["fit"]["batch_size"],
+    }
+    for name, value in record["trainer"]["training"].items():
+        flat[name] = value
+    for phase in record["phases"]:
+        rate = phase["learning_rate"] if phase["optimizer"] is None else "own optimizer"
+        flat.update(
+            {
+                f"{phase['name']}_epochs": phase["epochs"],
+                f"{phase['name']}_lr": rate,
+                f"{phase['name']}_unfreeze": phase["unfreeze"],
+                f"{phase['name']}_bn_mode": phase["bn_mode"],
+            }
+        )
+    return {k: v for k, v in flat.items() if isinstance(v, (str, int, float, bool))}
 
 
 @contextlib.contextmanager

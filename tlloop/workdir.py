@@ -14,8 +14,11 @@ from tlloop.config import ConfigError
 # What a run writes at the top of its workdir; --overwrite removes exactly these.
 # The rate --head_lr=auto found (tlloop.lr_range.FoundRate), read back when the run resumes.
 FOUND_RATE_FILE = "found_rate.json"
+# A Trainer.fit's resolved arguments (the command line's record is flags.txt).
+CONFIG_FILE = "config.json"
 RUN_OUTPUTS = (
     "flags.txt",
+    CONFIG_FILE,
     "checkpoints",
     "tensorboard",
     "metrics.jsonl",
