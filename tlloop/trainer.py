@@ -212,8 +212,12 @@ class Trainer:
             },
             "phases": [
                 {
-                    **_jsonable(dataclasses.replace(p, optimizer=None, modes=None)),
-                    "optimizer": p.optimizer and keras.optimizers.serialize(p.optimizer),
+                    **{
+                        f.name: _jsonable(getattr(p, f.name))
+                        for f in dataclasses.fields(p)
+                        if f.name not in ("optimizer", "modes")
+                    },
+                    "optimizer": p.optimizer and _jsonable(keras.optimizers.serialize(p.optimizer)),
                     "modes": p.modes and p.modes.to_text(),
                 }
                 for p in self.phases
@@ -515,6 +519,8 @@ def _jsonable(value):
         return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
