@@ -180,7 +180,7 @@ class Trainer:
             run = self._prepare(model, train, eval_data, batch_size, eval_batch_size)
             prepare(self.workdir, None, overwrite=self.overwrite)
             # The record the command line keeps in flags.txt: config.json, HParams, a text.
-            record = self.config(run, export=export)
+            record = self._record(run, export=export)
             if is_chief(self.strategy or tf.distribute.get_strategy()):
                 write_json(os.path.join(self.workdir, CONFIG_FILE), record)
             text = json.dumps(record, indent=1)
@@ -191,7 +191,7 @@ class Trainer:
                 texts=[("config", f"```\n{text}\n```")],
             )
 
-    def config(self, run: _Run, *, export: bool = True) -> dict:
+    def _record(self, run: _Run, *, export: bool = True) -> dict:
         """Every argument of this Trainer and its fit, resolved, as JSON values: the phases,
         the task (its class, settings, metrics, best metric and class names), the option
         objects, the model's class and size, the data's sizes (WORKDIR/config.json)."""
@@ -536,7 +536,7 @@ def _plain(name: str, value) -> bool:
 
 
 def _hparams(record: dict) -> dict[str, str | int | float | bool]:
-    """The HParams of a Trainer.fit's `config` record, flat: the training options, each
+    """The HParams of a Trainer.fit's record (`Trainer._record`), flat: the training options, each
     phase's epochs, rate, unfreeze and BatchNorm mode, the task, the best metric, the batch."""
     flat = {
         "seed": record["trainer"]["seed"],
