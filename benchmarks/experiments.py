@@ -6,7 +6,8 @@
 Each run is `python -m tlloop.run --flagfile=FLAGFILE --seed=S` (plus a variant's flags) into a
 fresh temporary workdir, in its own process with a timeout; the evaluation accuracy after each
 phase is read from its results.json. The file's comment quotes these numbers; the README quotes
-them too. benchmarks/results/EXPERIMENTS.json holds the last run's output.
+them too. benchmarks/results/EXPERIMENTS-NAME.json holds the last output for
+experiments/NAME.flags.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ _TIMEOUT = flags.DEFINE_integer("timeout", 900, "Seconds one run may take.")
 
 def run_once(flagfile: str, seed: int, extra: list[str], timeout: int) -> dict:
     """One run of `flagfile` at `seed` with `extra` flags: each phase's evaluation accuracy
-    (3 decimals) and the run's seconds."""
+    and the best evaluation's value (3 decimals), and the run's seconds."""
     with tempfile.TemporaryDirectory() as workdir:
         command = [
             sys.executable,
@@ -56,6 +57,7 @@ def run_once(flagfile: str, seed: int, extra: list[str], timeout: int) -> dict:
     return {
         "seed": seed,
         **{p["name"]: round(p["eval"]["accuracy"], 3) for p in results["phases"]},
+        "best": round(results["best"]["value"], 3),
         "seconds": round(seconds, 1),
     }
 
