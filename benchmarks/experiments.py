@@ -1,13 +1,13 @@
 """Re-derives the results an experiment flagfile quotes: its run at each seed, as the CLI runs it.
 
-    python -m benchmarks.experiments [--flagfile=experiments/h5_grayscale_cut.flags]
+    python -m benchmarks.experiments [--experiment=experiments/h5_grayscale_cut.flags]
         [--seeds=0,1,2] [--variant=--backbone_range=0:1 ...] [--output=FILE.json]
 
-Each run is `python -m tlloop.run --flagfile=FLAGFILE --seed=S` (plus a variant's flags) into a
-fresh temporary workdir, in its own process with a timeout; the evaluation accuracy after each
-phase is read from its results.json. The file's comment quotes these numbers; the README quotes
-them too. benchmarks/results/EXPERIMENTS-NAME.json holds the last output for
-experiments/NAME.flags.
+Each run is `python -m tlloop.run --flagfile=EXPERIMENT --seed=S` (plus a variant's flags) into
+a fresh temporary workdir, in its own process with a timeout; the evaluation value of the run's
+best metric (accuracy, micro_f1, ...) after each phase is read from its results.json. The
+flagfile's comment quotes these numbers, the README too; benchmarks/results/
+EXPERIMENTS-NAME.json holds the last output for experiments/NAME.flags.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ _TIMEOUT = flags.DEFINE_integer("timeout", 900, "Seconds one run may take.")
 
 
 def run_once(flagfile: str, seed: int, extra: list[str], timeout: int) -> dict:
-    """One run of `flagfile` at `seed` with `extra` flags: each phase's evaluation accuracy
-    and the best evaluation's value (3 decimals), and the run's seconds."""
+    """One run of `flagfile` at `seed` with `extra` flags: each phase's evaluation value of
+    the run's best metric (accuracy unless named) and the best evaluation's (3 decimals), and
+    the run's seconds."""
     with tempfile.TemporaryDirectory() as workdir:
         command = [
             sys.executable,
@@ -54,9 +55,11 @@ def run_once(flagfile: str, seed: int, extra: list[str], timeout: int) -> dict:
         seconds = time.perf_counter() - started
         with open(os.path.join(workdir, "results.json")) as file:
             results = json.load(file)
+    metric = results["best"]["metric"].split(":")[0]  # the task's: accuracy, micro_f1, ...
     return {
         "seed": seed,
-        **{p["name"]: round(p["eval"]["accuracy"], 3) for p in results["phases"]},
+        **({} if metric == "accuracy" else {"metric": metric}),
+        **{p["name"]: round(p["eval"][metric], 3) for p in results["phases"]},
         "best": round(results["best"]["value"], 3),
         "seconds": round(seconds, 1),
     }
