@@ -4,6 +4,7 @@ task, and what the library's Trainer does not apply it refuses, naming what does
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 from conftest import make_config
@@ -139,8 +140,6 @@ def test_the_trainer_refuses_loss_options_its_task_applies_naming_the_task_argum
 
 
 def _tiny_model() -> tlloop.TransferModel:
-    import keras
-
     inputs = keras.Input((8, 8, 3))
     backbone = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))
     return tlloop.TransferModel(backbone, tlloop.classification_head(backbone, 2))
