@@ -229,7 +229,7 @@ def test_csv_logger_rows_hold_the_values_tensorboard_has(tmp_path):
     assert float(rows[-1]["val_loss"]) == pytest.approx(results.phases[-1]["eval"]["loss"])
 
 
-def test_terminate_on_nan_ends_the_run_cleanly_with_the_checkpoint_intact(tmp_path):
+def test_terminate_on_nan_ends_each_phase_cleanly_with_the_checkpoint_intact(tmp_path):
     images, labels = _data(32, 1)
     images[5, 0, 0, 0] = np.nan  # one poisoned example: its step's loss is NaN
     workdir = str(tmp_path)
@@ -242,30 +242,56 @@ def test_terminate_on_nan_ends_the_run_cleanly_with_the_checkpoint_intact(tmp_pa
     )
     model = _model()
     results = trainer.fit(model, (images, labels), _data(5, 2), batch_size=8)
-    stopped = results.phases[-1]
-    assert stopped["stopped_by"] == "callback" and len(results.phases) == 1
-    assert stopped["last_step"] < 8 and results["nonfinite_steps_skipped"] == 1
+    # model.stop_training ends the phase under way at the NaN step (as it ends one fit); the
+    # next phase runs and meets the same example.
+    head, finetune = results.phases
+    assert head["stopped_by"] == finetune["stopped_by"] == "callback"
+    assert head["stopped_early"] and head["epochs_run"] == 1 and head["last_step"] < 4
+    assert finetune["stopped_early"] and finetune["last_step"] < head["last_step"] + 8
+    assert results["nonfinite_steps_skipped"] == 2
     latest = checkpoint_lib.latest(os.path.join(workdir, "checkpoints"))
     fresh = _model()
     tf.train.Checkpoint(model=fresh).restore(latest).expect_partial()
     assert all(np.all(np.isfinite(v.numpy())) for v in fresh.weights)
-    assert checkpoint_lib.position(latest)[1] == stopped["last_step"]
+    assert checkpoint_lib.position(latest)[1] == finetune["last_step"]
     # The run is over: calling again resumes a finished run and trains nothing more.
     again = trainer.fit(_model(), (images, labels), _data(5, 2), batch_size=8)
     assert again.weights_sha256 == results.weights_sha256
 
 
-def test_early_stopping_ends_the_run_and_the_model_holds_the_exported_weights(tmp_path):
-    # An unreachable baseline: the callback stops the run after its second epoch (patience 1).
-    stop = keras.callbacks.EarlyStopping("val_accuracy", mode="max", baseline=2.0, patience=1)
-    trainer = tlloop.Trainer(str(tmp_path), phases=_phases(2, 2), callbacks=[stop])
+def test_early_stopping_ends_each_phase_and_results_say_what_ran(tmp_path):
+    # No evaluation improves by 2: each phase's first is its best (EarlyStopping starts afresh
+    # at each phase, as at each fit), its second stops it (patience 1).
+    stop = keras.callbacks.EarlyStopping("val_accuracy", mode="max", min_delta=2.0, patience=1)
+    trainer = tlloop.Trainer(str(tmp_path), phases=_phases(3, 3), callbacks=[stop])
     model = _model()
     results = trainer.fit(model, _data(16, 1), _data(5, 2), batch_size=8)
-    assert [p["name"] for p in results.phases] == ["head"] and results.phases[0]["last_step"] == 4
-    assert results.phases[0]["stopped_by"] == "callback"
+    assert [p["name"] for p in results.phases] == ["head", "finetune"]
+    assert [p["last_step"] for p in results.phases] == [4, 8]  # 2 steps an epoch
+    for phase in results.phases:
+        assert phase["epochs"] == 3 and phase["epochs_run"] == 2 and phase["stopped_early"]
+        assert phase["stopped_by"] == "callback"
+    with open(os.path.join(str(tmp_path), "results.json")) as file:
+        assert json.load(file)["phases"][0]["epochs_run"] == 2
     exported = keras.saving.load_model(results.export["model"])
     images = _data(4, 3)[0]
     np.testing.assert_array_equal(np.asarray(exported(images)), tlloop.predict(model, images))
+
+
+@pytest.mark.parametrize(
+    "callback",
+    [
+        keras.callbacks.ReduceLROnPlateau(),
+        keras.callbacks.LearningRateScheduler(lambda epoch, rate: rate),
+    ],
+    ids=lambda c: type(c).__name__,
+)
+def test_callbacks_that_set_the_optimizers_rate_are_refused_before_training(tmp_path, callback):
+    with pytest.raises(
+        ValueError, match=r"^callbacks: \w+ sets model.optimizer's .*TrainingConfig"
+    ):
+        tlloop.Trainer(str(tmp_path), phases=_phases(), callbacks=[callback])
+    assert not os.listdir(tmp_path)
 
 
 class _Boom(keras.callbacks.Callback):

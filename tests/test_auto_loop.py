@@ -7,7 +7,7 @@ import os
 
 import pytest
 import tensorflow as tf
-from conftest import make_config
+from conftest import REPO, make_config
 
 from tlloop import trainer
 from tlloop.config import ConfigError, from_flags
@@ -51,15 +51,22 @@ def test_auto_runs_the_same_steps_in_fewer_host_calls(tmp_path):
     assert all(p < q for p, q in calls)
 
 
-def test_auto_loop_times_calls_after_the_traced_one():
+def test_auto_loop_times_calls_after_the_traced_one_at_about_a_second_each():
+    # The README's promise, in its words: calls of "about a second's worth at most".
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as file:
+        assert "about a second's worth at most" in " ".join(file.read().split())
     loop = AutoLoop()
     assert loop.steps() == 1
     loop.observe(1, 5.0)  # the traced call: not a measure of a step
     assert loop.steps() == 1
-    loop.observe(1, 0.01)
-    assert loop.steps() == int(AutoLoop.seconds / 0.01)
-    loop.observe(100, 1e-6)
-    assert loop.steps() == AutoLoop.max_steps
+    loop.observe(1, 0.01)  # 10 ms a step: a second is 100 steps (numbers written out, not
+    assert loop.steps() == 100  # computed from the constant under test)
+    loop.observe(4, 4 * 0.3)  # 0.3 s a step: 3 steps, 0.9 s
+    assert loop.steps() == 3
+    loop.observe(2, 2 * 3.0)  # slower than a second a step: one step a call
+    assert loop.steps() == 1
+    loop.observe(100, 1e-6)  # fast steps: at most 1000 a call
+    assert loop.steps() == 1000
 
 
 def test_steps_per_loop_takes_auto_or_a_count():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 
 import pytest
@@ -317,7 +318,20 @@ def test_every_option_is_changed_by_some_round_trip_case():
             assert value != defaults[name], name
 
 
-@pytest.mark.parametrize("values", CHANGED, ids=lambda values: values["workdir"])
+# --export_tflite is refused without the LiteRT interpreter (the tflite extra) that checks it.
+_NO_LITERT = pytest.mark.skipif(
+    importlib.util.find_spec("ai_edge_litert") is None,
+    reason="--export_tflite needs the tflite extra (ai-edge-litert)",
+)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param(v, id=v["workdir"], marks=[_NO_LITERT] if "export_tflite" in v else [])
+        for v in CHANGED
+    ],
+)
 def test_flags_txt_of_a_config_parses_back_to_an_equal_config(tmp_path, values):
     config = config_lib.from_flags(values)
     assert config_lib.flag_values(config) == {
@@ -432,6 +446,28 @@ def test_best_metric_takes_any_metric_name_with_a_natural_direction(spec, name, 
     assert (metric.name, metric.direction) == (name, direction)
     assert config_lib.BestMetric.parse(metric.to_flag()) == metric
     assert metric.better(0.5, 0.4) is (direction == "max")
+    # Made in Python with the name alone, the direction is the same as the flag's.
+    assert config_lib.BestMetric(name) == config_lib.BestMetric.parse(name)
+
+
+@pytest.mark.parametrize(
+    ("name", "direction"),
+    [("loss", "min"), ("val_loss", "min"), ("root_mean_squared_error", "min"), ("pr_auc", "max")],
+)
+def test_a_best_metric_made_in_python_keeps_the_lowest_loss(name, direction):
+    metric = config_lib.BestMetric(name)
+    assert metric.direction == direction
+    assert metric.better(0.3, 0.4) is (direction == "min")
+    assert config_lib.BestMetric(name, "max").direction == "max"  # given: kept
+
+
+def test_the_default_best_metric_is_the_tasks_own():
+    metric = config_lib.CheckpointConfig().best_metric
+    assert metric == config_lib.BestMetric.parse("auto") and metric.to_flag() == "auto"
+    assert metric.resolved(("micro_f1", "max")) == config_lib.BestMetric("micro_f1", "max")
+    assert config_lib.BestMetric("loss").resolved(("micro_f1", "max")).name == "loss"
+    with pytest.raises(ConfigError, match=r"^--best_metric='auto:min': auto's direction"):
+        config_lib.BestMetric.parse("auto:min")
 
 
 @pytest.mark.parametrize("spec", ["", "top-5", "f1 score", ":max", "loss:up", "loss:"])
@@ -469,9 +505,7 @@ def test_hparams_hold_every_training_setting_as_flat_values():
         base
     )
     assert all(isinstance(value, str | int | float | bool) for value in base.values())
-    assert (
-        base["unfreeze"] == "all" and base["head_epochs"] == 5 and base["best_metric"] == "accuracy"
-    )
+    assert base["unfreeze"] == "all" and base["head_epochs"] == 5 and base["best_metric"] == "auto"
     for name, value in TRAINING_HPARAMS.items():
         changed = config_lib.hparams(config_lib.from_flags({"workdir": "w", name: value}))
         assert changed[name] == value

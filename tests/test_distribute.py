@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
-from conftest import PRETRAINED, REPO, run_cli, start_cli
+from conftest import PRETRAINED, REPO, python_command, run_cli, start_cli
 
-import tlloop.models  # noqa: F401  registers tlloop's Keras classes
+import tlloop
+import tlloop.models  # registers tlloop's Keras classes
 from tlloop import distribute, trainer
 from tlloop import flags as tlloop_flags
 from tlloop.config import ConfigError, DistributeConfig, ModelConfig
@@ -372,3 +373,67 @@ def test_a_nan_on_one_replica_skips_the_update_on_every_replica():
         "iterations": 2,
         "replicas_equal": True,
     }
+
+
+# A worker of a 2-worker cluster reads 3 training batches through the real pipeline
+# (distribute_batches -> IndexedExamples.training_batches) and prints every batch of indices
+# its reader was asked for: one line of JSON on stdout.
+_COUNT_READS = """
+import json
+import numpy as np, tensorflow as tf
+from tlloop import distribute
+from tlloop.data.examples import InMemoryExamples
+
+reads = []
+
+def record(indices):
+    reads.append(indices.numpy().tolist())
+    return indices
+
+class Counted(InMemoryExamples):
+    def read(self, indices):
+        indices = tf.py_function(record, [indices], tf.int64)
+        indices.set_shape([None])
+        return super().read(indices)
+
+strategy = tf.distribute.MultiWorkerMirroredStrategy()
+examples = Counted(np.arange(40, dtype=np.float32), np.zeros(40, np.int32))
+batches = distribute.distribute_batches(
+    strategy, lambda part: examples.training_batches(8, 0, part=part), positionable=True,
+    batch_size=8)
+iterator = iter(batches)
+seen = [strategy.experimental_local_results(next(iterator))[0][0].numpy().tolist()
+        for _ in range(3)]
+print(json.dumps({"reads": reads, "seen": seen}))
+"""
+
+
+def test_each_worker_reads_only_its_part_of_every_global_batch():
+    ports = _free_ports(2)
+    workers = []
+    for index in range(2):
+        tf_config = {
+            "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+            "task": {"type": "worker", "index": index},
+        }
+        command = python_command("-c", _COUNT_READS, env={"TF_CONFIG": json.dumps(tf_config)})
+        workers.append(subprocess.Popen(**command, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        outputs = [worker.communicate(timeout=180) for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                os.kill(worker.pid, signal.SIGKILL)  # a cluster ignores SIGTERM in collectives
+                worker.wait()
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    found = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    # The global batches of one reader: positions [8t, 8t + 8) of the seeded order.
+    whole = tlloop.InMemoryExamples(np.arange(40, dtype=np.float32), np.zeros(40, np.int32))
+    order = [b[0].numpy().astype(int).tolist() for b in whole.training_batches(8, 0).take(30)]
+    for index, worker in enumerate(found):
+        parts = [batch[4 * index : 4 * index + 4] for batch in order]
+        assert worker["seen"] == parts[:3]  # its half of each global batch, in order
+        # Every read it made (prefetching reads ahead) was of its own half of a global batch:
+        # 4 examples, never the whole batch of 8 and never the other worker's half.
+        assert len(worker["reads"]) >= 3
+        assert all(read in parts for read in worker["reads"]), worker["reads"]

@@ -106,10 +106,28 @@ def test_recipe_auto_chooses_what_the_readme_table_says(classes):
             for row in table:
                 flag = row[0].strip("`-")
                 expected = _parse_cell(row[column], kind, classes, steps)
+                if flag == "warmup_steps":  # at most a tenth of the shortest phase's steps
+                    shortest = steps * min(values["head_epochs"], values["finetune_epochs"])
+                    expected = min(expected, shortest // 10)
                 if isinstance(expected, float):  # a scaled rate: a product of floats
                     expected = pytest.approx(expected, rel=1e-12)
                 assert values[flag] == expected, (flag, examples)
             assert recipe.backbone_kind == kind and recipe.given == {}
+
+
+def test_the_large_bands_warmup_is_at_most_a_tenth_of_the_shortest_phase():
+    # 20,000 examples at batch 256: 79 steps an epoch, 5 epochs a phase, 395 steps: BiT's 500
+    # warm-up steps would never reach the peak rate, and the cosine would never decay.
+    resolved, recipe = _resolve({"batch_size": 256}, 20_000, 10)
+    assert recipe.band == "large" and resolved.phases[0].epochs == 5
+    assert _flag_values(resolved)["warmup_steps"] == recipe.chosen["warmup_steps"] == 39
+    resolved, _ = _resolve({"batch_size": 256, "head_epochs": 2}, 20_000, 10)  # 158 steps
+    assert resolved.training.warmup_steps == 15
+    resolved, _ = _resolve({}, 1_000_000, 10)  # 31,250 steps a phase: BiT's 500 stand
+    assert resolved.training.warmup_steps == 500
+    # A count given is the user's, whole.
+    resolved, _ = _resolve({"batch_size": 256, "warmup_steps": 300}, 20_000, 10)
+    assert resolved.training.warmup_steps == 300
 
 
 def test_given_flags_win_and_a_group_is_left_whole():

@@ -247,3 +247,64 @@ def test_only_a_task_that_writes_summaries_profiles(tmp_path):
     assert trainer.profiler(writes=False) == []  # a non-chief task of a cluster writes nothing
     quiet = tlloop.Trainer(str(tmp_path), phases=phases)
     assert quiet.profiler(writes=True) == []
+
+
+def test_a_fit_from_python_leaves_the_record_a_command_line_run_does(tmp_path, capfd):
+    keras = pytest.importorskip("keras")
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (12, 8, 8, 3)).astype(np.float32)
+    labels = rng.integers(0, 2, 12).astype(np.int32)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(2, 3, name="conv")(inputs)
+    backbone = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(x))
+    model = tlloop.TransferModel(backbone, tlloop.classification_head(backbone, 2))
+    workdir = tmp_path / "run"
+    trainer = tlloop.Trainer(
+        str(workdir),
+        phases=[
+            tlloop.Phase("head", 1, 3e-2),
+            tlloop.Phase("finetune", 1, 1e-3, "all", bn_mode="train"),
+        ],
+        task=tlloop.Classification(class_names=("cat", "dog"), label_smoothing=0.1),
+        training=tlloop.TrainingConfig(lr_schedule="cosine"),
+        logging=tlloop.LoggingConfig(log_every_steps=0),
+    )
+    trainer.fit(model, (images, labels), (images[:4], labels[:4]), batch_size=4, export=False)
+    # config.json: every argument, resolved (the best metric "auto" is the task's accuracy).
+    record = json.loads((workdir / "config.json").read_text())
+    assert [p["unfreeze"] for p in record["phases"]] == ["none", "all"]
+    assert record["phases"][1]["bn_mode"] == "train" and record["phases"][0]["epochs"] == 1
+    assert record["task"]["class"] == "Classification" and record["task"]["label_smoothing"] == 0.1
+    assert record["task"]["best_metric"] == "accuracy:max" and record["class_names"] == [
+        "cat",
+        "dog",
+    ]
+    assert record["trainer"]["training"]["lr_schedule"] == "cosine"
+    assert record["fit"] == {
+        "batch_size": 4,
+        "eval_batch_size": 4,
+        "export": False,
+        "train_size": 12,
+        "eval_size": 4,
+    }
+    assert record["model"]["parameters"] == model.count_params()
+    # TensorBoard: the HParams of those arguments and the record as a text, as flags.txt is.
+    root = event_accumulator.EventAccumulator(str(workdir / "tensorboard"))
+    root.Reload()
+    records = [
+        plugin_data_pb2.HParamsPluginData.FromString(c)
+        for c in root.PluginTagToContent("hparams").values()
+    ]
+    (start,) = [r for r in records if r.HasField("session_start_info")]
+    hparams = start.session_start_info.hparams
+    assert hparams["finetune_bn_mode"].string_value == "train"
+    assert hparams["head_lr"].number_value == pytest.approx(3e-2)
+    assert hparams["lr_schedule"].string_value == "cosine"
+    train = _events(workdir / "tensorboard/train")
+    text = tensor_util.make_ndarray(train.Tensors("config")[0].tensor_proto).item().decode()
+    assert json.loads(text.strip("`\n")) == record
+    # The phases' mode tables and trainability reports, shown at absl's default verbosity.
+    printed = capfd.readouterr().out
+    assert printed.count("| step | augment | backbone | head |") == 2
+    assert "finetune phase:" in printed
+    assert "| train | training=True | training=True | training=True |" in printed  # bn_mode=train

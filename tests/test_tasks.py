@@ -4,6 +4,7 @@ exports that serve the task's outputs."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import keras
@@ -278,3 +279,28 @@ def test_mixing_is_refused_for_regression_and_for_inputs_that_are_not_images(tmp
     with pytest.raises(ValueError, match=r"^training.mixup=0.2: the inputs are TensorSpec"):
         classify.fit(model, texts, texts)
     assert not (tmp_path / "r").exists() and not (tmp_path / "t").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("kind", "best"),
+    [("multilabel", "micro_f1:max"), ("regression", "root_mean_squared_error:min")],
+)
+def test_the_default_best_metric_is_the_tasks_own_and_results_name_it(tmp_path, kind, best):
+    # No best metric given: "auto" must not mean accuracy, which these tasks do not report.
+    if kind == "multilabel":
+        train = _multilabel_data(16, 1)
+        task = tlloop.MultiLabel(LABELS)
+        head = tlloop.classification_head
+    else:
+        train = _regression_data(16, 1)
+        task = tlloop.Regression(2, targets=train[1])
+        head = tlloop.regression_head
+    backbone = _backbone()
+    model = tlloop.TransferModel(backbone, head(backbone, LABELS if kind == "multilabel" else task))
+    trainer = tlloop.Trainer(
+        str(tmp_path), phases=_phases(1, 0), task=task, logging=tlloop.LoggingConfig(quiet=True)
+    )
+    results = trainer.fit(model, train, train, batch_size=8, export=False)
+    assert results.best["metric"] == best
+    with open(tmp_path / "results.json") as file:
+        assert json.load(file)["best"]["metric"] == best

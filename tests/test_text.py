@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_config
+from conftest import make_config, run_cli
 from task_data import write_bert_preset, write_text_folder
 
 import tlloop
@@ -86,6 +86,11 @@ def test_text_folder_fine_tunes_a_bert_preset_with_dropout_on_and_serves_strings
     # model.keras loads with its tokenizer (the vocabulary is an asset KerasHub loads last).
     loaded = keras.saving.load_model(results.export["model"])
     np.testing.assert_allclose(loaded(texts).numpy(), model(texts).numpy(), atol=1e-5)
+    # tlloop.predict reads image files: a text run's export is refused in one line.
+    done = run_cli(f"--workdir={config.workdir}", "any.png", module="tlloop.predict")
+    error = [line for line in done.stderr.splitlines() if line.startswith("tlloop.predict:")]
+    assert done.returncode == 2 and len(error) == 1, done.stderr[-2000:]
+    assert "takes text, not images" in error[0] and "import tensorflow_text" in error[0]
 
 
 def test_the_library_builds_a_text_backbone_and_names_a_bad_source(tmp_path, bert_preset):

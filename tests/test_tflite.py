@@ -211,6 +211,43 @@ def test_a_file_below_its_agreement_fails_the_export_in_one_line(tmp_path):
     assert os.path.isdir(export["saved_model"])
 
 
+def _grayscale_model() -> tlloop.TransferModel:
+    """A backbone of one-channel images: no TFLite file takes RGB pixels into it."""
+    inputs = keras.Input((32, 32, 1))
+    backbone = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))
+    return tlloop.TransferModel(backbone, tlloop.classification_head(backbone, 5))
+
+
+@needs_litert
+@pytest.mark.parametrize(
+    ("task", "model", "problem"),
+    [
+        (tlloop.MultiLabel(5), _tied_model, r"task: TFLite export serves a Classification"),
+        (
+            tlloop.Classification(5),
+            _grayscale_model,
+            r"model: the backbone takes \(None, 32, 32, 1",
+        ),
+    ],
+    ids=["multilabel", "grayscale"],
+)
+def test_a_model_tflite_cannot_take_is_refused_when_fit_starts(tmp_path, task, model, problem):
+    # From Python as from the command line: before any step, and nothing written.
+    workdir = tmp_path / "run"
+    trainer = tlloop.Trainer(
+        str(workdir),
+        phases=[tlloop.Phase("head", epochs=1, learning_rate=1e-3)],
+        task=task,
+        checkpoint=tlloop.CheckpointConfig(export_tflite="float32"),
+    )
+    labels = np.zeros((8, 5), np.float32) if isinstance(task, tlloop.MultiLabel) else np.zeros(8)
+    channels = 1 if model is _grayscale_model else 3
+    images = np.zeros((8, 32, 32, channels), np.float32)
+    with pytest.raises(ValueError, match=rf"^checkpoint.export_tflite=float32: {problem}"):
+        trainer.fit(model(), (images, labels), (images, labels))
+    assert not workdir.exists()
+
+
 def test_bad_export_tflite_flag_is_refused_before_the_workdir(tmp_path):
     workdir = tmp_path / "run"
     done = run_cli(

@@ -248,11 +248,20 @@ class Profiler(Action):
 
 
 class Progress(Action):
-    """The console: a progress bar per epoch (unless `quiet`) and one log line per epoch."""
+    """The console: a progress bar per epoch (unless `quiet`) and one log line per epoch; at
+    each phase start, the phase's mode table and trainability report, which the controller
+    logs at INFO, are printed too (unless `quiet`) when absl would not show INFO (a Python
+    caller's default verbosity, WARNING): set absl's verbosity to INFO to have them logged
+    instead, or `LoggingConfig(quiet=True)` for neither."""
 
     def __init__(self, *, verbose: bool) -> None:
         self.verbose = verbose
         self.bar = None
+
+    def on_phase_begin(self, phase) -> None:
+        if self.verbose and not logging.level_info():
+            report = self.controller.report
+            print(f"{phase.name} phase:\n{phase.modes.to_text()}\n{report}", flush=True)
 
     def on_epoch_begin(self, phase, epoch) -> None:
         c = self.controller
@@ -324,8 +333,14 @@ class KerasCallbacks(Action):
     across phases; logs: the epoch's training metrics and, prefixed `val_`, its evaluation
     metrics, as `Model.fit` gives them), on_train_batch_begin/end at each logged step (its
     row: loss, step metrics, learning_rate, gradient_norm). A callback that sets
-    `model.stop_training` ends the run after the host call under way, with a checkpoint; one that
-    raises stops the run with a `CallbackError` naming it."""
+    `model.stop_training` ends the phase under way (as it ends one `fit` in the Keras guide's
+    two `fit`s) after the host call under way and its evaluation; the next phase runs. An
+    `EarlyStopping` starts afresh at each phase (as at each `fit`). One that raises stops the
+    run with a `CallbackError` naming it. Callbacks that drive `model.optimizer` are refused."""
+
+    # Callbacks that set model.optimizer's rate: a TransferModel has none (each phase makes its
+    # own), so they would fail after the first epoch had trained.
+    UNSUPPORTED = (keras.callbacks.ReduceLROnPlateau, keras.callbacks.LearningRateScheduler)
 
     def __init__(self, callbacks) -> None:
         self.callbacks = list(callbacks)
@@ -334,6 +349,13 @@ class KerasCallbacks(Action):
                 raise TypeError(
                     f"callbacks: {type(callback).__name__} is not a keras.callbacks.Callback; "
                     "accepted: Keras callbacks (CSVLogger, TerminateOnNaN, your own subclass)"
+                )
+            if isinstance(callback, self.UNSUPPORTED):
+                raise ValueError(
+                    f"callbacks: {type(callback).__name__} sets model.optimizer's learning rate, "
+                    "and a TransferModel's phases each make their own optimizer; accepted: a "
+                    "schedule in TrainingConfig(lr_schedule=..., warmup_steps=...) or a Phase's "
+                    "own optimizer=keras.optimizers.X(learning_rate=SCHEDULE)"
                 )
         self.last_logs: dict = {}
 
@@ -349,7 +371,7 @@ class KerasCallbacks(Action):
                     f"{type(error).__name__}: {error}"
                 ) from error
         if getattr(self.controller.model, "stop_training", False):
-            self.controller.stop_requested = True
+            self.controller.stop_phase = "callback"
 
     def on_run_begin(self) -> None:
         c = self.controller
@@ -359,6 +381,12 @@ class KerasCallbacks(Action):
             callback.set_model(c.model)
             callback.set_params(params)
         self._call("on_train_begin", {})
+
+    def on_phase_begin(self, phase) -> None:
+        self.controller.model.stop_training = False
+        for callback in self.callbacks:
+            if isinstance(callback, keras.callbacks.EarlyStopping):
+                callback.on_train_begin({})  # its patience counts within one phase, one fit
 
     def on_epoch_begin(self, phase, epoch) -> None:
         self._call("on_epoch_begin", self.controller.epoch_number, {})

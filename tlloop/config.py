@@ -371,24 +371,50 @@ def _lower_direction(name: str) -> bool:
     return name.endswith(("loss", "error"))
 
 
+AUTO_METRIC = "auto"
+
+
 @dataclasses.dataclass(frozen=True)
 class BestMetric:
     """The evaluation metric whose best value the run keeps a checkpoint of.
 
-    Any metric name is taken here; whether the run's evaluation reports it is checked when the
-    run starts."""
+    `name` "auto" (the default) is the task's own (`Task.best_metric`: accuracy for
+    classification, micro_f1 for multilabel, root_mean_squared_error:min for regression),
+    chosen when the run starts; results.json names the one used. `direction` "max" or "min";
+    empty: min for loss and names ending in loss or error, else max. Any metric name is taken
+    here; whether the run's evaluation reports it is checked when the run starts."""
 
-    name: str = "accuracy"
-    direction: str = "max"
+    name: str = AUTO_METRIC
+    direction: str = ""
+
+    def __post_init__(self) -> None:
+        accepted = "max, min, or empty (min for losses and errors, else max)"
+        _require(
+            self.direction in ("", "max", "min"),
+            "best_metric",
+            str(self),
+            "unknown direction",
+            accepted,
+        )
+        if self.name == AUTO_METRIC:
+            _require(
+                not self.direction,
+                "best_metric",
+                str(self),
+                "auto's direction is the task's",
+                "auto alone",
+            )
+        elif not self.direction:
+            object.__setattr__(self, "direction", "min" if _lower_direction(self.name) else "max")
 
     @classmethod
     def parse(cls, spec: str) -> BestMetric:
-        """Parses `--best_metric`: a metric name (letters, digits, _, /), optionally :max or
-        :min; the default direction is min for loss and names ending in loss or error, else
-        max."""
+        """Parses `--best_metric`: auto, or a metric name (letters, digits, _, /), optionally
+        :max or :min; the default direction is min for loss and names ending in loss or error,
+        else max."""
         accepted = (
             "a metric name (letters, digits, _, /) such as accuracy or loss, optionally with "
-            ":max or :min (e.g. loss:min)"
+            ":max or :min (e.g. loss:min), or auto (the task's)"
         )
         name, colon, direction = spec.partition(":")
         _require(
@@ -398,24 +424,36 @@ class BestMetric:
             "not a metric name",
             accepted,
         )
-        if not colon:
-            direction = "min" if _lower_direction(name) else "max"
-        _require(direction in ("max", "min"), "best_metric", spec, "unknown direction", accepted)
+        _require(
+            not colon or direction in ("max", "min"),
+            "best_metric",
+            spec,
+            "unknown direction" if name != AUTO_METRIC else "auto's direction is the task's",
+            accepted,
+        )
         return cls(name, direction)
 
     def to_flag(self) -> str:
         """The `--best_metric` text: the name alone when the direction is its default."""
+        if self.name == AUTO_METRIC:
+            return AUTO_METRIC
         default = "min" if _lower_direction(self.name) else "max"
         return self.name if self.direction == default else str(self)
 
+    def resolved(self, default: tuple[str, str]) -> BestMetric:
+        """This metric, or for "auto" the task's `default` (name, direction)."""
+        return BestMetric(*default) if self.name == AUTO_METRIC else self
+
     def better(self, value: float, than: float) -> bool:
         """True if `value` is strictly better than `than` (anything beats NaN, the unset)."""
+        if self.name == AUTO_METRIC:
+            raise ValueError("best_metric='auto': resolve it with the task first (resolved())")
         if than != than:
             return value == value
         return value > than if self.direction == "max" else value < than
 
     def __str__(self) -> str:
-        return f"{self.name}:{self.direction}"
+        return f"{self.name}:{self.direction}" if self.direction else self.name
 
 
 def _known_dataset(name: str) -> bool:
@@ -826,6 +864,17 @@ class PhaseConfig:
             self.bn_mode,
             "given together with a mode table, which already says the backbone's mode",
             "one of the two",
+        )
+        # The default mode table runs the backbone in training mode only when something in it
+        # trains (phases.plan_phases): with nothing unfrozen, "train" would change nothing.
+        _require(
+            not (self.bn_mode == "train" and self.unfreeze.kind == "none"),
+            "bn_mode",
+            self.bn_mode,
+            "with --unfreeze=none no backbone layer trains and the backbone stays in inference "
+            "mode, so it would change nothing",
+            "frozen, or train with an --unfreeze policy that trains backbone layers (a "
+            "ModeTable sets the backbone's mode directly)",
         )
 
 
@@ -1262,9 +1311,11 @@ class CheckpointConfig:
     )
     best_metric: BestMetric = option(  # noqa: RUF009  option() returns a dataclasses.field
         BestMetric(),
-        "Evaluation metric whose best value is kept in WORKDIR/checkpoints/best: accuracy, "
-        "loss or another metric's name, optionally :max or :min (default: min for loss and "
-        "names ending in loss or error, else max).",
+        "Evaluation metric whose best value is kept in WORKDIR/checkpoints/best: auto (the "
+        "task's: accuracy for classification, micro_f1 for multilabel, "
+        "root_mean_squared_error:min for regression; results.json names it), loss or another "
+        "metric's name, optionally :max or :min (default: min for loss and names ending in "
+        "loss or error, else max).",
         parse=BestMetric.parse,
         format=BestMetric.to_flag,
     )

@@ -166,7 +166,9 @@ class Controller:
         self.state = checkpoint_lib.RunState()
         self.host_call = (0, 1)  # the last host call's (first global step, steps)
         self.stop_requested = False  # set by an action: end the run after the host call
-        self.stop_phase = False  # set by an action: end the phase after this epoch
+        # Set by an action: end the phase after this epoch (True), or, "callback" (a Keras
+        # callback set model.stop_training), after the host call under way and its evaluation.
+        self.stop_phase: bool | str = False
         self.report = ""
         self.epoch_seconds = []  # each epoch's training loop, the phase under way
         self.in_epoch = False  # from an epoch's first host call to its last action
@@ -282,6 +284,7 @@ class Controller:
         started = time.perf_counter()
         train_result = eval_result = None
         stopped_early = False
+        epochs_run = first_epoch
         self.epoch_seconds: list[float] = []
         for epoch in range(first_epoch, phase.config.epochs):
             if phase.config.gradual:  # the next stage: more layers train
@@ -297,8 +300,9 @@ class Controller:
                 phase, epoch, step, batches, offset, evaluator
             )
             offset = 0
+            epochs_run = epoch + 1
             if self.stop_phase or self.stop_requested:
-                stopped_early = self.stop_phase
+                stopped_early = bool(self.stop_phase)
                 break
         if not use_cache:
             self.stream.ran_to(self._step())
@@ -308,6 +312,7 @@ class Controller:
         result = {
             "name": phase.name,
             "epochs": phase.config.epochs,
+            "epochs_run": epochs_run,  # fewer when stopped early (the last may be partial)
             "stopped_early": stopped_early,
             "feature_cache": cache_reason,
             "last_step": self._step(),
@@ -317,7 +322,7 @@ class Controller:
             "train": train_result,
             "eval": eval_result,
         }
-        if self.stop_requested:
+        if self.stop_requested or self.stop_phase == "callback":
             result["stopped_by"] = "callback"
         results["phases"].append(result)
         self.state.record(results["phases"])
@@ -367,7 +372,7 @@ class Controller:
         nan_policy "stop" (before any checkpoint is saved after it) and is counted under
         "skip_step"."""
         done, loop_started = 0, time.perf_counter()
-        while done < count and not self.stop_requested:
+        while done < count and not (self.stop_requested or self.stop_phase):
             current = self._step()
             chunk = self._chunk(current, count - done)
             self.host_call = (current, chunk)

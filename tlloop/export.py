@@ -20,7 +20,9 @@ WORKDIR/export/ holds:
   checked with the LiteRT interpreter before it is written.
 
 Load the .keras files with `keras.saving.load_model` after `import tlloop` (which registers
-tlloop's classes) and the modules that register yours; the SavedModel needs only TensorFlow.
+tlloop's classes) and the modules that register yours. The SavedModel of an image model needs
+only TensorFlow; that of a text model holds its KerasHub tokenizer's ops, so loading it needs
+`import tensorflow_text` first (the tensorflow-text package, which keras-hub installs).
 `check_export` refuses, before anything is written, a model whose .keras files would not load.
 """
 

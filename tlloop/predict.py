@@ -7,7 +7,8 @@ first (`labels=A;B`), then the top-k labels; for a regression model each target'
 SavedModel (or any tlloop SavedModel, `--saved_model=DIR`), called through its
 `serving_uint8` signature, so this is exactly what a server would answer. Images of any size
 are resized inside the model. Bad input: one line naming the flag or file, exit 2
-(`--bad_images=skip` reports an unreadable file on stderr and goes on).
+(`--bad_images=skip` reports an unreadable file on stderr and goes on); a text model's export
+(strings in) is refused in one line.
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ def main(argv: list[str]) -> int:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
         from tlloop.serving import Predictor
 
+        signatures = served_inputs(directory)
+        if "serving_uint8" not in signatures:  # before loading: a text model's ops need more
+            inputs = ", ".join(signatures.get("serving_default", [])) or "no images"
+            raise ConfigError(
+                f"{'--saved_model' if FLAGS.saved_model else '--workdir'}: the SavedModel at "
+                f"{directory!r} takes {inputs}, not images (a text model; loading it needs "
+                "`import tensorflow_text` first); accepted: the run of an image model, or in "
+                "Python: import tensorflow_text; tf.saved_model.load(DIR)"
+                ".signatures['serving_default'](text=...)"
+            )
+
         predictor = Predictor(directory)
         if predictor.kind == "regression" and FLAGS["top_k"].present:
             raise ConfigError(
@@ -69,6 +81,18 @@ def main(argv: list[str]) -> int:
         print(f"tlloop.predict: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def served_inputs(directory: str) -> dict[str, list[str]]:
+    """{signature name: its input names} of the SavedModel in `directory`, read from its
+    saved_model.pb without loading it (loading a text model needs tensorflow_text's ops)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    with open(os.path.join(directory, "saved_model.pb"), "rb") as file:
+        saved.ParseFromString(file.read())
+    signatures = saved.meta_graphs[0].signature_def if saved.meta_graphs else {}
+    return {name: sorted(signature.inputs) for name, signature in signatures.items()}
 
 
 if __name__ == "__main__":

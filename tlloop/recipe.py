@@ -100,7 +100,12 @@ TABLE = (
         "linear warm-up, about a tenth of a phase",
         by_band=(3, 1, 0),
     ),
-    Row("warmup_steps", "BiT's 500 warm-up steps for large data", by_band=(0, 0, 500)),
+    Row(
+        "warmup_steps",
+        "BiT's 500 warm-up steps for large data, at most a tenth of the shortest phase's "
+        "optimizer steps",
+        by_band=(0, 0, 500),
+    ),
     Row(
         "augment",
         "a small random shift: no flips (digits, text and many objects are not mirror images)",
@@ -119,6 +124,8 @@ TABLE = (
         by_band=(0.0, 0.0, 0.999),
     ),
 )
+# The recipe's --warmup_steps is at most this fraction of the shortest phase's optimizer steps.
+WARMUP_FRACTION = 0.1
 # Flags that make one choice together: the recipe sets none of them when any is given.
 GROUPS = (("warmup_epochs", "warmup_steps"), ("mixup", "cutmix", "mix_prob"))
 
@@ -250,6 +257,15 @@ def resolve(
             continue
         values[flag] = value
         chosen[flag] = value
+    if chosen.get("warmup_steps"):
+        # A fixed count would outlast a short phase: it would never reach its peak rate.
+        steps = [
+            values[epochs] * steps_per_epoch // values["grad_accum_steps"]
+            for epochs in ("head_epochs", "finetune_epochs")
+            if values[epochs]
+        ]
+        capped = min(chosen["warmup_steps"], int(min(steps) * WARMUP_FRACTION))
+        values["warmup_steps"] = chosen["warmup_steps"] = capped
     resolved = config_lib.from_flags(values, given=given)
     recipe = Recipe(
         "auto",

@@ -43,11 +43,15 @@ class Task:
     rank of one example's label (0 for a class index); informative only: whether a dataset is
     batched is decided from its inputs (`tlloop.data.examples.batching`). `mixable`: whether
     MixUp/CutMix may train it (the loss of mixed labels is the mix of the labels' losses: true
-    of cross-entropy, not of a squared error). Raises ValueError/TypeError naming the argument
-    at fault.
+    of cross-entropy, not of a squared error). `best_metric`: (name, direction) of the metric
+    the run keeps the best checkpoint of when `CheckpointConfig.best_metric` is "auto" (the
+    default); the loss for a generic Task. Raises ValueError/TypeError naming the argument at
+    fault.
     """
 
     mixable = True
+    # (name, direction) of the metric `BestMetric("auto")` stands for with this task.
+    best_metric = ("loss", "min")
 
     def __init__(
         self,
@@ -122,8 +126,11 @@ class Classification(Task):
     `class_weights` (an array, or "auto": N / (classes x count of the class) from the training
     data) in the training loss only. Metrics: accuracy (also logged per step) and, in
     evaluation with `num_classes` known, a confusion matrix (rows: labels). Serving:
-    probabilities, the class id and its name from `class_names`.
+    probabilities, the class id and its name from `class_names`. Best metric ("auto"):
+    accuracy.
     """
+
+    best_metric = ("accuracy", "max")
 
     def __init__(
         self,
@@ -300,9 +307,11 @@ class MultiLabel(Task):
     training loss only. Metrics: micro and macro F1 of the labels whose probability is over
     `threshold`, and the PR-AUC averaged over labels (`keras.metrics.AUC(curve="PR",
     multi_label=True)`). Serving: per-label probabilities, the multi-hot prediction and the
-    names over the threshold joined by ";".
+    names over the threshold joined by ";". Best metric ("auto"): micro_f1.
     Raises ValueError/TypeError naming the argument at fault.
     """
+
+    best_metric = ("micro_f1", "max")
 
     def __init__(
         self,
@@ -512,9 +521,10 @@ class Regression(Task):
     standard deviations) or "mae". Metrics: mean_absolute_error and root_mean_squared_error,
     in the targets' units, and r2 (`RegressionFit`, whose predicted-vs-true histogram is
     TensorBoard's scatter image per output). Serving: "predictions". Raises ValueError naming
-    the argument.
+    the argument. Best metric ("auto"): root_mean_squared_error, min.
     """
 
+    best_metric = ("root_mean_squared_error", "min")
     mixable = False  # a squared error of a mixed target is not the mix of squared errors
 
     def __init__(

@@ -81,6 +81,18 @@ def image_size(model) -> int:
     return int(shape[1])
 
 
+def check_model(model, task: Task | None = None) -> int:
+    """The image size S of `model` if it and `task` (default: Classification) can be exported
+    to TFLite: a Classification task, a backbone of one input of square RGB images. Raises
+    ValueError naming the argument otherwise (a Trainer checks this before training)."""
+    if not isinstance(task or Classification(), Classification):
+        raise ValueError(
+            f"task: TFLite export serves a Classification task's probabilities, not a "
+            f"{type(task).__name__}'s; accepted: tlloop.Classification, or no TFLite export"
+        )
+    return image_size(model)
+
+
 def convert(
     model,
     formats: Sequence[str],
@@ -97,9 +109,7 @@ def convert(
     """
     formats = _check_formats(formats)
     task = task or Classification()
-    if not isinstance(task, Classification):
-        raise ValueError("task: TFLite export serves a Classification task's probabilities")
-    size = image_size(model)
+    size = check_model(model, task)
     if "int8" in formats:
         if representative is None or len(representative) == 0:
             raise ValueError(

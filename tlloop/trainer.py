@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import threading
 from collections.abc import Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -48,7 +50,7 @@ from tlloop.recipe import Recipe, resolve
 from tlloop.summaries import Summaries
 from tlloop.tasks import Classification, MultiLabel, Regression, Task
 from tlloop.warm_start import WarmStartReport, warm_start
-from tlloop.workdir import FOUND_RATE_FILE, prepare, release, write_json
+from tlloop.workdir import CONFIG_FILE, FOUND_RATE_FILE, prepare, release, write_json
 
 __all__ = [
     "Experiment",
@@ -185,9 +187,73 @@ class Trainer:
             run = self._prepare(model, train, eval_data, batch_size, eval_batch_size, export)
             try:
                 prepare(self.workdir, None, overwrite=self.overwrite)  # takes the workdir's lock
-                return self._run(run, export=export)
+                # The record the command line keeps in flags.txt: config.json, HParams, a text.
+                record = self._record(run, export=export)
+                if is_chief(self.strategy or tf.distribute.get_strategy()):
+                    write_json(os.path.join(self.workdir, CONFIG_FILE), record)
+                text = json.dumps(record, indent=1)
+                return self._run(
+                    run,
+                    export=export,
+                    hparams=_hparams(record),
+                    texts=[("config", f"```\n{text}\n```")],
+                )
             finally:
                 release(self.workdir)
+
+    def _record(self, run: _Run, *, export: bool = True) -> dict:
+        """Every argument of this Trainer and its fit, resolved, as JSON values: the phases,
+        the task (its class, settings, metrics, best metric and class names), the option
+        objects, the model's class and size, the data's sizes (WORKDIR/config.json)."""
+        task = self.task
+        return {
+            "trainer": {
+                "workdir": self.workdir,
+                "seed": self.seed,
+                "strategy": describe(self.strategy or tf.distribute.get_strategy()),
+                "callbacks": [type(c).__name__ for c in self.callbacks.callbacks],
+                "training": _jsonable(self.training),
+                "checkpoint": _jsonable(self.checkpoint),
+                "logging": _jsonable(self.logging),
+                **self.options,
+                "deterministic": self.deterministic,
+                "overwrite": self.overwrite,
+                "resize": self.resize,
+            },
+            "phases": [
+                {
+                    **{
+                        f.name: _jsonable(getattr(p, f.name))
+                        for f in dataclasses.fields(p)
+                        if f.name not in ("optimizer", "modes")
+                    },
+                    "optimizer": p.optimizer and _jsonable(keras.optimizers.serialize(p.optimizer)),
+                    "modes": p.modes and p.modes.to_text(),
+                }
+                for p in self.phases
+            ],
+            "task": {
+                "class": type(task).__name__,
+                **{k: _jsonable(v) for k, v in vars(task).items() if _plain(k, v)},
+                "metrics": list(task.metric_names),
+                "best_metric": str(self.checkpoint.best_metric.resolved(task.best_metric)),
+            },
+            "class_names": _jsonable(
+                getattr(task, "class_names", None) or getattr(task, "target_names", None)
+            ),
+            "model": {
+                "class": type(run.model).__name__,
+                "backbone": run.model.backbone.name,
+                "parameters": int(run.model.count_params()),
+            },
+            "fit": {
+                "batch_size": run.batch_size,
+                "eval_batch_size": run.eval_batch_size,
+                "export": export,
+                "train_size": run.train.size,
+                "eval_size": run.eval.size,
+            },
+        }
 
     def describe(self, model: TransferModel) -> str:
         """Markdown: each phase's mode table and what it trains in `model` (trainable and
@@ -223,13 +289,21 @@ class Trainer:
                 "(--head_lr=auto) resolves; accepted: a rate > 0 (tlloop.lr_range.range_test "
                 "suggests one)"
             )
+        for name in ("label_smoothing", "class_weights"):  # the CLI gives them to its task
+            value = getattr(self.training, name)
+            if value:
+                raise ValueError(
+                    f"training.{name}={value!r}: the task's loss applies it, not the trainer; "
+                    f"accepted: {type(self.task).__name__}({name}={value!r}) "
+                    f"(tlloop.Classification or tlloop.MultiLabel), and training.{name} unset"
+                )
         if self.deterministic:
             tf.config.experimental.enable_op_determinism()
         declared = input_specs(model.backbone)
         train = as_examples(train, argument="train", inputs=declared)
         _check_mixing(self.training, self.task, train)
         eval_data = as_examples(eval_data, argument="eval_data", inputs=declared)
-        metric = self.checkpoint.best_metric
+        metric = self.checkpoint.best_metric.resolved(self.task.best_metric)
         known = ("loss", *self.task.metric_names)
         if metric.name not in known:
             raise ValueError(
@@ -240,7 +314,12 @@ class Trainer:
         serving = serving_inputs(train)
         if export:  # decided now: an export refused after training would cost the whole run
             check_export(model, serving)
-            _check_tflite(self.checkpoint, self.task, model)
+            if self.checkpoint.export_tflite:  # as the CLI refuses it before training
+                try:
+                    tflite_lib.check_model(model, self.task)
+                except ValueError as error:
+                    formats = ",".join(self.checkpoint.export_tflite)
+                    raise ValueError(f"checkpoint.export_tflite={formats}: {error}") from None
         return _Run(
             model, train, eval_data, plan, batch_size, eval_batch_size or batch_size, serving
         )
@@ -268,7 +347,9 @@ class Trainer:
         )
         summaries = Summaries(self.workdir, enabled=chief and self.logging.summaries)
         keeper = action_lib.BestKeeper(
-            self.checkpoint.best_metric, best, patience=self.checkpoint.early_stopping_patience
+            self.checkpoint.best_metric.resolved(task.best_metric),  # "auto": the task's
+            best,
+            patience=self.checkpoint.early_stopping_patience,
         )
         class_names = getattr(task, "class_names", None)
         writer = action_lib.SummaryWriter(
@@ -459,6 +540,55 @@ class Trainer:
         return reports
 
 
+def _jsonable(value):
+    """`value` as JSON values: dataclasses as dicts, sequences as lists, arrays as lists,
+    other objects (an Unfreeze, a BestMetric) as their text."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if isinstance(value, (config_lib.Unfreeze, config_lib.BestMetric)):
+            return str(value)
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def _plain(name: str, value) -> bool:
+    """A task attribute the record shows: a public setting, not a function or metric."""
+    return not name.startswith("_") and not callable(value) and not isinstance(value, dict)
+
+
+def _hparams(record: dict) -> dict[str, str | int | float | bool]:
+    """The HParams of a Trainer.fit's record (`Trainer._record`), flat: the training options, each
+    phase's epochs, rate, unfreeze and BatchNorm mode, the task, the best metric, the batch."""
+    flat = {
+        "seed": record["trainer"]["seed"],
+        "task": record["task"]["class"],
+        "best_metric": record["task"]["best_metric"],
+        "batch_size": record["fit"]["batch_size"],
+    }
+    for name, value in record["trainer"]["training"].items():
+        flat[name] = value
+    for phase in record["phases"]:
+        rate = phase["learning_rate"] if phase["optimizer"] is None else "own optimizer"
+        flat.update(
+            {
+                f"{phase['name']}_epochs": phase["epochs"],
+                f"{phase['name']}_lr": rate,
+                f"{phase['name']}_unfreeze": phase["unfreeze"],
+                f"{phase['name']}_bn_mode": phase["bn_mode"],
+            }
+        )
+    return {k: v for k, v in flat.items() if isinstance(v, (str, int, float, bool))}
+
+
 @contextlib.contextmanager
 def _arguments():
     """The library speaks in arguments: checks it shares with the command line name flags
@@ -489,20 +619,6 @@ def serving_inputs(examples: Examples):
     the SavedModel of a backbone that declares no inputs serves."""
     spec = examples.element_spec[0]
     return tf.nest.map_structure(lambda s: tf.TensorSpec((None, *s.shape), s.dtype), spec)
-
-
-def _check_tflite(checkpoint: CheckpointConfig, task: Task, model: TransferModel) -> None:
-    """Refuses TFLite formats (`checkpoint.export_tflite`) the model or task cannot give,
-    before training: they serve a classifier's probabilities for square RGB images."""
-    if not checkpoint.export_tflite:
-        return
-    if not isinstance(task, Classification):
-        raise ValueError(
-            f"checkpoint.export_tflite={','.join(checkpoint.export_tflite)}: TFLite files serve "
-            f"a Classification task's probabilities, not a {type(task).__name__} task's; "
-            "accepted: no TFLite formats, or export=False"
-        )
-    tflite_lib.image_size(model)  # ValueError naming the backbone's inputs
 
 
 def _read_best(best, results: Results) -> None:
@@ -601,7 +717,7 @@ def build_experiment(
     for line in recipe.lines():
         logging.info("%s", line)
     task = build_task(config, data)
-    metric = config.checkpoint.best_metric
+    metric = config.checkpoint.best_metric.resolved(task.best_metric)
     known = ("loss", *task.metric_names)
     if metric.name not in known:
         raise ConfigError(
@@ -706,9 +822,61 @@ def check_task(config: RunConfig, text: bool) -> None:
             "(--task=regression)",
             "0",
         )
+    # Flags this run would not read: refused when given with a value other than their default
+    # (flags.txt lists every flag, defaults included). (flag, read by this run?, why not).
+    data, formats = config.data, config.checkpoint.export_tflite
+    texts = "the examples are texts (a KerasHub text preset reads them)"
+    multi_hot = kind == "multilabel" and data.dataset == "tfrecord"
+    unread = [
+        *((flag, not text, f"it adapts an image model, {texts}") for flag in ADAPTER_FLAGS),
+        *((flag, not text, f"it is for images, {texts}") for flag in IMAGE_FLAGS),
+        ("mixed_precision", not text, f"a text model is built in float32, {texts}"),
+        ("threshold", kind == "multilabel", f"it applies to --task=multilabel, not {kind}"),
+        ("regression_loss", kind == "regression", f"it applies to --task=regression, not {kind}"),
+        (
+            "label_delimiter",
+            data.dataset == "csv" and kind == "multilabel",
+            "it separates the labels of --dataset=csv with --task=multilabel",
+        ),
+        ("image_feature", data.dataset == "tfrecord", "it is read by --dataset=tfrecord only"),
+        ("tfds_dir", data.dataset.startswith("tfds:"), "it is read by --dataset=tfds:NAME only"),
+        (
+            "tflite_min_agreement",
+            bool({"float32", "dynamic"} & set(formats)),
+            "it checks --export_tflite=float32 or dynamic, which is not asked for",
+        ),
+        *(
+            (flag, "int8" in formats, "it is for --export_tflite=int8, which is not asked for")
+            for flag in ("tflite_min_agreement_int8", "tflite_calibration_images")
+        ),
+        (
+            "classes",
+            kind != "regression" and not multi_hot,
+            "multi-hot TFRecord labels are read as they are"
+            if multi_hot
+            else "regression targets are the CSV's columns",
+        ),
+        (
+            "train_examples_per_class",
+            kind == "classification",
+            f"--task={kind} has no one class per example to count",
+        ),
+    ]
+    if not problem:
+        given, values = config_lib.given_flags(config), config_lib.flag_values(config)
+        defaults = {meta.flag: meta.default for meta in config_lib.options()}
+        for flag, read, why in unread:
+            if not read and flag in given and values[flag] != defaults[flag]:
+                problem = (flag, values[flag], f"this run does not read it: {why}", "no --" + flag)
+                break
     if problem:
         flag, value, what, accepted = problem
         raise ConfigError(f"--{flag}={value!r}: {what}; accepted: {accepted}")
+
+
+# Flags that adapt an image backbone's input, and flags of image decoding only.
+ADAPTER_FLAGS = ("backbone_layer", "backbone_range", "backbone_channels")
+IMAGE_FLAGS = ("resize", "image_size", "bad_images")
 
 
 def build_task(config: RunConfig, data: Data) -> Task:

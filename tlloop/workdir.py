@@ -19,8 +19,11 @@ from tlloop.config import ConfigError
 # What a run writes at the top of its workdir (its places); --overwrite removes tlloop's files
 # in them. The rate --head_lr=auto found (tlloop.lr_range.FoundRate), read back on resume.
 FOUND_RATE_FILE = "found_rate.json"
+# A Trainer.fit's resolved arguments (the command line's record is flags.txt).
+CONFIG_FILE = "config.json"
 RUN_OUTPUTS = (
     "flags.txt",
+    CONFIG_FILE,
     "checkpoints",
     "tensorboard",
     "metrics.jsonl",
