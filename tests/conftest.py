@@ -72,6 +72,30 @@ def eval_accuracy(model, eval_batches) -> tuple[float, float]:
     return correct / total, total
 
 
+def brightest_channel(count: int, seed: int, size: int, classes: int = 3):
+    """(images, labels): `count` RGB images of `size` px in [0, 220] whose class is their
+    brightest colour channel, learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, count).astype("int32")
+    images = rng.uniform(0, 120, (count, size, size, 3)).astype("float32")
+    images[np.arange(count), :, :, labels] += 100.0
+    return images, labels
+
+
+# A tiny CLI run on an image folder (append --data_dir and --workdir): a random small CNN,
+# 16 px, one head epoch.
+TINY_FOLDER_RUN = (
+    "--dataset=folder",
+    "--backbone=small_cnn",
+    "--weights=none",
+    "--image_size=16",
+    "--batch_size=4",
+    "--head_epochs=1",
+    "--finetune_epochs=0",
+    "--quiet",
+)
+
+
 def snapshot(layer) -> dict[str, np.ndarray]:
     """Copies of every variable of `layer`, by path."""
     return {v.path: np.array(v.numpy()) for v in layer.weights}

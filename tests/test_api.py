@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import changed, run_python, snapshot
+from conftest import brightest_channel, changed, run_python, snapshot
 from tensorboard.backend.event_processing import event_accumulator
 
 import tlloop
@@ -28,11 +28,7 @@ SIZE, CLASSES = 12, 3
 
 def _data(count: int, seed: int):
     """Images whose class is the brightest colour channel: learnable in a few steps."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, CLASSES, count).astype("int32")
-    images = rng.uniform(0, 120, (count, SIZE, SIZE, 3)).astype("float32")
-    images[np.arange(count), :, :, labels] += 100.0
-    return images, labels
+    return brightest_channel(count, seed, SIZE, CLASSES)
 
 
 def _model(dropout: float = 0.0) -> tlloop.TransferModel:

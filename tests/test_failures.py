@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_cli
+from conftest import TINY_FOLDER_RUN, run_cli
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
@@ -155,17 +155,7 @@ def _image_folder(root: pathlib.Path, corrupt: str | None) -> pathlib.Path:
 
 def test_a_corrupt_image_fails_naming_it_or_is_skipped(tmp_path):
     data = _image_folder(tmp_path / "images", corrupt="b/3.png")
-    args = [
-        "--dataset=folder",
-        f"--data_dir={data}",
-        "--backbone=small_cnn",
-        "--weights=none",
-        "--image_size=16",
-        "--batch_size=4",
-        "--head_epochs=1",
-        "--finetune_epochs=0",
-        "--quiet",
-    ]
+    args = [*TINY_FOLDER_RUN, f"--data_dir={data}"]
     failed = run_cli(*args, f"--workdir={tmp_path / 'fail'}")
     assert failed.returncode == 2
     [line] = _error_lines(failed)
@@ -205,16 +195,9 @@ def test_a_streamed_image_failing_says_what_is_true_and_skip_may_follow(tmp_path
     data = _image_folder(tmp_path / "images", corrupt="b/3.png")  # starts like a PNG
     workdir = tmp_path / "run"
     args = [
-        "--dataset=folder",
+        *TINY_FOLDER_RUN,
         f"--data_dir={data}",
         "--data_memory=0",  # streamed: the image fails when first read
-        "--backbone=small_cnn",
-        "--weights=none",
-        "--image_size=16",
-        "--batch_size=4",
-        "--head_epochs=1",
-        "--finetune_epochs=0",
-        "--quiet",
         f"--workdir={workdir}",
     ]
     failed = run_cli(*args)

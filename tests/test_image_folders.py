@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import TINY_FOLDER_RUN, run_cli
 from PIL import Image, ImageOps
 
 from tlloop.config import ConfigError, DataConfig
@@ -258,18 +258,11 @@ def test_a_run_lists_every_file_it_left_out_with_its_reason(messy, tmp_path):
     root, used, skipped = messy
     workdir = tmp_path / "run"
     done = run_cli(
-        "--dataset=folder",
+        *TINY_FOLDER_RUN,
         f"--data_dir={root}",
-        "--backbone=small_cnn",
-        "--weights=none",
-        "--image_size=16",
-        "--batch_size=4",
-        "--head_epochs=1",
-        "--finetune_epochs=0",
         "--bad_images=skip",
         "--data_memory=0",
         f"--data_cache={tmp_path / 'cache'}",  # its file names hash every path, bytes too
-        "--quiet",
         f"--workdir={workdir}",
     )
     assert done.returncode == 0, done.stderr[-3000:]
