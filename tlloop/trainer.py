@@ -22,7 +22,7 @@ from absl import logging
 from tlloop import actions as action_lib
 from tlloop import checkpoints as checkpoint_lib
 from tlloop import config as config_lib
-from tlloop import lr_range, supervise
+from tlloop import lr_range, supervise, wise_ft
 from tlloop import phases as phase_lib
 from tlloop import tflite as tflite_lib
 from tlloop.actions import Stopped
@@ -140,6 +140,7 @@ class Trainer:
         self.logging = logging or LoggingConfig()
         with _arguments():
             steps_per_loop = config_lib.parse_steps_per_loop(steps_per_loop)
+            self.finetune_index = wise_ft.finetune_index(self.checkpoint, phases)
         self.options = dict(
             jit_compile=jit_compile,
             steps_per_loop=steps_per_loop,
@@ -285,6 +286,7 @@ class Trainer:
                 stop=stop,
             ),
             keeper,
+            *self._wise_ft(directory, best, summaries, chief),
             action_lib.Progress(verbose=chief and not self.logging.quiet),
             self.callbacks,
         ]
@@ -353,6 +355,24 @@ class Trainer:
                 write_json(path, dict(results))
         return results
 
+    def _wise_ft(self, directory: str, best, summaries, chief: bool) -> list[wise_ft.WiseFT]:
+        """The WiSE-FT action of `checkpoint.wise_ft` (theta_LP in WORKDIR/checkpoints/lp)."""
+        options = self.checkpoint
+        if not options.wise_ft:
+            return []
+        lp = checkpoint_lib.Checkpoints(os.path.join(directory, wise_ft.LP), keep=1, chief=chief)
+        return [
+            wise_ft.WiseFT(
+                options.wise_ft,
+                options.wise_ft_export,
+                options.best_metric,
+                finetune_index=self.finetune_index,
+                lp=lp,
+                best=best if options.export == "best" else None,
+                summaries=summaries,
+            )
+        ]
+
     def profiler(self, *, writes: bool) -> list[action_lib.Profiler]:
         """The profiler action, if asked for and this task writes summaries (only the chief of
         a cluster does, and none with summaries off): a trace is a TensorBoard file."""
@@ -380,7 +400,10 @@ class Trainer:
         directory = os.path.join(self.workdir, "export")
         exported = {"weights": "last", "step": results["phases"][-1]["last_step"]}
         best_path = checkpoint_lib.latest(best.directory)
-        if self.checkpoint.export == "best" and best_path:
+        wise = results.get("wise_ft_export")
+        if wise:  # the model holds the chosen interpolation (tlloop.wise_ft)
+            exported = {"weights": "wise_ft", "step": wise["theta_ft"]["step"]}
+        elif self.checkpoint.export == "best" and best_path:
             tf.train.Checkpoint(model=model).restore(best_path).expect_partial()
             exported = {"weights": "best", "step": results["best"]["step"]}
         try:
@@ -401,7 +424,12 @@ class Trainer:
         if self.checkpoint.export_tflite:
             exported = {**exported, **paths}
             paths["tflite"] = self._export_tflite(model, task, directory, run, results, exported)
-        logging.info("exported the %s weights (step %d) to %s", *exported.values(), directory)
+        logging.info(
+            "exported the %s weights (step %d) to %s",
+            exported["weights"],
+            exported["step"],
+            directory,
+        )
         return {**exported, **paths}
 
     def _export_tflite(self, model, task, directory, run: _Run, results, exported) -> dict:
@@ -591,6 +619,7 @@ def build_experiment(
     )
     for line in recipe.lines():
         logging.info("%s", line)
+    wise_ft.finetune_index(config.checkpoint, config.phases)  # with the recipe's epochs
     task = build_task(config, data)
     metric = config.checkpoint.best_metric
     known = ("loss", *task.metric_names)
