@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -116,6 +117,16 @@ def test_resuming_a_run_started_without_wise_ft_with_it_is_refused(workdir):
         trainer.train(trainer.build_experiment(make_config(workdir)), workdir, stop=StopAfter(4))
     with pytest.raises(ConfigError, match=r"^--wise_ft: the run in .* holds none \(the run was"):
         trainer.train(trainer.build_experiment(make_config(workdir, wise_ft="0,1")), workdir)
+
+
+def test_with_ema_both_ends_are_the_weights_each_phase_evaluated(workdir):
+    config = make_config(workdir, **{**WISE, "wise_ft": "0,1", "wise_ft_export": "best"})
+    config = dataclasses.replace(
+        config, training=dataclasses.replace(config.training, ema_decay=0.5)
+    )
+    results = trainer.train(trainer.build_experiment(config), workdir)
+    rows = [row["metrics"] for row in results["wise_ft"]]
+    assert rows == [results["phases"][0]["eval"], results["phases"][1]["eval"]]
 
 
 def test_interpolate_gives_each_end_bit_for_bit():

@@ -3,7 +3,8 @@ weight-space interpolations between the linear-probe model and the fine-tuned on
 
 theta_LP is the whole model (augment, backbone and head; BatchNorm moving statistics
 included) at the start of the first phase that trains the backbone (a phase with epochs >= 1
-whose `unfreeze` is not "none"), i.e. at the end of the phase before it. It is saved to
+whose `unfreeze` is not "none"), i.e. at the end of the phase before it, as that phase's last
+evaluation saw it (its moving averages, with EMA). It is saved to
 WORKDIR/checkpoints/lp at that moment, before that phase's first checkpoint, so a resumed run
 always has it. theta_FT is what the export would hold without WiSE-FT: the best checkpoint
 with `checkpoint.export="best"` (when one was kept), else the final weights (the moving
@@ -26,6 +27,7 @@ from tlloop import checkpoints as checkpoint_lib
 from tlloop.actions import Action
 from tlloop.config import BestMetric, CheckpointConfig, ConfigError, PhaseConfig
 from tlloop.evaluation import evaluate
+from tlloop.steps import averaged
 
 LP = "lp"  # WORKDIR/checkpoints/lp: theta_LP
 
@@ -117,7 +119,9 @@ class WiseFT(Action):
         # process that started the phase, before that phase's first checkpoint.
         if phase.index == self.finetune_index and not self.controller.resume_from:
             step = int(self.controller.global_step.numpy())
-            self.lp.save(step)
+            # The weights the phase before evaluated last: its moving averages, with EMA.
+            with averaged(self.controller.last_step):
+                self.lp.save(step)
             logging.info("WiSE-FT: theta_LP saved at step %d in %s", step, self.lp.directory)
 
     def on_run_end(self, results: dict) -> None:
