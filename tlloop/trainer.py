@@ -286,7 +286,7 @@ class Trainer:
                 stop=stop,
             ),
             keeper,
-            *self._wise_ft(directory, best, summaries, chief),
+            *self._wise_ft(directory, summaries, chief),
             action_lib.Progress(verbose=chief and not self.logging.quiet),
             self.callbacks,
         ]
@@ -355,7 +355,7 @@ class Trainer:
                 write_json(path, dict(results))
         return results
 
-    def _wise_ft(self, directory: str, best, summaries, chief: bool) -> list[wise_ft.WiseFT]:
+    def _wise_ft(self, directory: str, summaries, chief: bool) -> list[wise_ft.WiseFT]:
         """The WiSE-FT action of `checkpoint.wise_ft` (theta_LP in WORKDIR/checkpoints/lp)."""
         options = self.checkpoint
         if not options.wise_ft:
@@ -368,7 +368,6 @@ class Trainer:
                 options.best_metric,
                 finetune_index=self.finetune_index,
                 lp=lp,
-                best=best if options.export == "best" else None,
                 summaries=summaries,
             )
         ]

@@ -6,9 +6,9 @@ included) at the start of the first phase that trains the backbone (a phase with
 whose `unfreeze` is not "none"), i.e. at the end of the phase before it, as that phase's last
 evaluation saw it (its moving averages, with EMA). It is saved to
 WORKDIR/checkpoints/lp at that moment, before that phase's first checkpoint, so a resumed run
-always has it. theta_FT is what the export would hold without WiSE-FT: the best checkpoint
-with `checkpoint.export="best"` (when one was kept), else the final weights (the moving
-averages, with EMA). After the run, every float variable is set to
+always has it. theta_FT is the model at the end of the run (the moving averages, with EMA), as
+in the paper: not the best checkpoint, which may be from the head phase (then every
+interpolation would be between two head-phase models). After the run, every float variable is set to
 `(1 - a) * theta_LP + a * theta_FT` (in the variable's dtype; a=0 and a=1 are the two ends
 exactly) for each a of `checkpoint.wise_ft`, evaluated by the run's own exactly-once
 evaluation, and the model is left holding the chosen a's weights, which the export writes.
@@ -20,7 +20,6 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
 from tlloop import checkpoints as checkpoint_lib
@@ -79,8 +78,7 @@ class WiseFT(Action):
     `wise_ft` text table) and to the results (`wise_ft`: [{alpha, metrics}], and
     `wise_ft_export`: the a chosen and why, where theta_LP and theta_FT came from), and leaves
     the model holding the chosen a's interpolation: `export_alpha`, or with "best" the first
-    a with the best `metric`. `best` (WORKDIR/checkpoints/best) is theta_FT when it holds a
-    checkpoint; None: the final weights."""
+    a with the best `metric`."""
 
     def __init__(
         self,
@@ -90,7 +88,6 @@ class WiseFT(Action):
         *,
         finetune_index: int,
         lp: checkpoint_lib.Checkpoints,
-        best: checkpoint_lib.Checkpoints | None,
         summaries,
     ) -> None:
         self.alphas = tuple(alphas)
@@ -98,7 +95,6 @@ class WiseFT(Action):
         self.metric = metric
         self.finetune_index = finetune_index
         self.lp = lp
-        self.best = best
         self.summaries = summaries
 
     def on_run_begin(self) -> None:
@@ -133,11 +129,6 @@ class WiseFT(Action):
             return
         variables = list(c.model.weights)
         ft_from = {"weights": "last", "step": int(c.global_step.numpy())}
-        best_path = self.best and checkpoint_lib.latest(self.best.directory)
-        if best_path:
-            tf.train.Checkpoint(model=c.model).restore(best_path).expect_partial()
-            step = tf.train.load_variable(best_path, "step/.ATTRIBUTES/VARIABLE_VALUE")
-            ft_from = {"weights": "best", "step": int(step)}
         ft = [np.array(v.numpy()) for v in variables]
         self.lp.restore(lp_path)
         lp = [np.array(v.numpy()) for v in variables]
