@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import StopAfter, make_config
+from conftest import SMALL_RUN, StopAfter, make_config, run_cli
 from tensorboard.backend.event_processing import event_accumulator
 
 import tlloop
@@ -175,3 +175,24 @@ def test_runs_wise_ft_cannot_act_on_are_refused_before_anything_is_written(workd
             checkpoint=options,
         )
     tlloop.Trainer(workdir, phases=[head, finetune], checkpoint=options)  # accepted
+
+
+def test_two_replicas_evaluate_each_end_as_the_run_did(tmp_path):
+    workdir = tmp_path / "run"
+    small = [f"--{name}={value}" for name, value in SMALL_RUN.items()]
+    result = run_cli(
+        *small,
+        "--strategy=mirrored",
+        "--logical_devices=2",
+        "--eval_batch_size=7",  # neither 269 examples nor 2 replicas divide it
+        "--feature_cache=off",
+        "--wise_ft=0,0.5,1",
+        "--quiet",
+        f"--workdir={workdir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["replicas"] == 2
+    rows = [row["metrics"] for row in results["wise_ft"]]
+    assert [row["examples"] for row in rows] == [269] * 3
+    assert rows[0] == results["phases"][0]["eval"] and rows[2] == results["phases"][1]["eval"]
