@@ -171,7 +171,8 @@ class Trainer:
     ) -> Results:
         """Trains `model` on `train` through the phases, evaluating on `eval_data` after every
         epoch; exports at the end (unless `export` is False), after which `model` holds the
-        exported weights: the best evaluation's, or the last with `checkpoint.export="last"`.
+        exported weights: the best evaluation's, or the last with `checkpoint.export="last"`, or
+        the chosen interpolation with `checkpoint.wise_ft` (see `tlloop.wise_ft`).
         Data: (inputs, labels) arrays, a
         finite `tf.data.Dataset` of (inputs, label) pairs (batched or not: see
         `tlloop.data.examples.batching`), or tlloop `Examples`; see `tlloop.data.examples` for
