@@ -144,7 +144,7 @@ class WiseFT(Action):
             for row in rows:
                 if self.metric.better(float(row["metrics"][self.metric.name]), value):
                     chosen, value = row["alpha"], float(row["metrics"][self.metric.name])
-            if chosen is None:  # every value NaN: the fine-tuned end
+            if chosen is None:  # every value NaN: the a nearest the fine-tuned end
                 chosen = max(self.alphas)
         self._assign(variables, chosen, lp, ft)
         results["wise_ft"] = rows
