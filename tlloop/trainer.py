@@ -287,7 +287,7 @@ class Trainer:
                 stop=stop,
             ),
             keeper,
-            *self._wise_ft(directory, summaries, chief),
+            *self._wise_ft(directory, summaries, chief, keeper.metric),
             action_lib.Progress(verbose=chief and not self.logging.quiet),
             self.callbacks,
         ]
@@ -356,8 +356,9 @@ class Trainer:
                 write_json(path, dict(results))
         return results
 
-    def _wise_ft(self, directory: str, summaries, chief: bool) -> list[wise_ft.WiseFT]:
-        """The WiSE-FT action of `checkpoint.wise_ft` (theta_LP in WORKDIR/checkpoints/lp)."""
+    def _wise_ft(self, directory: str, summaries, chief: bool, metric) -> list[wise_ft.WiseFT]:
+        """The WiSE-FT action of `checkpoint.wise_ft` (theta_LP in WORKDIR/checkpoints/lp),
+        choosing by `metric` (the BestKeeper's)."""
         options = self.checkpoint
         if not options.wise_ft:
             return []
@@ -366,7 +367,7 @@ class Trainer:
             wise_ft.WiseFT(
                 options.wise_ft,
                 options.wise_ft_export,
-                options.best_metric,
+                metric,
                 finetune_index=self.finetune_index,
                 lp=lp,
                 summaries=summaries,
