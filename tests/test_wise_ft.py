@@ -18,6 +18,7 @@ from tlloop import checkpoints as checkpoint_lib
 from tlloop import trainer
 from tlloop.config import CheckpointConfig, ConfigError, PhaseConfig, Unfreeze
 from tlloop.wise_ft import LP, interpolate
+from tlloop.workdir import prepare
 
 ALPHAS = "0,0.5,1"
 # The export takes a=0.5; the run's own evaluations of both ends are compared with a=0 and a=1
@@ -95,6 +96,7 @@ def test_wise_ft_evaluates_both_ends_exactly_and_exports_the_chosen_interpolatio
 
     # Killed during fine-tuning and resumed: WiSE-FT from the theta_LP saved before, the same.
     resumed = str(tmp_path / "resumed")
+    prepare(resumed, None, overwrite=False)  # as fit does: the workdir is tlloop's
     with pytest.raises(trainer.Stopped):
         trainer.train(
             trainer.build_experiment(make_config(resumed, **WISE)), resumed, stop=StopAfter(5)
@@ -110,6 +112,9 @@ def test_wise_ft_evaluates_both_ends_exactly_and_exports_the_chosen_interpolatio
     # The same command on the finished run computes the same again from its checkpoints.
     finished = trainer.train(trainer.build_experiment(make_config(resumed, **WISE)), resumed)
     assert finished["wise_ft"] == results["wise_ft"]
+    # theta_LP is one of the run's outputs: --overwrite removes it.
+    prepare(resumed, None, overwrite=True)
+    assert not os.path.exists(os.path.join(resumed, "checkpoints", LP))
 
 
 def test_resuming_a_run_started_without_wise_ft_with_it_is_refused(workdir):
