@@ -287,6 +287,8 @@ CHANGED = [
         "mixup": 0.2,
         "cutmix": 1.0,
         "mix_prob": 0.5,
+        "wise_ft": ["0.0", "0.5", "1.0"],
+        "wise_ft_export": "0.5",
     },
     {
         "workdir": "w3",

@@ -320,6 +320,45 @@ def parse_tflite_formats(spec: Any) -> tuple[str, ...]:
     return formats
 
 
+def parse_wise_ft(spec: Any) -> tuple[float, ...]:
+    """Parses `--wise_ft`: a comma list (or sequence) of interpolation weights a in [0, 1],
+    each once, in the order given; empty: no WiSE-FT."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    texts = [str(item).strip() for item in items if str(item).strip()]
+    accepted = "a comma list of numbers in [0, 1], each once (e.g. 0,0.25,0.5,0.75,1), or empty"
+    alphas = []
+    for text in texts:
+        try:
+            alpha = float(text)
+        except ValueError:
+            alpha = float("nan")
+        _require(
+            0 <= alpha <= 1, "wise_ft", ",".join(texts), f"{text!r} is not in [0, 1]", accepted
+        )
+        alphas.append(alpha)
+    _require(len(set(alphas)) == len(alphas), "wise_ft", ",".join(texts), "a value twice", accepted)
+    return tuple(alphas)
+
+
+def parse_wise_ft_export(value: Any) -> str | float:
+    """Parses `--wise_ft_export`: "best", or a number (one of --wise_ft's values, which
+    CheckpointConfig checks)."""
+    if value == "best":
+        return "best"
+    try:
+        alpha = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        alpha = float("nan")
+    _require(
+        alpha == alpha,
+        "wise_ft_export",
+        value,
+        "not best or a number",
+        "best, or a --wise_ft value",
+    )
+    return alpha
+
+
 def parse_steps_per_loop(value: Any, name: str = "steps_per_loop") -> int | str:
     """--steps_per_loop's value: "auto", or a whole number >= 1 (given as text or int)."""
     if value == "auto":
@@ -1370,10 +1409,37 @@ class CheckpointConfig:
         hparam=False,
     )
 
+    wise_ft: tuple[float, ...] = option(
+        (),
+        "WiSE-FT: after fine-tuning, evaluate the weight-space interpolations "
+        "(1 - a) * (the model at the end of the phase before the first that trains the "
+        "backbone) + a * (the weights the export would hold), BatchNorm statistics included, "
+        "for each a of this comma list in [0, 1], and export the best a's; empty: off.",
+        parse=parse_wise_ft,
+        format=lambda alphas: [repr(a) for a in alphas],
+    )
+    wise_ft_export: str | float = option(
+        "best",
+        "The --wise_ft a whose interpolation is exported: best (by --best_metric) or one of "
+        "--wise_ft's values.",
+        parse=parse_wise_ft_export,
+        format=lambda value: value if isinstance(value, str) else repr(value),
+    )
+
     def __post_init__(self) -> None:
         _check_options(self)
         # A Python caller may give the formats as text or any sequence: checked the same way.
         object.__setattr__(self, "export_tflite", parse_tflite_formats(self.export_tflite))
+        object.__setattr__(self, "wise_ft", parse_wise_ft(self.wise_ft))
+        object.__setattr__(self, "wise_ft_export", parse_wise_ft_export(self.wise_ft_export))
+        chosen = self.wise_ft_export
+        _require(
+            chosen == "best" or chosen in self.wise_ft,
+            "wise_ft_export",
+            chosen,
+            f"not among --wise_ft={','.join(repr(a) for a in self.wise_ft)}",
+            "best, or one of --wise_ft's values",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

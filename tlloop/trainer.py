@@ -24,7 +24,7 @@ from absl import logging
 from tlloop import actions as action_lib
 from tlloop import checkpoints as checkpoint_lib
 from tlloop import config as config_lib
-from tlloop import lr_range, supervise
+from tlloop import lr_range, supervise, wise_ft
 from tlloop import phases as phase_lib
 from tlloop import tflite as tflite_lib
 from tlloop.actions import Stopped
@@ -142,6 +142,7 @@ class Trainer:
         self.logging = logging or LoggingConfig()
         with _arguments():
             steps_per_loop = config_lib.parse_steps_per_loop(steps_per_loop)
+            self.finetune_index = wise_ft.finetune_index(self.checkpoint, phases)
         self.options = dict(
             jit_compile=jit_compile,
             steps_per_loop=steps_per_loop,
@@ -172,7 +173,8 @@ class Trainer:
     ) -> Results:
         """Trains `model` on `train` through the phases, evaluating on `eval_data` after every
         epoch; exports at the end (unless `export` is False), after which `model` holds the
-        exported weights: the best evaluation's, or the last with `checkpoint.export="last"`.
+        exported weights: the best evaluation's, or the last with `checkpoint.export="last"`, or
+        the chosen interpolation with `checkpoint.wise_ft` (see `tlloop.wise_ft`).
         Data: (inputs, labels) arrays, a
         finite `tf.data.Dataset` of (inputs, label) pairs (batched or not: see
         `tlloop.data.examples.batching`), or tlloop `Examples`; see `tlloop.data.examples` for
@@ -369,6 +371,7 @@ class Trainer:
                 stop=stop,
             ),
             keeper,
+            *self._wise_ft(directory, summaries, chief, keeper.metric),
             action_lib.Progress(verbose=chief and not self.logging.quiet),
             self.callbacks,
         ]
@@ -443,6 +446,24 @@ class Trainer:
                 write_json(path, dict(results))
         return results
 
+    def _wise_ft(self, directory: str, summaries, chief: bool, metric) -> list[wise_ft.WiseFT]:
+        """The WiSE-FT action of `checkpoint.wise_ft` (theta_LP in WORKDIR/checkpoints/lp),
+        choosing by `metric` (the BestKeeper's)."""
+        options = self.checkpoint
+        if not options.wise_ft:
+            return []
+        lp = checkpoint_lib.Checkpoints(os.path.join(directory, wise_ft.LP), keep=1, chief=chief)
+        return [
+            wise_ft.WiseFT(
+                options.wise_ft,
+                options.wise_ft_export,
+                metric,
+                finetune_index=self.finetune_index,
+                lp=lp,
+                summaries=summaries,
+            )
+        ]
+
     def profiler(self, *, writes: bool) -> list[action_lib.Profiler]:
         """The profiler action, if asked for and this task writes summaries (only the chief of
         a cluster does, and none with summaries off): a trace is a TensorBoard file."""
@@ -470,7 +491,10 @@ class Trainer:
         directory = os.path.join(self.workdir, "export")
         exported = {"weights": "last", "step": results["phases"][-1]["last_step"]}
         best_path = checkpoint_lib.latest(best.directory)
-        if self.checkpoint.export == "best" and best_path:
+        wise = results.get("wise_ft_export")
+        if wise:  # the model holds the chosen interpolation (tlloop.wise_ft)
+            exported = {"weights": "wise_ft", "step": wise["theta_ft"]["step"]}
+        elif self.checkpoint.export == "best" and best_path:
             tf.train.Checkpoint(model=model).restore(best_path).expect_partial()
             exported = {"weights": "best", "step": results["best"]["step"]}
         try:
@@ -491,7 +515,12 @@ class Trainer:
         if self.checkpoint.export_tflite:
             exported = {**exported, **paths}
             paths["tflite"] = self._export_tflite(model, task, directory, run, results, exported)
-        logging.info("exported the %s weights (step %d) to %s", *exported.values(), directory)
+        logging.info(
+            "exported the %s weights (step %d) to %s",
+            exported["weights"],
+            exported["step"],
+            directory,
+        )
         return {**exported, **paths}
 
     def _export_tflite(self, model, task, directory, run: _Run, results, exported) -> dict:
@@ -716,6 +745,7 @@ def build_experiment(
     )
     for line in recipe.lines():
         logging.info("%s", line)
+    wise_ft.finetune_index(config.checkpoint, config.phases)  # with the recipe's epochs
     task = build_task(config, data)
     metric = config.checkpoint.best_metric.resolved(task.best_metric)
     known = ("loss", *task.metric_names)

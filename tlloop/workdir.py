@@ -43,8 +43,9 @@ LOCK = os.path.join(STATE_DIR, "lock")
 # in them is not tlloop's: --overwrite leaves it.
 _OWN = {
     # .tmp-*: a kill during an atomic write (the sums, the re-seated state file)
-    "checkpoints": ("checkpoint", "ckpt-*", "best/", ".tmp-*"),
+    "checkpoints": ("checkpoint", "ckpt-*", "best/", "lp/", ".tmp-*"),
     "checkpoints/best": ("checkpoint", "ckpt-*", ".tmp-*"),
+    "checkpoints/lp": ("checkpoint", "ckpt-*", ".tmp-*"),  # --wise_ft's theta_LP
     "tensorboard": ("events.out.tfevents.*", "train/", "eval/"),
     "tensorboard/train": ("events.out.tfevents.*", "plugins"),
     "tensorboard/eval": ("events.out.tfevents.*",),
