@@ -286,6 +286,8 @@ CHANGED = [
         "mixup": 0.2,
         "cutmix": 1.0,
         "mix_prob": 0.5,
+        "l2sp": 0.01,
+        "l2sp_head": 0.001,
     },
     {
         "workdir": "w3",
