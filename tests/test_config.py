@@ -289,6 +289,8 @@ CHANGED = [
         "mix_prob": 0.5,
         "wise_ft": ["0.0", "0.5", "1.0"],
         "wise_ft_export": "0.5",
+        "l2sp": 0.01,
+        "l2sp_head": 0.001,
     },
     {
         "workdir": "w3",

@@ -201,6 +201,7 @@ class SummaryWriter(Action):
         s, step = self.summaries, logs["step"]
         s.scalars("train", {f"epoch/{k}": v for k, v in _scalars(logs["train"]).items()}, step)
         s.scalars("eval", _scalars(logs["eval"]), step)
+        s.scalars("eval", {f"drift/{k}": v for k, v in logs.get("drift", {}).items()}, step)
         confusion = logs["eval"].get("confusion")
         if confusion is not None:
             s.image("eval", "confusion_matrix", confusion_image(confusion), step)

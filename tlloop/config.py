@@ -1065,7 +1065,7 @@ class TrainingConfig:
     example's loss by N / (classes x count of its class) in the training data. `ema_decay` > 0
     keeps exponential moving averages of the weights; evaluations, the best checkpoint and the
     export use them. `layer_lr_decay` R in (0, 1]: each backbone block/layer down gets R x the
-    rate of the one above.
+    rate of the one above. `l2sp` and `l2sp_head` add L2-SP's penalty (see `tlloop.anchors`).
     """
 
     optimizer: str = option(
@@ -1137,6 +1137,22 @@ class TrainingConfig:
         problem="out of range",
         accepted="[0, 1)",
     )
+    l2sp: float = option(
+        0.0,
+        "L2-SP (Li et al., 2018): add ALPHA/2 x ||w - w0||^2 over the trainable backbone "
+        "weights, w0 their values at the run's start (kept in the checkpoint); 0: off.",
+        check=lambda value: value >= 0,
+        problem="negative",
+        accepted="0 (off) or ALPHA > 0, e.g. 0.01",
+    )
+    l2sp_head: float = option(
+        0.0,
+        "L2-SP's second term: add BETA/2 x ||w||^2 over the head's kernels (not its biases "
+        "or BatchNorm weights); 0: off.",
+        check=lambda value: value >= 0,
+        problem="negative",
+        accepted="0 (off) or BETA > 0, e.g. 0.01",
+    )
     class_weights: str = option(
         "",
         "auto: weigh each training example's loss inversely to its class's frequency.",
@@ -1184,6 +1200,15 @@ class TrainingConfig:
             self.warmup_steps,
             "given together with --warmup_epochs",
             "one of the two",
+        )
+        # Decoupled decay pulls the same weights toward 0 that L2-SP pulls toward w0.
+        _require(
+            not (self.weight_decay and (self.l2sp or self.l2sp_head)),
+            "weight_decay",
+            self.weight_decay,
+            f"given together with --{'l2sp' if self.l2sp else 'l2sp_head'}, which regularises "
+            "the same weights",
+            "one of the two (--l2sp_head is the L2 of the head's kernels)",
         )
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tlloop import anchors as anchors_lib
 from tlloop import checkpoints as checkpoint_lib
 from tlloop import feature_cache
 from tlloop import phases as phase_lib
@@ -62,11 +63,13 @@ def build_train_step(
     steps_per_epoch: int,
     features_in: bool = False,
     learning_rate=None,
+    anchors: anchors_lib.Anchors | None = None,
 ) -> TrainStep:
     """A fresh optimizer and compiled step for the model's current trainable set in `phase`;
     call under the strategy's scope. `learning_rate`, a function of a layer group's rate
     multiplier (1 without layer-wise rates) giving its rate or schedule, replaces the phase's
-    schedule (the range test uses it)."""
+    schedule (the range test uses it). `anchors` (the backbone's starting weights) are
+    needed when `settings.training.l2sp` > 0 and a backbone weight trains."""
     training = settings.training
     optimizer = phase.config.optimizer
     if optimizer is None:
@@ -114,6 +117,13 @@ def build_train_step(
         features_in=features_in,
         ema_decay=training.ema_decay,
         mixing=mixing_of(settings),
+        penalty=anchors_lib.Penalty(
+            model,
+            model.trainable_variables,
+            anchors,
+            l2sp=training.l2sp,
+            l2sp_head=training.l2sp_head,
+        ),
     )
 
 
@@ -232,6 +242,8 @@ class Controller:
             self.train, self.distribute, self.settings.batch_size, self.settings.seed
         )
         self.last_step: TrainStep | None = None
+        # w0, the backbone as it starts: a resumed run restores the first start's.
+        self.anchors = anchors_lib.Anchors(self.model.backbone)
 
     def _distributed_eval(self, examples: Examples):
         size = self.settings.eval_batch_size
@@ -321,6 +333,7 @@ class Controller:
             "host_calls": self.host_calls,
             "train": train_result,
             "eval": eval_result,
+            "drift": self._drift(step),  # of the weights last evaluated
         }
         if self.stop_requested or self.stop_phase == "callback":
             result["stopped_by"] = "callback"
@@ -358,6 +371,7 @@ class Controller:
             "train": train_result,
             "eval": eval_result,
             "seconds": seconds,
+            "drift": self._drift(step),
         }
         self._call("on_epoch_end", phase, epoch, logs)
         self.in_epoch = False
@@ -465,6 +479,7 @@ class Controller:
             global_step=self.global_step,
             steps_per_epoch=self.steps_per_epoch,
             features_in=use_cache,
+            anchors=self.anchors,
         )
         self.checkpoints.track(
             model=self.model,
@@ -475,6 +490,7 @@ class Controller:
             state=self.state,
             metrics=self.train_metrics.variables,
             rng=checkpoint_lib.rng_states(self.model),
+            anchors=self.anchors.variables,
         )
         self.last_step = step
         self.auto_loop = AutoLoop()  # a new step traces in its first call: measured afresh
@@ -486,6 +502,11 @@ class Controller:
             self.eval_metrics.reset()
             eval_step(iter(batches), self.eval_steps)
             return self.eval_metrics.result()
+
+    def _drift(self, step: TrainStep) -> dict[str, float]:
+        """Per backbone layer, how far the weights evaluated moved from w0 (relative)."""
+        with averaged(step):
+            return self.anchors.drift()
 
     def _check_finite(self, phase, nonfinite, step: int) -> None:
         if not len(nonfinite):

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tlloop.anchors import Penalty
 from tlloop.mixing import Mixing, mixed_loss
 from tlloop.models import ModeTable, TransferModel
 from tlloop.tasks import Classification, ConfusionMatrix, Task
@@ -155,6 +156,10 @@ class TrainStep:
     augmentation, drawn from (seed, global step, replica), and the loss is the mixed loss of
     the two labels; the training metrics compare the outputs with each example's own label.
 
+    With a `penalty` (L2-SP, see `tlloop.anchors`), its terms of the weights the step starts
+    from are added to the loss once per global step (each replica adds 1/replicas of them) and
+    logged as columns of their own ("l2sp", "l2sp_head"); the "loss" column stays the task's.
+
     With `ema_decay` > 0 it keeps `averages`, exponential moving averages of the trainable
     weights (checkpoint them with the optimizer; `swap_averages` puts them in the model).
 
@@ -183,6 +188,7 @@ class TrainStep:
         features_in: bool = False,
         ema_decay: float = 0.0,
         mixing: Mixing | None = None,
+        penalty: Penalty | None = None,
     ) -> None:
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy {nan_policy!r}; known: {', '.join(NAN_POLICIES)}")
@@ -200,10 +206,14 @@ class TrainStep:
         if not self.variables:
             raise ValueError("nothing to train: the model has no trainable variables")
         self.task = task or Classification()
+        self.penalty = penalty if penalty is not None and penalty.enabled else None
+        if self.penalty is None:
+            self.penalty = Penalty(model, [], None)  # no terms, no columns
         self.log_columns = (
             "step",
             "loss",
             *self.task.step_metrics,
+            *self.penalty.columns,
             "learning_rate",
             "gradient_norm",
         )
@@ -355,9 +365,13 @@ class TrainStep:
             loss = tf.nn.compute_average_loss(losses, global_batch_size=self.global_batch_size)
             if self.model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
+            # L2-SP: once per global step, so each replica adds its 1/replicas share.
+            penalties = self.penalty.terms()
+            if penalties:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(penalties))
             if self.loss_scaled:
                 loss = self.optimizer.scale_loss(loss)
-        return tape.gradient(loss, self.variables), losses, outputs
+        return tape.gradient(loss, self.variables), losses, outputs, penalties
 
     def _prepare(self, inputs):
         """Augments and mixes one replica's batch: (the inputs to train on, the mixing)."""
@@ -378,18 +392,22 @@ class TrainStep:
             )
         return finite
 
-    def _step_values(self, labels, losses, outputs) -> list:
-        """This replica's shares of the global batch's mean loss and step metrics."""
+    def _step_values(self, labels, losses, outputs, penalties) -> list:
+        """This replica's shares of the global batch's mean loss and step metrics, and of the
+        penalty terms (each the same on every replica)."""
         share = 1.0 / self.global_batch_size
-        return [tf.reduce_sum(losses) * share] + [
-            tf.reduce_sum(v) * share for v in self.task.step_values(labels, outputs).values()
-        ]
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+        return (
+            [tf.reduce_sum(losses) * share]
+            + [tf.reduce_sum(v) * share for v in self.task.step_values(labels, outputs).values()]
+            + [term / replicas for term in penalties]
+        )
 
     def _replica_gradients(self, inputs, labels):
         inputs, mixed = self._prepare(inputs)
-        grads, losses, outputs = self._grads(inputs, labels, mixed)
+        grads, losses, outputs, penalties = self._grads(inputs, labels, mixed)
         finite = self._finite(grads, losses)
-        values = self._step_values(labels, losses, outputs)
+        values = self._step_values(labels, losses, outputs, penalties)
         return values, grads, losses, outputs, 1.0 - tf.cast(finite, tf.float32)
 
     def _whole_step(self, inputs, labels):
@@ -398,7 +416,7 @@ class TrainStep:
         logging needs of the gradients (all of them with histograms, else their global norm
         when rows are logged) and 1.0 for a non-finite step (else 0.0)."""
         inputs, mixed = self._prepare(inputs)
-        grads, losses, outputs = self._loss_and_grads(inputs, labels, mixed)
+        grads, losses, outputs, penalties = self._loss_and_grads(inputs, labels, mixed)
         finite = self._finite(grads, losses)
         if finite:
             self._apply(grads, labels, losses, outputs, per_replica=lambda fn, *args: fn(*args))
@@ -406,7 +424,7 @@ class TrainStep:
             logged = grads
         else:  # the norm only when rows are logged: 0 otherwise, never read
             logged = tf.linalg.global_norm(grads) if self.log_every_steps else tf.zeros([])
-        values = self._step_values(labels, losses, outputs)
+        values = self._step_values(labels, losses, outputs, penalties)
         return values, logged, 1.0 - tf.cast(finite, tf.float32)
 
     def _replica_apply(self, grads, labels, losses, outputs) -> None:
