@@ -219,3 +219,36 @@ def test_two_replicas_give_the_penalty_and_weights_of_one(tmp_path):
         for run in runs.values()
     ]
     assert max(float(np.abs(weights[0][k] - weights[1][k]).max()) for k in weights[0]) < 1e-5
+
+
+def test_a_checkpoint_written_before_w0_was_kept_still_restores(tmp_path):
+    from tlloop.anchors import Anchors
+    from tlloop.checkpoints import Checkpoints
+
+    inputs = keras.Input((4,))
+    backbone = keras.Model(inputs, keras.layers.Dense(3, name="dense")(inputs))
+    anchors = Anchors(backbone)
+    start = [v.numpy() for v in anchors.variables]
+    # An earlier tlloop's checkpoint: the model's weights (moved since the start), no w0.
+    moved = [w.numpy() + 1.0 for w in backbone.weights]
+    for weight, value in zip(backbone.weights, moved, strict=True):
+        weight.assign(value)
+    old = tf.train.Checkpoint(model=backbone).save(str(tmp_path / "old" / "ckpt"))
+    for weight in backbone.weights:
+        weight.assign(tf.zeros_like(weight))
+
+    checkpointer = Checkpoints(str(tmp_path / "run"), keep=2, chief=True)
+    checkpointer.track(model=backbone, anchors=anchors.variables)
+    checkpointer.restore(old)  # refused as "does not fit this model" before
+    assert all(np.array_equal(w.numpy(), v) for w, v in zip(backbone.weights, moved, strict=True))
+    assert all(np.array_equal(a.numpy(), v) for a, v in zip(anchors.variables, start, strict=True))
+    # A checkpoint that holds w0 restores it.
+    for anchor in anchors.variables:
+        anchor.assign(anchor + 5.0)
+    checkpointer.save(7)
+    for anchor in anchors.variables:
+        anchor.assign(tf.zeros_like(anchor))
+    checkpointer.restore(latest(str(tmp_path / "run")))
+    assert all(
+        np.array_equal(a.numpy(), v + 5.0) for a, v in zip(anchors.variables, start, strict=True)
+    )

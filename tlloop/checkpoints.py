@@ -276,9 +276,11 @@ class Checkpoints:
         self.keep = keep
         self.chief = chief
         self.checkpoint: tf.train.Checkpoint | None = None
+        self.objects: dict = {}
 
     def track(self, **objects) -> None:
         """Sets what the next saves and restores hold; called at each phase start."""
+        self.objects = objects
         self.checkpoint = tf.train.Checkpoint(**objects)
 
     def save(self, step: int) -> None:
@@ -337,9 +339,23 @@ class Checkpoints:
         """Restores everything tracked from `path`; a mismatch is a ConfigError naming it.
 
         The checkpoint may hold more than is tracked (a finished run's optimizer, when only
-        its results are wanted); every tracked object must be in it.
+        its results are wanted); every tracked object must be in it, except w0 (`anchors`),
+        which a checkpoint written before tlloop kept it lacks: the run then measures from the
+        backbone as it was built for this process (its pretrained or warm-started weights).
         """
-        _restore(self.checkpoint, path)
+        checkpoint = self.checkpoint
+        if "anchors" in self.objects and not any(
+            name.startswith("anchors/") for name, _ in tf.train.list_variables(path)
+        ):
+            logging.warning(
+                "checkpoint %s holds no w0 (written before tlloop kept it): L2-SP and the weight "
+                "drift measure from the backbone as built for this run",
+                path,
+            )
+            checkpoint = tf.train.Checkpoint(
+                **{k: v for k, v in self.objects.items() if k != "anchors"}
+            )
+        _restore(checkpoint, path)
 
 
 def _last_clause(message: str) -> str:
