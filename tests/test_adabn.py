@@ -205,3 +205,13 @@ def test_two_replicas_adapt_to_the_statistics_of_one(tmp_path):
     assert one.keys() == two.keys()
     for key in one:
         np.testing.assert_array_equal(one[key], two[key], err_msg=key)
+
+
+def test_the_flag_adapts_before_the_head_phase_too_and_a_bad_mode_is_named(tmp_path):
+    from tlloop import config as config_lib
+
+    config = make_config(str(tmp_path), bn_mode="adapt", finetune_epochs=0)
+    assert [phase.bn_mode for phase in config.phases] == ["adapt", "adapt"]
+    assert config_lib.flag_values(config)["bn_mode"] == "adapt"  # flags.txt says it back
+    with pytest.raises(tlloop.ConfigError, match=r"--bn_mode='adabn': unknown; accepted: .*adapt"):
+        PhaseConfig("finetune", 1, 1e-3, bn_mode="adabn")
