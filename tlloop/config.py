@@ -764,7 +764,9 @@ class PhaseConfig:
     "top:2", "blocks:3", "from:NAME", "regex:PATTERN"). `bn_mode` "frozen" keeps the backbone in
     inference mode with its BatchNormalization layers untrainable; "train" runs the backbone
     with training=True (batch statistics, moving averages updated, Dropout active) and trains
-    the BatchNormalization scales and offsets it unfreezes. `gradual` K > 0: epoch e trains
+    the BatchNormalization scales and offsets it unfreezes; "adapt" (AdaBN, `tlloop.adabn`) is
+    "frozen" after every backbone BatchNorm took the training images' statistics, once before
+    the run's first phase. `gradual` K > 0: epoch e trains
     only the top K x (e + 1) blocks or layers of `unfreeze`. `optimizer`, a Keras optimizer
     (with its own learning rate or schedule), replaces the run's optimizer settings for this
     phase; a fresh copy is made for each trainable set. Give `learning_rate` or `optimizer`.
