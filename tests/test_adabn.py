@@ -59,7 +59,7 @@ def images(n: int = 40, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
 
 def reference(backbone: keras.Model, x: np.ndarray) -> dict[str, tuple]:
     """Per BatchNorm: the mean and (biased) variance over examples and positions of its
-    inputs, computed here by a model that outputs them (before any adaptation)."""
+    inputs as `backbone` computes them, from a model that outputs them."""
     top, block = backbone.get_layer("top_norm"), backbone.get_layer("block")
     top_inputs = keras.Model(backbone.input, top.input).predict(x, verbose=0)
     block_inputs = keras.Model(backbone.input, block.input).predict(x, verbose=0)
@@ -89,16 +89,24 @@ def assert_population(backbone, expected: dict) -> None:
 def test_adapt_takes_the_population_statistics_at_any_depth_and_nothing_else():
     x, y = images()
     backbone = make_backbone()
-    expected = reference(backbone, x)
+    before_adapting = reference(backbone, x)
     before = snapshot(backbone)
     # 40 examples in batches of 16: two full batches and a partial one, merged exactly.
-    report = adabn.adapt(backbone, InMemoryExamples(x, y), batch_size=16)
+    adapted = adabn.adapt(backbone, InMemoryExamples(x, y), batch_size=16)
+    # Each BatchNorm holds the statistics of its inputs in the adapted network: the nested
+    # one's inputs changed when the first was adapted, so a second pass took them (a third
+    # would change nothing: two layers in a chain take two passes).
+    expected = reference(backbone, x)
     assert_population(backbone, expected)
-    moved = {k for k, v in before.items() if not np.array_equal(v, snapshot(backbone)[k])}
-    assert len(moved) == 4 and all(
-        path.endswith(("moving_mean", "moving_variance")) for path in moved
-    )
-    assert [row["layer"] for row in report] == [layer.path for layer in adabn.batch_norms(backbone)]
+    assert adapted["passes"] == 2
+    first, nested = before_adapting["top_norm"][0], before_adapting["block_norm"][0]
+    np.testing.assert_allclose(expected["top_norm"][0], first, rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(expected["block_norm"][0] - nested)) > 0.01  # not one pass's
+    after = snapshot(backbone)
+    moved = {path for path in before if not np.array_equal(before[path], after[path])}
+    assert len(moved) == 4 and all(p.endswith(("moving_mean", "moving_variance")) for p in moved)
+    report = adapted["layers"]
+    assert [row["layer"] for row in report] == [bn.path for bn in adabn.batch_norms(backbone)]
     assert all(row["mean_shift"] > 0.1 and row["count"] == 40 * 64 for row in report)
     # Streamed examples (a tf.data pipeline in its own order) give the same statistics.
     streamed = make_backbone()
@@ -107,12 +115,14 @@ def test_adapt_takes_the_population_statistics_at_any_depth_and_nothing_else():
 
 
 def test_a_fit_adapts_once_then_keeps_the_statistics_frozen(tmp_path, monkeypatch):
+    x, y = images()
+    twin = make_backbone()  # the same weights: adapted here, on its own
+    adabn.adapt(twin, InMemoryExamples(x, y))
+    expected = reference(twin, x)
     calls = []
     original = adabn.adapt
     monkeypatch.setattr(adabn, "adapt", lambda *a, **k: calls.append(1) or original(*a, **k))
-    x, y = images()
     backbone = make_backbone()
-    expected = reference(backbone, x)
     model = tlloop.TransferModel(backbone, tlloop.classification_head(backbone, 3))
     before = snapshot(backbone)
     phases = [
@@ -129,7 +139,7 @@ def test_a_fit_adapts_once_then_keeps_the_statistics_frozen(tmp_path, monkeypatc
     gamma = backbone.get_layer("top_norm").gamma.numpy()
     np.testing.assert_array_equal(gamma, before["top_norm/gamma"])  # frozen as "frozen" is
     adapted = results["bn_adapt"]
-    assert not adapted["resumed"] and len(adapted["layers"]) == 2
+    assert not adapted["resumed"] and adapted["passes"] == 2 and len(adapted["layers"]) == 2
     with open(os.path.join(workdir, "results.json")) as file:
         assert json.load(file)["bn_adapt"] == adapted
     events = event_accumulator.EventAccumulator(
@@ -159,6 +169,7 @@ def test_a_resumed_run_does_not_adapt_again_and_ends_as_an_uninterrupted_one(tmp
     assert calls == [1, 1]
     assert resumed["weights_sha256"] == whole["weights_sha256"]
     assert resumed["bn_adapt"]["layers"] == whole["bn_adapt"]["layers"]
+    assert resumed["bn_adapt"]["passes"] == whole["bn_adapt"]["passes"] == 3
     # The shipped backbone's three BatchNorm layers moved to the digits 5-9 statistics.
     assert [row["layer"] for row in whole["bn_adapt"]["layers"]] == ["bn1", "bn2", "bn3"]
     assert all(row["mean_change"] > 0 for row in whole["bn_adapt"]["layers"])

@@ -1,19 +1,21 @@
 """AdaBN (Li, Wang, Shi, Liu, Hou, 2016, "Revisiting Batch Normalization for Practical Domain
 Adaptation"): every BatchNormalization of the backbone takes the statistics of the target data.
 
-`bn_mode="adapt"` (on any phase; `--bn_mode=adapt` on the fine-tune phase) runs, once before the
-first phase, one pass of the backbone in inference mode over the training examples (no
-augmentation, Dropout off; in memory or streamed), recording what each BatchNormalization at
-any depth receives: per channel, the count, mean and sum of squared deviations of each batch,
-merged in float64 (Chan et al.'s pairwise update), so the result is the exact population mean
-and (biased, as BatchNormalization's own batch statistics) variance over every example and
-position. These replace the layer's moving mean and variance; every phase then runs them frozen,
-exactly as `bn_mode="frozen"`. Each layer sees its inputs as the network computes them before
-adaptation (one pass: its upstream layers still normalise with their old statistics).
+`bn_mode="adapt"` (on any phase; `--bn_mode=adapt` on both of the flags' phases) runs, once
+before the first phase, passes of the backbone in inference mode over the training examples
+(no augmentation, Dropout off; in memory or streamed), recording what each BatchNormalization
+at any depth receives: per channel, the count, mean and sum of squared deviations of each
+batch, merged in float64 (Chan et al.'s pairwise update), so the result is the exact
+population mean and (biased, as BatchNormalization's own batch statistics) variance over every
+example and position. These replace the layer's moving mean and variance. A layer's inputs
+change once the layers before it are adapted, so passes repeat until no statistic moves: each
+layer then holds the statistics of its inputs as the adapted network computes them (a chain
+of L BatchNorm layers takes L passes, at most). Every phase then runs them frozen, exactly as
+`bn_mode="frozen"`.
 
-The pass runs on the host over the whole training set, outside any replica: the statistics are
+The passes run on the host over the whole training set, outside any replica: the statistics are
 those of the global data on 1 or N replicas (and the same on every worker of a cluster, which
-each make the same pass). Assigning them in cross-replica context updates every replica's copy.
+each make the same passes). Assigning them in cross-replica context updates every replica's copy.
 The run's checkpoint holds the adapted statistics (with the model) and a `bn_adapt` record (done,
 and per layer how far the statistics moved): a resumed run reads it and does not adapt again.
 """
@@ -113,12 +115,18 @@ def _recording(layers: list):
             del layer.call  # the class's own call again
 
 
-def population_statistics(backbone, examples: Examples, batch_size: int = 64) -> list:
-    """Per BatchNormalization of `backbone` (in `batch_norms` order): (mean, variance, count)
-    of what it receives over every example of `examples` and every position, float64, in one
-    pass of the backbone in inference mode; (None, None, 0) for a layer the pass never calls."""
+# A pass changes a layer's statistics when its upstream statistics changed: stopped when no
+# mean or variance moves by more than this (relative to its channels' scale).
+SETTLED = 1e-6
+
+
+def statistics_passes(backbone, examples: Examples, batch_size: int = 64):
+    """Yields, for each pass of the backbone in inference mode over every example of
+    `examples`, per BatchNormalization (in `batch_norms` order) the float64 (mean, variance,
+    count) of what it received over every example and position; (None, None, 0) for a layer
+    the pass never calls. Compiled once: statistics assigned between passes take effect in the
+    next."""
     layers = batch_norms(backbone)
-    moments = [_Moments() for _ in layers]
     with _recording(layers) as records:
 
         @tf.function(reduce_retracing=True)
@@ -129,31 +137,64 @@ def population_statistics(backbone, examples: Examples, batch_size: int = 64) ->
             # A layer called twice per pass (shared) has two records per batch.
             return [list(record) for record in records]
 
-        for inputs, _ in examples.ordered().batch(batch_size):
-            for total, calls in zip(moments, moments_of(inputs), strict=True):
-                for count, mean, m2 in calls:
-                    total.merge(float(count), np.float64(mean), np.float64(m2))
-    return [(m.mean, m.m2 / m.count, m.count) if m.count else (None, None, 0.0) for m in moments]
+        while True:
+            moments = [_Moments() for _ in layers]
+            for inputs, _ in examples.ordered().batch(batch_size):
+                for total, calls in zip(moments, moments_of(inputs), strict=True):
+                    for count, mean, m2 in calls:
+                        total.merge(float(count), np.float64(mean), np.float64(m2))
+            yield [
+                (m.mean, m.m2 / m.count, m.count) if m.count else (None, None, 0.0) for m in moments
+            ]
 
 
-def adapt(backbone, examples: Examples, batch_size: int = 64) -> list[dict]:
-    """Sets every BatchNormalization of `backbone` to the population statistics of its inputs
-    over `examples` (see `population_statistics`); nothing else changes. Returns per layer its
-    name, the examples' count of positions, and how far the statistics moved: `mean_shift` (the
-    RMS over channels of the mean's change in old standard deviations), `mean_change` and
-    `variance_change` (||new - old|| / ||old||)."""
+def adapt(backbone, examples: Examples, batch_size: int = 64) -> dict:
+    """Sets every BatchNormalization of `backbone` to the population mean and variance of its
+    inputs over `examples`, as the adapted network computes them: passes (see
+    `statistics_passes`) repeat until none moves, as a layer's inputs change when the layers
+    before it are adapted (one pass per BatchNorm depth, plus one that finds nothing moved; at
+    most one per BatchNorm layer). Nothing else changes. Returns {"passes": passes made,
+    "layers": per layer its name, the count of values (examples x positions), and how far
+    its statistics moved: `mean_shift` (the RMS over channels of the mean's change in old
+    standard deviations), `mean_change` and `variance_change` (||new - old|| / ||old||)}."""
+    layers = batch_norms(backbone)
+    old = [
+        (np.float64(layer.moving_mean.numpy()), np.float64(layer.moving_variance.numpy()))
+        for layer in layers
+    ]
+    found, passes = None, 0
+    generator = statistics_passes(backbone, examples, batch_size)
+    for found in generator:
+        passes += 1
+        moved = False
+        for layer, (mean, variance, _) in zip(layers, found, strict=True):
+            if mean is None:  # held but never called: nothing to adapt to
+                continue
+            current = np.float64(layer.moving_mean.numpy())
+            current_variance = np.float64(layer.moving_variance.numpy())
+            scale = np.sqrt(current_variance + layer.epsilon)
+            if (
+                passes == 1
+                or np.max(np.abs(mean - current) / scale) > SETTLED
+                or np.max(np.abs(variance - current_variance) / (current_variance + layer.epsilon))
+                > SETTLED
+            ):
+                moved = True
+                layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
+                layer.moving_variance.assign(variance.astype(layer.moving_variance.dtype))
+        if not moved or passes >= len(layers):  # after L passes every depth is exact
+            break
+    generator.close()  # the layers' own calls again
     report = []
-    for layer, (mean, variance, count) in zip(
-        batch_norms(backbone), population_statistics(backbone, examples, batch_size), strict=True
+    for layer, (old_mean, old_variance), (mean, variance, count) in zip(
+        layers, old, found, strict=True
     ):
         row = {"layer": layer.path if hasattr(layer, "path") else layer.name, "count": count}
-        if mean is None:  # held but never called: nothing to adapt to
+        if mean is None:
             report.append({**row, **dict.fromkeys(MOVED, 0.0)})
             continue
-        old_mean = np.float64(layer.moving_mean.numpy())
-        old_variance = np.float64(layer.moving_variance.numpy())
-        layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
-        layer.moving_variance.assign(variance.astype(layer.moving_variance.dtype))
+        mean = np.float64(layer.moving_mean.numpy())
+        variance = np.float64(layer.moving_variance.numpy())
         shift = (mean - old_mean) / np.sqrt(old_variance + layer.epsilon)
         report.append(
             {
@@ -163,7 +204,7 @@ def adapt(backbone, examples: Examples, batch_size: int = 64) -> list[dict]:
                 "variance_change": _relative(variance, old_variance),
             }
         )
-    return report
+    return {"passes": passes, "layers": report}
 
 
 def _relative(new: np.ndarray, old: np.ndarray) -> float:
@@ -171,12 +212,13 @@ def _relative(new: np.ndarray, old: np.ndarray) -> float:
 
 
 class Record(tf.Module):
-    """What the checkpoint keeps of the adaptation: done (0/1) and per layer the `MOVED`
-    numbers and the count (float64 [layers, 4], columns `RECORDED`)."""
+    """What the checkpoint keeps of the adaptation: done (0/1), the passes it made, and per
+    layer the `MOVED` numbers and the count (float64 [layers, 4], columns `RECORDED`)."""
 
     def __init__(self, layers: int) -> None:
         super().__init__(name="bn_adapt")
         self.done = tf.Variable(0, dtype=tf.int64, trainable=False, name="done")
+        self.passes = tf.Variable(0, dtype=tf.int64, trainable=False, name="passes")
         self.moved = tf.Variable(
             tf.zeros((layers, len(RECORDED)), tf.float64), trainable=False, name="moved"
         )
@@ -203,15 +245,14 @@ def before_run(
     state.bn_adapt = record  # tracked: every checkpoint of the run holds it
     names = [layer.path if hasattr(layer, "path") else layer.name for layer in layers]
     if resume_from:
+        key = "state/bn_adapt/{}/.ATTRIBUTES/VARIABLE_VALUE"
         try:
-            done = tf.train.load_variable(
-                resume_from, "state/bn_adapt/done/.ATTRIBUTES/VARIABLE_VALUE"
-            )
-            moved = tf.train.load_variable(
-                resume_from, "state/bn_adapt/moved/.ATTRIBUTES/VARIABLE_VALUE"
+            done, passes, moved = (
+                tf.train.load_variable(resume_from, key.format(name))
+                for name in ("done", "passes", "moved")
             )
         except (tf.errors.OpError, ValueError):
-            done, moved = 0, None
+            done, passes, moved = 0, 0, None
         if not done or moved is None or moved.shape != (len(layers), len(RECORDED)):
             raise ConfigError(
                 f"bn_mode=adapt: checkpoint {resume_from!r} is of a run that did not adapt its "
@@ -223,13 +264,16 @@ def before_run(
             {"layer": name, **{key: float(value) for key, value in zip(RECORDED, row, strict=True)}}
             for name, row in zip(names, moved, strict=True)
         ]
-        return {"bn_adapt": {"resumed": True, "layers": report}}
-    report = adapt(backbone, train, batch_size)
+        return {"bn_adapt": {"resumed": True, "passes": int(passes), "layers": report}}
+    adapted = adapt(backbone, train, batch_size)
+    report, passes = adapted["layers"], adapted["passes"]
     record.moved.assign(np.array([[row[k] for k in RECORDED] for row in report], np.float64))
+    record.passes.assign(passes)
     record.done.assign(1)
     lines = [
         f"bn_mode=adapt: {len(report)} BatchNorm layers took the statistics of {train.size} "
-        "training examples (mean moved by, in old standard deviations; relative changes)"
+        f"training examples in {passes} passes (mean moved by, in old standard deviations; "
+        "relative changes)"
     ]
     lines += [
         f"  {row['layer']}: mean {row['mean_shift']:.3g} std (rel. {row['mean_change']:.3g}), "
@@ -252,4 +296,4 @@ def before_run(
     tf.summary.text("bn_adapt", "\n".join(table), step=0)
     if not math.isfinite(sum(row["mean_shift"] for row in report)):
         logging.warning("bn_mode=adapt: a layer's old variance was 0 or not finite")
-    return {"bn_adapt": {"resumed": False, "layers": report}}
+    return {"bn_adapt": {"resumed": False, "passes": passes, "layers": report}}
