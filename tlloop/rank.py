@@ -114,8 +114,12 @@ class Ranking:
     targets: int
 
     def to_json(self) -> dict:
-        return {"metric": "LogME", "examples": self.examples, "targets": self.targets,
-                "candidates": self.rows}  # fmt: skip
+        return {
+            "metric": "LogME",
+            "examples": self.examples,
+            "targets": self.targets,
+            "candidates": self.rows,
+        }
 
     def to_markdown(self) -> str:
         lines = [
@@ -166,7 +170,7 @@ def rank(
             "or models with distinct names"
         )
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: accepted: >= 1")
+        raise ValueError(f"batch_size={batch_size}: not positive; accepted: >= 1")
     examples = as_examples(data, argument="data")
     rows, targets = [], None
     for name, backbone in named.items():
