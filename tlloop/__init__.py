@@ -54,6 +54,7 @@ _PUBLIC = {
     "load_backbone": ("tlloop.models.backbones", "load_backbone"),
     "text_backbone": ("tlloop.models.hub", "text_backbone"),
     "inspect_backbone": ("tlloop.backbone", "inspect_backbone"),
+    "rank": ("tlloop.rank", "rank"),
     "ConfigError": ("tlloop.config", "ConfigError"),
     "RunFailed": ("tlloop.errors", "RunFailed"),
     "CallbackError": ("tlloop.errors", "CallbackError"),

@@ -21,7 +21,7 @@ from typing import Any
 DATASETS = ("digits", "folder", "tfrecord", "csv", "text_folder", "tfds:NAME")
 TASKS = ("classification", "multilabel", "regression")
 REGRESSION_LOSSES = ("mse", "huber", "mae")
-BN_MODES = ("frozen", "train")
+BN_MODES = ("frozen", "train", "adapt")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 AUGMENT_OPS = ("flip", "rotate", "zoom", "contrast", "translate", "crop")
 BAD_IMAGES = ("fail", "skip")
@@ -841,7 +841,9 @@ class PhaseConfig:
     "top:2", "blocks:3", "from:NAME", "regex:PATTERN"). `bn_mode` "frozen" keeps the backbone in
     inference mode with its BatchNormalization layers untrainable; "train" runs the backbone
     with training=True (batch statistics, moving averages updated, Dropout active) and trains
-    the BatchNormalization scales and offsets it unfreezes. `gradual` K > 0: epoch e trains
+    the BatchNormalization scales and offsets it unfreezes; "adapt" (AdaBN, `tlloop.adabn`) is
+    "frozen" after every backbone BatchNorm took the training images' statistics, once before
+    the run's first phase. `gradual` K > 0: epoch e trains
     only the top K x (e + 1) blocks or layers of `unfreeze`. `optimizer`, a Keras optimizer
     (with its own learning rate or schedule), replaces the run's optimizer settings for this
     phase; a fresh copy is made for each trainable set. Give `learning_rate` or `optimizer`.
@@ -896,9 +898,9 @@ class PhaseConfig:
             "not positive",
             "> 0",
         )
-        _require(self.bn_mode in BN_MODES, "bn_mode", self.bn_mode, "unknown", "frozen, train")
+        _require(self.bn_mode in BN_MODES, "bn_mode", self.bn_mode, "unknown", ", ".join(BN_MODES))
         _require(
-            self.modes is None or self.bn_mode == "frozen",
+            self.modes is None or self.bn_mode != "train",
             "bn_mode",
             self.bn_mode,
             "given together with a mode table, which already says the backbone's mode",
@@ -958,8 +960,10 @@ class TwoPhases:
     bn_mode: str = option(
         "frozen",
         "Backbone BatchNorm in fine-tune: frozen "
-        "(inference mode, statistics untouched) or train (the backbone runs with "
-        "training=True: batch statistics, moving averages updated).",
+        "(inference mode, statistics untouched), train (the backbone runs with "
+        "training=True: batch statistics, moving averages updated) or adapt (AdaBN: before the "
+        "first phase, every backbone BatchNorm takes the exact statistics of the training "
+        "images, then stays frozen; the head phase trains on them too).",
         choices=BN_MODES,
     )
 
@@ -980,7 +984,13 @@ class TwoPhases:
     def to_phases(self) -> tuple[PhaseConfig, PhaseConfig]:
         """The head phase and the fine-tune phase, in order."""
         return (
-            PhaseConfig("head", self.head_epochs, self.head_lr, Unfreeze("none")),
+            PhaseConfig(
+                "head",
+                self.head_epochs,
+                self.head_lr,
+                Unfreeze("none"),
+                bn_mode="adapt" if self.bn_mode == "adapt" else "frozen",  # AdaBN: before phase 1
+            ),
             PhaseConfig(
                 "finetune",
                 self.finetune_epochs,
@@ -999,7 +1009,8 @@ class TwoPhases:
         head, finetune = by_name.get("head"), by_name.get("finetune")
         if set(by_name) - {"head", "finetune"} or len(by_name) != len(phases):
             raise ValueError(f"phases {[p.name for p in phases]}: not a head and a finetune phase")
-        if head and (head.unfreeze != Unfreeze("none") or head.bn_mode != "frozen" or head.gradual):
+        adapt = "adapt" if finetune and finetune.bn_mode == "adapt" else "frozen"
+        if head and (head.unfreeze != Unfreeze("none") or head.bn_mode != adapt or head.gradual):
             raise ValueError(f"{head}: the flags' head phase keeps the backbone frozen")
         default = cls()
         values = {}

@@ -20,9 +20,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tlloop import adabn, feature_cache
 from tlloop import anchors as anchors_lib
 from tlloop import checkpoints as checkpoint_lib
-from tlloop import feature_cache
 from tlloop import phases as phase_lib
 from tlloop.actions import Action, Checkpointer, Stopped
 from tlloop.config import TrainingConfig
@@ -212,6 +212,16 @@ class Controller:
             self._call("on_run_begin")
             results = {"phases": []}
             with self.train_writer, self._save_when_stopped():
+                results.update(  # AdaBN (bn_mode="adapt"): once, before the first phase
+                    adabn.before_run(
+                        self.model.backbone,
+                        self.train,
+                        self.plan,
+                        self.state,
+                        resume_from,
+                        batch_size=self.settings.eval_batch_size,
+                    )
+                )
                 for phase in self.plan[start_phase:]:
                     self._run_phase(phase, results)
                     if self.stop_requested:

@@ -91,17 +91,23 @@ def compute(
     """Runs the backbone once, in inference mode, over the training and evaluation examples."""
     started = time.perf_counter()
     # One trace for full batches, one (relaxed) for the last partial batches of both sets.
-    backbone = tf.function(
-        lambda inputs: model.backbone(inputs, training=False), reduce_retracing=True
-    )
-
-    def features_of(examples: Examples) -> InMemoryExamples:
-        parts, labels = [], []
-        for inputs, label in examples.ordered().batch(batch):
-            parts.append(tf.nest.map_structure(np.asarray, backbone(inputs)))
-            labels.append(label.numpy())
-        features = tf.nest.map_structure(lambda *a: np.concatenate(a), *parts)
-        return InMemoryExamples(features, np.concatenate(labels))
-
-    train_features, eval_features = features_of(train), features_of(eval_data)
+    backbone = inference_call(model.backbone)
+    train_features = features(backbone, train, batch)
+    eval_features = features(backbone, eval_data, batch)
     return CachedFeatures(train_features, eval_features, time.perf_counter() - started)
+
+
+def inference_call(backbone):
+    """`backbone` called in inference mode, compiled once (relaxed for a partial last batch)."""
+    return tf.function(lambda inputs: backbone(inputs, training=False), reduce_retracing=True)
+
+
+def features(call, examples: Examples, batch: int = 64) -> InMemoryExamples:
+    """The outputs of `call` (see `inference_call`) on every example once, in index order, with
+    the examples' labels: one pass, streamed examples included."""
+    parts, labels = [], []
+    for inputs, label in examples.ordered().batch(batch):
+        parts.append(tf.nest.map_structure(np.asarray, call(inputs)))
+        labels.append(label.numpy())
+    stacked = tf.nest.map_structure(lambda *a: np.concatenate(a), *parts)
+    return InMemoryExamples(stacked, np.concatenate(labels))
