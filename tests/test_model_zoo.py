@@ -5,8 +5,12 @@ runs in training mode (its Dropout on) with bn_mode="frozen".
 For each: BatchNorm moving statistics and gamma/beta bit-identical through both phases; exactly
 the layers the unfreeze policy names change, every other backbone variable bit-identical;
 `describe` names them (and the layers held but never used) and leaves trainability as it was.
-Resume after a stop is bit-identical with deterministic=True for the member whose Dropout sits
-inside custom layers (backbone and head), the subclassed one and the KerasHub text encoder.
+For every member, in one subprocess per property (tests/zoo_script.py): SIGKILLed mid fine-tune
+and resumed, the weights are bit-identical to an uninterrupted run's with deterministic=True
+(the KerasHub text encoder in-process, stopped by a raising callback); tlloop.evaluate on a
+MirroredStrategy of 2 counts each example once and gives the 1-replica metrics; the export's
+model.keras loads after `import tlloop` (and the zoo's registrations) and its SavedModel serves
+the model's outputs.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import model_zoo as zoo  # noqa: E402
 import tlloop  # noqa: E402
 from tlloop.supervise import FAULT_ENV  # noqa: E402
 
-KILL_STEP = 8  # of 9: 3 head steps, then 2 fine-tune epochs of 3; checkpoints every step
+KILL_STEP = 8  # of 9: 3 head steps, then 2 fine-tune epochs of 3
 members = list(zoo.MEMBERS.values())
 if args.text_preset:
     members.append(zoo.text_member(args.text_preset))
@@ -47,11 +47,12 @@ def resume(member: zoo.Member) -> None:
     if os.path.exists(done):
         return
     train, evaluation = member.data(24, 1), member.data(8, 2)
-    every_step = tlloop.CheckpointConfig(every_steps=1)
 
-    def fit(workdir: str) -> str:
+    def fit(workdir: str, every_steps: int = 0) -> str:
+        # The killed run checkpoints every step, so it resumes mid-epoch.
+        checkpoint = tlloop.CheckpointConfig(every_steps=every_steps)
         trainer = zoo.zoo_trainer(
-            workdir, member, finetune_epochs=2, deterministic=True, checkpoint=every_step
+            workdir, member, finetune_epochs=2, deterministic=True, checkpoint=checkpoint
         )
         results = trainer.fit(member.build(), train, evaluation, batch_size=8, export=False)
         assert results.phases[-1]["last_step"] == 9
@@ -67,7 +68,7 @@ def resume(member: zoo.Member) -> None:
         whole = file.read()
     killed = os.path.join(args.root, f"{member.name}.killed")
     os.environ[FAULT_ENV] = f"SIGKILL@{KILL_STEP}:once={killed}"
-    resumed = fit(os.path.join(args.root, member.name))
+    resumed = fit(os.path.join(args.root, member.name), every_steps=1)
     with open(done, "w") as file:
         json.dump({"whole": whole, "resumed": resumed, "killed": os.path.exists(killed)}, file)
 
