@@ -65,6 +65,9 @@ def pretrained_statistics(backbone: keras.Layer, seed: int = 0) -> None:
             layer.gamma.assign(rng.uniform(0.8, 1.2, shape).astype("float32"))
 
 
+# Registered, as a user must register the classes of a model whose .keras file is to load
+# (tlloop refuses an unregistered one before training).
+@keras.saving.register_keras_serializable(package="tlloop_zoo")
 class ConvBlock(keras.layers.Layer):
     """A custom block: Conv, BatchNorm, ReLU, Dropout, called with the `training` it gets."""
 
@@ -79,6 +82,7 @@ class ConvBlock(keras.layers.Layer):
         return self.drop(x, training=training)
 
 
+@keras.saving.register_keras_serializable(package="tlloop_zoo")
 class DropoutDense(keras.layers.Layer):
     """A custom head layer: its Dropout (a random state) sits inside it."""
 
@@ -91,6 +95,7 @@ class DropoutDense(keras.layers.Layer):
         return self.dense(self.drop(inputs, training=training))
 
 
+@keras.saving.register_keras_serializable(package="tlloop_zoo")
 class CutNet(keras.Model):
     """A subclassed network cut by its `call`: it still holds the two classifier heads it was
     pretrained with, built, and never calls them."""
@@ -217,6 +222,63 @@ MEMBERS = {
         Member("dict", dict_input, dict_inputs, "top:2", frozenset({"extra_dense", "joint"})),
     )
 }
+
+
+WORDS = ("good", "great", "fun", "bad", "awful", "dull", "the", "movie", "was", "plot")
+
+
+def texts(count: int, seed: int):
+    """Short sentences whose class is told by two of their five words."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, count).astype("int32")
+    own = (("good", "great"), ("bad", "awful"), ("dull", "plot"))
+    sentences = [
+        " ".join([*rng.choice(WORDS[6:9], 3), *rng.choice(own[label], 2)]) for label in labels
+    ]
+    return np.array(sentences), labels
+
+
+def text_member(directory: str) -> Member:
+    """A one-layer KerasHub BERT (Dropout 0.1) saved with save_to_preset in `directory`,
+    strings in."""
+    from task_data import write_bert_preset
+
+    preset = write_bert_preset(directory, WORDS, dropout=0.1)
+
+    def build():
+        keras.utils.set_random_seed(7)
+        backbone = tlloop.text_backbone(preset)
+        return tlloop.TransferModel(backbone, tlloop.classification_head(backbone, CLASSES))
+
+    return Member(
+        "text", build, texts, "top:2", frozenset({"feedforward_output_dense", "pooled_dense"})
+    )
+
+
+FINETUNE_MODES = tlloop.ModeTable().with_backbone_training(True)  # Dropout on, BN left alone
+
+
+def zoo_trainer(
+    workdir,
+    member: Member,
+    finetune_epochs: int = 1,
+    modes=FINETUNE_MODES,
+    checkpoint: tlloop.CheckpointConfig | None = None,
+    **kwargs,
+) -> tlloop.Trainer:
+    """A head phase (1 epoch) then a fine-tune phase of `member`'s policy whose backbone runs
+    in `modes`; quiet; by default the last weights exported."""
+    return tlloop.Trainer(
+        str(workdir),
+        phases=[
+            tlloop.Phase("head", 1, 3e-2),
+            tlloop.Phase("finetune", finetune_epochs, 1e-2, unfreeze=member.unfreeze, modes=modes),
+        ],
+        task=tlloop.Classification(CLASSES),
+        logging=tlloop.LoggingConfig(quiet=True),
+        checkpoint=checkpoint or tlloop.CheckpointConfig(export="last"),
+        **kwargs,
+    )
 
 
 def layer_of(backbone) -> dict[str, str]:

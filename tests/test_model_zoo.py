@@ -5,40 +5,32 @@ runs in training mode (its Dropout on) with bn_mode="frozen".
 For each: BatchNorm moving statistics and gamma/beta bit-identical through both phases; exactly
 the layers the unfreeze policy names change, every other backbone variable bit-identical;
 `describe` names them (and the layers held but never used) and leaves trainability as it was.
-Resume after a stop is bit-identical with deterministic=True for the member whose Dropout sits
-inside custom layers (backbone and head), the subclassed one and the KerasHub text encoder.
+For every member, in one subprocess per property (tests/zoo_script.py): SIGKILLed mid fine-tune
+and resumed, the weights are bit-identical to an uninterrupted run's with deterministic=True
+(the KerasHub text encoder in-process, stopped by a raising callback); tlloop.evaluate on a
+MirroredStrategy of 2 counts each example once and gives the 1-replica metrics; the export's
+model.keras loads after `import tlloop` (and the zoo's registrations) and its SavedModel serves
+the model's outputs.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+
 import keras
+import model_zoo as zoo
 import numpy as np
 import pytest
-from conftest import changed, make_config, snapshot
-from model_zoo import CLASSES, MEMBERS, Member, all_layers, flags, layer_of
-from task_data import write_bert_preset
+from conftest import REPO, changed, make_config, run_python, snapshot
+from model_zoo import FINETUNE_MODES, MEMBERS, Member, all_layers, flags, layer_of, zoo_trainer
 
 import tlloop
 from tlloop import checkpoints as checkpoint_lib
 from tlloop import lr_range, trainer
 
-FINETUNE_MODES = tlloop.ModeTable().with_backbone_training(True)  # Dropout on, BN left alone
-
-
-def _trainer(
-    workdir, member, finetune_epochs: int = 1, modes=FINETUNE_MODES, **kwargs
-) -> tlloop.Trainer:
-    return tlloop.Trainer(
-        str(workdir),
-        phases=[
-            tlloop.Phase("head", 1, 3e-2),
-            tlloop.Phase("finetune", finetune_epochs, 1e-2, unfreeze=member.unfreeze, modes=modes),
-        ],
-        task=tlloop.Classification(CLASSES),
-        logging=tlloop.LoggingConfig(quiet=True),
-        checkpoint=tlloop.CheckpointConfig(export="last"),
-        **kwargs,
-    )
+SCRIPT = os.path.join(REPO, "tests", "zoo_script.py")
 
 
 def _trained_names(description: str, phase: int) -> set[str]:
@@ -58,18 +50,8 @@ def test_with_the_default_modes_too_inner_batch_norm_is_not_trained(tmp_path):
 
 @pytest.fixture(scope="module")
 def text_member(tmp_path_factory) -> Member:
-    """A one-layer KerasHub BERT (Dropout 0.1) saved with save_to_preset, strings in."""
     pytest.importorskip("keras_hub")
-    preset = write_bert_preset(str(tmp_path_factory.mktemp("bert")), WORDS, dropout=0.1)
-
-    def build():
-        keras.utils.set_random_seed(7)
-        backbone = tlloop.text_backbone(preset)
-        return tlloop.TransferModel(backbone, tlloop.classification_head(backbone, CLASSES))
-
-    return Member(
-        "text", build, _texts, "top:2", frozenset({"feedforward_output_dense", "pooled_dense"})
-    )
+    return zoo.text_member(str(tmp_path_factory.mktemp("bert")))
 
 
 def test_a_text_encoder_trains_exactly_its_named_layers(text_member, tmp_path):
@@ -81,20 +63,9 @@ def test_a_text_encoder_trains_exactly_its_named_layers(text_member, tmp_path):
     assert {id(v) for v in checkpoint_lib.rng_states(model)} == {id(v) for v in generators}
 
 
-WORDS = ("good", "great", "fun", "bad", "awful", "dull", "the", "movie", "was", "plot")
-
-
-def _texts(count: int, seed: int):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, CLASSES, count).astype("int32")
-    own = (("good", "great"), ("bad", "awful"), ("dull", "plot"))
-    texts = [" ".join([*rng.choice(WORDS[6:9], 3), *rng.choice(own[label], 2)]) for label in labels]
-    return np.array(texts), labels
-
-
 def _check(member, workdir, batch_norm: bool = True, modes=FINETUNE_MODES) -> tlloop.TransferModel:
     model = member.build()
-    trainer = _trainer(workdir, member, modes=modes)
+    trainer = zoo_trainer(workdir, member, modes=modes)
     before_flags = flags(model)
     description = trainer.describe(model)
     assert flags(model) == before_flags  # describe leaves trainability as it was
@@ -126,14 +97,14 @@ class _StopAfterFirstFinetuneEpoch(keras.callbacks.Callback):
             raise RuntimeError("stopped")
 
 
-@pytest.mark.parametrize("name", ["custom", "subclassed", "text"])
-def test_resume_after_a_stop_is_bit_identical(name, request, tmp_path):
-    member = request.getfixturevalue("text_member") if name == "text" else MEMBERS[name]
-    train, evaluation = member.data(24, 1), member.data(8, 2)
+def test_a_text_encoder_resumes_after_a_stop_bit_identical(text_member, tmp_path):
+    # The text member in-process (a raising callback): its KerasHub import and preset would
+    # cost every one of the SIGKILL test's processes.
+    train, evaluation = text_member.data(24, 1), text_member.data(8, 2)
 
     def fit(workdir, **kwargs):
-        trainer = _trainer(workdir, member, finetune_epochs=2, deterministic=True, **kwargs)
-        return trainer.fit(member.build(), train, evaluation, batch_size=8, export=False)
+        trainer = zoo_trainer(workdir, text_member, finetune_epochs=2, deterministic=True, **kwargs)
+        return trainer.fit(text_member.build(), train, evaluation, batch_size=8, export=False)
 
     whole = fit(tmp_path / "whole")
     with pytest.raises(tlloop.CallbackError):
@@ -141,6 +112,95 @@ def test_resume_after_a_stop_is_bit_identical(name, request, tmp_path):
     resumed = fit(tmp_path / "cut")
     assert resumed.phases[-1]["last_step"] == whole.phases[-1]["last_step"] == 9
     assert resumed.weights_sha256 == whole.weights_sha256
+
+
+def test_every_member_sigkilled_mid_fine_tune_resumes_bit_identical(tmp_path):
+    # One process per kill: each run finishes the member killed before, runs the next one
+    # whole, then kills itself in that member's fine-tune (see zoo_script.py).
+    root = tmp_path / "zoo"
+    for _ in range(len(MEMBERS)):
+        done = run_python(SCRIPT, "resume", str(root), timeout=240)
+        assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    done = run_python(SCRIPT, "resume", str(root), timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in MEMBERS:
+        digests = json.loads((root / f"{name}.json").read_text())
+        assert digests["killed"], name
+        assert digests["resumed"] == digests["whole"], name
+
+
+def test_every_member_evaluated_on_two_replicas_counts_each_example_once():
+    done = run_python(SCRIPT, "evaluate", "unused", timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(results) == set(MEMBERS)
+    for name, (one, two) in results.items():
+        # 13 examples in batches of 4 over 2 replicas: the last batch padded, none twice.
+        assert one["examples"] == two["examples"] == 13, name
+        assert one.keys() == two.keys(), name
+        for metric in one:
+            assert two[metric] == pytest.approx(one[metric], abs=1e-5), (name, metric)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict:
+    """Each member trained (a head epoch) with its export, and its outputs on 3 examples."""
+    root = tmp_path_factory.mktemp("exports")
+    written = {}
+    for name, member in MEMBERS.items():
+        trainer = tlloop.Trainer(
+            str(root / name),
+            phases=[tlloop.Phase("head", 1, 3e-2)],
+            task=tlloop.Classification(zoo.CLASSES),
+            logging=tlloop.LoggingConfig(quiet=True),
+            checkpoint=tlloop.CheckpointConfig(export="last"),
+        )
+        model = member.build()
+        results = trainer.fit(model, member.data(8, 1), member.data(4, 2), batch_size=4)
+        assert results.export["saved_model"] is not None, name
+        inputs = member.data(3, 3)[0]
+        arrays = inputs if isinstance(inputs, dict) else {"": inputs}
+        np.savez(root / f"{name}.npz", expected=tlloop.predict(model, inputs), **arrays)
+        written[name] = os.path.dirname(results.export["model"])
+    return {"root": root, "directories": written}
+
+
+# A new process: tlloop and the module that registers the zoo's classes, nothing else.
+LOAD_EXPORTS = """
+import json, sys, keras, numpy as np, tensorflow as tf, tlloop
+sys.path.insert(0, sys.argv[2]); import model_zoo
+errors = {}
+for name, directory in json.loads(sys.argv[1]).items():
+    saved = np.load(sys.argv[3] + "/" + name + ".npz")
+    expected = saved["expected"]
+    inputs = {k: saved[k] for k in saved.files if k != "expected"}
+    inputs = inputs.pop("") if "" in inputs else inputs
+    loaded = keras.saving.load_model(directory + "/model.keras")
+    keras_error = np.max(np.abs(np.asarray(loaded(inputs)) - expected))
+    serve = tf.saved_model.load(directory + "/saved_model").signatures["serving_default"]
+    named = serve.structured_input_signature[1]
+    feed = inputs if isinstance(inputs, dict) else {next(iter(named)): inputs}
+    served = serve(**{k: tf.constant(v) for k, v in feed.items()})["probabilities"].numpy()
+    served_error = np.max(np.abs(served - tf.nn.softmax(expected).numpy()))
+    errors[name] = [float(keras_error), float(served_error)]
+print(json.dumps(errors))
+"""
+
+
+def test_every_member_exports_files_that_load_and_serve_the_same_outputs(exports):
+    done = run_python(
+        "-c",
+        LOAD_EXPORTS,
+        json.dumps(exports["directories"]),
+        os.path.dirname(__file__),
+        str(exports["root"]),
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(errors) == set(MEMBERS)
+    for name, (keras_error, served_error) in errors.items():
+        assert keras_error < 1e-5 and served_error < 1e-5, name
 
 
 def test_every_random_state_at_any_depth_is_checkpointed():
