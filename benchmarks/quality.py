@@ -176,12 +176,19 @@ def _values(task: Transfer, root: str, seed: int, **extra) -> dict:
 
 
 def run_tlloop(values: dict) -> tuple[float, dict]:
-    """(final eval accuracy, the recipe's choices) of one tlloop run, in a temporary workdir."""
+    """(final eval accuracy, the recipe's choices) of one tlloop run, in a temporary workdir;
+    the choices include the run's `results` (results.json's content) and its `seconds`."""
     config = config_lib.from_flags(values)
     experiment = trainer.build_experiment(config)
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         trainer_ = experiment.trainer()
         trainer_.workdir = workdir
+        # The task build_experiment made already applies these (as the CLI's train does);
+        # Trainer.fit refuses them on the trainer too.
+        trainer_.training = dataclasses.replace(
+            trainer_.training, label_smoothing=0.0, class_weights=""
+        )
         data = experiment.data
         results = trainer_.fit(
             experiment.model,
@@ -192,7 +199,9 @@ def run_tlloop(values: dict) -> tuple[float, dict]:
         )
     chosen = experiment.recipe.to_json() if experiment.recipe else {}
     found = experiment.found_rate.to_json() if experiment.found_rate else None
+    seconds = time.perf_counter() - started
     info = {**chosen, "config": experiment.config, "found_rate": found}
+    info.update(results=results, seconds=seconds)
     return results.phases[-1]["eval"]["accuracy"], info
 
 
