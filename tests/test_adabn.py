@@ -226,3 +226,15 @@ def test_the_flag_adapts_before_the_head_phase_too_and_a_bad_mode_is_named(tmp_p
     assert config_lib.flag_values(config)["bn_mode"] == "adapt"  # flags.txt says it back
     with pytest.raises(tlloop.ConfigError, match=r"--bn_mode='adabn': unknown; accepted: .*adapt"):
         PhaseConfig("finetune", 1, 1e-3, bn_mode="adabn")
+
+
+def test_adapt_on_a_backbone_without_batch_norm_is_refused_before_anything_is_written(tmp_path):
+    x, y = images()
+    inputs = keras.Input(x.shape[1:])
+    backbone = keras.Model(inputs, keras.layers.Conv2D(4, 3, name="conv")(inputs), name="plain")
+    model = tlloop.TransferModel(backbone, tlloop.classification_head(backbone, 3))
+    workdir = tmp_path / "run"
+    fit = tlloop.Trainer(str(workdir), phases=[PhaseConfig("head", 1, 1e-2, bn_mode="adapt")])
+    with pytest.raises(ValueError, match=r"^bn_mode=adapt: the backbone \(plain\) holds no Batch"):
+        fit.fit(model, (x, y), (x[:10], y[:10]), batch_size=16, export=False)
+    assert not workdir.exists()

@@ -61,6 +61,14 @@ def plan_phases(
         if config.epochs == 0:
             continue
         unfrozen_layers(config.unfreeze, model.backbone)  # raises if it does not fit
+        if config.bn_mode == "adapt" and not any(
+            is_batch_norm(layer) for layer in all_layers(model.backbone, include_self=True)
+        ):
+            raise ConfigError(
+                f"--bn_mode=adapt: the backbone ({model.backbone.name}) holds no "
+                "BatchNormalization layer, so there are no statistics to adapt; accepted: "
+                "frozen, or a backbone with BatchNormalization"
+            )
         modes = config.modes
         if modes is None:
             modes = ModeTable().with_backbone_training(
