@@ -93,11 +93,11 @@ def _file_size_limit(limit: int):
 
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     workdir = tmp_path / "run"
-    # Head-phase checkpoints hold the head's Adam slots (~0.4 MB); fine-tune ones hold the
-    # backbone's too (~1.1 MB). A 0.6 MB file size limit makes the first fine-tune save fail
-    # the way a full disk does (EFBIG instead of ENOSPC), as root too.
+    # Head-phase checkpoints hold the backbone's w0 and the head's Adam slots (~0.77 MB);
+    # fine-tune ones hold the backbone's slots too (~1.5 MB). A 1.1 MB file size limit makes
+    # the first fine-tune save fail the way a full disk does (EFBIG instead of ENOSPC), as root.
     args = [*SMALL, "--checkpoint_every_steps=1", f"--workdir={workdir}"]
-    full = run_cli(*args, preexec_fn=_file_size_limit(600_000))
+    full = run_cli(*args, preexec_fn=_file_size_limit(1_100_000))
     assert full.returncode == 1, full.stderr[-2000:]
     [line] = _error_lines(full)
     assert "checkpoint at step 3 could not be written" in line and "File too large" in line
