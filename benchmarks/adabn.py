@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 from absl import app, flags, logging
 
-from benchmarks.quality import PRETRAINED, TASKS, run_tlloop, write_folders
+from benchmarks.quality import TASKS, _values, run_tlloop, write_folders
 
 flags.FLAGS.set_default("tasks", ["digits20", "mnist20", "mnist100"])
 CONTENDERS = {
@@ -41,25 +41,10 @@ def main(argv) -> None:
         if any(task.startswith("mnist") for task in options.tasks):
             write_folders(root, ("mnist",))
         for task in options.tasks:
-            data = {
-                k: v.format(root=root) if isinstance(v, str) else v
-                for k, v in TASKS[task].data.items()
-            }
             rows = {}
             for name, extra in CONTENDERS.items():
                 rows[name] = [
-                    run_tlloop(
-                        {
-                            "workdir": "unused",
-                            **data,
-                            "backbone": PRETRAINED,
-                            "seed": seed,
-                            "summaries": False,
-                            "quiet": True,
-                            "checkpoint_every_secs": 0.0,
-                            **extra,
-                        }
-                    )[0]
+                    run_tlloop(_values(TASKS[task], root, seed, **extra))[0]
                     for seed in range(options.seeds)
                 ]
                 print(task, name, rows[name], flush=True)
