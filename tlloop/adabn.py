@@ -26,29 +26,19 @@ import contextlib
 import dataclasses
 import math
 
-import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from tlloop.config import ConfigError
 from tlloop.data.examples import Examples
-from tlloop.models.walk import all_layers
+from tlloop.models.walk import batch_norms
 
 MODE = "adapt"
 # Per layer, in the checkpoint's `moved` matrix and results.json: how far its statistics moved,
 # and the count of values (examples x positions) they came from.
 MOVED = ("mean_shift", "mean_change", "variance_change")
 RECORDED = ("count", *MOVED)
-
-
-def batch_norms(layer) -> list[keras.layers.BatchNormalization]:
-    """Every BatchNormalization at any depth in `layer` (itself included), each once."""
-    return [
-        item
-        for item in all_layers(layer, include_self=True)
-        if isinstance(item, keras.layers.BatchNormalization)
-    ]
 
 
 @dataclasses.dataclass

@@ -30,6 +30,7 @@ def inspect_backbone(
     for a source --backbone would refuse."""
     import keras
 
+    from tlloop.models import walk
     from tlloop.models.backbones import load_source
 
     model = source if isinstance(source, keras.Model) else load_source(source, safe_mode=safe_mode)
@@ -43,7 +44,7 @@ def inspect_backbone(
     ]
     norms_total = 0
     for position, layer in enumerate(layers):
-        norms = _batch_norms(layer)
+        norms = walk.batch_norms(layer)
         norms_total += len(norms)
         mark = "" if not norms else ("yes" if norms == [layer] else f"{len(norms)} inside")
         lines.append(
@@ -127,12 +128,6 @@ def _unused(model) -> list:
     from tlloop.phases import unused_layers
 
     return unused_layers(model)
-
-
-def _batch_norms(layer) -> list:
-    from tlloop.phases import is_batch_norm, leaf_layers
-
-    return [leaf for leaf in leaf_layers(layer) if is_batch_norm(leaf)]
 
 
 def main(argv: list[str]) -> int:

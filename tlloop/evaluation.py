@@ -13,8 +13,8 @@ from tlloop.config import ConfigError, RunConfig
 from tlloop.data.examples import as_examples
 from tlloop.data.text import is_text, load_task_data
 from tlloop.distribute import distribute_batches
-from tlloop.export import input_specs
 from tlloop.models import INFERENCE, ModeTable, TransferModel
+from tlloop.models.walk import declared_input_spec
 from tlloop.steps import EvalStep, Metrics
 from tlloop.tasks import Classification, MultiLabel, Regression, Task
 
@@ -40,7 +40,7 @@ def evaluate_model(
     and masked), every submodule in inference mode, under `strategy` (default: the current)."""
     strategy = strategy or tf.distribute.get_strategy()
     task = task or Classification()
-    examples = as_examples(data, argument="data", inputs=input_specs(model.backbone))
+    examples = as_examples(data, argument="data", inputs=declared_input_spec(model.backbone))
     with strategy.scope():
         metrics = Metrics(task=task, evaluation=True)
         step = EvalStep(model, ModeTable(), metrics, task=task)

@@ -44,6 +44,7 @@ from absl import logging
 
 from tlloop.data.pipeline import resize_images
 from tlloop.models import INFERENCE, TransferModel
+from tlloop.models.walk import declared_input_spec
 from tlloop.tasks import Classification, Task
 from tlloop.workdir import write_atomic
 
@@ -131,7 +132,7 @@ def write_saved_model(
     model: TransferModel, path: str, task: Task, resize: str = "squash", specs=None
 ) -> None:
     """Writes the SavedModel described in this module's docstring to `path`."""
-    specs = specs if specs is not None else input_specs(model.backbone)
+    specs = specs if specs is not None else declared_input_spec(model.backbone)
     archive = keras.export.ExportArchive()
     archive.track(model)
     if _takes_images(specs):
@@ -180,7 +181,7 @@ def check_export(model: TransferModel, inputs: Any = None) -> Any:
     is traced on them once).
 
     Raises ValueError in one line naming the class at fault and the fix."""
-    specs = input_specs(model.backbone)
+    specs = declared_input_spec(model.backbone)
     if specs is None:
         if inputs is None:
             raise ValueError(
@@ -297,22 +298,6 @@ def _first_line(error) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     line = lines[0] if lines else type(error).__name__
     return line if len(line) <= 200 else line[:197] + "..."
-
-
-def input_specs(backbone):
-    """TensorSpecs of the inputs `backbone` declares (any batch size), in their structure;
-    None if it declares none (a subclassed model or a layer)."""
-    inputs = getattr(backbone, "inputs", None)
-    if not inputs:
-        return None
-    structure = getattr(backbone, "_inputs_struct", None)
-    structure = structure if structure is not None else inputs
-
-    def spec(tensor):
-        name = getattr(tensor, "name", None) or None
-        return tf.TensorSpec((None, *tensor.shape[1:]), tensor.dtype, name=name)
-
-    return tf.nest.map_structure(spec, structure)
 
 
 def _takes_images(specs) -> bool:

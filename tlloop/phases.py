@@ -61,9 +61,7 @@ def plan_phases(
         if config.epochs == 0:
             continue
         unfrozen_layers(config.unfreeze, model.backbone)  # raises if it does not fit
-        if config.bn_mode == "adapt" and not any(
-            is_batch_norm(layer) for layer in all_layers(model.backbone, include_self=True)
-        ):
+        if config.bn_mode == "adapt" and not walk.batch_norms(model.backbone):
             raise ConfigError(
                 f"--bn_mode=adapt: the backbone ({model.backbone.name}) holds no "
                 "BatchNormalization layer, so there are no statistics to adapt; accepted: "
@@ -354,7 +352,7 @@ def trainability_report(model: TransferModel, phase: Phase) -> str:
     for name in SUBMODULES:
         part = getattr(model, name)
         training = getattr(row, name)
-        norms = [layer for layer in leaf_layers(part) if is_batch_norm(layer)]
+        norms = walk.batch_norms(part)
         # BatchNormalization uses batch statistics only when called with training=True *and*
         # it is trainable; otherwise it normalises with its moving statistics.
         inference = sum(1 for layer in norms if not (training and layer.trainable))

@@ -44,8 +44,9 @@ from tlloop.data.streaming import find_unreadable
 from tlloop.data.text import is_text, load_task_data
 from tlloop.distribute import cluster_task, describe, distribute_batches, is_chief
 from tlloop.errors import RunFailed
-from tlloop.export import ExportError, check_export, export_model, input_specs
+from tlloop.export import ExportError, check_export, export_model
 from tlloop.models import TEXT_FINETUNE_MODES, TransferModel, build_model, build_text_model
+from tlloop.models.walk import declared_input_spec
 from tlloop.recipe import Recipe, resolve
 from tlloop.summaries import Summaries
 from tlloop.tasks import Classification, MultiLabel, Regression, Task
@@ -301,7 +302,7 @@ class Trainer:
                 )
         if self.deterministic:
             tf.config.experimental.enable_op_determinism()
-        declared = input_specs(model.backbone)
+        declared = declared_input_spec(model.backbone)
         train = as_examples(train, argument="train", inputs=declared)
         _check_mixing(self.training, self.task, train)
         eval_data = as_examples(eval_data, argument="eval_data", inputs=declared)

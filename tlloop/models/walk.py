@@ -100,16 +100,37 @@ def seed_generators(layer) -> list:
     return found
 
 
+def batch_norms(layer) -> list:
+    """Every BatchNormalization at any depth in `layer` (itself included), each once."""
+    return [
+        item
+        for item in all_layers(layer, include_self=True)
+        if isinstance(item, keras.layers.BatchNormalization)
+    ]
+
+
+def declared_input_spec(backbone):
+    """TensorSpecs of the inputs `backbone` declares (any batch size), in their structure;
+    None if it declares none (a subclassed model or a layer)."""
+    inputs = getattr(backbone, "inputs", None)
+    if not inputs:
+        return None
+    structure = getattr(backbone, "_inputs_struct", None)
+    structure = structure if structure is not None else inputs
+
+    def spec(tensor):
+        name = getattr(tensor, "name", None) or None
+        return tf.TensorSpec((None, *tensor.shape[1:]), tensor.dtype, name=name)
+
+    return tf.nest.map_structure(spec, structure)
+
+
 def input_spec(backbone):
     """TensorSpecs (any batch size) of what `backbone` takes, in its structure: its declared
     inputs, else the shapes of its first call (float32); None if it has neither."""
-    inputs = getattr(backbone, "inputs", None)
-    if inputs:
-        structure = getattr(backbone, "_inputs_struct", None)
-        structure = structure if structure is not None else inputs
-        return tf.nest.map_structure(
-            lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype, name=t.name or None), structure
-        )
+    declared = declared_input_spec(backbone)
+    if declared is not None:
+        return declared
     shapes = getattr(backbone, "_build_shapes_dict", None)
     if not shapes or len(shapes) != 1:
         return None
