@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -14,6 +16,8 @@ import numpy as np
 import pytest
 
 from tlloop import config as config_lib
+from tlloop.errors import ConfigError
+from tlloop.flags import flag_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAINED = os.path.join(REPO, "experiments", "pretrained", "small_cnn_digits0-4.keras")
@@ -61,6 +65,16 @@ class StopAfter(threading.Event):
     def is_set(self) -> bool:
         self.calls -= 1
         return self.calls <= 0
+
+
+@contextlib.contextmanager
+def flag_error(pattern: str):
+    """Expects a ConfigError whose command-line line (the flags' words the CLI prints) matches
+    `pattern` (re.search); yields pytest's ExceptionInfo."""
+    with pytest.raises(ConfigError) as caught:
+        yield caught
+    line = flag_line(caught.value)
+    assert re.search(pattern, line), f"{pattern!r} not in {line!r}"
 
 
 def eval_accuracy(model, eval_batches) -> tuple[float, float]:

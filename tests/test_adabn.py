@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import StopAfter, make_config, run_cli, snapshot
+from conftest import StopAfter, flag_error, make_config, run_cli, snapshot
 from tensorboard.backend.event_processing import event_accumulator
 
 import tlloop
@@ -180,7 +180,7 @@ def test_resuming_a_run_that_did_not_adapt_is_refused(tmp_path):
     with pytest.raises(trainer.Stopped):
         trainer.train(trainer.build_experiment(make_config(workdir)), workdir, stop=StopAfter(2))
     experiment = trainer.build_experiment(make_config(workdir, bn_mode="adapt"))
-    with pytest.raises(tlloop.ConfigError, match=r"bn_mode=adapt: checkpoint .* did not adapt"):
+    with flag_error(r"bn_mode=adapt: checkpoint .* did not adapt"):
         trainer.train(experiment, workdir)
 
 
@@ -224,7 +224,7 @@ def test_the_flag_adapts_before_the_head_phase_too_and_a_bad_mode_is_named(tmp_p
     config = make_config(str(tmp_path), bn_mode="adapt", finetune_epochs=0)
     assert [phase.bn_mode for phase in config.phases] == ["adapt", "adapt"]
     assert config_lib.flag_values(config)["bn_mode"] == "adapt"  # flags.txt says it back
-    with pytest.raises(tlloop.ConfigError, match=r"--bn_mode='adabn': unknown; accepted: .*adapt"):
+    with flag_error(r"--bn_mode='adabn': unknown; accepted: .*adapt"):
         PhaseConfig("finetune", 1, 1e-3, bn_mode="adabn")
 
 

@@ -12,10 +12,10 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from conftest import REPO, changed, make_config, run_cli, snapshot
+from conftest import REPO, changed, flag_error, make_config, run_cli, snapshot
 
 from tlloop import trainer
-from tlloop.config import ConfigError, ModelConfig, from_flags
+from tlloop.config import ModelConfig, from_flags
 from tlloop.models.backbones import build_backbone
 
 LUMA = np.array([0.2989, 0.5870, 0.1140], np.float32)
@@ -66,7 +66,7 @@ def test_cut_h5_backbone_adapts_rgb_pixels_to_grayscale_minus_one_to_one(h5_file
     assert not np.allclose(wrong(x), expected, atol=1e-2)
     # -2 from the end is the same cut; another --image_size is refused, naming the right one.
     assert build_backbone(path, "", 32, layer="-2").outputs[0].shape[1:] == (16,)
-    with pytest.raises(ConfigError, match=r"^--image_size=48: .* accepted: --image_size=32 "):
+    with flag_error(r"^--image_size=48: .* accepted: --image_size=32 "):
         build_backbone(path, "", 48, layer="pool", value_range="-1:1")
 
 
@@ -181,7 +181,7 @@ def test_bad_backbone_inputs_are_one_line_naming_the_flag(h5_file, tmp_path):
         ({"value_range": "imagenet"}, r"^--backbone_range=imagenet: it normalises 3 RGB"),
     ]
     for kwargs, pattern in cases:
-        with pytest.raises(ConfigError, match=pattern) as caught:
+        with flag_error(pattern) as caught:
             build_backbone(path, "", 32, **kwargs)
         assert "\n" not in str(caught.value)
     # A cut whose output is a sequence, not a feature map or a vector.
@@ -190,23 +190,23 @@ def test_bad_backbone_inputs_are_one_line_naming_the_flag(h5_file, tmp_path):
     x = keras.layers.GlobalAveragePooling1D(name="mean")(x)
     sequence = str(tmp_path / "sequence.keras")
     keras.Model(inputs, x).save(sequence)
-    with pytest.raises(ConfigError, match=r"^--backbone_layer='tokens': its output .* not a"):
+    with flag_error(r"^--backbone_layer='tokens': its output .* not a"):
         build_backbone(sequence, "", 8, layer="tokens")
     # A weights-only HDF5 file is not a model.
     weights = str(tmp_path / "only.weights.h5")
     keras.Model(inputs, x).save_weights(weights)
-    with pytest.raises(ConfigError, match=r"^--backbone='.*only.weights.h5': not a loadable"):
+    with flag_error(r"^--backbone='.*only.weights.h5': not a loadable"):
         build_backbone(weights, "", 8)
     # A TF SavedModel is refused, with the reason.
     saved = tmp_path / "saved"
     saved.mkdir()
     (saved / "saved_model.pb").write_bytes(b"")
-    with pytest.raises(ConfigError, match=r"^--backbone='.*saved': a TF SavedModel cannot be"):
+    with flag_error(r"^--backbone='.*saved': a TF SavedModel cannot be"):
         build_backbone(str(saved), "", 8)
     # Adapters on a backbone that builds its own input.
-    with pytest.raises(ConfigError, match=r"^--backbone_range='0:1': small_cnn builds"):
+    with flag_error(r"^--backbone_range='0:1': small_cnn builds"):
         build_backbone("small_cnn", "", 32, value_range="0:1")
-    with pytest.raises(ConfigError, match=r"^--backbone_range='0:2:3': not a range"):
+    with flag_error(r"^--backbone_range='0:2:3': not a range"):
         ModelConfig(backbone_range="0:2:3")
 
 
@@ -223,7 +223,7 @@ def test_a_bad_cut_on_the_command_line_exits_2_before_the_workdir(h5_file, tmp_p
 
 def test_a_preset_without_keras_hub_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "keras_hub", None)  # what an absent package raises
-    with pytest.raises(ConfigError, match=r'^--backbone=.*keras-hub.*pip install -e "\.\[hub\]"'):
+    with flag_error(r'^--backbone=.*keras-hub.*pip install -e "\.\[hub\]"'):
         build_backbone("kaggle://keras/resnetv2/keras/resnet50_v2_imagenet", "", 32)
 
 
@@ -246,7 +246,7 @@ def test_inspect_backbone_lists_layers_batch_norms_and_cut_points(h5_file, tmp_p
     assert "--backbone_layer=relu2" in text  # the last feature map
     result = run_cli(path, module="tlloop.backbone", timeout=120)
     assert result.returncode == 0 and "--backbone_layer=pool" in result.stdout
-    with pytest.raises(ConfigError, match=r"^--backbone='.*none.h5': no such file"):
+    with flag_error(r"^--backbone='.*none.h5': no such file"):
         tlloop.inspect_backbone(str(tmp_path / "none.h5"))
 
 
@@ -264,7 +264,7 @@ def test_an_application_can_be_cut_and_keeps_its_preprocessing():
     backbone = build_backbone("MobileNetV2", "none", 32, layer="block_3_expand_relu")
     assert backbone.outputs[0].shape[1:] == (8, 8, 144)
     assert backbone.get_layer("preprocess").application == "MobileNetV2"
-    with pytest.raises(ConfigError, match=r"^--backbone_channels='grayscale': MobileNetV2 builds"):
+    with flag_error(r"^--backbone_channels='grayscale': MobileNetV2 builds"):
         build_backbone("MobileNetV2", "none", 32, channels="grayscale")
 
 

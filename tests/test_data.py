@@ -7,8 +7,9 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import flag_error
 
-from tlloop.config import ConfigError, DataConfig, parse_classes
+from tlloop.config import DataConfig, parse_classes
 from tlloop.data import load_data
 from tlloop.data.pipeline import skipped_unreadable
 from tlloop.data.sources import load_source
@@ -75,7 +76,7 @@ def test_image_folder_with_a_validation_split(tmp_path):
 def test_image_folder_with_a_val_dir_of_other_classes_is_refused(tmp_path):
     _write_folder(tmp_path / "train", {"cat": 2, "dog": 2})
     _write_folder(tmp_path / "val", {"cat": 2, "emu": 2})
-    with pytest.raises(ConfigError, match=r"^--val_dir=.*differ"):
+    with flag_error(r"^--val_dir=.*differ"):
         load_source(
             DataConfig(
                 dataset="folder", data_dir=str(tmp_path / "train"), val_dir=str(tmp_path / "val")
@@ -84,14 +85,14 @@ def test_image_folder_with_a_val_dir_of_other_classes_is_refused(tmp_path):
 
 
 def test_image_folder_errors_name_the_flag(tmp_path):
-    with pytest.raises(ConfigError, match=r"^--data_dir=.*not a folder"):
+    with flag_error(r"^--data_dir=.*not a folder"):
         load_source(DataConfig(dataset="folder", data_dir=str(tmp_path / "missing")))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match=r"^--data_dir=.*no class sub-folders"):
+    with flag_error(r"^--data_dir=.*no class sub-folders"):
         load_source(DataConfig(dataset="folder", data_dir=str(tmp_path / "empty")))
     _write_folder(tmp_path / "one_empty", {"cat": 2})
     (tmp_path / "one_empty" / "dog").mkdir()
-    with pytest.raises(ConfigError, match=r"^--data_dir=.*'dog' holds no images"):
+    with flag_error(r"^--data_dir=.*'dog' holds no images"):
         load_source(DataConfig(dataset="folder", data_dir=str(tmp_path / "one_empty")))
 
 
@@ -103,9 +104,8 @@ def test_unreadable_images_fail_naming_the_file_or_are_skipped_and_counted(tmp_p
     _write_folder(tmp_path / "images", {"cat": 5, "dog": 5, "eel": 5})
     (tmp_path / "images" / "dog" / "9.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     (tmp_path / "images" / "eel" / "9.jpg").write_bytes(b"")
-    with pytest.raises(
-        ConfigError,
-        match=r"^image file '.*/dog/9.png': cannot be read or decoded \(.+\); accepted: JPG, "
+    with flag_error(
+        r"^image file '.*/dog/9.png': cannot be read or decoded \(.+\); accepted: JPG, "
         r"JPEG, PNG, BMP, GIF, WEBP images, or --bad_images=skip to leave them out \(1 more ",
     ):
         load_data(_folder_config(tmp_path / "images"))
@@ -127,7 +127,7 @@ def test_skipping_the_only_image_of_a_class_is_refused(tmp_path):
     (tmp_path / "images" / "emu").mkdir()
     (tmp_path / "images" / "emu" / "0.png").write_bytes(b"garbage")
     (tmp_path / "images" / "emu" / "1.png").write_bytes(b"garbage")
-    with pytest.raises(ConfigError, match=r"^class 'emu': no readable images left"):
+    with flag_error(r"^class 'emu': no readable images left"):
         load_data(_folder_config(tmp_path / "images", bad_images="skip"))
 
 
@@ -269,16 +269,16 @@ def test_tfrecord_errors_name_the_flag(tmp_path):
     def config(**kw):
         return DataConfig(dataset="tfrecord", image_size=8, **kw)
 
-    with pytest.raises(ConfigError, match=r"^--train_files=.*matches no file"):
+    with flag_error(r"^--train_files=.*matches no file"):
         load_data(config(train_files=str(tmp_path / "none-*.tfrecord")))
     _write_records(tmp_path / "keys.tfrecord", [0, 1], image_key="jpeg")
-    with pytest.raises(ConfigError, match=r"--image_feature='image/encoded'.*hold \['image/cla"):
+    with flag_error(r"--image_feature='image/encoded'.*hold \['image/cla"):
         load_data(config(train_files=str(tmp_path / "keys.tfrecord")))
     (tmp_path / "junk.tfrecord").write_bytes(b"\x00" * 40)
-    with pytest.raises(ConfigError, match=r"junk.tfrecord' is not a readable TFRecord file"):
+    with flag_error(r"junk.tfrecord' is not a readable TFRecord file"):
         load_data(config(train_files=str(tmp_path / "junk.tfrecord")))
     _write_records(tmp_path / "bad.tfrecord", [0, 1] * 5, corrupt_at=3)
-    with pytest.raises(ConfigError, match=r"^image 'record 3 of .*bad.tfrecord': cannot be decod"):
+    with flag_error(r"^image 'record 3 of .*bad.tfrecord': cannot be decod"):
         load_data(config(train_files=str(tmp_path / "bad.tfrecord")))
     skipped = load_data(config(train_files=str(tmp_path / "bad.tfrecord"), bad_images="skip"))
     assert list(skipped.skipped_files) == [f"record 3 of {tmp_path / 'bad.tfrecord'}"]
@@ -288,7 +288,7 @@ def test_tfds_without_the_package_is_a_clear_error(monkeypatch):
     # Whether or not the extra is installed here: a None entry in sys.modules is how Python
     # itself marks a module that cannot be imported.
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
-    with pytest.raises(ConfigError, match=r"^--dataset=tfds:mnist: tensorflow-datasets is"):
+    with flag_error(r"^--dataset=tfds:mnist: tensorflow-datasets is"):
         load_data(DataConfig(dataset="tfds:mnist"))
 
 
@@ -298,5 +298,5 @@ def test_tfds_dataset_from_a_local_data_dir(tmp_path):
     data = load_data(DataConfig(dataset="tfds:dummy_mnist", tfds_dir=str(tmp_path), image_size=8))
     assert data.class_names == tuple(str(i) for i in range(10))
     assert (data.train_size, data.eval_size) == (20, 20)  # its train and test splits
-    with pytest.raises(ConfigError, match=r"^--dataset=tfds:dummy_mnist: not available"):
+    with flag_error(r"^--dataset=tfds:dummy_mnist: not available"):
         load_data(DataConfig(dataset="tfds:dummy_mnist", tfds_dir=str(tmp_path / "x")))

@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
-from conftest import PRETRAINED, REPO, python_command, run_cli, start_cli
+from conftest import PRETRAINED, REPO, flag_error, python_command, run_cli, start_cli
 
 import tlloop
 import tlloop.models  # registers tlloop's Keras classes
 from tlloop import distribute, trainer
 from tlloop import flags as tlloop_flags
-from tlloop.config import ConfigError, DistributeConfig, ModelConfig
+from tlloop.config import DistributeConfig, ModelConfig
 from tlloop.models import ModeTable, build_model
 from tlloop.steps import Metrics, TrainStep
 
@@ -267,14 +267,14 @@ def test_a_worker_whose_peer_never_starts_exits_with_a_clear_error(tmp_path):
 
 def test_distribution_config_errors_name_the_flag(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    with pytest.raises(ConfigError, match=r"^--strategy=multi_worker: TF_CONFIG is not set"):
+    with flag_error(r"^--strategy=multi_worker: TF_CONFIG is not set"):
         distribute.make_strategy(DistributeConfig(strategy="multi_worker"))
     monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["a:1"]}, "task": {"index": 3}}')
-    with pytest.raises(ConfigError, match=r"TF_CONFIG is not a cluster with this task"):
+    with flag_error(r"TF_CONFIG is not a cluster with this task"):
         distribute.make_strategy(DistributeConfig(strategy="multi_worker"))
-    with pytest.raises(ConfigError, match=r"^--devices='/gpu:7': no such devices"):
+    with flag_error(r"^--devices='/gpu:7': no such devices"):
         distribute.make_strategy(DistributeConfig(strategy="mirrored", devices=("/gpu:7",)))
-    with pytest.raises(ConfigError, match=r"^--devices=.*does not apply to --strategy=default"):
+    with flag_error(r"^--devices=.*does not apply to --strategy=default"):
         DistributeConfig(strategy="default", devices=("/cpu:0",))
 
 

@@ -11,11 +11,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import changed, make_config, run_cli, snapshot
+from conftest import changed, flag_error, make_config, run_cli, snapshot
 
 from tlloop import phases as phase_lib
 from tlloop import trainer
-from tlloop.config import ConfigError, ModelConfig, Unfreeze
+from tlloop.config import ModelConfig, Unfreeze
 from tlloop.models import build_model
 from tlloop.models.backbones import build_backbone
 
@@ -116,9 +116,9 @@ def test_resnet_preset_preprocesses_once_and_unfreezes_blocks(resnet_preset):
         fresh.get_layer("res_net_backbone").get_layer(kernel).kernel,
         model.backbone.get_layer("res_net_backbone").get_layer(kernel).kernel,
     )
-    with pytest.raises(ConfigError, match=r"^--weights='imagenet': a KerasHub preset brings"):
+    with flag_error(r"^--weights='imagenet': a KerasHub preset brings"):
         build_backbone(resnet_preset, "imagenet", 32)
-    with pytest.raises(ConfigError, match=r"^--backbone_range='0:1': the preset"):
+    with flag_error(r"^--backbone_range='0:1': the preset"):
         build_backbone(resnet_preset, "", 32, value_range="0:1")
 
 

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import TINY_FOLDER_RUN, run_cli
+from conftest import TINY_FOLDER_RUN, flag_error, run_cli
 from PIL import Image, ImageOps
 
 from tlloop.config import ConfigError, DataConfig
@@ -198,7 +198,7 @@ def test_unreadable_images_are_counted_over_both_splits(tmp_path):
     for path in bad:
         path.write_bytes(b"not an image")
     for memory in ("auto", "0"):
-        with pytest.raises(ConfigError, match=r"\(4 more unreadable images\)$"):
+        with flag_error(r"\(4 more unreadable images\)$"):
             load_data(_config(root, bad_images="fail", data_memory=memory, val_split=0.5))
     data = load_data(_config(root, val_split=0.5))
     assert sorted(skipped_unreadable(data.skipped_files)) == sorted(str(p) for p in bad)
@@ -208,12 +208,12 @@ def test_a_class_of_one_image_is_refused_in_one_line(tmp_path):
     root = tmp_path / "images"
     (root / "only").mkdir(parents=True)
     (root / "only" / "0.png").write_bytes(_encode(Image.fromarray(_pixels(0)), "PNG"))
-    with pytest.raises(ConfigError, match=r"^--data_dir='.*images': class 'only' has 1 example"):
+    with flag_error(r"^--data_dir='.*images': class 'only' has 1 example"):
         load_data(_config(root))
     (root / "many").mkdir()
     for i in range(5):
         (root / "many" / f"{i}.png").write_bytes(_encode(Image.fromarray(_pixels(i)), "PNG"))
-    with pytest.raises(ConfigError, match=r"class 'only' has 1 example\(s\), too few"):
+    with flag_error(r"class 'only' has 1 example\(s\), too few"):
         load_data(_config(root))
     # Left out by --classes: no class of the run is short of an example.
     (root / "more").mkdir()
@@ -230,7 +230,7 @@ def test_one_file_is_read_as_training_reads_it(messy):
         assert np.array_equal(read_image(path), _by_file_read(root, path))
     odd = os.fsdecode(os.path.join(os.fsencode(root / "dog"), NOT_UTF8))
     assert read_image(odd).shape == (SIZE, SIZE, 3)
-    with pytest.raises(ConfigError, match=r"^image file '.*tiff-named.jpg': .*a TIFF image"):
+    with flag_error(r"^image file '.*tiff-named.jpg': .*a TIFF image"):
         read_image(str(root / "dog" / "tiff-named.jpg"))
 
 

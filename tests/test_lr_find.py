@@ -9,11 +9,11 @@ import re
 
 import numpy as np
 import pytest
-from conftest import make_config, run_cli, snapshot
+from conftest import flag_error, make_config, run_cli, snapshot
 from tensorboard.backend.event_processing import event_accumulator
 
 from tlloop import lr_range, trainer
-from tlloop.config import ConfigError, TrainingConfig
+from tlloop.config import TrainingConfig
 from tlloop.flags import flags_text
 
 
@@ -143,7 +143,7 @@ def test_head_lr_auto_reuses_the_recorded_rate_when_resuming_unless_overwriting(
 
     with open(os.path.join(workdir, "found_rate.json"), "w") as file:
         file.write("{not json")
-    with pytest.raises(ConfigError, match=r"found_rate\.json'?: not the rate record"):
+    with flag_error(r"found_rate\.json'?: not the rate record"):
         trainer.build_experiment(make_config(workdir, head_lr="auto"))
 
 
@@ -157,7 +157,7 @@ def test_head_lr_auto_reuses_the_recorded_rate_when_resuming_unless_overwriting(
     ],
 )
 def test_rate_flags_refuse_what_they_cannot_take(workdir, flags, message):
-    with pytest.raises(ConfigError, match=re.escape(message)):
+    with flag_error(re.escape(message)):
         make_config(workdir, **flags)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import PRETRAINED, run_cli
+from conftest import PRETRAINED, flag_error, run_cli
 
 from tlloop import phases as phase_lib
-from tlloop.config import ConfigError, ModelConfig, PhaseConfig, Unfreeze
+from tlloop.config import ModelConfig, PhaseConfig, Unfreeze
 from tlloop.models import ModeTable, build_model
 from tlloop.models.backbones import build_backbone
 
@@ -47,7 +47,7 @@ def test_a_weights_file_of_another_network_is_refused(tmp_path):
     keras.applications.MobileNet(
         include_top=False, weights=None, input_shape=(32, 32, 3)
     ).save_weights(path)
-    with pytest.raises(ConfigError, match=r"--weights='.*other.weights.h5': does not fit"):
+    with flag_error(r"--weights='.*other.weights.h5': does not fit"):
         build_backbone("MobileNetV2", path, 32)
 
 
@@ -77,7 +77,7 @@ def test_keras_file_backbone_loads_in_safe_mode_only_without_code(tmp_path):
     x = keras.layers.Conv2D(4, 3)(x)
     path = str(tmp_path / "lambda.keras")
     keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x)).save(path)
-    with pytest.raises(ConfigError, match="--unsafe_deserialization"):
+    with flag_error("--unsafe_deserialization"):
         build_backbone(path, "", 16)
     backbone = build_backbone(path, "", 16, safe_mode=False)
     assert backbone.name == "backbone" and tuple(backbone.outputs[0].shape) == (None, 4)
@@ -203,7 +203,7 @@ def test_small_cnn_loads_a_weights_file_and_refuses_a_wrong_size(tmp_path):
     loaded = build_backbone("small_cnn", path, 16)
     for a, b in zip(source.weights, loaded.weights, strict=True):
         assert np.array_equal(a.numpy(), b.numpy())
-    with pytest.raises(ConfigError, match=r"^--weights='.*small.weights.h5': does not fit"):
+    with flag_error(r"^--weights='.*small.weights.h5': does not fit"):
         build_backbone("MobileNetV2", path, 32)
 
 
@@ -265,7 +265,7 @@ def test_weights_none_on_a_keras_file_with_code_keeps_safe_mode(tmp_path):
     source = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
     path = str(tmp_path / "lambda.keras")
     source.save(path)
-    with pytest.raises(ConfigError, match="--unsafe_deserialization"):
+    with flag_error("--unsafe_deserialization"):
         build_backbone(path, "none", 16)
     fresh = build_backbone(path, "none", 16, safe_mode=False)
     kernel = next(v for v in fresh.weights if v.path.endswith("conv/kernel"))

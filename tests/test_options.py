@@ -7,13 +7,12 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import make_config
+from conftest import flag_error, make_config
 from task_data import write_image_csvs
 
 import tlloop
 from tlloop import config as config_lib
 from tlloop import flags as tlloop_flags
-from tlloop.config import ConfigError
 from tlloop.trainer import build_experiment, check_task
 
 TEXTS = {"dataset": "text_folder", "data_dir": "texts"}
@@ -57,9 +56,8 @@ UNREAD = [
 )
 def test_a_flag_the_run_does_not_read_is_refused_in_one_line(run, flag, value, text):
     config = config_lib.from_flags({"workdir": "w", **run, flag: value})
-    with pytest.raises(
-        ConfigError,
-        match=rf"^--{flag}=.*: this run does not read it: .*; "
+    with flag_error(
+        rf"^--{flag}=.*: this run does not read it: .*; "
         rf"accepted: no --{flag}$",
     ):
         check_task(config, text)
@@ -70,7 +68,7 @@ def test_a_flag_the_run_does_not_read_is_refused_in_one_line(run, flag, value, t
     # A config made in Python is read the same way: its values that differ from the defaults.
     made = config_lib.from_flags({"workdir": "w", **run, flag: value})
     object.__setattr__(made, "given", None)
-    with pytest.raises(ConfigError, match=rf"^--{flag}="):
+    with flag_error(rf"^--{flag}="):
         check_task(made, text)
 
 
@@ -92,9 +90,9 @@ def test_the_same_flags_are_accepted_where_they_act(run, flag, value):
 
 def test_bn_mode_train_with_nothing_unfrozen_is_refused():
     # The default mode table runs the backbone in training mode only when something trains.
-    with pytest.raises(ConfigError, match=r"^--bn_mode='train': with --unfreeze=none no backbo"):
+    with flag_error(r"^--bn_mode='train': with --unfreeze=none no backbo"):
         config_lib.from_flags({"workdir": "w", "bn_mode": "train", "unfreeze": "none"})
-    with pytest.raises(ConfigError, match=r"^--bn_mode='train': with --unfreeze=none"):
+    with flag_error(r"^--bn_mode='train': with --unfreeze=none"):
         tlloop.Phase("finetune", 1, 1e-3, "none", bn_mode="train")
 
 

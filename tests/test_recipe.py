@@ -8,12 +8,11 @@ import re
 
 import pytest
 from absl import flags
-from conftest import PRETRAINED, REPO, run_cli
+from conftest import PRETRAINED, REPO, flag_error, run_cli
 
 from tlloop import config as config_lib
 from tlloop import flags as tlloop_flags
 from tlloop import recipe as recipe_lib
-from tlloop.config import ConfigError
 
 # Today's defaults: the Keras transfer-learning guide's numbers, as the flags held them
 # before the recipe (written out, not read from the code they check).
@@ -166,15 +165,14 @@ def test_command_line_flags_given_are_the_ones_present(tmp_path):
 
 
 def test_a_recipe_that_cannot_act_is_refused():
-    with pytest.raises(
-        ConfigError,
-        match=r"^--optimizer=sgd: --recipe=auto's learning rates are Adam's and --head_lr is "
+    with flag_error(
+        r"^--optimizer=sgd: --recipe=auto's learning rates are Adam's and --head_lr is "
         r"not given; accepted: --head_lr and --finetune_lr with it",
     ):
         _resolve({"optimizer": "sgd"}, 100, 5)
     resolved, _ = _resolve({"optimizer": "sgd", "head_lr": 0.1, "finetune_lr": 0.01}, 100, 5)
     assert resolved.training.optimizer == "sgd" and resolved.phases[1].learning_rate == 0.01
-    with pytest.raises(ConfigError, match=r"^--recipe='best': unknown; accepted: auto, guide"):
+    with flag_error(r"^--recipe='best': unknown; accepted: auto, guide"):
         config_lib.from_flags({"workdir": "w", "recipe": "best"})
 
 

@@ -11,9 +11,9 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_cli
+from conftest import flag_error, run_cli
 
-from tlloop.config import ConfigError, DataConfig
+from tlloop.config import DataConfig
 from tlloop.data import load_data
 from tlloop.data.examples import InMemoryExamples, Part, StreamedExamples, example_index
 from tlloop.data.pipeline import memory_budget
@@ -147,7 +147,7 @@ def test_the_data_cache_is_written_once_and_read_as_the_same_batches(folder, tmp
     # A cache file of the wrong size is refused, naming it.
     pixels = next(p for p in cache.iterdir() if p.suffix == ".pixels")
     pixels.write_bytes(b"\0" * 7)
-    with pytest.raises(ConfigError, match=r"^--data_cache: '.*\.pixels' holds 7 bytes"):
+    with flag_error(r"^--data_cache: '.*\.pixels' holds 7 bytes"):
         load_data(_config(data_memory="0", **kw))
 
 
@@ -159,7 +159,7 @@ def test_a_streamed_split_checks_first_bytes_before_training_and_skip_checks_eve
     (root / "ant" / "04.png").write_bytes(_png(0, 0)[:40])  # starts right, cut short
     streamed = _config(dataset="folder", data_dir=str(root), data_memory="0")
     # Strict: the file that is no image is named at load, before anything is decoded.
-    with pytest.raises(ConfigError, match=r"^image file '.*/bee/03.png': cannot be read or "):
+    with flag_error(r"^image file '.*/bee/03.png': cannot be read or "):
         load_data(streamed)
     # Skip: every image is decoded once at load, so the cut one is found too, and counted.
     data = load_data(
@@ -176,11 +176,11 @@ def test_a_streamed_split_checks_first_bytes_before_training_and_skip_checks_eve
 
 
 def test_data_flags_are_checked():
-    with pytest.raises(ConfigError, match=r"^--data_memory='lots': not a size; accepted: auto"):
+    with flag_error(r"^--data_memory='lots': not a size; accepted: auto"):
         DataConfig(data_memory="lots")
-    with pytest.raises(ConfigError, match=r"^--data_cache='c': --dataset=digits is decoded in"):
+    with flag_error(r"^--data_cache='c': --dataset=digits is decoded in"):
         DataConfig(data_cache="c")
-    with pytest.raises(ConfigError, match=r"^--data_memory='0': --dataset=digits is always held"):
+    with flag_error(r"^--data_memory='0': --dataset=digits is always held"):
         DataConfig(data_memory="0")
     assert memory_budget("12") == 12 * 2**20
     assert 0 < memory_budget("auto") < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

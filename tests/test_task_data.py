@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import StopAfter, make_config, run_cli
+from conftest import StopAfter, flag_error, make_config, run_cli
 from task_data import COLOURS, write_image_csvs
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -123,7 +123,7 @@ def test_regression_from_csv_predicts_in_the_targets_units(tmp_path, csvs):
     assert 150 < predictions[:, 0].mean() < 500  # brightness units, not standardised ones
     saved = evaluate_saved(config.workdir, "export", config)
     assert saved["root_mean_squared_error"] == pytest.approx(results.best["value"], rel=1e-5)
-    with pytest.raises(ConfigError, match="--checkpoint='best': a regression run is evaluated"):
+    with flag_error("--checkpoint='best': a regression run is evaluated"):
         evaluate_saved(config.workdir, "best", config)
     # tlloop.predict prints each target's value in its units; --top_k has nothing to rank.
     image = tmp_path / "one.png"
@@ -190,7 +190,7 @@ def test_a_bad_csv_is_one_line_naming_the_file_and_line(csvs, task, train, val, 
     flags = {"train_csv": _write(os.path.join(folder, "bad.csv"), train)}
     if val is not None:
         flags["val_csv"] = _write(os.path.join(folder, "val_bad.csv"), val)
-    with pytest.raises(ConfigError, match=message) as error:
+    with flag_error(message) as error:
         load_task_data(DataConfig(dataset="csv", task=task, image_size=16, **flags))
     assert "\n" not in str(error.value)
 
@@ -208,7 +208,7 @@ def test_a_text_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
     assert str(error.value).startswith(f"--data_dir: text file {bad!r} line 2: not UTF-8 text")
     # A CSV of texts is read the same way.
     csv_path = _write(tmp_path / "texts.csv", b"text,label\nok,a\n\xff\xfe,b\n")
-    with pytest.raises(ConfigError, match=r"--train_csv='.*texts.csv' line 3: not UTF-8 text"):
+    with flag_error(r"--train_csv='.*texts.csv' line 3: not UTF-8 text"):
         load_task_data(DataConfig(dataset="csv", train_csv=csv_path))
 
 
@@ -274,7 +274,7 @@ def test_task_flags_that_do_not_combine_are_refused(tmp_path, csvs, flags, messa
     else:
         flags.update(classes="5-9")
     config = make_config(str(tmp_path), **{"classes": "", "per_class": 0, **flags})
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with flag_error(message.replace("(", r"\(")):
         build_experiment(config)
 
 

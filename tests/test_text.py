@@ -11,12 +11,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_config, run_cli
+from conftest import flag_error, make_config, run_cli
 from task_data import write_bert_preset, write_text_folder
 
 import tlloop
 from tlloop import phases as phase_lib
-from tlloop.config import ConfigError, DataConfig
+from tlloop.config import DataConfig
 from tlloop.data.text import load_task_data
 from tlloop.trainer import build_experiment, train
 
@@ -110,5 +110,5 @@ def test_data_flags_that_cannot_act_on_texts_are_refused(tmp_path, flag, value):
     csv = tmp_path / "texts.csv"
     csv.write_text("text,label\ngood day,pos\nbad day,neg\nfine,pos\nawful,neg\n")
     config = DataConfig(dataset="csv", train_csv=str(csv), **{flag: value})
-    with pytest.raises(ConfigError, match=rf"^--{flag}='{value}': the examples are texts"):
+    with flag_error(rf"^--{flag}='{value}': the examples are texts"):
         load_task_data(config)

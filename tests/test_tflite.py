@@ -16,7 +16,7 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from conftest import PRETRAINED, run_cli
+from conftest import PRETRAINED, flag_error, run_cli
 
 import tlloop
 from tlloop import config as config_lib
@@ -264,9 +264,9 @@ def test_bad_export_tflite_flag_is_refused_before_the_workdir(tmp_path):
 
 def test_export_tflite_values(monkeypatch):
     assert config_lib.parse_tflite_formats("") == ()
-    with pytest.raises(config_lib.ConfigError, match="a format twice"):
+    with flag_error("a format twice"):
         config_lib.parse_tflite_formats("int8,int8")
-    with pytest.raises(config_lib.ConfigError, match=r"tflite_min_agreement_int8=1\.5"):
+    with flag_error(r"tflite_min_agreement_int8=1\.5"):
         config_lib.CheckpointConfig(tflite_min_agreement_int8=1.5)
     # Without the interpreter no file could be checked: refused, naming the extra.
     real = importlib.util.find_spec
@@ -275,7 +275,7 @@ def test_export_tflite_values(monkeypatch):
         "find_spec",
         lambda name, *a: None if name == "ai_edge_litert" else real(name, *a),
     )
-    with pytest.raises(config_lib.ConfigError, match=r"tlloop\[tflite\]"):
+    with flag_error(r"tlloop\[tflite\]"):
         config_lib.CheckpointConfig(export_tflite=("float32",))
     assert config_lib.CheckpointConfig().export_tflite == ()  # no formats: nothing needed
 

@@ -10,13 +10,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import SMALL_RUN, StopAfter, make_config, run_cli
+from conftest import SMALL_RUN, StopAfter, flag_error, make_config, run_cli
 from tensorboard.backend.event_processing import event_accumulator
 
 import tlloop
 from tlloop import checkpoints as checkpoint_lib
 from tlloop import trainer
-from tlloop.config import CheckpointConfig, ConfigError, PhaseConfig, Unfreeze
+from tlloop.config import CheckpointConfig, PhaseConfig, Unfreeze
 from tlloop.wise_ft import LP, interpolate
 from tlloop.workdir import prepare
 
@@ -120,7 +120,7 @@ def test_wise_ft_evaluates_both_ends_exactly_and_exports_the_chosen_interpolatio
 def test_resuming_a_run_started_without_wise_ft_with_it_is_refused(workdir):
     with pytest.raises(trainer.Stopped):
         trainer.train(trainer.build_experiment(make_config(workdir)), workdir, stop=StopAfter(4))
-    with pytest.raises(ConfigError, match=r"^--wise_ft: the run in .* holds none \(the run was"):
+    with flag_error(r"^--wise_ft: the run in .* holds none \(the run was"):
         trainer.train(trainer.build_experiment(make_config(workdir, wise_ft="0,1")), workdir)
 
 
@@ -158,12 +158,12 @@ def test_interpolate_gives_each_end_bit_for_bit():
     ],
 )
 def test_bad_wise_ft_flags_are_refused_in_one_line(workdir, flags, message):
-    with pytest.raises(ConfigError, match=message):
+    with flag_error(message):
         make_config(workdir, **flags)
 
 
 def test_runs_wise_ft_cannot_act_on_are_refused_before_anything_is_written(workdir):
-    with pytest.raises(ConfigError, match=r"^--wise_ft=0.0,1.0: no phase trains the backbone"):
+    with flag_error(r"^--wise_ft=0.0,1.0: no phase trains the backbone"):
         trainer.build_experiment(make_config(workdir, wise_ft="0,1", finetune_epochs=0))
     assert not os.path.exists(workdir)
     options = CheckpointConfig(wise_ft=(0, 1))

@@ -14,7 +14,7 @@ import time
 import keras
 import numpy as np
 import pytest
-from conftest import python_command, run_cli, start_cli
+from conftest import flag_error, python_command, run_cli, start_cli
 
 import tlloop
 from tlloop import workdir as workdir_lib
@@ -103,7 +103,7 @@ def test_the_workdir_spelled_otherwise_and_bad_input_policies_may_change_on_resu
     again = _flags(workdir=f"{moved}/", bad_images="skip", nan_policy="skip_step", head_epochs=1)
     assert _prepare(f"{moved}/", again) is True
     other = _flags(workdir=moved, bad_images="skip", nan_policy="skip_step", head_epochs=2)
-    with pytest.raises(ConfigError, match=r"other flags \(--head_epochs=1 -> --head_epochs=2\)"):
+    with flag_error(r"other flags \(--head_epochs=1 -> --head_epochs=2\)"):
         _prepare(moved, other)
 
 
@@ -121,7 +121,7 @@ def test_a_second_run_is_refused_naming_the_holder_until_it_ends_even_by_sigkill
     try:
         assert holder.stdout.readline().strip() == "locked"
         who = f"in use by another tlloop run (pid {holder.pid} on host {socket.gethostname()})"
-        with pytest.raises(ConfigError, match=f"^--workdir='{run}': {re.escape(who)}.*accepted"):
+        with flag_error(f"^--workdir='{run}': {re.escape(who)}.*accepted"):
             _prepare(run, _flags(head_epochs=1))
         # Through the library too, before anything is written.
         inputs = keras.Input((8, 8, 3))

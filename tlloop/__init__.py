@@ -55,7 +55,7 @@ _PUBLIC = {
     "text_backbone": ("tlloop.models.hub", "text_backbone"),
     "inspect_backbone": ("tlloop.backbone", "inspect_backbone"),
     "rank": ("tlloop.rank", "rank"),
-    "ConfigError": ("tlloop.config", "ConfigError"),
+    "ConfigError": ("tlloop.errors", "ConfigError"),
     "RunFailed": ("tlloop.errors", "RunFailed"),
     "CallbackError": ("tlloop.errors", "CallbackError"),
 }

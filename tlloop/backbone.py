@@ -18,6 +18,7 @@ from collections.abc import Callable
 from absl import app, flags
 
 from tlloop.config import ConfigError
+from tlloop.flags import flag_line
 
 FLAGS = flags.FLAGS
 
@@ -142,7 +143,7 @@ def main(argv: list[str]) -> int:
     try:
         inspect_backbone(argv[1], safe_mode=not FLAGS.unsafe_deserialization)
     except ConfigError as error:
-        print(f"tlloop: error: {error}", file=sys.stderr)
+        print(f"tlloop: error: {flag_line(error)}", file=sys.stderr)
         return 2
     return 0
 

@@ -18,6 +18,8 @@ import re
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
+from tlloop.errors import ConfigError
+
 DATASETS = ("digits", "folder", "tfrecord", "csv", "text_folder", "tfds:NAME")
 TASKS = ("classification", "multilabel", "regression")
 REGRESSION_LOSSES = ("mse", "huber", "mae")
@@ -53,13 +55,9 @@ def parse_backbone_range(text: str) -> tuple[float, float] | str | None:
     return (scale, offset) if len(parts) == 2 else None
 
 
-class ConfigError(ValueError):
-    """A user-facing configuration error; its message names the flag or file at fault."""
-
-
 def _require(ok: bool, flag: str, value: object, problem: str, accepted: str) -> None:
     if not ok:
-        raise ConfigError(f"--{flag}={value!r}: {problem}; accepted: {accepted}")
+        raise ConfigError(flag, repr(value), problem, accepted)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -527,12 +527,11 @@ class Controller:
             where = f"at step {bad} ({phase.name} phase); no update was applied and the last "
             where += f"checkpoint ({last}) is intact"
             raise RunFailed(
-                f"nan_policy='stop': the loss or a gradient is NaN or Inf {where}; accepted: a "
-                f"lower learning rate for phase {phase.name!r}, clean data, or "
-                "nan_policy='skip_step' to skip such steps",
-                cli_message=f"--nan_policy=stop: the loss or a gradient is NaN or Inf {where}; "
-                f"accepted: a lower --{phase.name}_lr, clean data, or --nan_policy=skip_step "
-                "to skip such steps",
+                "nan_policy",
+                "stop",
+                f"the loss or a gradient is NaN or Inf {where}",
+                f"a lower ${phase.name}.learning_rate, clean data, or $nan_policy=skip_step to "
+                "skip such steps",
             )
         self.state.nonfinite_steps.assign_add(len(nonfinite))
         logging.warning(

@@ -1,18 +1,65 @@
-"""Errors that end a run which started well; the entry points print them as one line."""
+"""tlloop's errors, each one line: what is at fault, its value, what is wrong, what is accepted.
+
+One mechanism speaks both languages. A ConfigError or RunFailed raised as
+`Error(argument, value, problem, accepted)` reads in the library's words
+(`unfreeze=top:9: ...`) and the command line prints `error.flag_line(flag_of)`, the same line
+with the argument's flag (`--unfreeze=top:9: ...`). Other arguments the problem or the
+accepted values name are written `$name` (`$finetune.learning_rate`, `$nan_policy=skip_step`):
+the library prints the name, the command line its flag. One finished line (`Error(message)`,
+no `$`) is for what names a file rather than an argument; both print it as it is.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from typing import Any
 
-class RunFailed(RuntimeError):
+NO_VALUE: Any = type("NoValue", (), {"__repr__": lambda self: "NO_VALUE"})()
+_REFERENCE = re.compile(r"\$([A-Za-z_][\w.]*\w)")
+
+
+class Problem(Exception):
+    """The structured line shared by ConfigError and RunFailed."""
+
+    def __init__(
+        self, argument: str, value: Any = NO_VALUE, problem: str = "", accepted: str = ""
+    ) -> None:
+        self.argument, self.value, self.problem, self.accepted = argument, value, problem, accepted
+        super().__init__(self._line(lambda name: name))
+
+    @property
+    def structured(self) -> bool:
+        """Whether `argument` names an argument (rather than the whole message)."""
+        return bool(self.problem or self.accepted) or self.value is not NO_VALUE
+
+    def _line(self, name_of: Callable[[str], str]) -> str:
+        if not self.structured:
+            line = self.argument
+        else:
+            name = name_of(self.argument)
+            line = name if self.value is NO_VALUE else f"{name}={self.value}"
+            if self.problem:
+                line = f"{line}: {self.problem}"
+            if self.accepted:
+                line = f"{line}; accepted: {self.accepted}"
+        return _REFERENCE.sub(lambda match: name_of(match.group(1)), line)
+
+    def flag_line(self, flag_of: Callable[[str], str | None]) -> str:
+        """The line in the command line's words: `flag_of(name)` is an argument's flag name
+        (None: no flag sets it, the name stays as the library says it)."""
+        return self._line(lambda name: f"--{flag}" if (flag := flag_of(name)) else name)
+
+
+class ConfigError(Problem, ValueError):
+    """Bad input (an argument, a flag, a file): nothing was written because of it."""
+
+
+class RunFailed(Problem, RuntimeError):
     """Training cannot go on (a NaN loss, a failed write); the message says what to do.
 
     The last checkpoint written before it is intact: the same call (or command) resumes from
-    there. `cli_message`, when given, says the same in the command line's words (flags).
-    """
-
-    def __init__(self, message: str, cli_message: str | None = None) -> None:
-        super().__init__(message)
-        self.cli_message = cli_message or message
+    there."""
 
 
 class CallbackError(RuntimeError):

@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
         else:
             metrics = evaluate_saved(FLAGS.workdir, FLAGS.checkpoint, config)
     except ConfigError as error:
-        print(f"tlloop.evaluate: error: {error}", file=sys.stderr)
+        print(f"tlloop.evaluate: error: {tlloop_flags.flag_line(error)}", file=sys.stderr)
         return 2
     text = json.dumps(metrics, indent=2)
     print(text)

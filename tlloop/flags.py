@@ -13,12 +13,38 @@ from collections.abc import Collection
 from absl import flags
 
 from tlloop import config as config_lib
+from tlloop.errors import Problem
 
 _OPTIONS = config_lib.options()
 # Every tlloop flag, in the order flags.txt lists them.
 FLAG_NAMES: tuple[str, ...] = tuple(meta.flag for meta in _OPTIONS)
 # The flags that say which examples a run evaluates on; tlloop.evaluate takes these.
 DATA_FLAGS: tuple[str, ...] = tuple(meta.flag for meta in _OPTIONS if meta.evaluation)
+
+# Library argument names that differ from the flag setting the same thing.
+_FLAG_OF_ARGUMENT = {
+    "source": "backbone",
+    "layer": "backbone_layer",
+    "channels": "backbone_channels",
+    "value_range": "backbone_range",
+}
+_PHASE_ARGUMENTS = {"learning_rate": "lr", "epochs": "epochs", "unfreeze": "unfreeze"}
+
+
+def flag_of(argument: str) -> str | None:
+    """The flag that sets a library argument (`PHASE.ARGUMENT` for a phase's own, e.g.
+    `finetune.learning_rate` -> `finetune_lr`); None when no flag sets it."""
+    phase, _, name = argument.rpartition(".")
+    if phase and name in _PHASE_ARGUMENTS:
+        return f"{phase}_{_PHASE_ARGUMENTS[name]}"
+    flag = _FLAG_OF_ARGUMENT.get(argument, argument)
+    return flag if flag in FLAG_NAMES else None
+
+
+def flag_line(error: Exception) -> str:
+    """The one line the command line prints for `error`, in flags' words."""
+    return error.flag_line(flag_of) if isinstance(error, Problem) else str(error)
+
 
 _PARSERS = {
     "integer": (flags.IntegerParser, flags.ArgumentSerializer),

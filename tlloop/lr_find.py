@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
                 f"{', '.join(names)}"
             )
     except ConfigError as error:
-        print(f"tlloop.lr_find: error: {error}", file=sys.stderr)
+        print(f"tlloop.lr_find: error: {tlloop_flags.flag_line(error)}", file=sys.stderr)
         return 2
     from tlloop import lr_range
     from tlloop.summaries import Summaries

@@ -19,6 +19,7 @@ import sys
 from absl import app, flags
 
 from tlloop.config import BAD_IMAGES, ConfigError
+from tlloop.flags import flag_line
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "", "The workdir of a finished tlloop run (uses its export).")
@@ -74,11 +75,11 @@ def main(argv: list[str]) -> int:
             except ConfigError as error:
                 if FLAGS.bad_images == "fail":
                     raise
-                print(f"tlloop.predict: skipped: {error}", file=sys.stderr)
+                print(f"tlloop.predict: skipped: {flag_line(error)}", file=sys.stderr)
                 continue
             print("\t".join([path, *fields]), flush=True)
     except ConfigError as error:
-        print(f"tlloop.predict: error: {error}", file=sys.stderr)
+        print(f"tlloop.predict: error: {flag_line(error)}", file=sys.stderr)
         return 2
     return 0
 

@@ -268,7 +268,7 @@ def main(argv: list[str]) -> int:
             for name, source, weights in specs
         }
     except ConfigError as error:
-        print(f"tlloop.rank: error: {error}", file=sys.stderr)
+        print(f"tlloop.rank: error: {tlloop_flags.flag_line(error)}", file=sys.stderr)
         return 2
     ranking = rank(backbones, data.train_examples, batch_size=config.data.eval_batch)
     paths = ranking.save(output)

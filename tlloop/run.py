@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as error:  # a checkpoint in the workdir that does not fit
         return _fail(error)
     except RunFailed as error:
-        return _fail(error.cli_message, code=1)
+        return _fail(error, code=1)
     except trainer.Stopped:
         print("tlloop: stopped by SIGTERM; the same command resumes the run", file=sys.stderr)
         return 128 + signal.SIGTERM
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
 
 def _fail(error: Exception | str, code: int = 2) -> int:
     """The one line every bad input (exit 2) or failed run (exit 1) gets; returns the code."""
-    print(f"tlloop: error: {error}", file=sys.stderr)
+    print(f"tlloop: error: {tlloop_flags.flag_line(error)}", file=sys.stderr)
     return code
 
 

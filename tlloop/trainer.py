@@ -554,15 +554,15 @@ class Trainer:
                 "tflite_error": str(reason),
             }
             write_json(os.path.join(self.workdir, "results.json"), dict(results))
+            converted = getattr(error, "converted", True)
             raise RunFailed(
-                f"TFLite export failed: {reason}; the checkpoints and the other exports are intact",
-                cli_message=f"--export_tflite: {reason}; the checkpoints and the other exports "
-                "are intact; accepted: other formats"
+                "export_tflite",
+                problem=f"{reason}; the checkpoints and the other exports are intact",
+                accepted="other formats"
                 + (
-                    ""
-                    if not getattr(error, "converted", True)
-                    else ", or a lower threshold "
-                    "(--tflite_min_agreement, --tflite_min_agreement_int8)"
+                    ", or a lower threshold ($tflite_min_agreement, $tflite_min_agreement_int8)"
+                    if converted
+                    else ""
                 ),
             ) from None
         for fmt, report in reports.items():
