@@ -34,16 +34,17 @@ class Problem(Exception):
         return bool(self.problem or self.accepted) or self.value is not NO_VALUE
 
     def _line(self, name_of: Callable[[str], str]) -> str:
+        def names(text: str) -> str:
+            return _REFERENCE.sub(lambda match: name_of(match.group(1)), text)
+
         if not self.structured:
-            line = self.argument
-        else:
-            name = name_of(self.argument)
-            line = name if self.value is NO_VALUE else f"{name}={self.value}"
-            if self.problem:
-                line = f"{line}: {self.problem}"
-            if self.accepted:
-                line = f"{line}; accepted: {self.accepted}"
-        return _REFERENCE.sub(lambda match: name_of(match.group(1)), line)
+            return names(self.argument)
+        name = name_of(self.argument)
+        # The value is the caller's, as given: a `$` in it (a path) is not a reference.
+        line = name if self.value is NO_VALUE else f"{name}={self.value}"
+        if self.problem:
+            line = f"{line}: {names(self.problem)}"
+        return f"{line}; accepted: {names(self.accepted)}" if self.accepted else line
 
     def flag_line(self, flag_of: Callable[[str], str | None]) -> str:
         """The line in the command line's words: `flag_of(name)` is an argument's flag name
