@@ -27,7 +27,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from tlloop import config as config_lib
-from tlloop.data import load_data
+from tlloop.cli.data import load_data
 from tlloop.models import build_model
 from tlloop.tasks import Classification
 from tlloop.trainer import Trainer

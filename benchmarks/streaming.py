@@ -41,7 +41,7 @@ from absl import app, flags
 
 from tlloop import config as config_lib
 from tlloop import phases as phase_lib
-from tlloop.data import load_data
+from tlloop.cli.data import load_data
 from tlloop.models import build_model
 from tlloop.optim import make_optimizer
 from tlloop.steps import Metrics, TrainStep

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 
 from tlloop import config as config_lib
-from tlloop.data.pipeline import load_data
+from tlloop.cli.data import load_data
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "experiments", "pretrained")
 

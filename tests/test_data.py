@@ -9,10 +9,12 @@ import pytest
 import tensorflow as tf
 from conftest import flag_error
 
+from tlloop.cli.data import load_data, load_source
 from tlloop.config import DataConfig, parse_classes
-from tlloop.data import load_data
-from tlloop.data.pipeline import skipped_unreadable
-from tlloop.data.sources import load_source
+from tlloop.data.readers.folders import folder_source, image_folder
+from tlloop.data.storage import skipped_unreadable, store_images
+from tlloop.errors import ConfigError
+from tlloop.flags import flag_line
 
 
 def test_digits_split_is_stratified_and_independent_of_the_seed():
@@ -94,6 +96,23 @@ def test_image_folder_errors_name_the_flag(tmp_path):
     (tmp_path / "one_empty" / "dog").mkdir()
     with flag_error(r"^--data_dir=.*'dog' holds no images"):
         load_source(DataConfig(dataset="folder", data_dir=str(tmp_path / "one_empty")))
+
+
+def test_the_readers_take_explicit_arguments_and_speak_the_library_words(tmp_path):
+    # The README's example: no DataConfig, errors and storage name the library's arguments.
+    _write_folder(tmp_path / "images", {"cat": 4, "dog": 4})
+    source = folder_source(
+        image_folder, str(tmp_path / "images"), val_split=0.25, train_examples_per_class=2
+    )
+    data = store_images(source, image_size=8, memory_budget=0, batch_size=2, eval_batch_size=2)
+    assert data.class_names == ("cat", "dog") and (data.train_size, data.eval_size) == (4, 2)
+    assert data.storage["train"].startswith("streamed (")
+    assert "left of memory_budget" in data.storage["train"]
+    missing = str(tmp_path / "missing")
+    with pytest.raises(ConfigError) as error:
+        folder_source(image_folder, missing, val_split=0.3)
+    assert str(error.value).startswith(f"data_dir={missing!r}: not a folder; accepted: a folder")
+    assert flag_line(error.value).startswith(f"--data_dir={missing!r}: not a folder")
 
 
 def _folder_config(root, **kw) -> DataConfig:
@@ -195,7 +214,7 @@ def _stripes() -> np.ndarray:
 
 
 def test_resize_modes_squash_crop_and_pad():
-    from tlloop.data.pipeline import resize_images
+    from tlloop.data.images import resize_images
 
     image = _stripes()
     squash = resize_images(image, 8, "squash").numpy()

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tlloop.cli.data import load_data
 from tlloop.config import ConfigError, DataConfig
-from tlloop.data import load_data
+from tlloop.flags import flag_line
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def test_corrupted_cache_bytes_are_refused_naming_the_file_and_the_rebuild(cache
     damaged.write_bytes(bytes(data))
     with pytest.raises(ConfigError) as error:
         load_data(config)
-    line = str(error.value)
+    line = flag_line(error.value)
     assert line.startswith(f"--data_cache: '{damaged}' is damaged (bytes 0 to ")
     assert f"delete '{damaged}' and the next run rebuilds it" in line and "\n" not in line
     damaged.unlink()  # the advice, as written

@@ -120,7 +120,7 @@ def test_predictor_ranks_classes_of_image_files(exported, tmp_path):
 
 
 def test_saved_model_resizes_as_the_run_did(tmp_path):
-    from tlloop.data.pipeline import resize_images
+    from tlloop.data.images import resize_images
 
     model = build_model(ModelConfig(image_size=16, dropout=0.0), 2)
     paths = export_model(model, str(tmp_path / "export"), ("a", "b"), resize="pad")

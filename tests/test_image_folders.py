@@ -18,10 +18,10 @@ import pytest
 from conftest import TINY_FOLDER_RUN, flag_error, run_cli
 from PIL import Image, ImageOps
 
+from tlloop.cli.data import load_data
 from tlloop.config import ConfigError, DataConfig
-from tlloop.data import load_data
 from tlloop.data.images import read_image, scan_bytes
-from tlloop.data.pipeline import skipped_unreadable
+from tlloop.data.storage import skipped_unreadable
 from tlloop.data.streaming import EncodedImages
 
 SIZE = 12  # images are SIZE x SIZE: read at --image_size=SIZE they are only cast, not resized

@@ -13,8 +13,8 @@ import pytest
 from conftest import PRETRAINED, make_config, run_cli
 
 import tlloop
+from tlloop.cli.data import load_task_data
 from tlloop.data.examples import StreamedExamples
-from tlloop.data.text import load_task_data
 from tlloop.rank import log_evidence, logme
 
 GOLDEN = (math.sqrt(5) - 1) / 2

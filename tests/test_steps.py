@@ -10,8 +10,8 @@ from conftest import changed, make_config, snapshot
 from tlloop import phases as phase_lib
 from tlloop import trainer
 from tlloop.config import ModelConfig, parse_augment
-from tlloop.data.pipeline import padded_eval_dataset
-from tlloop.data.sources import Split
+from tlloop.data.splits import Split
+from tlloop.data.storage import padded_eval_dataset
 from tlloop.models import ModeTable, build_model
 from tlloop.steps import EvalStep, Metrics, TrainStep
 

@@ -13,10 +13,10 @@ import pytest
 import tensorflow as tf
 from conftest import flag_error, run_cli
 
+from tlloop.cli.data import load_data
 from tlloop.config import DataConfig
-from tlloop.data import load_data
 from tlloop.data.examples import InMemoryExamples, Part, StreamedExamples, example_index
-from tlloop.data.pipeline import memory_budget
+from tlloop.data.storage import memory_budget
 from tlloop.data.streaming import DiskImages, EncodedImages
 
 

@@ -14,9 +14,10 @@ from task_data import COLOURS, write_image_csvs
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from tlloop.cli.data import load_task_data
 from tlloop.config import ConfigError, DataConfig
-from tlloop.data.text import load_task_data
 from tlloop.evaluation import evaluate_saved
+from tlloop.flags import flag_line
 from tlloop.trainer import Stopped, build_experiment, train
 
 
@@ -205,7 +206,9 @@ def test_a_text_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
     config = DataConfig(dataset="text_folder", data_dir=str(tmp_path / "texts"), val_split=0.5)
     with pytest.raises(ConfigError) as error:
         load_task_data(config)
-    assert str(error.value).startswith(f"--data_dir: text file {bad!r} line 2: not UTF-8 text")
+    assert flag_line(error.value).startswith(
+        f"--data_dir: text file {bad!r} line 2: not UTF-8 text"
+    )
     # A CSV of texts is read the same way.
     csv_path = _write(tmp_path / "texts.csv", b"text,label\nok,a\n\xff\xfe,b\n")
     with flag_error(r"--train_csv='.*texts.csv' line 3: not UTF-8 text"):

@@ -9,9 +9,9 @@ import numpy as np
 import tensorflow as tf
 
 from tlloop.checkpoints import load_trained_model
+from tlloop.cli.data import is_text, load_task_data
 from tlloop.config import ConfigError, RunConfig
 from tlloop.data.examples import as_examples
-from tlloop.data.text import is_text, load_task_data
 from tlloop.distribute import distribute_batches
 from tlloop.models import INFERENCE, ModeTable, TransferModel
 from tlloop.models.walk import declared_input_spec

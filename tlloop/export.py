@@ -42,7 +42,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tlloop.data.pipeline import resize_images
+from tlloop.data.images import resize_images
 from tlloop.models import INFERENCE, TransferModel
 from tlloop.models.walk import declared_input_spec
 from tlloop.tasks import Classification, Task

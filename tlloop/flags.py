@@ -27,6 +27,7 @@ _FLAG_OF_ARGUMENT = {
     "layer": "backbone_layer",
     "channels": "backbone_channels",
     "value_range": "backbone_range",
+    "memory_budget": "data_memory",
 }
 _PHASE_ARGUMENTS = {"learning_rate": "lr", "epochs": "epochs", "unfreeze": "unfreeze"}
 

@@ -246,7 +246,7 @@ def main(argv: list[str]) -> int:
         model = config.model
         specs = candidate_specs(values.candidates, model.backbone, model.weights)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-        from tlloop.data.text import is_text, load_task_data
+        from tlloop.cli.data import is_text, load_task_data
         from tlloop.models.backbones import build_backbone
 
         if is_text(config.data):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from tlloop.data.pipeline import read_image
+from tlloop.data.images import read_image
 
 
 class Predictor:

@@ -37,7 +37,7 @@ import tensorflow as tf
 from absl import logging
 
 from tlloop.config import TFLITE_FORMATS
-from tlloop.data.pipeline import resize_images
+from tlloop.data.images import resize_images
 from tlloop.models import INFERENCE
 from tlloop.tasks import Classification, Task
 from tlloop.workdir import write_atomic, write_text

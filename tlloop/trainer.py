@@ -28,6 +28,7 @@ from tlloop import lr_range, supervise, wise_ft
 from tlloop import phases as phase_lib
 from tlloop import tflite as tflite_lib
 from tlloop.actions import Stopped
+from tlloop.cli.data import is_text, load_task_data
 from tlloop.config import (
     CheckpointConfig,
     ConfigError,
@@ -37,11 +38,10 @@ from tlloop.config import (
     TrainingConfig,
 )
 from tlloop.controller import Controller, StepSettings, averaged, weights_digest
-from tlloop.data import Data
 from tlloop.data.examples import Examples, as_examples
 from tlloop.data.images import ACCEPTED_IMAGES
+from tlloop.data.storage import Data
 from tlloop.data.streaming import find_unreadable
-from tlloop.data.text import is_text, load_task_data
 from tlloop.distribute import cluster_task, describe, distribute_batches, is_chief
 from tlloop.errors import RunFailed
 from tlloop.export import ExportError, check_export, export_model

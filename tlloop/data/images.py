@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
-from tlloop.config import ConfigError
+from tlloop.errors import ConfigError
 
 # The file name extensions of the formats tf.io.decode_image reads (JPEG XL aside: no file
 # of it was at hand to test it); the format itself is found from the file's first bytes.
@@ -49,7 +49,7 @@ BACKGROUND = 255
 # for the PNG colour type, a BMP's depth and, most often, a JPEG's EXIF orientation.
 HEAD_BYTES = 256
 
-# Raised whenever decoding gives other pixels for the same file: it names --data_cache files.
+# Raised whenever decoding gives other pixels for the same file: it names data cache files.
 # 2: EXIF orientation, palettes and transparency applied.
 DECODE_VERSION = 2
 # The form of an image (see the module's doc): bits 0-3 the EXIF orientation (0: as

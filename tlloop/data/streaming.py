@@ -7,7 +7,7 @@ files) or encoded bytes in memory. A batch of indices reads its encoded images, 
 decoded and resized in parallel `tf.data` maps, with the very ops the in-memory path decodes
 with at load (`decode_resized`), so both paths give the same batches, bit for bit.
 
-`DiskImages` are the same examples decoded once into a file of uint8 pixels (`--data_cache`),
+`DiskImages` are the same examples decoded once into a file of uint8 pixels (a data cache),
 read back a batch at a time by offset, after the file is checked once against the CRC32 of
 each of its blocks, written with it. `decode_all` is the one decoding pass over every image:
 it holds the pixels in memory, writes them to the cache, or only checks that they decode.
@@ -28,7 +28,6 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tlloop.config import ConfigError
 from tlloop.data.examples import AUTOTUNE, IndexedExamples, eager_constant, example_index
 from tlloop.data.images import (
     ACCEPTED_IMAGES,
@@ -39,6 +38,7 @@ from tlloop.data.images import (
     scan_file,
     shown,
 )
+from tlloop.errors import NO_VALUE, ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,20 +299,24 @@ class EncodedImages(IndexedExamples):
 
 
 class DiskImages(IndexedExamples):
-    """Decoded uint8 images in a file of `count` rows (`--data_cache`), read a batch at a time
-    by offset (the page cache, not this process, holds what is read), as float32. Opening one
-    reads the whole file once to check it against the checksums its description holds: a
-    damaged cache is refused (ConfigError naming it and how to rebuild it), never used."""
+    """Decoded uint8 images in a file of `count` rows (the `data_cache` folder's), read a batch
+    at a time by offset (the page cache, not this process, holds what is read), as float32.
+    Opening one reads the whole file once to check it against the checksums its description
+    holds: a damaged cache is refused (ConfigError naming `data_cache`, the file and how to
+    rebuild it), never used."""
 
     def __init__(self, path: str, labels: np.ndarray, image_size: int) -> None:
         self.path, self.labels, self.image_size = path, np.asarray(labels), image_size
         self.row = image_size**2 * 3
         expected = len(self.labels) * self.row
-        rebuild = f"accepted: a cache tlloop wrote (delete {path!r} and the next run rebuilds it)"
+        rebuild = f"a cache tlloop wrote (delete {path!r} and the next run rebuilds it)"
         if os.path.getsize(path) != expected:
             raise ConfigError(
-                f"--data_cache: {path!r} holds {os.path.getsize(path)} bytes, not the "
-                f"{expected} of {len(self.labels)} images; {rebuild}"
+                "data_cache",
+                NO_VALUE,
+                f"{path!r} holds {os.path.getsize(path)} bytes, not the {expected} of "
+                f"{len(self.labels)} images",
+                rebuild,
             )
         meta = _read_meta(_meta_path(path)) if path.endswith(PIXELS) else None
         if meta and "crc32" in meta:
@@ -320,9 +324,12 @@ class DiskImages(IndexedExamples):
             if bad is not None:
                 start = bad * meta["block_bytes"]
                 raise ConfigError(
-                    f"--data_cache: {path!r} is damaged (bytes {start} to "
+                    "data_cache",
+                    NO_VALUE,
+                    f"{path!r} is damaged (bytes {start} to "
                     f"{min(start + meta['block_bytes'], expected)} differ from the checksum "
-                    f"written with them); {rebuild}"
+                    "written with them)",
+                    rebuild,
                 )
         self._descriptor = None
 
@@ -424,7 +431,7 @@ def write_cache(images: EncodedImages, pixels_path: str, meta_path: str) -> np.n
     with open(f"{meta_path}.partial-{os.getpid()}", "w") as file:
         json.dump(meta, file)
     os.replace(f"{meta_path}.partial-{os.getpid()}", meta_path)
-    logging.info("--data_cache: wrote %d decoded images to %s", len(kept_indices), pixels_path)
+    logging.info("data cache: wrote %d decoded images to %s", len(kept_indices), pixels_path)
     return kept_indices
 
 
@@ -436,8 +443,10 @@ def _read_meta(meta_path: str) -> dict:
         return meta
     except (ValueError, KeyError, TypeError):
         raise ConfigError(
-            f"--data_cache: {meta_path!r} is not a cache description tlloop wrote; accepted: "
-            "a folder tlloop fills (delete the file to rebuild it)"
+            "data_cache",
+            NO_VALUE,
+            f"{meta_path!r} is not a cache description tlloop wrote",
+            "a folder tlloop fills (delete the file to rebuild it)",
         ) from None
 
 
@@ -450,10 +459,10 @@ def read_cache_meta(meta_path: str) -> np.ndarray | None:
     meta = _read_meta(meta_path)
     pixels = meta_path[: -len(META)] + PIXELS
     if not os.path.exists(pixels):
-        logging.warning("--data_cache: %s is gone: rebuilding the cache", pixels)
+        logging.warning("data cache: %s is gone: rebuilding the cache", pixels)
         return None
     if "crc32" not in meta:
-        logging.warning("--data_cache: %s has no checksums (an older tlloop): rebuilding", pixels)
+        logging.warning("data cache: %s has no checksums (an older tlloop): rebuilding", pixels)
         return None
     return meta["kept"]
 

@@ -1,10 +1,11 @@
-"""CSV files of examples (--dataset=csv): image paths or texts with their labels or targets.
+"""CSV files of examples: image paths or texts with their labels or targets.
 
 The first line is a header. Its first column is `path` (an image file, relative to the CSV's
 folder unless absolute) or `text` (the example itself); the columns after it depend on the
-task: one label (classification), the labels of the example separated by --label_delimiter
+task: one label (classification), the labels of the example separated by `label_delimiter`
 (multilabel, possibly none), or one number per target (regression: the header names the
-targets). Every bad row is one ConfigError naming the file and its line.
+targets). Every bad row is one ConfigError naming the argument that gave the file
+(`train_csv`, `val_csv`), the file and its line.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import os
 
 import numpy as np
 
-from tlloop.config import ConfigError, DataConfig
-from tlloop.data.sources import Source, Split, _limit_per_class, _split, random_split
+from tlloop.data.readers.texts import read_text_file
+from tlloop.data.splits import Source, Split, limit_per_class, random_split, stratified_split
+from tlloop.errors import ConfigError
 
 CONTENT_COLUMNS = ("path", "text")
 
@@ -28,7 +30,7 @@ class Table:
     `items`, the label or target cells of each row (`cells`), and each row's line number."""
 
     path: str
-    flag: str
+    argument: str
     content: str
     columns: tuple[str, ...]
     items: list[str]
@@ -36,31 +38,17 @@ class Table:
     lines: list[int]
 
     def where(self, row: int) -> str:
-        return f"--{self.flag}={self.path!r} line {self.lines[row]}"
+        """Where row `row` is, for a finished error line (`$argument` names the argument)."""
+        return f"${self.argument}={self.path!r} line {self.lines[row]}"
 
 
-def read_text_file(path: str, what: str) -> str:
-    """The UTF-8 text of `path` (a leading byte-order mark dropped). ConfigError naming `what`,
-    the file and the line of the first byte that is not UTF-8."""
-    with open(path, "rb") as file:
-        data = file.read()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{what}{path!r} line {line}: not UTF-8 text (byte 0x{data[error.start]:02x} at "
-            f"offset {error.start}); accepted: UTF-8 text files (convert it, e.g. with iconv)"
-        ) from None
-
-
-def read_table(path: str, flag: str, *, regression: bool = False) -> Table:
-    """Reads the CSV `path` (given by --`flag`): its header, then one example a line, each with
-    one label cell, or (`regression`) one cell per target column of the header."""
-    where = f"--{flag}={path!r}"
+def read_table(path: str, argument: str, *, regression: bool = False) -> Table:
+    """Reads the CSV `path` (given by `argument`): its header, then one example a line, each
+    with one label cell, or (`regression`) one cell per target column of the header."""
+    where = f"${argument}={path!r}"
     if not os.path.isfile(path):
         raise ConfigError(f"{where}: no such file; accepted: a CSV file with a header")
-    text = read_text_file(path, f"--{flag}=")
+    text = read_text_file(path, f"${argument}=")
     rows = csv.reader(io.StringIO(text, newline=""))
     header = next(rows, None)
     accepted = (
@@ -74,7 +62,7 @@ def read_table(path: str, flag: str, *, regression: bool = False) -> Table:
     if not regression and len(header) != 2:
         raise ConfigError(
             f"{where} line 1: header {header} has {len(header)} columns; accepted: {content} "
-            "and one label column (a multilabel row separates its labels with --label_delimiter)"
+            "and one label column (a multilabel row separates its labels with $label_delimiter)"
         )
     folder = os.path.dirname(os.path.abspath(path))
     items, cells, lines = [], [], []
@@ -104,7 +92,7 @@ def read_table(path: str, flag: str, *, regression: bool = False) -> Table:
         lines.append(line)
     if not items:
         raise ConfigError(f"{where}: no examples after the header; accepted: one example a line")
-    return Table(path, flag, content, tuple(header), items, cells, lines)
+    return Table(path, argument, content, tuple(header), items, cells, lines)
 
 
 def class_labels(
@@ -164,67 +152,97 @@ def target_values(table: Table) -> np.ndarray:
     return values
 
 
-def load_tables(config: DataConfig) -> tuple[str, tuple[str, ...], Split, Split]:
-    """--train_csv (and --val_csv, else --val_split held out with a fixed seed) as
+def read_tables(
+    train_csv: str,
+    *,
+    val_csv: str = "",
+    task: str = "classification",
+    classes: tuple[str, ...] = (),
+    label_delimiter: str = ";",
+    val_split: float,
+    train_examples_per_class: int = 0,
+) -> tuple[str, tuple[str, ...], Split, Split]:
+    """`train_csv` (and `val_csv`, else `val_split` held out with a fixed seed) as
     (content, class or target names, train, eval): the items are image paths or texts, the
-    labels class indices, multi-hot rows or targets per --task."""
-    regression = config.task == "regression"
-    first = read_table(config.train_csv, "train_csv", regression=regression)
+    labels class indices (the `classes` given, else every label `train_csv` uses, sorted),
+    multi-hot rows or targets per `task`; the few-shot limit applied to classification."""
+    regression = task == "regression"
+    first = read_table(train_csv, "train_csv", regression=regression)
     tables = [first]
-    if config.val_csv:
-        tables.append(read_table(config.val_csv, "val_csv", regression=regression))
+    if val_csv:
+        tables.append(read_table(val_csv, "val_csv", regression=regression))
         if tables[1].columns != first.columns:
             raise ConfigError(
-                f"--val_csv={config.val_csv!r} line 1: columns {list(tables[1].columns)} differ "
-                f"from --train_csv's {list(first.columns)}; accepted: the same header"
+                f"$val_csv={val_csv!r} line 1: columns {list(tables[1].columns)} differ "
+                f"from $train_csv's {list(first.columns)}; accepted: the same header"
             )
     if regression:
         names = first.columns[1:]
         splits = [Split(t.items, target_values(t)) for t in tables]
     else:
-        multilabel = config.task == "multilabel"
-        delimiter = config.label_delimiter
-        if config.classes:
-            names, known = config.classes, "--classes"
+        multilabel = task == "multilabel"
+        if classes:
+            names, known = classes, "$classes"
         else:
-            names = label_names(first, multilabel=multilabel, delimiter=delimiter)
-            known = f"--train_csv={config.train_csv!r}"
+            names = label_names(first, multilabel=multilabel, delimiter=label_delimiter)
+            known = f"$train_csv={train_csv!r}"
         if not names:
-            raise ConfigError(
-                f"--train_csv={config.train_csv!r}: no labels at all; accepted: rows with labels"
-            )
+            raise ConfigError("train_csv", repr(train_csv), "no labels at all", "rows with labels")
         splits = [
             Split(
                 t.items,
-                class_labels(t, names, multilabel=multilabel, delimiter=delimiter, known=known),
+                class_labels(
+                    t, names, multilabel=multilabel, delimiter=label_delimiter, known=known
+                ),
             )
             for t in tables
         ]
     train = splits[0]
     if len(splits) == 2:
         evaluation = splits[1]
-    elif config.task == "classification":
-        train, evaluation = _split(train, config.val_split)
+    elif task == "classification":
+        train, evaluation = stratified_split(train, val_split)
     else:
-        train, evaluation = random_split(train, config.val_split)
-    if config.train_examples_per_class:
-        if config.task != "classification":
+        train, evaluation = random_split(train, val_split)
+    if train_examples_per_class:
+        if task != "classification":
             raise ConfigError(
-                f"--train_examples_per_class={config.train_examples_per_class}: applies to "
-                f"--task=classification; accepted: 0 with --task={config.task}"
+                "train_examples_per_class",
+                train_examples_per_class,
+                "applies to $task=classification",
+                f"0 with $task={task}",
             )
-        train = _limit_per_class(train, config.train_examples_per_class, len(names))
+        train = limit_per_class(train, train_examples_per_class, len(names))
     return first.content, tuple(names), train, evaluation
 
 
-def csv_source(config: DataConfig) -> Source:
-    """The image examples of --train_csv / --val_csv (see `load_tables`); a CSV of texts is
-    read by `tlloop.data.text` instead."""
-    content, names, train, evaluation = load_tables(config)
+def csv_source(
+    train_csv: str,
+    *,
+    val_csv: str = "",
+    task: str = "classification",
+    classes: tuple[str, ...] = (),
+    label_delimiter: str = ";",
+    val_split: float,
+    train_examples_per_class: int = 0,
+) -> Source:
+    """The image examples of `train_csv` (and `val_csv`), read as `read_tables` reads them;
+    ConfigError for a CSV of texts (`read_tables` reads those)."""
+    content, names, train, evaluation = read_tables(
+        train_csv,
+        val_csv=val_csv,
+        task=task,
+        classes=classes,
+        label_delimiter=label_delimiter,
+        val_split=val_split,
+        train_examples_per_class=train_examples_per_class,
+    )
     if content != "path":
         raise ConfigError(
-            f"--train_csv={config.train_csv!r}: holds {content}, not image paths; accepted: "
-            "the text loader (tlloop.data.text.load_text_data) for a text column"
+            "train_csv",
+            repr(train_csv),
+            f"holds {content}, not image paths",
+            "a CSV of image paths (read_tables reads a text column)",
         )
     return Source(names, train, evaluation)
 

@@ -1,23 +1,25 @@
-"""Example sources beyond files on disk: TFRecord files of tf.train.Example records, and
-TensorFlow Datasets (an optional dependency: `pip install -e ".[tfds]"`).
-
-Both give a `Split` with labels: of where records lie (TFRecord: read, like image files, when
-the examples are) or of encoded images in memory (TFDS); errors name the flag and say what is
-accepted.
+"""TFRecord files of tf.train.Example records: a `Split` of where each record lies (its
+image read, like an image file, when the examples are) with its label; errors name the
+argument at fault (`train_files`, `label_feature`, ...) and say what is accepted.
 """
 
 from __future__ import annotations
 
 import glob
-import os
 
 import numpy as np
 import tensorflow as tf
 
-from tlloop.config import ConfigError
 from tlloop.data.images import HEAD_BYTES
-from tlloop.data.sources import Split
+from tlloop.data.splits import (
+    Source,
+    Split,
+    labelled_source,
+    random_split,
+    stratified_split,
+)
 from tlloop.data.streaming import RecordRefs
+from tlloop.errors import NO_VALUE, ConfigError
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -25,11 +27,13 @@ _RECORDS = "TFRecord files of tf.train.Example records"
 
 
 def read_records(
-    patterns: str, flag: str, image_key: str, label_key: str, *, multilabel: bool = False
+    patterns: str, argument: str, image_key: str, label_key: str, *, multilabel: bool = False
 ) -> Split:
     """Every record of the files `patterns` (comma-separated globs) matches, in sorted file
     order: where each lies (`RecordRefs`: the image is read from there when the examples are),
-    its label under `label_key`, and the first bytes of its image under `image_key`. One pass
+    its label under `label_key`, and the first bytes of its image under `image_key` (errors
+    name `argument`, which gave the `patterns`, and the keys as `image_feature` and
+    `label_feature`). One pass
     over the files, in parallel; no image is kept or decoded.
 
     The label is an int64 class index; with `multilabel`, a list: of int64 label indices, or
@@ -37,7 +41,7 @@ def read_records(
     (index lists, or multi-hot rows as float32); `multi_hot` makes them one array."""
     files = sorted({f for p in patterns.split(",") if p.strip() for f in glob.glob(p.strip())})
     if not files:
-        raise ConfigError(f"--{flag}={patterns!r}: matches no file; accepted: globs of {_RECORDS}")
+        raise ConfigError(argument, repr(patterns), "matches no file", f"globs of {_RECORDS}")
     label_type = _list_type(files[0], label_key) if multilabel else tf.int64
     label_spec = (
         tf.io.VarLenFeature(label_type) if multilabel else tf.io.FixedLenFeature([], tf.int64)
@@ -62,8 +66,10 @@ def read_records(
             parts = list(batched.as_numpy_iterator())
         except tf.errors.DataLossError:
             raise ConfigError(
-                f"--{flag}: {path!r} is not a readable TFRecord file (corrupt or truncated); "
-                f"accepted: {_RECORDS}"
+                argument,
+                NO_VALUE,
+                f"{path!r} is not a readable TFRecord file (corrupt or truncated)",
+                _RECORDS,
             ) from None
         except tf.errors.InvalidArgumentError:
             raise ConfigError(_missing_keys(records, spec, path, image_key, label_key)) from None
@@ -96,8 +102,10 @@ def read_records(
         return Split(refs, labels)
     if labels.size and labels.min() < 0:
         raise ConfigError(
-            f"--label_feature={label_key!r}: negative class index {labels.min()} in --{flag}; "
-            "accepted: class indices 0, 1, 2, ..."
+            "label_feature",
+            repr(label_key),
+            f"negative class index {labels.min()} in ${argument}",
+            "class indices 0, 1, 2, ...",
         )
     return Split(refs, labels.astype(np.int32))
 
@@ -112,16 +120,19 @@ def _list_type(path: str, label_key: str) -> tf.DType:
     return tf.int64
 
 
-def multi_hot(splits: list[Split], flag: str, label_key: str) -> tuple[int, list[Split]]:
+def multi_hot(splits: list[Split], argument: str, label_key: str) -> tuple[int, list[Split]]:
     """(the number of labels, `splits` with float32 multi-hot labels [N, labels]) from the
-    label rows `read_records(multilabel=True)` gave: index lists or multi-hot rows."""
+    label rows `read_records(multilabel=True)` gave: index lists or multi-hot rows (errors
+    name the records as `argument`)."""
     rows = [row for split in splits for row in split.labels]
     if rows and all(row.dtype.kind == "f" for row in rows):
         widths = {len(row) for row in rows}
         if len(widths) != 1:
             raise ConfigError(
-                f"--label_feature={label_key!r}: multi-hot rows of {sorted(widths)} values in "
-                f"--{flag}; accepted: one value per label in every record"
+                "label_feature",
+                repr(label_key),
+                f"multi-hot rows of {sorted(widths)} values in ${argument}",
+                "one value per label in every record",
             )
         count = widths.pop()
         return count, [
@@ -130,8 +141,10 @@ def multi_hot(splits: list[Split], flag: str, label_key: str) -> tuple[int, list
     found = [int(row.min()) for row in rows if len(row)]
     if found and min(found) < 0:
         raise ConfigError(
-            f"--label_feature={label_key!r}: negative label index {min(found)} in --{flag}; "
-            "accepted: label indices 0, 1, 2, ..."
+            "label_feature",
+            repr(label_key),
+            f"negative label index {min(found)} in ${argument}",
+            "label indices 0, 1, 2, ...",
         )
     count = max((int(row.max()) for row in rows if len(row)), default=0) + 1
 
@@ -145,7 +158,8 @@ def multi_hot(splits: list[Split], flag: str, label_key: str) -> tuple[int, list
 
 
 def _missing_keys(records, spec, path: str, image_key: str, label_key: str) -> str:
-    """The message for the first record of `path` that lacks a feature of `spec`."""
+    """The message (one finished line) for the first record of `path` that lacks a feature
+    of `spec`."""
     for record in records:
         try:
             tf.io.parse_single_example(record, spec)
@@ -155,50 +169,47 @@ def _missing_keys(records, spec, path: str, image_key: str, label_key: str) -> s
     else:
         present = []
     return (
-        f"--image_feature={image_key!r} / --label_feature={label_key!r}: not both in the "
+        f"$image_feature={image_key!r} / $label_feature={label_key!r}: not both in the "
         f"records of {path!r} (they hold {present}); accepted: the feature names of the "
         "encoded image (bytes) and the class index (int64)"
     )
 
 
-def read_tfds(name: str, data_dir: str) -> tuple[tuple[str, ...], Split, Split | None]:
-    """The TFDS dataset `name` from `data_dir` (never downloaded): class names, the train split
-    and the validation (or test) split if it has one."""
-    flag = f"--dataset=tfds:{name}"
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        raise ConfigError(
-            f"{flag}: tensorflow-datasets is not installed; accepted: "
-            'pip install -e ".[tfds]", with the data prepared in --tfds_dir'
-        ) from None
-    try:
-        builder = tfds.builder(name, data_dir=data_dir or None)
-        splits = builder.info.splits
-        info_names = builder.info.features[
-            (builder.info.supervised_keys or ("image", "label"))[1]
-        ].names
-    except Exception as error:  # TFDS raises its own kinds: unknown name, missing data
-        raise ConfigError(
-            f"{flag}: not available ({type(error).__name__}: {str(error).splitlines()[0][:160]})"
-            f"; accepted: a TFDS dataset prepared in --tfds_dir={data_dir or '(default)'}"
-        ) from None
-    if not tf.io.gfile.exists(os.path.join(str(builder.data_dir), "dataset_info.json")):
-        raise ConfigError(
-            f"{flag}: no prepared data in --tfds_dir={data_dir or '(default)'}; accepted: a "
-            "dataset prepared there beforehand (tlloop never downloads)"
+def records_source(
+    train_files: str,
+    *,
+    val_files: str = "",
+    image_feature: str,
+    label_feature: str,
+    multilabel: bool = False,
+    val_split: float,
+    classes: tuple[str, ...] = (),
+    train_examples_per_class: int = 0,
+) -> Source:
+    """The records of `train_files` (and `val_files`, else `val_split` held out: stratified
+    by class, or at random for `multilabel` rows, which have no one class), images under
+    `image_feature`, labels under `label_feature`; class names "0", "1", ... With
+    `multilabel`, float32 multi-hot labels and no class selection; else the `classes`
+    selected and the few-shot limit applied (see `splits`)."""
+    keys = (image_feature, label_feature)
+    train = read_records(train_files, "train_files", *keys, multilabel=multilabel)
+    if val_files:
+        evaluation = read_records(val_files, "val_files", *keys, multilabel=multilabel)
+    elif multilabel:  # no one class to stratify by
+        train, evaluation = random_split(train, val_split)
+    else:
+        names = tuple(str(i) for i in range(int(train.labels.max(initial=0)) + 1))
+        train, evaluation = stratified_split(
+            train, val_split, names, "train_files", NO_VALUE, classes
         )
-
-    image_key, label_key = builder.info.supervised_keys or ("image", "label")
-
-    def split(which: str) -> Split:
-        images, labels = [], []
-        for example in tfds.as_numpy(builder.as_dataset(split=which)):
-            images.append(tf.io.encode_png(example[image_key]).numpy())
-            labels.append(int(example[label_key]))
-        return Split(
-            images, np.asarray(labels, np.int32), [f"{which}[{i}]" for i in range(len(labels))]
-        )
-
-    held_out = next((s for s in ("validation", "test") if s in splits), None)
-    return tuple(info_names), split("train"), split(held_out) if held_out else None
+    if multilabel:
+        count, (train, evaluation) = multi_hot([train, evaluation], "train_files", label_feature)
+        return Source(tuple(str(i) for i in range(count)), train, evaluation)
+    count = int(max(train.labels.max(initial=0), evaluation.labels.max(initial=0))) + 1
+    return labelled_source(
+        tuple(str(i) for i in range(count)),
+        train,
+        evaluation,
+        classes=classes,
+        train_examples_per_class=train_examples_per_class,
+    )

@@ -1,18 +1,19 @@
-"""The command line's data: a source's images, in memory or streamed, as Examples.
+"""Where a source's examples live: images in memory or streamed, texts in memory, as `Data`.
 
-Each split takes one of two paths, chosen at load and logged (and written to results.json):
+Each split of images takes one of two paths, chosen at load from explicit arguments, logged
+(and written to results.json):
 
-- **In memory**, when its decoded images fit what is left of the memory budget
-  (`--data_memory`, the evaluation split first): every image is decoded and resized once, in
-  parallel, at load, and held as uint8 (`InMemoryExamples`).
+- **In memory**, when its decoded images fit what is left of `memory_budget` (bytes, the
+  evaluation split first): every image is decoded and resized once, in parallel, at load,
+  and held as uint8 (`InMemoryExamples`).
 - **Streamed**, when they do not: the examples hold only where each image is (file paths,
   TFRecord offsets) and their labels; each batch reads and decodes its images as it is read
-  (`streaming.EncodedImages`), or reads them from the decoded cache of `--data_cache`.
+  (`streaming.EncodedImages`), or reads them from the decoded cache in the `data_cache` folder.
 
 Both read in the same seeded order (`examples.example_index`) and decode with the same ops, so
 they give the same batches. Unreadable images: an image whose first bytes are no image format
 is found before anything is written, on both paths; the in-memory path (and a data cache, and
-`--bad_images=skip` on a stream) decodes every image before training, so it finds the rest
+`bad_images="skip"` on a stream) decodes every image before training, so it finds the rest
 too; a streamed image that starts right but does not decode stops the run when first read,
 named (see `trainer`), the last checkpoint intact.
 """
@@ -23,21 +24,15 @@ import dataclasses
 import functools
 import math
 import os
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tlloop.config import ConfigError, DataConfig
 from tlloop.data.examples import IndexedExamples, InMemoryExamples
-from tlloop.data.images import (
-    ACCEPTED_IMAGES,
-    ALPHA,
-    PALETTE,
-    read_image,
-    resize_images,
-)
-from tlloop.data.sources import Split, load_source
+from tlloop.data.images import ACCEPTED_IMAGES, ALPHA, PALETTE, resize_images
+from tlloop.data.splits import Source, Split
 from tlloop.data.streaming import (
     DiskImages,
     EncodedImages,
@@ -46,8 +41,7 @@ from tlloop.data.streaming import (
     read_cache_meta,
     write_cache,
 )
-
-__all__ = ["Data", "load_data", "read_image", "resize_images"]
+from tlloop.errors import ConfigError
 
 AUTOTUNE = tf.data.AUTOTUNE
 # In-memory examples live in the tf.data graph as constants, and a graph over 2 GB cannot be
@@ -75,7 +69,7 @@ class Data:
     eval_batch_size: int
     seed: int = 0
     # Every file found and not used, with the reason (printable path: reason): kinds not read
-    # (TIFF, other extensions, dangling links) and unreadable images (--bad_images=skip).
+    # (TIFF, other extensions, dangling links) and unreadable images (bad_images="skip").
     skipped_files: dict[str, str] = dataclasses.field(default_factory=dict)
     storage: dict = dataclasses.field(default_factory=dict)
 
@@ -113,14 +107,44 @@ class Data:
         return tuple(int(n) for n in self.train_examples.label_counts(self.num_classes))
 
 
-def load_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
-    """Loads the source `config` names: each split in memory or streamed (see the module's
-    doc), only the evaluation split with `evaluation_only`."""
-    source = load_source(config)
-    budget = memory_budget(config.data_memory)
-    logging.info(
-        "data memory budget: %.0f MiB (--data_memory=%s)", budget / 2**20, config.data_memory
-    )
+@dataclasses.dataclass(frozen=True)
+class _Loading:
+    """What every split of one `store_images` call is read with."""
+
+    image_size: int
+    resize: str
+    bad_images: str
+    data_cache: str
+    image_feature: str
+    name_of: Callable[[str], str]
+
+
+def store_images(
+    source: Source,
+    *,
+    image_size: int,
+    resize: str = "squash",
+    memory_budget: int,
+    data_cache: str = "",
+    bad_images: str = "fail",
+    image_feature: str = "",
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int = 0,
+    evaluation_only: bool = False,
+    name_of: Callable[[str], str] = str,
+) -> Data:
+    """The images of `source` as Data: each split (the evaluation split first: it is read
+    whole at every evaluation) held in memory while its decoded `image_size` squares fit what
+    is left of `memory_budget` (bytes), else streamed; with `data_cache`, decoded once into
+    that folder and read from there; only the evaluation split with `evaluation_only`.
+
+    Unreadable images: ConfigError naming the first with its reason (`bad_images="fail"`), or
+    left out and listed in `skipped_files` ("skip"). `image_feature`: the TFRecord feature of
+    the encoded image. `name_of(argument)` is how the storage descriptions and logs show an
+    argument's name (the command line passes its flags' names)."""
+    loading = _Loading(image_size, resize, bad_images, data_cache, image_feature, name_of)
+    budget = memory_budget
     skipped = dict(source.skipped)
     if skipped:
         logging.warning(
@@ -134,12 +158,12 @@ def load_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
     for position, (name, split) in enumerate(splits):
         # Evaluation first: it is read in full at every evaluation.
         try:
-            examples, storage[name], bad = _load_split(split, config, budget, forms)
+            examples, storage[name], bad = _load_split(split, loading, budget, forms)
         except _Unreadable as refusal:  # counted over every split, the others by first bytes
-            later = sum(_unreadable_count(s, config) for _, s in splits[position + 1 :])
+            later = sum(_unreadable_count(s, image_feature) for _, s in splits[position + 1 :])
             _refuse(refusal.images, refusal.bad, len(skipped_unreadable(skipped)) + later)
         if isinstance(examples, InMemoryExamples):
-            budget -= examples.size * config.image_size**2 * 3
+            budget -= examples.size * image_size**2 * 3
         _check_every_class(examples.labels, source.class_names, tuple(bad))
         loaded[name] = examples
         skipped.update(bad)
@@ -156,17 +180,47 @@ def load_data(config: DataConfig, *, evaluation_only: bool = False) -> Data:
         class_names=source.class_names,
         train_examples=loaded.get("train"),
         eval_examples=loaded["eval"],
-        batch_size=config.batch_size,
-        eval_batch_size=config.eval_batch,
-        seed=config.seed,
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        seed=seed,
         skipped_files=skipped,
         storage=storage,
     )
 
 
+def store_texts(
+    source: Source,
+    *,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int = 0,
+    evaluation_only: bool = False,
+) -> Data:
+    """The texts of `source` (its splits' items are strings) as in-memory string examples: a
+    text backbone tokenizes them inside the model."""
+
+    def examples(split: Split) -> InMemoryExamples:
+        return InMemoryExamples(np.asarray(split.images, dtype=object), split.labels)
+
+    return Data(
+        class_names=tuple(source.class_names),
+        train_examples=None if evaluation_only else examples(source.train),
+        eval_examples=examples(source.eval),
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        seed=seed,
+        skipped_files=dict(source.skipped),
+        storage={
+            name: "memory (texts, tokenized inside the model)"
+            for name in ("eval",) + ("train",) * (not evaluation_only)
+        },
+    )
+
+
 def memory_budget(setting: str) -> int:
-    """Bytes of decoded images `--data_memory` allows: a number of MiB, or for auto half the
-    memory available now (MemAvailable; the physical memory where /proc/meminfo is missing)."""
+    """Bytes of decoded images a memory `setting` allows: a number of MiB, or for "auto" half
+    the memory available now (MemAvailable; the physical memory where /proc/meminfo is
+    missing)."""
     if setting != "auto":
         return int(setting) * 2**20
     try:
@@ -179,7 +233,7 @@ def memory_budget(setting: str) -> int:
 
 
 class _Unreadable(Exception):
-    """A split holds unreadable images under --bad_images=fail (`_refuse` says which)."""
+    """A split holds unreadable images under bad_images="fail" (`_refuse` says which)."""
 
     def __init__(self, images: EncodedImages, bad: dict[str, str]) -> None:
         super().__init__()
@@ -191,17 +245,18 @@ def skipped_unreadable(skipped: dict[str, str]) -> dict[str, str]:
     return {path: why for path, why in skipped.items() if why.startswith(UNREADABLE)}
 
 
-def _load_split(split: Split, config: DataConfig, budget: int, forms: dict):
+def _load_split(split: Split, loading: _Loading, budget: int, forms: dict):
     """(examples, how they are stored, as logged, the images skipped with their reasons) of
     one split; counts the images of each form into `forms`. Raises _Unreadable under
-    --bad_images=fail when images are unreadable."""
+    bad_images="fail" when images are unreadable."""
+    name_of = loading.name_of
     if isinstance(split.images, np.ndarray):
-        return in_memory(split, config.image_size, config.resize), "memory: arrays", {}
+        return in_memory(split, loading.image_size, loading.resize), "memory: arrays", {}
     origins = split.origins if isinstance(split.images, list) and split.origins else None
-    reader = Reader(split.images, origins, config.image_feature)
+    reader = Reader(split.images, origins, loading.image_feature)
     scans = reader.scans()
     every = EncodedImages(
-        reader, split.labels, config.image_size, config.resize, [f for f, _ in scans]
+        reader, split.labels, loading.image_size, loading.resize, [f for f, _ in scans]
     )
     forms[ALPHA] += int(np.sum(every.forms & ALPHA > 0))
     forms[PALETTE] += int(np.sum(every.forms & PALETTE > 0))
@@ -211,37 +266,40 @@ def _load_split(split: Split, config: DataConfig, budget: int, forms: dict):
     size = f"{images.decoded_bytes / 2**20:.1f} MiB decoded"
     fits = images.decoded_bytes <= min(budget, MAX_IN_MEMORY)
     left = (
-        f"over the {budget / 2**20:.0f} MiB left of --data_memory"
+        f"over the {budget / 2**20:.0f} MiB left of {name_of('memory_budget')}"
         if images.decoded_bytes > budget
         else "over the 2 GiB one split may hold in memory"
     )
-    if skipped and config.bad_images == "fail" and not (fits or config.data_cache):
+    if skipped and loading.bad_images == "fail" and not (fits or loading.data_cache):
         raise _Unreadable(every, skipped)  # found cheaply; nothing decodes every image at load
     cached = pixels = None
-    if config.data_cache:
-        pixels_path, meta_path = cache_files(config.data_cache, images)
+    if loading.data_cache:
+        pixels_path, meta_path = cache_files(loading.data_cache, images)
         kept = read_cache_meta(meta_path)
-        how = f"--data_cache {'found' if kept is not None else 'written'} at {pixels_path}"
+        how = (
+            f"{name_of('data_cache')} {'found' if kept is not None else 'written'} at {pixels_path}"
+        )
         if kept is None:
             kept = write_cache(images, pixels_path, meta_path)
         images, more = _keep(images, kept)
-        cached = DiskImages(pixels_path, images.labels, config.image_size)
+        cached = DiskImages(pixels_path, images.labels, loading.image_size)
     elif fits:
         kept, pixels = _decode_pass(images, keep_pixels=True)
         images, more = _keep(images, kept)
         how = "decoded at load"
-    elif config.bad_images == "skip":  # every image decoded once now, so training meets none
+    elif loading.bad_images == "skip":  # every image decoded once now, so training meets none
         kept, _ = _decode_pass(images, keep_pixels=False)
         images, more = _keep(images, kept)
         how = "decoded as read; every image checked at load"
     else:
         more, how = {}, "decoded as read"
     skipped.update(more)
-    if skipped and config.bad_images == "fail":
+    if skipped and loading.bad_images == "fail":
         raise _Unreadable(every, skipped)
     if skipped:
         logging.warning(
-            "--bad_images=skip: skipped %d unreadable image file(s) of %d: %s",
+            "%s=skip: skipped %d unreadable image file(s) of %d: %s",
+            name_of("bad_images"),
             len(skipped),
             every.size,
             ", ".join(f"{path} ({why[len(UNREADABLE) :]})" for path, why in skipped.items()),
@@ -253,11 +311,11 @@ def _load_split(split: Split, config: DataConfig, budget: int, forms: dict):
     return cached or images, f"streamed ({size} {left}; {how})", skipped
 
 
-def _unreadable_count(split: Split, config: DataConfig) -> int:
+def _unreadable_count(split: Split, image_feature: str) -> int:
     """How many images of `split` are unreadable by their first bytes."""
     if isinstance(split.images, np.ndarray):
         return 0
-    reader = Reader(split.images, split.origins, config.image_feature)
+    reader = Reader(split.images, split.origins, image_feature)
     return sum(bool(why) for _, why in reader.scans())
 
 
@@ -285,8 +343,9 @@ def _keep(
 
 
 def _refuse(images: EncodedImages, unreadable: dict[str, str], elsewhere: int) -> None:
-    """Raises ConfigError naming the first of `images` (in their order) that is `unreadable`,
-    with the reason, and how many more there are (`elsewhere`: in other splits)."""
+    """Raises ConfigError (one finished line) naming the first of `images` (in their order)
+    that is `unreadable`, with the reason, and how many more there are (`elsewhere`: in other
+    splits)."""
     first = next(i for i in range(images.size) if images.reader.origin(i) in unreadable)
     origin = images.reader.origin(first)
     what = (
@@ -298,7 +357,7 @@ def _refuse(images: EncodedImages, unreadable: dict[str, str], elsewhere: int) -
     more = f" ({count} more unreadable images)" if count else ""
     raise ConfigError(
         f"{what} ({unreadable[origin][len(UNREADABLE) :]}); accepted: {ACCEPTED_IMAGES}, or "
-        f"--bad_images=skip to leave them out{more}"
+        f"$bad_images=skip to leave them out{more}"
     ) from None
 
 

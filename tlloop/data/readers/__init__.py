@@ -1,0 +1,1 @@
+"""Readers: each kind of example source, from explicit arguments to a labelled `Source`."""
