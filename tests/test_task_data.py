@@ -14,9 +14,9 @@ from task_data import COLOURS, write_image_csvs
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from tlloop.cli.saved_run import evaluate_saved
 from tlloop.config import ConfigError, DataConfig
 from tlloop.data.text import load_task_data
-from tlloop.evaluation import evaluate_saved
 from tlloop.trainer import Stopped, build_experiment, train
 
 
