@@ -152,6 +152,12 @@ def test_the_range_test_runs_from_python_on_any_model_and_data():
     assert changed(before, snapshot(model)) == set()  # every weight put back
     with pytest.raises(tlloop.ConfigError, match=r"^low=1\.0: not below high=0\.1"):
         lr_range.range_test(model, _data(32, 1), phase, low=1.0, high=0.1)
+    with pytest.raises(tlloop.ConfigError, match=r"^steps=1: too few"):
+        lr_range.range_test(model, _data(32, 1), phase, steps=1)
+    with pytest.raises(tlloop.ConfigError, match=r"^batch_size=0: not positive"):
+        lr_range.range_test(model, _data(32, 1), phase, batch_size=0)
+    with pytest.raises(tlloop.ConfigError, match=r"^head\.epochs=0: the phase does not train"):
+        lr_range.range_test(model, _data(32, 1), tlloop.Phase("head", 0, "auto"))
 
 
 class _Unfreezer(keras.callbacks.Callback):
