@@ -21,6 +21,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import tlloop
 from tlloop import checkpoints as checkpoint_lib
+from tlloop import lr_range
 from tlloop.data.examples import InMemoryExamples, StreamedExamples, as_examples, example_index
 
 SIZE, CLASSES = 12, 3
@@ -133,6 +134,30 @@ def test_a_phase_can_set_its_mode_table(tmp_path):
     assert changed(bn, snapshot(model.backbone.get_layer("bn"))) == set()
     with pytest.raises(ValueError, match=r"given together with a mode table"):
         tlloop.Phase("finetune", 1, 1e-3, bn_mode="train", modes=dropout_on)
+
+
+def test_the_range_test_runs_from_python_on_any_model_and_data():
+    model = _model()
+    before = snapshot(model)
+    phase = tlloop.Phase("head", 1, "auto")  # the rate is what the test finds
+    result = lr_range.range_test(
+        model, _data(32, 1), phase, batch_size=8, low=1e-4, high=1.0, steps=8
+    )
+    rates = np.asarray(result.rates)
+    assert len(rates) == len(result.losses) == len(result.smoothed) >= 2
+    assert rates[0] == pytest.approx(1e-4, rel=1e-5) and rates.max() <= 1.0 * (1 + 1e-5)
+    assert np.all(np.diff(rates) > 0)  # the curve: one loss per rate, the rate rising
+    # The suggestion, a tenth of a rate the test ran, lies in the swept range (over ten).
+    assert np.min(np.abs(rates - 10 * result.suggestion)) <= 1e-6 * result.suggestion
+    assert changed(before, snapshot(model)) == set()  # every weight put back
+    with pytest.raises(tlloop.ConfigError, match=r"^low=1\.0: not below high=0\.1"):
+        lr_range.range_test(model, _data(32, 1), phase, low=1.0, high=0.1)
+    with pytest.raises(tlloop.ConfigError, match=r"^steps=1: too few"):
+        lr_range.range_test(model, _data(32, 1), phase, steps=1)
+    with pytest.raises(tlloop.ConfigError, match=r"^batch_size=0: not positive"):
+        lr_range.range_test(model, _data(32, 1), phase, batch_size=0)
+    with pytest.raises(tlloop.ConfigError, match=r"^head\.epochs=0: the phase does not train"):
+        lr_range.range_test(model, _data(32, 1), tlloop.Phase("head", 0, "auto"))
 
 
 class _Unfreezer(keras.callbacks.Callback):

@@ -13,6 +13,7 @@ from conftest import flag_error, make_config, run_cli, snapshot
 from tensorboard.backend.event_processing import event_accumulator
 
 from tlloop import lr_range, trainer
+from tlloop.cli.head_lr import experiment_range_test
 from tlloop.config import TrainingConfig
 from tlloop.flags import flags_text
 
@@ -20,7 +21,7 @@ from tlloop.flags import flags_text
 def test_range_test_rises_geometrically_suggests_and_restores_the_model(workdir):
     experiment = trainer.build_experiment(make_config(workdir))
     before = snapshot(experiment.model)
-    result = lr_range.range_test(experiment, 0, 1e-5, 1e3, steps=100)
+    result = experiment_range_test(experiment, 0, 1e-5, 1e3, steps=100)
     assert changed_paths(before, snapshot(experiment.model)) == []
     rates = np.asarray(result.rates)
     assert rates[0] == pytest.approx(1e-5, rel=1e-5)
@@ -36,7 +37,7 @@ def test_range_test_rises_geometrically_suggests_and_restores_the_model(workdir)
 
 def _range_losses(workdir, **training) -> list[float]:
     config = dataclasses.replace(make_config(workdir), training=TrainingConfig(**training))
-    return lr_range.range_test(trainer.build_experiment(config), 0, 1e-3, 1.0, steps=6).losses
+    return experiment_range_test(trainer.build_experiment(config), 0, 1e-3, 1.0, steps=6).losses
 
 
 def test_range_test_runs_the_runs_own_step(workdir):
@@ -114,7 +115,7 @@ def test_head_lr_auto_trains_the_head_at_the_suggestion_and_keeps_auto_in_the_fl
     experiment = trainer.build_experiment(config)
     found = experiment.found_rate
     plain = trainer.build_experiment(config, find_rates=False)  # same seed, same model
-    expected = lr_range.range_test(plain, 0, *lr_range.RANGE_TEST)
+    expected = experiment_range_test(plain, 0, *lr_range.RANGE_TEST)
     assert found.rate == pytest.approx(expected.suggestion, rel=1e-6)
     assert found.steps == len(expected.rates) and found.seconds > 0 and not found.reused
     assert experiment.phases[0].config.learning_rate == found.rate

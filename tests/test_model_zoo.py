@@ -28,7 +28,8 @@ from model_zoo import FINETUNE_MODES, MEMBERS, Member, all_layers, flags, layer_
 
 import tlloop
 from tlloop import checkpoints as checkpoint_lib
-from tlloop import lr_range, trainer
+from tlloop import trainer
+from tlloop.cli.head_lr import experiment_range_test
 
 SCRIPT = os.path.join(REPO, "tests", "zoo_script.py")
 
@@ -217,5 +218,5 @@ def test_the_range_test_puts_random_states_back(tmp_path):
     states = checkpoint_lib.rng_states(experiment.model)
     assert states
     before = [np.array(v.numpy()) for v in states]
-    lr_range.range_test(experiment, 0, 1e-4, 1e-2, steps=3)
+    experiment_range_test(experiment, 0, 1e-4, 1e-2, steps=3)
     assert all(np.array_equal(b, v.numpy()) for b, v in zip(before, states, strict=True))

@@ -15,7 +15,7 @@ from conftest import PRETRAINED, make_config, run_cli
 import tlloop
 from tlloop.cli.data import load_task_data
 from tlloop.data.examples import StreamedExamples
-from tlloop.rank import log_evidence, logme
+from tlloop.ranking import log_evidence, logme
 
 GOLDEN = (math.sqrt(5) - 1) / 2
 

@@ -15,8 +15,8 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tlloop.cli.data import load_task_data
+from tlloop.cli.saved_run import evaluate_saved
 from tlloop.config import ConfigError, DataConfig
-from tlloop.evaluation import evaluate_saved
 from tlloop.flags import flag_line
 from tlloop.trainer import Stopped, build_experiment, train
 

@@ -19,7 +19,6 @@ the best evaluation so far.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import hashlib
 import json
@@ -30,13 +29,11 @@ import shutil
 import tempfile
 import time
 
-import keras
 import tensorflow as tf
 from absl import logging
 
 from tlloop.config import ConfigError
 from tlloop.errors import RunFailed
-from tlloop.models import build_model
 from tlloop.models.modes import SUBMODULES
 from tlloop.models.walk import seed_generators
 from tlloop.workdir import write_json, write_text
@@ -393,36 +390,3 @@ def rng_states(model) -> list:
                 seen.add(id(generator))
                 states.append(generator.state)
     return states
-
-
-# What `load_trained_model` can load from a workdir, besides a checkpoint path.
-SAVED = ("export", BEST, "latest")
-
-
-def load_trained_model(workdir: str, which: str, model_config, num_classes: int):
-    """The model a run in `workdir` saved: "export" (export/model.keras), "best" (the best
-    checkpoint), "latest" (the newest checkpoint) or a checkpoint path; returns it and the path
-    it came from. A checkpoint is loaded into a model built from `model_config` (without
-    downloading weights it would overwrite). Raises ConfigError naming --checkpoint."""
-    flag = f"--checkpoint={which!r}"
-    accepted = "export, best, latest, or a checkpoint path (PREFIX with PREFIX.index)"
-    if which == "export":
-        path = os.path.join(workdir, "export", "model.keras")
-        if not os.path.isfile(path):
-            raise ConfigError(
-                f"{flag}: {path!r} does not exist (run unfinished?); accepted: {accepted}"
-            )
-        return keras.saving.load_model(path), path
-    directory = os.path.join(workdir, "checkpoints")
-    path = {BEST: latest(os.path.join(directory, BEST)), "latest": latest(directory)}.get(
-        which, which if tf.io.gfile.exists(which + ".index") else None
-    )
-    if not path:
-        raise ConfigError(f"{flag}: no such checkpoint in {directory!r}; accepted: {accepted}")
-    application = not model_config.backbone.endswith(".keras")
-    model_config = dataclasses.replace(
-        model_config, weights="none" if application else model_config.weights, init_checkpoint=""
-    )
-    model = build_model(model_config, num_classes)
-    _restore(tf.train.Checkpoint(model=model), path)
-    return model, path

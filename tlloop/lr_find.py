@@ -6,17 +6,20 @@ experiment's own data, model, strategy and train step (optimizer, weight decay, 
 clipping, accumulation, XLA, loss scaling, layer-wise rates). Prints a suggested rate, writes
 loss against rate to TensorBoard under WORKDIR/lr_find/tensorboard (scalars per step, a plot,
 the suggestion as text), and leaves the model as it was built. Writes nothing else.
+Wiring only: the test is the library's `tlloop.lr_range.range_test`, given the experiment's
+arguments by `tlloop.cli.head_lr`.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
 
 from tlloop import flags as tlloop_flags
-from tlloop.config import RANGE_TEST, ConfigError
+from tlloop.cli.entry import fail
+from tlloop.config import RANGE_TEST
+from tlloop.errors import ConfigError
 
 FLAGS = flags.FLAGS
 tlloop_flags.define_flags(FLAGS)
@@ -33,11 +36,11 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"unexpected arguments {argv[1:]}; accepted: only --name=value flags")
         if not 0 < FLAGS.lr_min < FLAGS.lr_max:
             raise ConfigError(
-                f"--lr_min={FLAGS.lr_min:g} / --lr_max={FLAGS.lr_max:g}: not a rising range; "
+                f"$lr_min={FLAGS.lr_min:g} / $lr_max={FLAGS.lr_max:g}: not a rising range; "
                 "accepted: 0 < lr_min < lr_max"
             )
         if FLAGS.find_steps < 5:
-            raise ConfigError(f"--find_steps={FLAGS.find_steps}: too few; accepted: >= 5")
+            raise ConfigError("find_steps", FLAGS.find_steps, "too few", ">= 5")
         config = tlloop_flags.to_config(FLAGS)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
         from tlloop import distribute, trainer
@@ -51,16 +54,15 @@ def main(argv: list[str]) -> int:
         names = [phase.name for phase in experiment.phases]
         if FLAGS.phase not in names:
             raise ConfigError(
-                f"--phase={FLAGS.phase}: that phase has 0 epochs in this experiment; accepted: "
-                f"{', '.join(names)}"
+                "phase", FLAGS.phase, "that phase has 0 epochs in this experiment", ", ".join(names)
             )
     except ConfigError as error:
-        print(f"tlloop.lr_find: error: {tlloop_flags.flag_line(error)}", file=sys.stderr)
-        return 2
+        return fail("tlloop.lr_find", error, FLAGS)
     from tlloop import lr_range
+    from tlloop.cli.head_lr import experiment_range_test
     from tlloop.summaries import Summaries
 
-    result = lr_range.range_test(
+    result = experiment_range_test(
         experiment, names.index(FLAGS.phase), FLAGS.lr_min, FLAGS.lr_max, FLAGS.find_steps
     )
     summaries = Summaries(os.path.join(config.workdir, "lr_find"))

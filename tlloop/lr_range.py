@@ -1,15 +1,13 @@
 """The learning-rate range test: train one phase briefly with an exponentially rising rate,
-record the loss, suggest a rate, and put the model back as it was. `find_rate` runs it for
---head_lr=auto (or reads the rate a resumed run's first process found)."""
+record the loss, suggest a rate, and put the model back as it was (`range_test`, from Python on
+any TransferModel and data; the command line's `python -m tlloop.lr_find` and its
+`learning_rate="auto"` run it through `tlloop.cli.head_lr`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
-import os
-import time
 
 import keras
 import numpy as np
@@ -17,13 +15,18 @@ import tensorflow as tf
 
 from tlloop import phases as phase_lib
 from tlloop.checkpoints import rng_states
-from tlloop.config import RANGE_TEST, ConfigError
-from tlloop.controller import build_train_step
+from tlloop.config import RANGE_TEST, PhaseConfig, TrainingConfig
+from tlloop.controller import StepSettings, build_train_step
+from tlloop.data.examples import as_examples
 from tlloop.distribute import distribute_dataset
+from tlloop.errors import ConfigError
+from tlloop.models import TransferModel
+from tlloop.models.walk import declared_input_spec
 from tlloop.steps import Metrics
-from tlloop.workdir import FOUND_RATE_FILE
+from tlloop.tasks import Classification, Task
 
-LOW, HIGH, STEPS = RANGE_TEST  # --head_lr=auto's test (python -m tlloop.lr_find's defaults)
+# The test's default rates and length (learning_rate="auto"'s; python -m tlloop.lr_find's).
+LOW, HIGH, STEPS = RANGE_TEST
 
 
 @keras.saving.register_keras_serializable(package="tlloop")
@@ -68,41 +71,74 @@ def suggest(rates: list[float], smoothed: list[float]) -> float:
 
 
 def range_test(
-    experiment, phase_index: int, low: float, high: float, steps: int, diverge: float = 4.0
+    model: TransferModel,
+    train,
+    phase: PhaseConfig,
+    *,
+    task: Task | None = None,
+    batch_size: int = 32,
+    low: float = LOW,
+    high: float = HIGH,
+    steps: int = STEPS,
+    diverge: float = 4.0,
+    seed: int = 0,
+    training: TrainingConfig | None = None,
+    strategy: tf.distribute.Strategy | None = None,
+    jit_compile: bool = False,
+    mixed_float16: bool = False,
 ) -> RangeResult:
-    """Runs the test for phase `phase_index` on `experiment`'s training stream with the run's
-    own step (its optimizer kind, weight decay, task loss with label smoothing and class
-    weights, clipping, accumulation, XLA, loss scaling, layer-wise rates, strategy), the
-    rate rising from `low` to `high` over `steps` steps, then restores every weight of the
-    model (and its RNG states). Stops early once the smoothed loss exceeds `diverge` x its
-    minimum."""
-    model, phase = experiment.model, experiment.phases[phase_index]
-    # The random states too: the run after the test draws what it would have drawn without it.
-    kept = [*model.weights, *rng_states(model)]
-    saved = [np.array(v.numpy()) for v in kept]
-    strategy, data = experiment.strategy, experiment.data
-    trainer = experiment.trainer()
-    settings = dataclasses.replace(
-        trainer.step_settings(data.batch_size, data.eval_batch_size),
+    """The learning-rate range test of `phase` (a `tlloop.Phase`: what unfreezes, its BatchNorm
+    mode, its optimizer; its own rate is replaced) on `model`: `steps` steps on `train`
+    ((inputs, labels) arrays, a finite tf.data.Dataset of pairs, or Examples; shuffled by
+    `seed`, global batches of `batch_size`) with the rate rising geometrically from `low` to
+    `high`, through the step a `Trainer` with the same `task` (default: classification),
+    `training`, `seed`, `strategy` (default: the current), `jit_compile` and `mixed_float16`
+    would run (optimizer kind, weight decay, the task's loss with label smoothing and class
+    weights, clipping, accumulation, XLA, loss scaling, layer-wise rates). Stops early once the
+    smoothed loss exceeds `diverge` x its minimum. Every weight of the model (and its random
+    states) is put back afterwards. Returns the rates, losses and the suggested rate.
+
+    Raises ConfigError naming the argument at fault."""
+    if not 0 < low < high:
+        raise ConfigError("low", low, f"not below high={high:g} or not positive", "0 < low < high")
+    if steps < 2:
+        raise ConfigError("steps", steps, "too few to see a curve", ">= 2")
+    if batch_size < 1:
+        raise ConfigError("batch_size", batch_size, "not positive", ">= 1")
+    strategy = strategy or tf.distribute.get_strategy()
+    examples = as_examples(train, argument="train", inputs=declared_input_spec(model.backbone))
+    if not phase.epochs:
+        raise ConfigError(f"{phase.name}.epochs", 0, "the phase does not train", ">= 1")
+    [planned] = phase_lib.plan_phases((phase,), model)
+    settings = StepSettings(
+        batch_size=batch_size,
+        eval_batch_size=batch_size,
+        seed=seed,
+        training=training or TrainingConfig(),
+        jit_compile=jit_compile,
+        mixed_float16=mixed_float16,
         log_every_steps=1,
         histogram_every_steps=0,
         nan_policy="stop",
     )
-    task = trainer.task.prepared(data.train_examples)
+    task = (task or Classification()).prepared(examples)
+    # The random states too: the run after the test draws what it would have drawn without it.
+    kept = [*model.weights, *rng_states(model)]
+    saved = [np.array(v.numpy()) for v in kept]
     try:
         with strategy.scope():
-            phase_lib.apply_trainability(model, phase)
+            phase_lib.apply_trainability(model, planned)
             step = build_train_step(
                 model,
-                phase,
+                planned,
                 task,
                 settings,
                 metrics=Metrics(task=task, evaluation=False),
                 global_step=tf.Variable(0, dtype=tf.int64, name="range_test_step"),
-                steps_per_epoch=data.steps_per_epoch,
+                steps_per_epoch=math.ceil(examples.size / batch_size),
                 learning_rate=lambda scale: ExponentialRange(low * scale, high * scale, steps),
             )
-        batches = iter(distribute_dataset(strategy, data.train))
+        batches = iter(distribute_dataset(strategy, examples.training_batches(batch_size, seed)))
         columns = step.log_columns
         rates, losses, stopped = [], [], False
         while len(losses) < steps:
@@ -143,62 +179,3 @@ def plot(result: RangeResult, width: int = 320, height: int = 200) -> np.ndarray
     if 0 <= suggested < width:
         image[:, suggested] = (0.8, 0.2, 0.2)
     return image
-
-
-@dataclasses.dataclass(frozen=True)
-class FoundRate:
-    """--head_lr=auto's outcome: the phase, the suggested `rate` it trains with, the test's
-    `steps` and `seconds` (its cost), whether it stopped early on a diverging loss, and whether
-    it was `reused` (read from the workdir of the run being resumed, not measured again)."""
-
-    phase: str
-    rate: float
-    steps: int
-    seconds: float
-    stopped_early: bool
-    reused: bool = False
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def line(self) -> str:
-        """What the run logs at its start."""
-        if self.reused:
-            return (
-                f"--{self.phase}_lr=auto: {self.rate:.3g}, the rate this run's first start "
-                f"found ({FOUND_RATE_FILE}); no range test"
-            )
-        return (
-            f"--{self.phase}_lr=auto: {self.rate:.3g}, a tenth of the rate at the smoothed "
-            f"loss's minimum in a range test of {self.steps} steps ({LOW:g} to {HIGH:g}"
-            f"{', stopped when the loss diverged' if self.stopped_early else ''}) that took "
-            f"{self.seconds:.1f} s"
-        )
-
-
-def find_rate(experiment, phase_index: int, workdir: str, reuse: bool = True) -> FoundRate:
-    """The rate for phase `phase_index` (learning rate "auto"): with `reuse`, the one recorded
-    in `workdir` by the run being resumed (so a restart trains on at the same rate); else a
-    range test of STEPS steps from LOW to HIGH on `experiment` (the model is left as built).
-    Raises ConfigError naming the file when the record is unreadable."""
-    name = experiment.phases[phase_index].config.name
-    path = os.path.join(workdir, FOUND_RATE_FILE)
-    if reuse and os.path.exists(path):
-        try:
-            with open(path) as file:
-                record = json.load(file)
-            return dataclasses.replace(FoundRate(**record), reused=True)
-        except (OSError, ValueError, TypeError) as error:
-            raise ConfigError(
-                f"{path!r}: not the rate record --{name}_lr=auto writes ({error}); accepted: the "
-                "file as a run wrote it, or --overwrite to start the run afresh"
-            ) from None
-    started = time.perf_counter()
-    result = range_test(experiment, phase_index, LOW, HIGH, STEPS)
-    return FoundRate(
-        name,
-        result.suggestion,
-        len(result.rates),
-        round(time.perf_counter() - started, 2),
-        result.stopped_early,
-    )

@@ -9,6 +9,7 @@ SavedModel (or any tlloop SavedModel, `--saved_model=DIR`), called through its
 are resized inside the model. Bad input: one line naming the flag or file, exit 2
 (`--bad_images=skip` reports an unreadable file on stderr and goes on); a text model's export
 (strings in) is refused in one line.
+Wiring only: the SavedModel's client is the library's `tlloop.serving`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import sys
 
 from absl import app, flags
 
-from tlloop.config import BAD_IMAGES, ConfigError
-from tlloop.flags import flag_line
+from tlloop.cli.entry import error_line, fail
+from tlloop.config import BAD_IMAGES
+from tlloop.errors import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "", "The workdir of a finished tlloop run (uses its export).")
@@ -35,39 +37,45 @@ def main(argv: list[str]) -> int:
             raise ConfigError("no image files given; accepted: one or more image file paths")
         if bool(FLAGS.workdir) == bool(FLAGS.saved_model):
             raise ConfigError(
-                "--workdir / --saved_model: give exactly one; accepted: --workdir=RUN or "
-                "--saved_model=DIR"
+                "$workdir / $saved_model: give exactly one; accepted: $workdir=RUN or "
+                "$saved_model=DIR"
             )
+        given = "saved_model" if FLAGS.saved_model else "workdir"
         directory = FLAGS.saved_model or os.path.join(FLAGS.workdir, "export", "saved_model")
         if not os.path.isfile(os.path.join(directory, "saved_model.pb")):
             raise ConfigError(
-                f"{'--saved_model' if FLAGS.saved_model else '--workdir'}: no SavedModel at "
-                f"{directory!r}; accepted: a finished tlloop run or its export/saved_model"
+                given,
+                problem=f"no SavedModel at {directory!r}",
+                accepted="a finished tlloop run or its export/saved_model",
             )
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-        from tlloop.serving import Predictor
+        from tlloop.serving import Predictor, served_inputs
 
         signatures = served_inputs(directory)
         if "serving_uint8" not in signatures:  # before loading: a text model's ops need more
             inputs = ", ".join(signatures.get("serving_default", [])) or "no images"
             raise ConfigError(
-                f"{'--saved_model' if FLAGS.saved_model else '--workdir'}: the SavedModel at "
-                f"{directory!r} takes {inputs}, not images (a text model; loading it needs "
-                "`import tensorflow_text` first); accepted: the run of an image model, or in "
-                "Python: import tensorflow_text; tf.saved_model.load(DIR)"
-                ".signatures['serving_default'](text=...)"
+                given,
+                problem=f"the SavedModel at {directory!r} takes {inputs}, not images (a text "
+                "model; loading it needs `import tensorflow_text` first)",
+                accepted="the run of an image model, or in Python: import tensorflow_text; "
+                "tf.saved_model.load(DIR).signatures['serving_default'](text=...)",
             )
 
         predictor = Predictor(directory)
         if predictor.kind == "regression" and FLAGS["top_k"].present:
             raise ConfigError(
-                f"--top_k={FLAGS.top_k}: a regression model has no classes to rank; accepted: "
-                "no --top_k (each target's value is printed)"
+                "top_k",
+                FLAGS.top_k,
+                "a regression model has no classes to rank",
+                "no $top_k (each target's value is printed)",
             )
         if predictor.kind != "regression" and not 1 <= FLAGS.top_k <= predictor.num_classes:
             raise ConfigError(
-                f"--top_k={FLAGS.top_k}: the model has {predictor.num_classes} classes; "
-                f"accepted: 1 to {predictor.num_classes}"
+                "top_k",
+                FLAGS.top_k,
+                f"the model has {predictor.num_classes} classes",
+                f"1 to {predictor.num_classes}",
             )
         for path in paths:
             try:
@@ -75,25 +83,12 @@ def main(argv: list[str]) -> int:
             except ConfigError as error:
                 if FLAGS.bad_images == "fail":
                     raise
-                print(f"tlloop.predict: skipped: {flag_line(error)}", file=sys.stderr)
+                print(f"tlloop.predict: skipped: {error_line(error, FLAGS)}", file=sys.stderr)
                 continue
             print("\t".join([path, *fields]), flush=True)
     except ConfigError as error:
-        print(f"tlloop.predict: error: {flag_line(error)}", file=sys.stderr)
-        return 2
+        return fail("tlloop.predict", error, FLAGS)
     return 0
-
-
-def served_inputs(directory: str) -> dict[str, list[str]]:
-    """{signature name: its input names} of the SavedModel in `directory`, read from its
-    saved_model.pb without loading it (loading a text model needs tensorflow_text's ops)."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    saved = saved_model_pb2.SavedModel()
-    with open(os.path.join(directory, "saved_model.pb"), "rb") as file:
-        saved.ParseFromString(file.read())
-    signatures = saved.meta_graphs[0].signature_def if saved.meta_graphs else {}
-    return {name: sorted(signature.inputs) for name, signature in signatures.items()}
 
 
 if __name__ == "__main__":

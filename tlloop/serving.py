@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import tensorflow as tf
 
 from tlloop.data.images import read_image
+
+
+def served_inputs(directory: str) -> dict[str, list[str]]:
+    """{signature name: its input names} of the SavedModel in `directory`, read from its
+    saved_model.pb without loading it (loading a text model needs tensorflow_text's ops)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    with open(os.path.join(directory, "saved_model.pb"), "rb") as file:
+        saved.ParseFromString(file.read())
+    signatures = saved.meta_graphs[0].signature_def if saved.meta_graphs else {}
+    return {name: sorted(signature.inputs) for name, signature in signatures.items()}
 
 
 class Predictor:

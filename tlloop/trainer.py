@@ -784,7 +784,9 @@ def build_experiment(
     auto = [i for i, p in enumerate(phases) if p.learning_rate == config_lib.AUTO_RATE]
     if not (find_rates and auto):
         return experiment
-    found = lr_range.find_rate(experiment, auto[0], config.workdir, reuse=not config.overwrite)
+    from tlloop.cli.head_lr import find_rate  # --head_lr=auto: the command line's
+
+    found = find_rate(experiment, auto[0], config.workdir, reuse=not config.overwrite)
     logging.info("%s", found.line())
     phases = tuple(
         dataclasses.replace(p, learning_rate=found.rate) if i == auto[0] else p

@@ -17,7 +17,7 @@ from absl import logging
 from tlloop.config import ConfigError
 
 # What a run writes at the top of its workdir (its places); --overwrite removes tlloop's files
-# in them. The rate --head_lr=auto found (tlloop.lr_range.FoundRate), read back on resume.
+# in them. The rate --head_lr=auto found (tlloop.cli.head_lr.FoundRate), read back on resume.
 FOUND_RATE_FILE = "found_rate.json"
 # A Trainer.fit's resolved arguments (the command line's record is flags.txt).
 CONFIG_FILE = "config.json"
