@@ -23,6 +23,7 @@ import tlloop
 from tlloop import checkpoints as checkpoint_lib
 from tlloop import lr_range
 from tlloop.data.examples import InMemoryExamples, StreamedExamples, as_examples, example_index
+from tlloop.loop.position import stored
 
 SIZE, CLASSES = 12, 3
 
@@ -274,7 +275,7 @@ def test_terminate_on_nan_ends_each_phase_cleanly_with_the_checkpoint_intact(tmp
     fresh = _model()
     tf.train.Checkpoint(model=fresh).restore(latest).expect_partial()
     assert all(np.all(np.isfinite(v.numpy())) for v in fresh.weights)
-    assert checkpoint_lib.position(latest)[1] == finetune["last_step"]
+    assert stored(latest)[1] == finetune["last_step"]
     # The run is over: calling again resumes a finished run and trains nothing more.
     again = trainer.fit(_model(), (images, labels), _data(5, 2), batch_size=8)
     assert again.weights_sha256 == results.weights_sha256
@@ -329,7 +330,7 @@ def test_a_callback_that_raises_stops_the_run_naming_it_and_damages_nothing(tmp_
         trainer.fit(_model(), train, evaluation, batch_size=8)
     assert not os.path.exists(os.path.join(workdir, "results.json"))
     latest = checkpoint_lib.latest(os.path.join(workdir, "checkpoints"))
-    assert checkpoint_lib.position(latest) == (0, 4)  # saved at the step it stopped
+    assert stored(latest) == (0, 4)  # saved at the step it stopped
     # The same call without the failing callback resumes there and finishes.
     done = tlloop.Trainer(workdir, phases=_phases(2, 1), logging=_quiet())
     results = done.fit(_model(), train, evaluation, batch_size=8)

@@ -11,7 +11,7 @@ from conftest import REPO, flag_error, make_config
 
 from tlloop import trainer
 from tlloop.config import from_flags
-from tlloop.controller import AutoLoop
+from tlloop.loop.position import AutoLoop
 
 
 def _run(workdir: str, steps_per_loop: str) -> tuple[dict, list[dict], list[str]]:

@@ -20,6 +20,7 @@ from tlloop import trainer
 from tlloop.checkpoints import Checkpoints
 from tlloop.config import CheckpointConfig, ConfigError
 from tlloop.errors import RunFailed
+from tlloop.flags import flag_line
 from tlloop.summaries import Summaries
 
 
@@ -103,7 +104,7 @@ def test_checkpoints_none_intact_refuse_in_one_line(workdir):
     config = make_config(workdir, finetune_epochs=0)
     with pytest.raises(ConfigError) as error:
         trainer.train(trainer.build_experiment(config), workdir)
-    line = str(error.value)
+    line = flag_line(error.value)
     assert "\n" not in line and "none is intact" in line
     assert "ckpt-2: data shard ckpt-2.data-00000-of-00001 truncated" in line
     assert "ckpt-1: index file missing" in line and "--overwrite" in line

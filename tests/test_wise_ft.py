@@ -17,6 +17,7 @@ import tlloop
 from tlloop import checkpoints as checkpoint_lib
 from tlloop import trainer
 from tlloop.config import CheckpointConfig, PhaseConfig, Unfreeze
+from tlloop.loop.position import stored
 from tlloop.wise_ft import LP, interpolate
 from tlloop.workdir import prepare
 
@@ -102,7 +103,7 @@ def test_wise_ft_evaluates_both_ends_exactly_and_exports_the_chosen_interpolatio
             trainer.build_experiment(make_config(resumed, **WISE)), resumed, stop=StopAfter(5)
         )
     stopped = checkpoint_lib.latest(os.path.join(resumed, "checkpoints"))
-    assert checkpoint_lib.position(stopped) == (1, 5)
+    assert stored(stopped) == (1, 5)
     again = trainer.train(trainer.build_experiment(make_config(resumed, **WISE)), resumed)
     assert again["wise_ft"] == results["wise_ft"]
     assert (

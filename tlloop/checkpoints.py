@@ -3,10 +3,12 @@
 One `tf.train.CheckpointManager` under WORKDIR/checkpoints holds: the model, the current
 phase's optimizer, the global step, the phase index and the step it started at, the train
 metrics of the epoch under way, every Keras RNG state (seed generators, which a checkpoint of
-the model alone leaves out) and the results of finished phases. The input position needs no
-state of its own: the training stream is one seeded pipeline consumed one batch per global
-step, so a resumed run rebuilds it and skips that many batches (tf.data's distributed
-iterators cannot be checkpointed).
+the model alone leaves out), the results of finished phases, and each stateful action's own
+state under `actions/<its key>` (the best evaluation, the early-stopping count; checkpoints
+written before that kept them in the run state, which those actions read once on resume).
+The input position needs no state of its own: the training stream is one seeded pipeline
+consumed one batch per global step, so a resumed run rebuilds it and skips that many batches
+(tf.data's distributed iterators cannot be checkpointed).
 
 TensorFlow writes a checkpoint's files before it points the `checkpoint` file at them, so a
 kill during a save leaves the previous checkpoint the latest one, readable; a save that fails
@@ -22,7 +24,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -32,8 +33,7 @@ import time
 import tensorflow as tf
 from absl import logging
 
-from tlloop.config import ConfigError
-from tlloop.errors import RunFailed
+from tlloop.errors import ConfigError, RunFailed
 from tlloop.models.modes import SUBMODULES
 from tlloop.models.walk import seed_generators
 from tlloop.workdir import write_json, write_text
@@ -42,9 +42,9 @@ BEST = "best"  # WORKDIR/checkpoints/best
 
 
 class RunState(tf.Module):
-    """The run's position: phase index, the global step that phase began at, finished results;
-    and what best-model tracking and early stopping need: the best value so far and its step,
-    the phase's best, the evaluations since it improved, and the step last evaluated."""
+    """The run's position: phase index, the global step that phase began at, the step last
+    evaluated, finished results, and the NaN/Inf steps skipped. (The best evaluation and the
+    early-stopping count are their actions' own state.)"""
 
     def __init__(self) -> None:
         super().__init__(name="run_state")
@@ -55,18 +55,12 @@ class RunState(tf.Module):
         self.phase = variable(0, tf.int64, "phase")
         self.phase_start = variable(0, tf.int64, "phase_start")
         self.results = variable("[]", tf.string, "results")
-        self.best = variable(math.nan, tf.float64, "best")
-        self.best_step = variable(-1, tf.int64, "best_step")
-        self.phase_best = variable(math.nan, tf.float64, "phase_best")
-        self.since_phase_best = variable(0, tf.int64, "since_phase_best")
         self.evaluated_step = variable(-1, tf.int64, "evaluated_step")
         self.nonfinite_steps = variable(0, tf.int64, "nonfinite_steps")  # skipped, NaN/Inf
 
     def start_phase(self, index: int, step: int) -> None:
         self.phase.assign(index)
         self.phase_start.assign(step)
-        self.phase_best.assign(math.nan)
-        self.since_phase_best.assign(0)
 
     def finished_phases(self) -> list[dict]:
         return json.loads(self.results.numpy().decode())
@@ -202,7 +196,7 @@ def resume_point(directory: str, *, repair: bool = True) -> str | None:
     if chosen is None:
         raise ConfigError(
             f"checkpoints in {directory!r}: none is intact ({said}); accepted: the checkpoint "
-            "files restored, or --overwrite to start afresh"
+            "files restored, or $overwrite to start afresh"
         )
     state_problem = _state_problem(directory)
     if state_problem is None and latest(directory) != found[chosen]:
@@ -244,25 +238,6 @@ def _write_state(directory: str, prefixes: list[str]) -> None:
     write_text(os.path.join(directory, STATE_FILE), "\n".join(lines) + "\n")
 
 
-def position(path: str) -> tuple[int, int]:
-    """(phase index, global step) stored in checkpoint `path`."""
-    try:
-        phase = tf.train.load_variable(path, "state/phase/.ATTRIBUTES/VARIABLE_VALUE")
-        step = tf.train.load_variable(path, "step/.ATTRIBUTES/VARIABLE_VALUE")
-    except (tf.errors.OpError, ValueError) as error:
-        raise ConfigError(
-            f"checkpoint {path!r}: unreadable or not a tlloop checkpoint "
-            f"({error.__class__.__name__}); accepted: the checkpoints a tlloop run wrote, or "
-            "--overwrite to start afresh"
-        ) from None
-    return int(phase), int(step)
-
-
-def phase_start(path: str) -> int:
-    """The global step at which the phase under way in checkpoint `path` began."""
-    return int(tf.train.load_variable(path, "state/phase_start/.ATTRIBUTES/VARIABLE_VALUE"))
-
-
 class Checkpoints:
     """Saves and restores one run. On a non-chief task saves go to a temporary directory that
     is deleted again (TensorFlow's convention: every task must save, because reading
@@ -276,9 +251,11 @@ class Checkpoints:
         self.objects: dict = {}
 
     def track(self, **objects) -> None:
-        """Sets what the next saves and restores hold; called at each phase start."""
+        """Sets what the next saves and restores hold; called at each phase start. `actions`,
+        if given, is {key: tf.Module}: each stateful action's state, saved under
+        `actions/<key>`."""
         self.objects = objects
-        self.checkpoint = tf.train.Checkpoint(**objects)
+        self.checkpoint = _checkpoint(objects)
 
     def save(self, step: int) -> None:
         """Saves what is tracked as checkpoint number `step`.
@@ -332,33 +309,50 @@ class Checkpoints:
         of `model`; run before anything is written, so a bad checkpoint changes nothing."""
         _restore(tf.train.Checkpoint(model=model), path)
 
-    def restore(self, path: str) -> None:
+    def restore(self, path: str) -> list[str]:
         """Restores everything tracked from `path`; a mismatch is a ConfigError naming it.
+        Returns the keys of the actions' states `path` does not hold (written before tlloop
+        kept them there): those are left as they are, for their actions to read.
 
         The checkpoint may hold more than is tracked (a finished run's optimizer, when only
         its results are wanted); every tracked object must be in it, except w0 (`anchors`),
         which a checkpoint written before tlloop kept it lacks: the run then measures from the
         backbone as it was built for this process (its pretrained or warm-started weights).
         """
-        checkpoint = self.checkpoint
-        if "anchors" in self.objects and not any(
-            name.startswith("anchors/") for name, _ in tf.train.list_variables(path)
-        ):
+        names = [name for name, _ in tf.train.list_variables(path)]
+        objects = dict(self.objects)
+        if "anchors" in objects and not any(name.startswith("anchors/") for name in names):
             logging.warning(
                 "checkpoint %s holds no w0 (written before tlloop kept it): L2-SP and the weight "
                 "drift measure from the backbone as built for this run",
                 path,
             )
-            checkpoint = tf.train.Checkpoint(
-                **{k: v for k, v in self.objects.items() if k != "anchors"}
-            )
-        _restore(checkpoint, path)
+            del objects["anchors"]
+        held = {name.split("/")[1] for name in names if name.startswith("actions/")}
+        states = objects.get("actions") or {}
+        missing = [key for key in states if key not in held]
+        if missing:
+            objects["actions"] = {k: v for k, v in states.items() if k in held}
+        _restore(_checkpoint(objects), path)
+        return missing
 
 
 def _last_clause(message: str) -> str:
     """The cause at the end of a TensorFlow error message, e.g. "File too large"."""
     text = " ".join(message.split())
     return text.rsplit(";", 1)[-1].split("[Op:", 1)[0].strip()[:160] or text[:160]
+
+
+def _checkpoint(objects: dict) -> tf.train.Checkpoint:
+    """A tf.train.Checkpoint of `objects`; `actions` ({key: tf.Module}) as one module whose
+    attributes are the keys (an empty one left out)."""
+    objects = dict(objects)
+    states = objects.pop("actions", None)
+    if states:
+        objects["actions"] = tf.Module(name="actions")
+        for key, state in states.items():
+            setattr(objects["actions"], key, state)
+    return tf.train.Checkpoint(**objects)
 
 
 def _restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
@@ -370,7 +364,7 @@ def _restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
         text = " ".join(str(error).split())[:300]
         raise ConfigError(
             f"checkpoint {path!r}: does not fit this model ({text}); accepted: a checkpoint "
-            "of the same flags, or --overwrite to start afresh"
+            "of the same flags, or $overwrite to start afresh"
         ) from None
 
 

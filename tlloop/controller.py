@@ -1,11 +1,14 @@
 """The controller: the loop over phases, epochs and host calls, and the run's state.
 
 It reads top to bottom: `run` -> `_run_phase` -> `_run_epoch` -> `_run_steps`. It owns the
-run's position (phase, gradual-unfreeze stage, global step, the resume point) and the compiled
-steps; everything else (checkpoint cadence, best model and early stopping, summaries, profiler,
-console, Keras callbacks) is an action called at named points (see `tlloop.actions`). All state
-is created under the strategy's scope; in a cluster every task runs the same loop (reading a
-metric is a collective) and only the chief's actions write.
+run's position (phase, gradual-unfreeze stage, global step, the resume point; the arithmetic in
+`tlloop.loop.position`), the phase's input (`tlloop.loop.inputs`), the compiled steps and the
+run's checkpoint; everything else (checkpoint cadence, best model, early stopping, summaries,
+profiler, console, Keras callbacks) is an action called at named points (see `tlloop.actions`):
+each sees the run through a read-only `RunView` and returns `Signal`s (save, stop the phase,
+stop the run) that the controller applies. All state is created under the strategy's scope; in
+a cluster every task runs the same loop (reading a metric is a collective) and only the
+chief's actions write.
 """
 
 from __future__ import annotations
@@ -20,14 +23,17 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tlloop import adabn, feature_cache
+from tlloop import adabn
 from tlloop import anchors as anchors_lib
 from tlloop import checkpoints as checkpoint_lib
 from tlloop import phases as phase_lib
-from tlloop.actions import Action, Checkpointer, Stopped
+from tlloop.actions import Action, RunView, Signal, Signals, Stopped, signals_of
 from tlloop.config import TrainingConfig
-from tlloop.data.examples import BatchStream, Examples
+from tlloop.data.examples import Examples
 from tlloop.errors import CallbackError, RunFailed
+from tlloop.loop import position as position_lib
+from tlloop.loop.inputs import Inputs
+from tlloop.loop.position import AutoLoop
 from tlloop.mixing import Mixing
 from tlloop.models import TransferModel
 from tlloop.optim import make_optimizer
@@ -143,8 +149,8 @@ class Controller:
     called in the order given. `run` returns the results (per phase: its steps, seconds, the
     seconds of each epoch's training loop (host calls, input waits and actions; evaluation
     aside), last
-    train and eval metrics; the best evaluation when a BestKeeper is among the actions; the
-    SHA-256 of the final weights, equal on every task of a cluster).
+    train and eval metrics; the SHA-256 of the final weights, equal on every task of a
+    cluster).
     """
 
     def __init__(
@@ -168,16 +174,20 @@ class Controller:
         self.checkpoints, self.actions, self.distribute = checkpoints, actions, distribute
         self.train_writer = train_writer or contextlib.nullcontext()
         self.steps_per_epoch = -(-train.size // settings.batch_size)
+        self.epochs = position_lib.Epochs(
+            self.steps_per_epoch, tuple(phase.config.epochs for phase in plan)
+        )
         self.eval_steps = eval_data.eval_steps(settings.eval_batch_size)
-        self.total_epochs = sum(phase.config.epochs for phase in plan)
         self.preview = train.preview()
         # Outside the strategy's scope: the same on every task, and a distributed string
         # variable cannot be broadcast by MultiWorkerMirroredStrategy.
         self.state = checkpoint_lib.RunState()
+        self.action_states = self._action_states(actions)
         self.host_call = (0, 1)  # the last host call's (first global step, steps)
-        self.stop_requested = False  # set by an action: end the run after the host call
-        # Set by an action: end the phase after this epoch (True), or, "callback" (a Keras
-        # callback set model.stop_training), after the host call under way and its evaluation.
+        self.stop_requested = False  # Signal.STOP_RUN: end the run after the host call
+        # Signal.STOP_PHASE: end the phase after this epoch (True); Signal.CALLBACK_STOP (a
+        # Keras callback set model.stop_training): after the host call under way and its
+        # evaluation ("callback").
         self.stop_phase: bool | str = False
         self.report = ""
         self.epoch_seconds = []  # each epoch's training loop, the phase under way
@@ -185,18 +195,35 @@ class Controller:
         self.auto_loop = AutoLoop()
         self.host_calls = 0  # train-step calls of the phase under way
         self.epoch_number = self.epoch_start_step = self.epoch_offset = 0
-        found = [a for a in actions if isinstance(a, Checkpointer)]
-        if len(found) != 1:
-            raise ValueError("actions: exactly one Checkpointer saves the run's checkpoints")
-        self.checkpointer = found[0]
+        self.last_logs: dict = {}
+        self.last_saved = time.monotonic()
+        self.view = RunView(self)
         for action in actions:
-            action.controller = self
+            action.view = self.view
+
+    @staticmethod
+    def _action_states(actions: list[Action]) -> dict[str, tf.Module]:
+        """{state_key: state} of the stateful actions: saved under `actions/<state_key>`."""
+        states = {}
+        for action in actions:
+            state = action.state()
+            if state is None:
+                continue
+            if not action.state_key or action.state_key in states:
+                raise ValueError(
+                    f"actions: {type(action).__name__} keeps state under "
+                    f"{action.state_key!r}; accepted: a state_key no other action uses"
+                )
+            states[action.state_key] = state
+        return states
 
     # The run, top to bottom.
 
     def run(self) -> dict:
         resume_from = self.checkpoints.resume_point()  # the newest intact one, verified
-        start_phase, start_step = checkpoint_lib.position(resume_from) if resume_from else (0, 0)
+        start_phase, start_step = (
+            position_lib.stored(resume_from) if resume_from else position_lib.Stored(0, 0)
+        )
         if resume_from:
             self.checkpoints.check(resume_from, self.model)
             where = (
@@ -206,9 +233,16 @@ class Controller:
             )
             logging.info("resuming from %s: %s, step %d", resume_from, where, start_step)
         self.resume_from, self.start_step = resume_from, start_step
+        self.resumed, self.start_phase = bool(resume_from), start_phase
+        # The step the resumed phase began at (read before anything restores it).
+        self.resume_phase_start = (
+            position_lib.phase_start(resume_from)
+            if resume_from and start_phase < len(self.plan)
+            else 0
+        )
         with self.strategy.scope():
             self._make_state()
-            self.epoch_number = self._epochs_before(start_phase, start_step, resume_from)
+            self.epoch_number = self.epochs.before(start_phase, start_step, self.resume_phase_start)
             self._call("on_run_begin")
             results = {"phases": []}
             with self.train_writer, self._save_when_stopped():
@@ -246,20 +280,28 @@ class Controller:
             jit_compile=self.settings.jit_compile,
             task=self.task,
         )
-        self.eval_batches = self._distributed_eval(self.eval)
-        self.feature_eval_step = None  # made when a phase first trains on cached features
-        self.stream = BatchStream(
-            self.train, self.distribute, self.settings.batch_size, self.settings.seed
+        self.inputs = Inputs(
+            model=self.model,
+            train=self.train,
+            eval_data=self.eval,
+            distribute=self.distribute,
+            batch_size=self.settings.batch_size,
+            eval_batch_size=self.settings.eval_batch_size,
+            seed=self.settings.seed,
+            cache_mode=self.settings.feature_cache,
+            eval_step=self.eval_step,
+            feature_eval_step=lambda phase: EvalStep(
+                self.model,
+                phase.modes,
+                self.eval_metrics,
+                jit_compile=self.settings.jit_compile,
+                features_in=True,
+                task=self.task,
+            ),
         )
         self.last_step: TrainStep | None = None
         # w0, the backbone as it starts: a resumed run restores the first start's.
         self.anchors = anchors_lib.Anchors(self.model.backbone)
-
-    def _distributed_eval(self, examples: Examples):
-        size = self.settings.eval_batch_size
-        return self.distribute(
-            lambda part: examples.eval_batches(size, part), examples.positionable, size
-        )
 
     def _run_phase(self, phase: phase_lib.Phase, results: dict) -> None:
         self._set_trainability(phase, self._resume_stage(phase))
@@ -267,42 +309,30 @@ class Controller:
         logging.info("mode table:\n%s", phase.modes.to_text())
         logging.info("trainability:\n%s", self.report)
         self._call("on_phase_begin", phase)
-        use_cache, cache_reason = self._feature_cache(phase)
+        mixing = mixing_of(self.settings)
+        use_cache, cache_reason = self.inputs.decide(phase, mixing.describe() if mixing else "")
         self.stop_phase = False
         self.host_calls = 0
         step = self._new_step(phase, use_cache)
         if self.resume_from:
-            self.checkpoints.restore(self.resume_from)
+            self._restore(self.resume_from)
             results["phases"] = self.state.finished_phases()
             self.resume_from = None
             if len(results["phases"]) > phase.index:
                 return  # the checkpoint was this phase's last
         else:
             self.state.start_phase(phase.index, self._step())
-            self.checkpointer.save()
-        evaluator = (self.eval_step, self.eval_batches)
-        if use_cache:
-            cached = feature_cache.compute(self.model, self.train, self.eval)
-            cached_stream = BatchStream(
-                cached.train, self.distribute, self.settings.batch_size, self.settings.seed
-            )
-            batches = cached_stream.at(self._step())
-            self.feature_eval_step = self.feature_eval_step or EvalStep(
-                self.model,
-                phase.modes,
-                self.eval_metrics,
-                jit_compile=self.settings.jit_compile,
-                features_in=True,
-                task=self.task,
-            )
-            evaluator = (self.feature_eval_step, self._distributed_eval(cached.eval))
-            cache_reason += f"; computed in {cached.seconds:.2f} s"
-        else:
-            batches = self.stream.at(self._step())
-        logging.info("%s phase feature cache: %s", phase.name, cache_reason)
+            self._save()
+        phase_input = self.inputs.open(phase, use_cache, cache_reason, self._step())
+        batches, evaluator = phase_input.batches, phase_input.evaluator
+        logging.info("%s phase feature cache: %s", phase.name, phase_input.reason)
         # With jit_compile: XLA's scope (the whole step or the gradients), before any batch is read.
         step.choose_xla(batches.element_spec)
-        first_epoch, offset = self._resume_epoch()
+        first_epoch, offset = self.epochs.resume(
+            self._step(),
+            int(self.state.phase_start.numpy()),
+            int(self.state.evaluated_step.numpy()),
+        )
         started = time.perf_counter()
         train_result = eval_result = None
         stopped_early = False
@@ -326,8 +356,7 @@ class Controller:
             if self.stop_phase or self.stop_requested:
                 stopped_early = bool(self.stop_phase)
                 break
-        if not use_cache:
-            self.stream.ran_to(self._step())
+        self.inputs.close(phase_input, self._step())
         if eval_result is None:  # resumed after the phase's evaluated last step
             train_result = self.train_metrics.result()
             eval_result = self._evaluate(step, evaluator)
@@ -336,7 +365,7 @@ class Controller:
             "epochs": phase.config.epochs,
             "epochs_run": epochs_run,  # fewer when stopped early (the last may be partial)
             "stopped_early": stopped_early,
-            "feature_cache": cache_reason,
+            "feature_cache": phase_input.reason,
             "last_step": self._step(),
             "seconds": round(time.perf_counter() - started, 3),
             "epoch_seconds": [round(t, 4) for t in self.epoch_seconds],
@@ -351,7 +380,7 @@ class Controller:
         self.state.record(results["phases"])
         if self.stop_requested:  # a callback ended the run: nothing is left to resume
             self.state.phase.assign(len(self.plan))
-        self.checkpointer.save()  # the end of the phase
+        self._save()  # the end of the phase
         self._call("on_phase_end", phase, result)
 
     def _run_epoch(self, phase, epoch, step, batches, offset, evaluator):
@@ -383,6 +412,7 @@ class Controller:
             "seconds": seconds,
             "drift": self._drift(step),
         }
+        self.last_logs = logs
         self._call("on_epoch_end", phase, epoch, logs)
         self.in_epoch = False
         self.epoch_number += 1
@@ -398,7 +428,14 @@ class Controller:
         done, loop_started = 0, time.perf_counter()
         while done < count and not (self.stop_requested or self.stop_phase):
             current = self._step()
-            chunk = self._chunk(current, count - done)
+            chunk = position_lib.chunk(
+                current,
+                count - done,
+                steps_per_loop=self.settings.steps_per_loop,
+                log_every_steps=self.settings.log_every_steps,
+                auto_loop=self.auto_loop,
+                limits=[action.limit for action in self.actions],
+            )
             self.host_call = (current, chunk)
             self._call("before_steps", current)
             started = time.perf_counter()
@@ -416,32 +453,23 @@ class Controller:
             self._call("on_steps", phase, self._step(), rows, speed, output.nonfinite)
         return time.perf_counter() - loop_started
 
-    def _chunk(self, current: int, remaining: int) -> int:
-        """The steps of the next host call from global step `current`: `remaining` (the
-        epoch's, so an evaluation ends a call) cut by steps_per_loop and by every action."""
-        if self.settings.steps_per_loop == "auto":
-            chunk = min(remaining, self.auto_loop.steps())
-            every = self.settings.log_every_steps
-            if every:  # a logged row reaches the host (console, callbacks) as it is made
-                chunk = min(chunk, every - current % every)
-        else:
-            chunk = min(remaining, self.settings.steps_per_loop)
-        for action in self.actions:
-            chunk = action.limit(current, chunk)
-        return chunk
-
     def _finish(self, results: dict) -> None:
         self.state.phase.assign(len(self.plan))
         if self.resume_from:  # the checkpoint was of a finished run: only its results count
-            self.checkpoints.track(model=self.model, step=self.global_step, state=self.state)
-            self.checkpoints.restore(self.resume_from)
+            self.checkpoints.track(
+                model=self.model,
+                step=self.global_step,
+                state=self.state,
+                actions=self.action_states,
+            )
+            self._restore(self.resume_from)
             results["phases"] = self.state.finished_phases()
         else:
             if self.last_step is not None and self.last_step.averages:
                 # From here on the model holds the averaged weights: the final checkpoint,
                 # the digest and the export (of the last weights) are of those.
                 self.last_step.swap_averages()
-            self.checkpointer.save()
+            self._save()
         results["nonfinite_steps_skipped"] = int(self.state.nonfinite_steps.numpy())
         results["weights_sha256"] = weights_digest(self.model)
         self._call("on_run_end", results)
@@ -452,29 +480,45 @@ class Controller:
         return int(self.global_step.numpy())
 
     def _call(self, hook: str, *args) -> None:
+        """Calls `hook` on every action in order, applying each one's signals as it returns."""
         for action in self.actions:
-            getattr(action, hook)(*args)
+            self._apply(getattr(action, hook)(*args))
+
+    def _apply(self, returned: Signals) -> None:
+        for signal in signals_of(returned):
+            if signal is Signal.SAVE:
+                self._save()
+            elif signal is Signal.STOP_PHASE:
+                self.stop_phase = True
+            elif signal is Signal.CALLBACK_STOP:
+                self.stop_phase = "callback"
+            elif signal is Signal.STOP_RUN:
+                self.stop_requested = True
+            elif signal is Signal.INTERRUPT:
+                raise Stopped()  # _save_when_stopped saves first
+            else:
+                raise TypeError(f"an action returned {signal!r}; accepted: tlloop.actions.Signal")
+
+    def _save(self) -> None:
+        """Saves the run's checkpoint at the current global step."""
+        step = self._step()
+        self.checkpoints.save(step)
+        self.last_saved = time.monotonic()
+        logging.info("checkpoint saved at step %d", step)
+
+    def _restore(self, path: str) -> None:
+        """Restores everything tracked from `path`; a stateful action whose state the
+        checkpoint does not hold (an older tlloop's layout) reads it from there itself."""
+        missing = self.checkpoints.restore(path)
+        for action in self.actions:
+            if action.state_key in missing:
+                action.restore_old(path)
 
     def _set_trainability(self, phase, stage: int) -> None:
         phase_lib.apply_trainability(self.model, phase, stage)
         # BatchNorm that uses batch statistics must see the global batch, not a replica's.
         phase_lib.synchronize_batch_norm(
             self.model, phase.modes.train.backbone and self.strategy.num_replicas_in_sync > 1
-        )
-
-    def _feature_cache(self, phase) -> tuple[bool, str]:
-        """(train this phase on cached features?, the reason logged)."""
-        mixing = mixing_of(self.settings)
-        return feature_cache.decide(
-            self.settings.feature_cache,
-            backbone_frozen=phase.config.unfreeze.kind == "none",
-            backbone_training=phase.modes.train.backbone,
-            augmenting=phase.modes.train.augment and _augments(self.model),
-            mixing=mixing.describe() if mixing else "",
-            model=self.model,
-            train=self.train,
-            eval_data=self.eval,
-            eval_batch_size=self.settings.eval_batch_size,
         )
 
     def _new_step(self, phase, use_cache: bool) -> TrainStep:
@@ -501,17 +545,31 @@ class Controller:
             metrics=self.train_metrics.variables,
             rng=checkpoint_lib.rng_states(self.model),
             anchors=self.anchors.variables,
+            actions=self.action_states,
         )
         self.last_step = step
         self.auto_loop = AutoLoop()  # a new step traces in its first call: measured afresh
         return step
 
     def _evaluate(self, step: TrainStep, evaluator) -> dict:
-        eval_step, batches = evaluator
         with averaged(step):  # the moving averages, when kept
-            self.eval_metrics.reset()
-            eval_step(iter(batches), self.eval_steps)
-            return self.eval_metrics.result()
+            return self._measure(evaluator)
+
+    def _measure(self, evaluator) -> dict:
+        """The evaluation metrics of the model's weights as they are, over `evaluator`'s
+        batches with its eval step."""
+        eval_step, batches = evaluator
+        self.eval_metrics.reset()
+        eval_step(iter(batches), self.eval_steps)
+        return self.eval_metrics.result()
+
+    def evaluate_now(self) -> dict:
+        """RunView.evaluate: the model as it is, on the evaluation images."""
+        return self._measure((self.eval_step, self.inputs.eval_batches))
+
+    def evaluated_weights(self):
+        """RunView.evaluated_weights: the model holds the weights last evaluated."""
+        return averaged(self.last_step)
 
     def _drift(self, step: TrainStep) -> dict[str, float]:
         """Per backbone layer, how far the weights evaluated moved from w0 (relative)."""
@@ -544,27 +602,7 @@ class Controller:
         """The gradual-unfreeze stage a resumed phase was in (0 otherwise)."""
         if not (self.resume_from and phase.config.gradual):
             return 0
-        _, step = checkpoint_lib.position(self.resume_from)
-        done = step - checkpoint_lib.phase_start(self.resume_from)
-        return max(done - 1, 0) // self.steps_per_epoch
-
-    def _resume_epoch(self) -> tuple[int, int]:
-        """(first epoch, steps of it already done) of the phase under way."""
-        start = int(self.state.phase_start.numpy())
-        done = self._step() - start
-        first_epoch, offset = divmod(done, self.steps_per_epoch)
-        if done and not offset and int(self.state.evaluated_step.numpy()) != self._step():
-            # Resumed after an epoch's last step but before its evaluation: evaluate it.
-            first_epoch, offset = first_epoch - 1, self.steps_per_epoch
-        return first_epoch, offset
-
-    def _epochs_before(self, phase_index: int, step: int, resume_from) -> int:
-        """Epochs finished before the resume point, counted across phases (Keras' epoch
-        numbers for callbacks)."""
-        if not resume_from or phase_index >= len(self.plan):
-            return sum(p.config.epochs for p in self.plan[:phase_index])
-        done = step - checkpoint_lib.phase_start(resume_from)
-        return sum(p.config.epochs for p in self.plan[:phase_index]) + done // self.steps_per_epoch
+        return self.epochs.stage(self.start_step, self.resume_phase_start)
 
     @contextlib.contextmanager
     def _save_when_stopped(self):
@@ -575,48 +613,14 @@ class Controller:
             yield
         except (Stopped, KeyboardInterrupt, CallbackError):
             if self.in_epoch:
-                self.checkpointer.save()
+                self._save()
             raise
-
-
-class AutoLoop:
-    """How many steps the next host call of a compiled step may run under steps_per_loop
-    "auto": one while the step is new (its first call traces, its second is timed), then as
-    many as take about `seconds` at the last call's speed, at most `max_steps`. The bound
-    keeps a call short enough for the console, a SIGTERM and the checkpoint clock, which
-    are served between calls; the results do not depend on it (every step is the same)."""
-
-    seconds = 1.0
-    max_steps = 1000
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.step_seconds = 0.0
-
-    def steps(self) -> int:
-        if self.calls < 2 or self.step_seconds <= 0:
-            return 1
-        return max(1, min(self.max_steps, int(self.seconds / self.step_seconds)))
-
-    def observe(self, steps: int, seconds: float) -> None:
-        """Records a host call of `steps` steps that took `seconds`."""
-        self.calls += 1
-        if self.calls >= 2:  # the first call's time is mostly tracing
-            self.step_seconds = seconds / steps
 
 
 def _row(columns: tuple[str, ...], values) -> dict:
     row = dict(zip(columns, (float(v) for v in values), strict=True))
     row["step"] = int(row["step"])
     return row
-
-
-def _augments(model: TransferModel) -> bool:
-    """True if the augment submodule holds any layer that changes its input."""
-    return bool(phase_lib.leaf_layers(model.augment)) and not all(
-        isinstance(layer, (keras.layers.InputLayer, keras.layers.Identity))
-        for layer in phase_lib.leaf_layers(model.augment)
-    )
 
 
 def weights_digest(model: keras.Model) -> str:

@@ -352,7 +352,6 @@ class Trainer:
         keeper = action_lib.BestKeeper(
             self.checkpoint.best_metric.resolved(task.best_metric),  # "auto": the task's
             best,
-            patience=self.checkpoint.early_stopping_patience,
         )
         class_names = getattr(task, "class_names", None)
         writer = action_lib.SummaryWriter(
@@ -365,13 +364,13 @@ class Trainer:
         actions = [
             writer,
             action_lib.Checkpointer(
-                checkpoints,
                 every_steps=self.checkpoint.every_steps,
                 # Tasks of a cluster must save together, and their clocks do not agree.
                 every_secs=self.checkpoint.every_secs if cluster_task(strategy) is None else 0.0,
                 stop=stop,
             ),
             keeper,
+            *action_lib.EarlyStopping.of(keeper.metric, self.checkpoint.early_stopping_patience),
             *self._wise_ft(directory, summaries, chief, keeper.metric),
             action_lib.Progress(verbose=chief and not self.logging.quiet),
             self.callbacks,

@@ -25,33 +25,34 @@ from absl import logging
 from tlloop import checkpoints as checkpoint_lib
 from tlloop.actions import Action
 from tlloop.config import BestMetric, CheckpointConfig, ConfigError, PhaseConfig
-from tlloop.evaluation import evaluate
-from tlloop.steps import averaged
 
 LP = "lp"  # WORKDIR/checkpoints/lp: theta_LP
 
 
 def finetune_index(checkpoint: CheckpointConfig, phases: Sequence[PhaseConfig]) -> int | None:
     """The index of the phase at whose start theta_LP is taken (the first phase that trains
-    the backbone), or None without `checkpoint.wise_ft`. Raises ConfigError naming --wise_ft
+    the backbone), or None without `checkpoint.wise_ft`. Raises ConfigError naming `wise_ft`
     when no phase trains the backbone, or none before it trains at all."""
     if not checkpoint.wise_ft:
         return None
-    flag = f"--wise_ft={','.join(repr(a) for a in checkpoint.wise_ft)}"
+    value = ",".join(repr(a) for a in checkpoint.wise_ft)
     trains = [i for i, p in enumerate(phases) if p.epochs >= 1 and p.unfreeze.kind != "none"]
     if not trains:
         raise ConfigError(
-            f"{flag}: no phase trains the backbone (WiSE-FT interpolates towards the fine-tuned "
-            "weights); accepted: a fine-tune phase (e.g. --finetune_epochs >= 1 with --unfreeze "
-            "not none) after the head phase, or no --wise_ft"
+            "wise_ft",
+            value,
+            "no phase trains the backbone (WiSE-FT interpolates towards the fine-tuned weights)",
+            "a fine-tune phase (e.g. $finetune.epochs >= 1 with $unfreeze not none) after the "
+            "head phase, or no $wise_ft",
         )
     first = trains[0]
     if not any(p.epochs >= 1 for p in phases[:first]):
         raise ConfigError(
-            f"{flag}: no phase before {phases[first].name!r} (the first that trains the "
-            "backbone) trains, so there is no linear-probe model to interpolate from; "
-            "accepted: a head phase of >= 1 epoch first (e.g. --head_epochs >= 1), or no "
-            "--wise_ft"
+            "wise_ft",
+            value,
+            f"no phase before {phases[first].name!r} (the first that trains the backbone) "
+            "trains, so there is no linear-probe model to interpolate from",
+            "a head phase of >= 1 epoch first (e.g. $head.epochs >= 1), or no $wise_ft",
         )
     return first
 
@@ -98,37 +99,39 @@ class WiseFT(Action):
         self.summaries = summaries
 
     def on_run_begin(self) -> None:
-        c = self.controller
-        self.lp.track(model=c.model)
-        if not c.resume_from:
+        view = self.view
+        self.lp.track(model=view.model)
+        phase = view.resumed_phase
+        if phase is None:
             return
-        phase, _ = checkpoint_lib.position(c.resume_from)
         if phase >= self.finetune_index and not checkpoint_lib.latest(self.lp.directory):
             raise ConfigError(
-                f"--wise_ft: the run in {os.path.dirname(self.lp.directory)!r} is past its "
+                "wise_ft",
+                problem=f"the run in {os.path.dirname(self.lp.directory)!r} is past its "
                 f"linear-probe model and {self.lp.directory!r} holds none (the run was started "
-                "without --wise_ft); accepted: --overwrite to start afresh, or no --wise_ft"
+                "without $wise_ft)",
+                accepted="$overwrite to start afresh, or no $wise_ft",
             )
 
     def on_phase_begin(self, phase) -> None:
         # A resumed phase restores a later state after this hook: its lp was saved by the
         # process that started the phase, before that phase's first checkpoint.
-        if phase.index == self.finetune_index and not self.controller.resume_from:
-            step = int(self.controller.global_step.numpy())
+        if phase.index == self.finetune_index and not self.view.resuming:
+            step = self.view.step
             # The weights the phase before evaluated last: its moving averages, with EMA.
-            with averaged(self.controller.last_step):
+            with self.view.evaluated_weights():
                 self.lp.save(step)
             logging.info("WiSE-FT: theta_LP saved at step %d in %s", step, self.lp.directory)
 
     def on_run_end(self, results: dict) -> None:
-        c = self.controller
+        view = self.view
         lp_path = checkpoint_lib.latest(self.lp.directory)
         if lp_path is None:  # a callback ended the run before fine-tuning began
             logging.warning("WiSE-FT skipped: the run ended before its backbone trained")
             results["wise_ft"] = []
             return
-        variables = list(c.model.weights)
-        ft_from = {"weights": "last", "step": int(c.global_step.numpy())}
+        variables = list(view.model.weights)
+        ft_from = {"weights": "last", "step": view.step}
         ft = [np.array(v.numpy()) for v in variables]
         self.lp.restore(lp_path)
         lp = [np.array(v.numpy()) for v in variables]
@@ -136,7 +139,7 @@ class WiseFT(Action):
         rows = []
         for alpha in self.alphas:
             self._assign(variables, alpha, lp, ft)
-            metrics = evaluate(c.eval_step, c.eval_metrics, c.eval_batches, c.eval_steps)
+            metrics = view.evaluate()
             rows.append({"alpha": alpha, "metrics": metrics})
         chosen, by = self.export_alpha, "wise_ft_export"
         if chosen == "best":
@@ -182,7 +185,7 @@ class WiseFT(Action):
             mark = " (exported)" if row["alpha"] == chosen else ""
             values = " | ".join(f"{_numbers(row['metrics'])[n]:.6g}" for n in names)
             lines.append(f"| {row['alpha']:g}{mark} | {values} |")
-        s.text("wise_ft", "\n".join(lines), int(self.controller.global_step.numpy()))
+        s.text("wise_ft", "\n".join(lines), self.view.step)
         s.flush()
 
 
