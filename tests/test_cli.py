@@ -12,7 +12,7 @@ from conftest import REPO, eval_accuracy, run_cli
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from tlloop.config import DataConfig, parse_classes
+from tlloop.cli.config import DataConfig, parse_classes
 from tlloop.data import load_data
 
 

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from conftest import flag_error
 
-from tlloop.config import DataConfig, parse_classes
+from tlloop.cli.config import DataConfig, parse_classes
 from tlloop.data import load_data
 from tlloop.data.pipeline import skipped_unreadable
 from tlloop.data.sources import load_source

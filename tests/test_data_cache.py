@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlloop.config import ConfigError, DataConfig
+from tlloop.cli.config import DataConfig
+from tlloop.config import ConfigError
 from tlloop.data import load_data
 
 

@@ -18,7 +18,8 @@ import pytest
 from conftest import TINY_FOLDER_RUN, flag_error, run_cli
 from PIL import Image, ImageOps
 
-from tlloop.config import ConfigError, DataConfig
+from tlloop.cli.config import DataConfig
+from tlloop.config import ConfigError
 from tlloop.data import load_data
 from tlloop.data.images import read_image, scan_bytes
 from tlloop.data.pipeline import skipped_unreadable

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from conftest import flag_error, run_cli
 
-from tlloop.config import DataConfig
+from tlloop.cli.config import DataConfig
 from tlloop.data import load_data
 from tlloop.data.examples import InMemoryExamples, Part, StreamedExamples, example_index
 from tlloop.data.pipeline import memory_budget

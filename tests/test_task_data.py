@@ -14,10 +14,12 @@ from task_data import COLOURS, write_image_csvs
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from tlloop.config import ConfigError, DataConfig
+from tlloop.cli.config import DataConfig
+from tlloop.cli.experiment import build_experiment, train
+from tlloop.config import ConfigError
 from tlloop.data.text import load_task_data
 from tlloop.evaluation import evaluate_saved
-from tlloop.trainer import Stopped, build_experiment, train
+from tlloop.trainer import Stopped
 
 
 @pytest.fixture(scope="module")

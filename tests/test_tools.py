@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from conftest import run_cli
 
-from tlloop.config import DataConfig, parse_classes
+from tlloop.cli.config import DataConfig, parse_classes
 from tlloop.data import load_data
 
 

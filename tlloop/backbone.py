@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 from absl import app, flags
 
+from tlloop.cli.flags import flag_line
 from tlloop.config import ConfigError
-from tlloop.flags import flag_line
 
 FLAGS = flags.FLAGS
 

@@ -19,7 +19,6 @@ the best evaluation so far.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import hashlib
 import json
@@ -29,6 +28,8 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -36,7 +37,6 @@ from absl import logging
 
 from tlloop.config import ConfigError
 from tlloop.errors import RunFailed
-from tlloop.models import build_model
 from tlloop.models.modes import SUBMODULES
 from tlloop.models.walk import seed_generators
 from tlloop.workdir import write_json, write_text
@@ -399,11 +399,11 @@ def rng_states(model) -> list:
 SAVED = ("export", BEST, "latest")
 
 
-def load_trained_model(workdir: str, which: str, model_config, num_classes: int):
+def load_trained_model(workdir: str, which: str, build: Callable[[], Any]):
     """The model a run in `workdir` saved: "export" (export/model.keras), "best" (the best
     checkpoint), "latest" (the newest checkpoint) or a checkpoint path; returns it and the path
-    it came from. A checkpoint is loaded into a model built from `model_config` (without
-    downloading weights it would overwrite). Raises ConfigError naming --checkpoint."""
+    it came from. A checkpoint is loaded into the model `build()` makes (the run's
+    architecture, without weights it would overwrite). Raises ConfigError naming --checkpoint."""
     flag = f"--checkpoint={which!r}"
     accepted = "export, best, latest, or a checkpoint path (PREFIX with PREFIX.index)"
     if which == "export":
@@ -419,10 +419,6 @@ def load_trained_model(workdir: str, which: str, model_config, num_classes: int)
     )
     if not path:
         raise ConfigError(f"{flag}: no such checkpoint in {directory!r}; accepted: {accepted}")
-    application = not model_config.backbone.endswith(".keras")
-    model_config = dataclasses.replace(
-        model_config, weights="none" if application else model_config.weights, init_checkpoint=""
-    )
-    model = build_model(model_config, num_classes)
+    model = build()
     _restore(tf.train.Checkpoint(model=model), path)
     return model, path

@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags
 
-from tlloop import flags as tlloop_flags
+from tlloop.cli import flags as tlloop_flags
 from tlloop.config import ConfigError
 
 FLAGS = flags.FLAGS

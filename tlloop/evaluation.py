@@ -9,7 +9,9 @@ import numpy as np
 import tensorflow as tf
 
 from tlloop.checkpoints import load_trained_model
-from tlloop.config import ConfigError, RunConfig
+from tlloop.cli.config import RunConfig
+from tlloop.cli.model import restorable_model
+from tlloop.config import ConfigError
 from tlloop.data.examples import as_examples
 from tlloop.data.text import is_text, load_task_data
 from tlloop.distribute import distribute_batches
@@ -85,7 +87,9 @@ def evaluate_saved(workdir: str, which: str, config: RunConfig) -> dict:
             "from its export, whose model.keras holds what a checkpoint does not (the "
             "targets' scale, the tokenizer); accepted: export"
         )
-    model, path = load_trained_model(workdir, which, config.model, data.num_classes)
+    model, path = load_trained_model(
+        workdir, which, lambda: restorable_model(config.model, data.num_classes)
+    )
     if kind != "classification":
         task = _saved_task(model, config, data.class_names)
         metrics = Metrics(task=task, evaluation=True)

@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from tlloop import flags as tlloop_flags
+from tlloop.cli import flags as tlloop_flags
 from tlloop.config import RANGE_TEST, ConfigError
 
 FLAGS = flags.FLAGS
@@ -40,14 +40,10 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"--find_steps={FLAGS.find_steps}: too few; accepted: >= 5")
         config = tlloop_flags.to_config(FLAGS)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-        from tlloop import distribute, trainer
+        from tlloop.cli.experiment import build_experiment
+        from tlloop.cli.strategy import make_strategy
 
-        distribute.configure_logical_devices(
-            config.distribute.logical_devices, config.distribute.logical_device_memory_mb
-        )
-        experiment = trainer.build_experiment(
-            config, distribute.make_strategy(config.distribute), find_rates=False
-        )
+        experiment = build_experiment(config, make_strategy(config.distribute), find_rates=False)
         names = [phase.name for phase in experiment.phases]
         if FLAGS.phase not in names:
             raise ConfigError(

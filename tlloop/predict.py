@@ -18,8 +18,8 @@ import sys
 
 from absl import app, flags
 
+from tlloop.cli.flags import flag_line
 from tlloop.config import BAD_IMAGES, ConfigError
-from tlloop.flags import flag_line
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "", "The workdir of a finished tlloop run (uses its export).")

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from absl import app, flags
 
-from tlloop import flags as tlloop_flags
+from tlloop.cli import flags as tlloop_flags
 from tlloop.config import ConfigError
 
 # The fixed point is iterated until alpha and beta each change by less than this (relative).

@@ -28,7 +28,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tlloop.config import ConfigError, DataConfig
+from tlloop.cli.config import DataConfig
+from tlloop.config import ConfigError
 from tlloop.data.examples import IndexedExamples, InMemoryExamples
 from tlloop.data.images import (
     ACCEPTED_IMAGES,

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tlloop.config import ConfigError, DataConfig
+from tlloop.cli.config import DataConfig
+from tlloop.config import ConfigError
 from tlloop.data.images import IMAGE_EXTENSIONS, UNDECODED_KINDS, shown
 
 if TYPE_CHECKING:

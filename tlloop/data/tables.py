@@ -16,7 +16,8 @@ import os
 
 import numpy as np
 
-from tlloop.config import ConfigError, DataConfig
+from tlloop.cli.config import DataConfig
+from tlloop.config import ConfigError
 from tlloop.data.sources import Source, Split, _limit_per_class, _split, random_split
 
 CONTENT_COLUMNS = ("path", "text")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tlloop.config import ConfigError, DataConfig
+from tlloop.cli.config import DataConfig
+from tlloop.config import ConfigError
 from tlloop.data.examples import InMemoryExamples
 from tlloop.data.pipeline import Data, load_data
 from tlloop.data.sources import Split, _limit_per_class, _select, class_folders, folder_splits

@@ -1,7 +1,7 @@
 """Command-line flags of `python -m tlloop.run`, and their conversion into a RunConfig.
 
 Nothing here defines an option: every flag is made from an option field of the config
-dataclasses (`tlloop.config.options()`), which holds its default, check and help. The flags are
+dataclasses (`tlloop.cli.config.options()`), which holds its default, check and help. The flags are
 defined on a FlagValues the entry point passes in; nothing here keeps or reads a global FLAGS.
 Values are checked once, by the config dataclasses, with messages that name the flag.
 """
@@ -12,7 +12,7 @@ from collections.abc import Collection
 
 from absl import flags
 
-from tlloop import config as config_lib
+from tlloop.cli import config as config_lib
 from tlloop.errors import Problem
 
 _OPTIONS = config_lib.options()
@@ -58,11 +58,11 @@ def define_flags(flag_values: flags.FlagValues, only: Collection[str] | None = N
     """Defines tlloop's flags on `flag_values` (those named in `only`, if given).
 
     `--helpfull` lists them under the config dataclass that defines each (e.g.
-    tlloop.config.DataConfig)."""
+    tlloop.cli.config.DataConfig)."""
     for meta in _OPTIONS:
         if only is not None and meta.flag not in only:
             continue
-        common = {"flag_values": flag_values, "module_name": f"tlloop.config.{meta.owner}"}
+        common = {"flag_values": flag_values, "module_name": meta.owner}
         if meta.kind == "bool":
             flags.DEFINE_bool(meta.flag, meta.default, meta.help, **common)
         elif meta.kind == "enum":

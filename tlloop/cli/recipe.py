@@ -19,8 +19,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from tlloop import config as config_lib
-from tlloop.config import RECIPES, ConfigError, RunConfig  # noqa: F401  RECIPES: re-exported
+from tlloop.cli import config as config_lib
+from tlloop.cli.config import RECIPES, ConfigError, RunConfig  # noqa: F401  RECIPES: re-exported
 
 # Size bands by training examples: (name, the first size that is not in the band).
 BANDS = (("tiny", 1_000), ("small", 20_000), ("large", None))
