@@ -253,7 +253,7 @@ def parse_tflite_formats(spec: Any) -> tuple[str, ...]:
         "export_tflite",
         text,
         "the LiteRT interpreter that verifies each file is not installed",
-        'pip install "tlloop[tflite]" (ai-edge-litert), or no --export_tflite',
+        'pip install "tlloop[tflite]" (ai-edge-litert), or no $export_tflite',
     )
     return formats
 
@@ -290,7 +290,7 @@ def parse_wise_ft_export(value: Any) -> str | float:
         "wise_ft_export",
         value,
         "not best or a number",
-        "best, or a --wise_ft value",
+        "best, or a $wise_ft value",
     )
     return alpha
 
@@ -330,8 +330,8 @@ def parse_rate(value: Any, name: str, auto: bool = False) -> float | str:
             name,
             value,
             "the range test runs before training, with a fresh head on the pretrained "
-            "backbone, so it can suggest only --head_lr",
-            "a rate > 0 (python -m tlloop.lr_find --phase=finetune suggests one)",
+            "backbone, so it can suggest only $head_lr",
+            "a rate > 0 (python -m tlloop.lr_find for the finetune phase suggests one)",
         )
     try:
         rate = float(value) if not isinstance(value, bool) else float("nan")
@@ -419,6 +419,17 @@ class BestMetric:
         """This metric, or for "auto" the task's `default` (name, direction)."""
         return BestMetric(*default) if self.name == AUTO_METRIC else self
 
+    def for_task(self, task: Any) -> BestMetric:
+        """This metric for `task` (a `tlloop.Task`): "auto" resolved to the task's own;
+        ConfigError when the task's evaluation does not report it."""
+        metric = self.resolved(task.best_metric)
+        known = ("loss", *task.metric_names)
+        if metric.name not in known:
+            raise ConfigError(
+                "best_metric", metric, f"the task has no metric {metric.name!r}", ", ".join(known)
+            )
+        return metric
+
     def better(self, value: float, than: float) -> bool:
         """True if `value` is strictly better than `than` (anything beats NaN, the unset)."""
         if self.name == AUTO_METRIC:
@@ -481,9 +492,9 @@ class PhaseConfig:
             not (self.gradual and self.unfreeze.kind == "none"),
             "unfreeze_schedule",
             f"gradual:{self.gradual}",
-            "with --unfreeze=none no backbone layer would ever train",
-            "--unfreeze=all, top:N, blocks:N, from:LAYER_NAME or regex:PATTERN with it, or no "
-            "--unfreeze_schedule",
+            "with $unfreeze=none no backbone layer would ever train",
+            "$unfreeze=all, top:N, blocks:N, from:LAYER_NAME or regex:PATTERN with it, or no "
+            "$unfreeze_schedule",
         )
         require(self.epochs >= 0, f"{self.name}_epochs", self.epochs, "negative", ">= 0")
         require(
@@ -516,9 +527,9 @@ class PhaseConfig:
             not (self.bn_mode == "train" and self.unfreeze.kind == "none"),
             "bn_mode",
             self.bn_mode,
-            "with --unfreeze=none no backbone layer trains and the backbone stays in inference "
+            "with $unfreeze=none no backbone layer trains and the backbone stays in inference "
             "mode, so it would change nothing",
-            "frozen, or train with an --unfreeze policy that trains backbone layers (a "
+            "frozen, or train with an $unfreeze policy that trains backbone layers (a "
             "ModeTable sets the backbone's mode directly)",
         )
 
@@ -661,14 +672,14 @@ class TrainingConfig:
             self.mix_prob == 1.0 or bool(self.mixup or self.cutmix),
             "mix_prob",
             self.mix_prob,
-            "there is no --mixup or --cutmix to apply",
-            "--mix_prob with --mixup=ALPHA or --cutmix=ALPHA, or no --mix_prob",
+            "there is no $mixup or $cutmix to apply",
+            "$mix_prob with $mixup=ALPHA or $cutmix=ALPHA, or no $mix_prob",
         )
         require(
             not (self.warmup_steps and self.warmup_epochs),
             "warmup_steps",
             self.warmup_steps,
-            "given together with --warmup_epochs",
+            "given together with $warmup_epochs",
             "one of the two",
         )
         # Decoupled decay pulls the same weights toward 0 that L2-SP pulls toward w0.
@@ -676,9 +687,9 @@ class TrainingConfig:
             not (self.weight_decay and (self.l2sp or self.l2sp_head)),
             "weight_decay",
             self.weight_decay,
-            f"given together with --{'l2sp' if self.l2sp else 'l2sp_head'}, which regularises "
+            f"given together with ${'l2sp' if self.l2sp else 'l2sp_head'}, which regularises "
             "the same weights",
-            "one of the two (--l2sp_head is the L2 of the head's kernels)",
+            "one of the two ($l2sp_head is the L2 of the head's kernels)",
         )
 
 
@@ -731,8 +742,8 @@ class LoggingConfig:
             not (self.profile_steps and not self.summaries),
             "profile_steps",
             ",".join(map(str, self.profile_steps)),
-            "--nosummaries writes nothing, a profile neither",
-            "no --profile_steps with --nosummaries, or summaries on",
+            "without $summaries nothing is written, a profile neither",
+            "no $profile_steps without $summaries, or summaries on",
         )
 
 
@@ -865,6 +876,6 @@ class CheckpointConfig:
             chosen == "best" or chosen in self.wise_ft,
             "wise_ft_export",
             chosen,
-            f"not among --wise_ft={','.join(repr(a) for a in self.wise_ft)}",
-            "best, or one of --wise_ft's values",
+            f"not among $wise_ft={','.join(repr(a) for a in self.wise_ft)}",
+            "best, or one of $wise_ft's values",
         )

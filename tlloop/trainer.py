@@ -280,18 +280,21 @@ class Trainer:
             raise ValueError(f"batch_size={batch_size}, eval_batch_size={eval_batch_size}")
         auto = [p.name for p in self.phases if p.learning_rate == config_lib.AUTO_RATE]
         if auto:
-            raise ValueError(
-                f"phases: {auto[0]!r} has learning_rate='auto', which only build_experiment "
-                "(--head_lr=auto) resolves; accepted: a rate > 0 (tlloop.lr_range.range_test "
-                "suggests one)"
+            raise ConfigError(
+                "phases",
+                problem=f"{auto[0]!r} has learning_rate='auto', which only build_experiment "
+                "($head_lr=auto) resolves",
+                accepted="a rate > 0 (tlloop.lr_range.range_test suggests one)",
             )
         for name in ("label_smoothing", "class_weights"):  # the CLI gives them to its task
             value = getattr(self.training, name)
             if value:
-                raise ValueError(
-                    f"training.{name}={value!r}: the task's loss applies it, not the trainer; "
-                    f"accepted: {type(self.task).__name__}({name}={value!r}) "
-                    f"(tlloop.Classification or tlloop.MultiLabel), and training.{name} unset"
+                raise ConfigError(
+                    f"training.{name}",
+                    repr(value),
+                    "the task's loss applies it, not the trainer",
+                    f"{type(self.task).__name__}({name}={value!r}) "
+                    f"(tlloop.Classification or tlloop.MultiLabel), and training.{name} unset",
                 )
         if self.deterministic:
             tf.config.experimental.enable_op_determinism()
@@ -299,13 +302,7 @@ class Trainer:
         train = as_examples(train, argument="train", inputs=declared)
         _check_mixing(self.training, self.task, train)
         eval_data = as_examples(eval_data, argument="eval_data", inputs=declared)
-        metric = self.checkpoint.best_metric.resolved(self.task.best_metric)
-        known = ("loss", *self.task.metric_names)
-        if metric.name not in known:
-            raise ValueError(
-                f"best_metric={metric}: the task has no metric {metric.name!r}; accepted: "
-                f"{', '.join(known)}"
-            )
+        self.checkpoint.best_metric.for_task(self.task)
         plan = phase_lib.plan_phases(self.phases, model, train.element_spec[0])
         serving = serving_inputs(train)
         if export:  # decided now: an export refused after training would cost the whole run
@@ -406,7 +403,7 @@ class Trainer:
                 raise
             last = checkpoint_lib.latest(directory)
             raise ConfigError(
-                f"{found}; accepted: {ACCEPTED_IMAGES}, or --bad_images=skip (which decodes "
+                f"{found}; accepted: {ACCEPTED_IMAGES}, or $bad_images=skip (which decodes "
                 "every image before training) to leave it out; "
                 + (
                     f"the last checkpoint is intact ({last}): the same command resumes from it"
@@ -614,9 +611,9 @@ def _hparams(record: dict) -> dict[str, str | int | float | bool]:
 
 @contextlib.contextmanager
 def _arguments():
-    """The library speaks in arguments: checks it shares with the command line name flags
-    (`--unfreeze=top:9: ...`), and a Python caller gets them as ValueErrors naming the
-    argument (`unfreeze=top:9: ...`)."""
+    """The library speaks in arguments: a check that still words its error as a flag line
+    (two dashes before the name) reaches a Python caller as a ValueError naming the argument
+    (`unfreeze=top:9: ...`). Goes once every module raises the structured ConfigError."""
     try:
         yield
     except ConfigError as error:
@@ -664,13 +661,17 @@ def _check_mixing(training: TrainingConfig, task: Task, train: Examples) -> None
     name = "mixup" if training.mixup else "cutmix"
     value = getattr(training, name)
     if not task.mixable:
-        raise ValueError(
-            f"training.{name}={value}: a {type(task).__name__} task's loss of mixed labels is "
-            "not its loss of their mix; accepted: 0"
+        raise ConfigError(
+            f"training.{name}",
+            value,
+            f"a {type(task).__name__} task's loss of mixed labels is not its loss of their mix",
+            "0",
         )
     spec = train.element_spec[0]
     if not (isinstance(spec, tf.TensorSpec) and (spec.dtype.is_floating or spec.dtype.is_integer)):
-        raise ValueError(
-            f"training.{name}={value}: the inputs are {spec}; accepted: images (one numeric "
-            "tensor per example), or 0"
+        raise ConfigError(
+            f"training.{name}",
+            value,
+            f"the inputs are {spec}",
+            "images (one numeric tensor per example), or 0",
         )

@@ -846,7 +846,7 @@ def from_flags(values: Mapping[str, Any], given: Collection[str] | None = None) 
     by_flag = {meta.flag: meta for meta in options()}
     unknown = sorted(set(values) - set(by_flag))
     if unknown:
-        raise ConfigError(f"{unknown}: not tlloop flags; accepted: {', '.join(by_flag)}")
+        raise ConfigError(str(unknown), problem="not tlloop flags", accepted=", ".join(by_flag))
     config = _build(RunConfig, values, by_flag)
     object.__setattr__(config, "given", frozenset(values if given is None else given))
     return config

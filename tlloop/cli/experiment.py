@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import keras
 import tensorflow as tf
@@ -24,7 +24,7 @@ from tlloop.cli import config as config_lib
 from tlloop.cli.config import ConfigError, RunConfig
 from tlloop.cli.model import build_model, build_text_model
 from tlloop.cli.recipe import Recipe, resolve
-from tlloop.config import AUTO_RATE, format_augment
+from tlloop.config import AUTO_RATE
 from tlloop.data import Data
 from tlloop.data.text import is_text, load_task_data
 from tlloop.distribute import is_chief
@@ -99,13 +99,7 @@ def build_experiment(
         logging.info("%s", line)
     wise_ft.finetune_index(config.checkpoint, config.phases)  # with the recipe's epochs
     task = build_task(config, data)
-    metric = config.checkpoint.best_metric.resolved(task.best_metric)
-    known = ("loss", *task.metric_names)
-    if metric.name not in known:
-        raise ConfigError(
-            f"--best_metric={metric.to_flag()}: --task={config.task.task} reports no "
-            f"{metric.name!r}; accepted: {', '.join(known)}"
-        )
+    config.checkpoint.best_metric.for_task(task)
     phases = config.phases
     with strategy.scope():
         if text:
@@ -147,72 +141,100 @@ def build_experiment(
 
 # Where each task other than classification finds its labels or targets.
 SOURCES_OF = {"multilabel": ("csv", "tfrecord"), "regression": ("csv",)}
+# Flags that adapt an image backbone's input, and flags of image decoding only.
+ADAPTER_FLAGS = ("backbone_layer", "backbone_range", "backbone_channels")
+IMAGE_FLAGS = ("resize", "image_size", "bad_images")
+_TEXTS = "the examples are texts (a KerasHub text preset reads them)"
 
 
-def check_task(config: RunConfig, text: bool) -> None:
-    """Refuses, naming the flag, what --task cannot combine with (before any data loads)."""
-    kind = config.task.task
-    problem = None
-    if config.data.task != kind:
-        problem = ("task", kind, f"the data section reads {config.data.task}", "one value")
-    elif kind != "classification" and config.data.dataset not in SOURCES_OF[kind]:
-        problem = (
-            "task",
-            kind,
-            f"its labels or targets come from {' or '.join(SOURCES_OF[kind])}, "
-            f"not --dataset={config.data.dataset}",
-            " or ".join(f"--dataset={source}" for source in SOURCES_OF[kind]),
-        )
-    elif kind == "regression" and (
-        config.training.label_smoothing or config.training.class_weights
-    ):
-        problem = (
-            "label_smoothing" if config.training.label_smoothing else "class_weights",
-            config.training.label_smoothing or config.training.class_weights,
-            "applies to classification, not --task=regression",
-            "0 / empty with --task=regression",
-        )
-    elif kind != "classification" and config.checkpoint.export_tflite:
-        problem = (
-            "export_tflite",
-            ",".join(config.checkpoint.export_tflite),
-            f"TFLite exports serve class probabilities, not --task={kind}",
-            "empty, or --task=classification",
-        )
-    elif text and config.model.augment:
-        problem = (
-            "augment",
-            format_augment(config.model.augment),
-            "augmentation operations are for images, the examples are texts",
-            "empty",
-        )
-    elif text and config.checkpoint.export_tflite:
-        problem = (
-            "export_tflite",
-            ",".join(config.checkpoint.export_tflite),
-            "TFLite exports take images, the examples are texts",
-            "empty",
-        )
-    elif (text or kind == "regression") and (config.training.mixup or config.training.cutmix):
-        flag = "mixup" if config.training.mixup else "cutmix"
-        problem = (
-            flag,
-            getattr(config.training, flag),
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A combination of flags a run refuses: `flag` is at fault when `refused(config, text)`
+    (`text`: the examples are texts); `problem` and `accepted` say why and what would do."""
+
+    flag: str
+    refused: Callable[[RunConfig, bool], bool]
+    problem: Callable[[RunConfig, bool], str]
+    accepted: Callable[[RunConfig], str]
+
+
+def _kind(config: RunConfig) -> str:
+    return config.task.task
+
+
+def _mixing(name: str) -> Rule:
+    return Rule(
+        name,
+        lambda c, text: bool(getattr(c.training, name)) and (text or _kind(c) == "regression"),
+        lambda c, text: (
             "mixing is for images, the examples are texts"
             if text
             else "mixing the losses of two targets is not the loss of a mixed target "
-            "(--task=regression)",
-            "0",
-        )
-    # Flags this run would not read: refused when given with a value other than their default
-    # (flags.txt lists every flag, defaults included). (flag, read by this run?, why not).
-    data, formats = config.data, config.checkpoint.export_tflite
-    texts = "the examples are texts (a KerasHub text preset reads them)"
+            "(--task=regression)"
+        ),
+        lambda c: "0",
+    )
+
+
+def _smoothing(name: str) -> Rule:
+    return Rule(
+        name,
+        lambda c, text: bool(getattr(c.training, name)) and _kind(c) == "regression",
+        lambda c, text: "applies to classification, not --task=regression",
+        lambda c: "0 / empty with --task=regression",
+    )
+
+
+# What --task and the kind of examples cannot combine with, checked in this order.
+TASK_RULES = (
+    Rule(
+        "task",
+        lambda c, text: c.data.task != _kind(c),
+        lambda c, text: f"the data section reads {c.data.task}",
+        lambda c: "one value",
+    ),
+    Rule(
+        "task",
+        lambda c, text: _kind(c) != "classification" and c.data.dataset not in SOURCES_OF[_kind(c)],
+        lambda c, text: (
+            f"its labels or targets come from {' or '.join(SOURCES_OF[_kind(c)])}, "
+            f"not --dataset={c.data.dataset}"
+        ),
+        lambda c: " or ".join(f"--dataset={source}" for source in SOURCES_OF[_kind(c)]),
+    ),
+    _smoothing("label_smoothing"),
+    _smoothing("class_weights"),
+    Rule(
+        "export_tflite",
+        lambda c, text: _kind(c) != "classification" and bool(c.checkpoint.export_tflite),
+        lambda c, text: f"TFLite exports serve class probabilities, not --task={_kind(c)}",
+        lambda c: "empty, or --task=classification",
+    ),
+    Rule(
+        "augment",
+        lambda c, text: text and bool(c.model.augment),
+        lambda c, text: "augmentation operations are for images, the examples are texts",
+        lambda c: "empty",
+    ),
+    Rule(
+        "export_tflite",
+        lambda c, text: text and bool(c.checkpoint.export_tflite),
+        lambda c, text: "TFLite exports take images, the examples are texts",
+        lambda c: "empty",
+    ),
+    _mixing("mixup"),
+    _mixing("cutmix"),
+)
+
+
+def _unread(config: RunConfig, text: bool) -> list[tuple[str, bool, str]]:
+    """(flag, read by this run?, why not) for the flags only some runs read."""
+    kind, data, formats = _kind(config), config.data, config.checkpoint.export_tflite
     multi_hot = kind == "multilabel" and data.dataset == "tfrecord"
-    unread = [
-        *((flag, not text, f"it adapts an image model, {texts}") for flag in ADAPTER_FLAGS),
-        *((flag, not text, f"it is for images, {texts}") for flag in IMAGE_FLAGS),
-        ("mixed_precision", not text, f"a text model is built in float32, {texts}"),
+    return [
+        *((flag, not text, f"it adapts an image model, {_TEXTS}") for flag in ADAPTER_FLAGS),
+        *((flag, not text, f"it is for images, {_TEXTS}") for flag in IMAGE_FLAGS),
+        ("mixed_precision", not text, f"a text model is built in float32, {_TEXTS}"),
         ("threshold", kind == "multilabel", f"it applies to --task=multilabel, not {kind}"),
         ("regression_loss", kind == "regression", f"it applies to --task=regression, not {kind}"),
         (
@@ -244,21 +266,27 @@ def check_task(config: RunConfig, text: bool) -> None:
             f"--task={kind} has no one class per example to count",
         ),
     ]
-    if not problem:
-        given, values = config_lib.given_flags(config), config_lib.flag_values(config)
-        defaults = {meta.flag: meta.default for meta in config_lib.options()}
-        for flag, read, why in unread:
-            if not read and flag in given and values[flag] != defaults[flag]:
-                problem = (flag, values[flag], f"this run does not read it: {why}", "no --" + flag)
-                break
-    if problem:
-        flag, value, what, accepted = problem
-        raise ConfigError(f"--{flag}={value!r}: {what}; accepted: {accepted}")
 
 
-# Flags that adapt an image backbone's input, and flags of image decoding only.
-ADAPTER_FLAGS = ("backbone_layer", "backbone_range", "backbone_channels")
-IMAGE_FLAGS = ("resize", "image_size", "bad_images")
+def check_task(config: RunConfig, text: bool) -> None:
+    """Refuses, naming the flag, what --task cannot combine with (`TASK_RULES`), then a flag
+    this run would not read given with a value other than its default (flags.txt lists every
+    flag, defaults included): before any data loads."""
+    values = config_lib.flag_values(config)
+    for rule in TASK_RULES:
+        if rule.refused(config, text):
+            value = values[rule.flag]
+            shown = ",".join(value) if isinstance(value, list) else value
+            raise ConfigError(
+                rule.flag, repr(shown), rule.problem(config, text), rule.accepted(config)
+            )
+    given = config_lib.given_flags(config)
+    defaults = {meta.flag: meta.default for meta in config_lib.options()}
+    for flag, read, why in _unread(config, text):
+        if not read and flag in given and values[flag] != defaults[flag]:
+            raise ConfigError(
+                flag, repr(values[flag]), f"this run does not read it: {why}", "no --" + flag
+            )
 
 
 def build_task(config: RunConfig, data: Data) -> Task:
