@@ -669,7 +669,7 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         check_options(self)
         require(
-            self.mix_prob == 1.0 or bool(self.mixup or self.cutmix),
+            self.mix_prob == 1.0 or bool(self.mixing),
             "mix_prob",
             self.mix_prob,
             "there is no $mixup or $cutmix to apply",
@@ -691,6 +691,13 @@ class TrainingConfig:
             "the same weights",
             "one of the two ($l2sp_head is the L2 of the head's kernels)",
         )
+
+    @property
+    def mixing(self) -> str:
+        """The batch mixing asked for: "mixup" (when both are, MixUp names the choice),
+        "cutmix", or "" for none. Whether it may run on a task and its inputs is
+        `tlloop.trainer`'s check (the task's `mixable`, images)."""
+        return "mixup" if self.mixup else "cutmix" if self.cutmix else ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -656,9 +656,9 @@ def _read_best(best, results: Results) -> None:
 def _check_mixing(training: TrainingConfig, task: Task, train: Examples) -> None:
     """Refuses MixUp/CutMix, before anything is written, for a task whose loss is not linear
     in its labels (`Task.mixable`) or inputs that are not one numeric tensor of images."""
-    if not (training.mixup or training.cutmix):
+    name = training.mixing
+    if not name:
         return
-    name = "mixup" if training.mixup else "cutmix"
     value = getattr(training, name)
     if not task.mixable:
         raise ConfigError(

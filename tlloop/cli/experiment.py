@@ -24,7 +24,7 @@ from tlloop.cli import config as config_lib
 from tlloop.cli.config import ConfigError, RunConfig
 from tlloop.cli.model import build_model, build_text_model
 from tlloop.cli.recipe import Recipe, resolve
-from tlloop.config import AUTO_RATE
+from tlloop.config import AUTO_RATE, PhaseConfig
 from tlloop.data import Data
 from tlloop.data.text import is_text, load_task_data
 from tlloop.distribute import is_chief
@@ -100,26 +100,8 @@ def build_experiment(
     wise_ft.finetune_index(config.checkpoint, config.phases)  # with the recipe's epochs
     task = build_task(config, data)
     config.checkpoint.best_metric.for_task(task)
-    phases = config.phases
     with strategy.scope():
-        if text:
-            model = build_text_model(config.model, data.num_classes, seed=config.seed)
-            # A text encoder fine-tunes with its Dropout on (it has no BatchNorm to protect).
-            phases = tuple(
-                dataclasses.replace(p, modes=TEXT_FINETUNE_MODES)
-                if p.unfreeze.kind != "none" and p.bn_mode == "frozen" and p.modes is None
-                else p
-                for p in phases
-            )
-            logging.info(
-                "text backbone: its Dropout runs in training mode in the train step of a "
-                "phase that fine-tunes it (see each phase's mode table)"
-            )
-        else:
-            standardized = (task.mean, task.std) if isinstance(task, Regression) else None
-            model = build_model(
-                config.model, data.num_classes, seed=config.seed, standardized=standardized
-            )
+        model, phases = _model_and_phases(config, data, task, text)
     report = None
     if config.model.init_checkpoint:
         report = warm_start(model.backbone, config.model.init_checkpoint)
@@ -137,6 +119,32 @@ def build_experiment(
     )
     plan = phase_lib.plan_phases(phases, model)
     return dataclasses.replace(experiment, phases=plan, found_rate=found)
+
+
+def _model_and_phases(
+    config: RunConfig, data: Data, task: Task, text: bool
+) -> tuple[TransferModel, tuple[PhaseConfig, ...]]:
+    """The model the config describes (call under the strategy's scope) and its phases: a
+    text encoder fine-tunes with its Dropout on (it has no BatchNorm to protect)."""
+    phases = config.phases
+    if not text:
+        standardized = (task.mean, task.std) if isinstance(task, Regression) else None
+        model = build_model(
+            config.model, data.num_classes, seed=config.seed, standardized=standardized
+        )
+        return model, phases
+    model = build_text_model(config.model, data.num_classes, seed=config.seed)
+    phases = tuple(
+        dataclasses.replace(p, modes=TEXT_FINETUNE_MODES)
+        if p.unfreeze.kind != "none" and p.bn_mode == "frozen" and p.modes is None
+        else p
+        for p in phases
+    )
+    logging.info(
+        "text backbone: its Dropout runs in training mode in the train step of a "
+        "phase that fine-tunes it (see each phase's mode table)"
+    )
+    return model, phases
 
 
 # Where each task other than classification finds its labels or targets.
@@ -165,7 +173,7 @@ def _kind(config: RunConfig) -> str:
 def _mixing(name: str) -> Rule:
     return Rule(
         name,
-        lambda c, text: bool(getattr(c.training, name)) and (text or _kind(c) == "regression"),
+        lambda c, text: c.training.mixing == name and (text or _kind(c) == "regression"),
         lambda c, text: (
             "mixing is for images, the examples are texts"
             if text
