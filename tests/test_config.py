@@ -516,3 +516,41 @@ def test_hparams_of_a_plan_without_a_head_phase():
     config = cli_config.from_flags({"workdir": "w", "head_epochs": 0})
     finetune_only = dataclasses.replace(config, phases=config.phases[1:])
     assert cli_config.hparams(finetune_only) == cli_config.hparams(config)
+
+
+@pytest.mark.parametrize(
+    "make, library, command_line",
+    [
+        (
+            lambda: config_lib.LoggingConfig(summaries=False, profile_steps=(1, 2)),
+            "profile_steps='1,2': nosummaries writes nothing, a profile neither; accepted: no "
+            "profile_steps with nosummaries",
+            "--profile_steps='1,2': --nosummaries writes nothing, a profile neither; accepted: "
+            "no --profile_steps with --nosummaries",
+        ),
+        (
+            lambda: config_lib.TrainingConfig(mix_prob=0.5),
+            "mix_prob=0.5: there is no mixup or cutmix to apply",
+            "--mix_prob=0.5: there is no --mixup or --cutmix to apply",
+        ),
+        (
+            lambda: config_lib.PhaseConfig("finetune", 1, 1e-3, gradual=2),
+            "unfreeze_schedule='gradual:2': with unfreeze=none no backbone layer would ever train",
+            "--unfreeze_schedule='gradual:2': with --unfreeze=none no backbone layer would ever",
+        ),
+        (
+            lambda: config_lib.CheckpointConfig(wise_ft=(0.5,), wise_ft_export=0.25),
+            "wise_ft_export=0.25: not among wise_ft=0.5; accepted: best, or one of wise_ft's",
+            "--wise_ft_export=0.25: not among --wise_ft=0.5; accepted: best, or one of --wise_ft's",
+        ),
+    ],
+    ids=["nosummaries", "mix_prob", "gradual", "wise_ft_export"],
+)
+def test_the_library_options_speak_in_arguments_and_the_command_line_in_flags(
+    make, library, command_line
+):
+    with pytest.raises(config_lib.ConfigError) as caught:
+        make()
+    assert str(caught.value).startswith(library), str(caught.value)
+    assert "--" not in str(caught.value)
+    assert tlloop_flags.flag_line(caught.value).startswith(command_line)

@@ -268,6 +268,19 @@ def test_a_worker_whose_peer_never_starts_exits_with_a_clear_error(tmp_path):
     assert not workdir.exists()
 
 
+def test_the_library_strategy_takes_arguments_and_names_them(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(tlloop.ConfigError) as caught:
+        distribute.make_strategy("mirrored", ("/gpu:7",), 300.0)
+    assert str(caught.value).startswith("devices='/gpu:7': no such devices ['/gpu:7']")
+    with pytest.raises(tlloop.ConfigError) as caught:
+        distribute.make_strategy("multi_worker", (), 300.0)
+    assert str(caught.value).startswith("strategy=multi_worker: TF_CONFIG is not set")
+    assert isinstance(
+        distribute.make_strategy("one_device", ("/cpu:0",), 300.0), tf.distribute.OneDeviceStrategy
+    )
+
+
 def test_distribution_config_errors_name_the_flag(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with flag_error(r"^--strategy=multi_worker: TF_CONFIG is not set"):

@@ -749,8 +749,8 @@ class LoggingConfig:
             not (self.profile_steps and not self.summaries),
             "profile_steps",
             ",".join(map(str, self.profile_steps)),
-            "without $summaries nothing is written, a profile neither",
-            "no $profile_steps without $summaries, or summaries on",
+            "$nosummaries writes nothing, a profile neither",
+            "no $profile_steps with $nosummaries, or summaries on",
         )
 
 

@@ -317,6 +317,12 @@ class Trainer:
             model, train, eval_data, plan, batch_size, eval_batch_size or batch_size, serving
         )
 
+    def run(self, inputs: FitInputs, **options) -> Results:
+        """Runs inputs its caller checked already (the command line's path: its flags were
+        checked before the workdir was prepared); `options` as `fit` passes them (stop,
+        flags_text, hparams, header, texts, scalars)."""
+        return self._run(inputs, **options)
+
     def _run(
         self,
         run: FitInputs,

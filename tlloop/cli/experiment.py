@@ -369,7 +369,7 @@ def train(
         hparams[f"{found.phase}_lr"] = found.rate
         if is_chief(experiment.strategy) and not found.reused:
             write_json(os.path.join(workdir, FOUND_RATE_FILE), found.to_json())
-    return trainer._run(
+    return trainer.run(
         run,
         stop=stop,
         flags_text=flags_text,

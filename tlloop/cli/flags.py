@@ -31,14 +31,20 @@ _FLAG_OF_ARGUMENT = {
 _PHASE_ARGUMENTS = {"learning_rate": "lr", "epochs": "epochs", "unfreeze": "unfreeze"}
 
 
+# Boolean flags, which absl also takes as --noNAME.
+_BOOL_FLAGS = frozenset(meta.flag for meta in _OPTIONS if meta.kind == "bool")
+
+
 def flag_of(argument: str) -> str | None:
     """The flag that sets a library argument (`PHASE.ARGUMENT` for a phase's own, e.g.
-    `finetune.learning_rate` -> `finetune_lr`); None when no flag sets it."""
+    `finetune.learning_rate` -> `finetune_lr`; `noNAME` for a boolean flag turned off);
+    None when no flag sets it."""
     phase, _, name = argument.rpartition(".")
     if phase and name in _PHASE_ARGUMENTS:
         return f"{phase}_{_PHASE_ARGUMENTS[name]}"
     flag = _FLAG_OF_ARGUMENT.get(argument, argument)
-    return flag if flag in FLAG_NAMES else None
+    known = flag in FLAG_NAMES or (flag.startswith("no") and flag[2:] in _BOOL_FLAGS)
+    return flag if known else None
 
 
 def flag_line(error: Exception) -> str:
