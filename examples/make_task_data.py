@@ -68,7 +68,7 @@ def mosaics(images, labels, count: int, rng) -> tuple[np.ndarray, np.ndarray, np
 def write_mosaics(out: str, seed: int) -> dict:
     import tensorflow as tf
 
-    from tlloop.config import DataConfig, parse_classes
+    from tlloop.cli.config import DataConfig, parse_classes
     from tlloop.data.sources import load_source
 
     source = load_source(DataConfig(classes=parse_classes("5-9")))
