@@ -4,7 +4,7 @@ backbone recomputed every epoch, same model, data and steps.
     python -m benchmarks.feature_cache [--epochs=10] [--backbone=MobileNetV2] [--image_size=96]
         [--per_class=32] [--output=FILE.json]
 
-Each setting is one real run through `trainer.train` (digits, all ten classes, a few-shot
+Each setting is one real run through `cli_experiment.train` (digits, all ten classes, a few-shot
 training set, the full evaluation set, head phase only, weights=None: compute-bound). The time
 compared is the phase's: training and the per-epoch evaluations, plus, with the cache, the one
 pass that computes the features. Runs alternate (off, auto, off, auto) and the medians are
@@ -24,19 +24,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging
 
 from tlloop import config as config_lib
-from tlloop import trainer
+from tlloop.cli import config as cli_config
+from tlloop.cli import experiment as cli_experiment
 
 
 def phase_seconds(feature_cache: str, epochs: int, backbone: str, size: int, per_class: int):
     """Seconds of one frozen phase (with the feature computation, when cached), and its
     evaluation accuracy."""
     with tempfile.TemporaryDirectory() as workdir:
-        config = config_lib.RunConfig(
+        config = cli_config.RunConfig(
             workdir=workdir,
-            data=config_lib.DataConfig(
+            data=cli_config.DataConfig(
                 image_size=size, batch_size=32, train_examples_per_class=per_class
             ),
-            model=config_lib.ModelConfig(backbone=backbone, weights="none", image_size=size),
+            model=cli_config.ModelConfig(backbone=backbone, weights="none", image_size=size),
             phases=(
                 config_lib.PhaseConfig("head", epochs, 1e-3, config_lib.Unfreeze("none")),
                 config_lib.PhaseConfig("finetune", 0, 1e-5, config_lib.Unfreeze("all")),
@@ -45,7 +46,7 @@ def phase_seconds(feature_cache: str, epochs: int, backbone: str, size: int, per
             feature_cache=feature_cache,
             recipe="guide",  # no augmentation: the frozen phase is what the cache is for
         )
-        results = trainer.train(trainer.build_experiment(config), workdir)
+        results = cli_experiment.train(cli_experiment.build_experiment(config), workdir)
     phase = results["phases"][0]
     computed = re.search(r"computed in ([0-9.]+) s", phase["feature_cache"])
     seconds = phase["seconds"] + (float(computed.group(1)) if computed else 0.0)

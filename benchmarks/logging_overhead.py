@@ -27,8 +27,9 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from tlloop import config as config_lib
+from tlloop.cli import config as cli_config
 from tlloop.cli.data import load_data
-from tlloop.models import build_model
+from tlloop.cli.model import build_model
 from tlloop.tasks import Classification
 from tlloop.trainer import Trainer
 
@@ -44,9 +45,9 @@ SETTINGS = {
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    data = load_data(config_lib.DataConfig(image_size=32, batch_size=32))
+    data = load_data(cli_config.DataConfig(image_size=32, batch_size=32))
     keras.utils.set_random_seed(0)
-    model = build_model(config_lib.ModelConfig(backbone="small_cnn", image_size=32), 10)
+    model = build_model(cli_config.ModelConfig(backbone="small_cnn", image_size=32), 10)
     phase = config_lib.PhaseConfig("finetune", 2, 1e-3, config_lib.Unfreeze("all"))
     examples = data.train_size - data.train_size % 32
     speed = {name: [] for name in SETTINGS}

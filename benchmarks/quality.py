@@ -41,8 +41,8 @@ import keras
 import numpy as np
 from absl import app, flags, logging
 
-from tlloop import config as config_lib
-from tlloop import trainer
+from tlloop.cli import config as cli_config
+from tlloop.cli import experiment as cli_experiment
 
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per task and contender.")
 _OUTPUT = flags.DEFINE_string("output", "benchmarks/results", "Directory for QUALITY.md/json.")
@@ -178,8 +178,8 @@ def _values(task: Transfer, root: str, seed: int, **extra) -> dict:
 def run_tlloop(values: dict) -> tuple[float, dict]:
     """(final eval accuracy, the recipe's choices) of one tlloop run, in a temporary workdir;
     the choices include the run's `results` (results.json's content) and its `seconds`."""
-    config = config_lib.from_flags(values)
-    experiment = trainer.build_experiment(config)
+    config = cli_config.from_flags(values)
+    experiment = cli_experiment.build_experiment(config)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         trainer_ = experiment.trainer()
@@ -207,8 +207,8 @@ def run_tlloop(values: dict) -> tuple[float, dict]:
 
 def run_fit(values: dict, head_epochs: int, finetune_epochs: int) -> float:
     """The Keras guide's recipe through compile + fit on the same backbone and split."""
-    config = config_lib.from_flags({**values, "recipe": "guide"})
-    experiment = trainer.build_experiment(config)  # seeds, loads the data, builds the model
+    config = cli_config.from_flags({**values, "recipe": "guide"})
+    experiment = cli_experiment.build_experiment(config)  # seeds, loads the data, builds the model
     model, data = experiment.model, experiment.data
     train = data.train_examples.ordered()
     images = np.stack([np.asarray(x) for x, _ in train])

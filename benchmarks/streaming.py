@@ -41,8 +41,9 @@ from absl import app, flags
 
 from tlloop import config as config_lib
 from tlloop import phases as phase_lib
+from tlloop.cli import config as cli_config
 from tlloop.cli.data import load_data
-from tlloop.models import build_model
+from tlloop.cli.model import build_model
 from tlloop.optim import make_optimizer
 from tlloop.steps import Metrics, TrainStep
 
@@ -185,11 +186,11 @@ def _measure(folder: str, workdir: str, steps: int) -> tuple[float, float]:
 
 def input_speed(full: str, records: str, rounds: int, batches: int = 120) -> dict:
     """Examples/s of each input pipeline, rounds alternating between them."""
-    config = config_lib.DataConfig(
+    config = cli_config.DataConfig(
         dataset="folder", data_dir=full, image_size=SIZE, batch_size=BATCH, data_memory="0"
     )
     folder_stream = load_data(config).train_examples.training_batches(BATCH, 0)
-    record_config = config_lib.DataConfig(
+    record_config = cli_config.DataConfig(
         dataset="tfrecord", train_files=records, image_size=SIZE, batch_size=BATCH, data_memory="0"
     )
     record_stream = load_data(record_config).train_examples.training_batches(BATCH, 0)
@@ -231,7 +232,7 @@ def training_speed(full: str, rounds: int, steps: int = 8) -> dict:
     """Examples/s of MobileNetV2 fine-tuned at 224 px: fed by the stream, and fed one batch."""
     keras.utils.set_random_seed(0)
     model = build_model(
-        config_lib.ModelConfig(backbone="MobileNetV2", weights="none", image_size=SIZE), CLASSES
+        cli_config.ModelConfig(backbone="MobileNetV2", weights="none", image_size=SIZE), CLASSES
     )
     fine_tune = config_lib.PhaseConfig("finetune", 1, 1e-4, config_lib.Unfreeze("all"))
     phase = phase_lib.plan_phases([fine_tune], model)[0]
@@ -244,7 +245,7 @@ def training_speed(full: str, rounds: int, steps: int = 8) -> dict:
         tf.Variable(0, dtype=tf.int64),
         global_batch_size=BATCH,
     )
-    config = config_lib.DataConfig(
+    config = cli_config.DataConfig(
         dataset="folder", data_dir=full, image_size=SIZE, batch_size=BATCH, data_memory="0"
     )
     streamed = iter(load_data(config).train_examples.training_batches(BATCH, 0))
@@ -257,7 +258,7 @@ def training_speed(full: str, rounds: int, steps: int = 8) -> dict:
 
 def resume_cost(full: str, rounds: int) -> dict:
     """Seconds from asking for a resumed run's training batches to holding its first one."""
-    config = config_lib.DataConfig(
+    config = cli_config.DataConfig(
         dataset="folder", data_dir=full, image_size=SIZE, batch_size=BATCH, data_memory="0"
     )
     examples = load_data(config).train_examples

@@ -68,8 +68,8 @@ def mosaics(images, labels, count: int, rng) -> tuple[np.ndarray, np.ndarray, np
 def write_mosaics(out: str, seed: int) -> dict:
     import tensorflow as tf
 
+    from tlloop.cli.config import DataConfig, parse_classes
     from tlloop.cli.data import load_source
-    from tlloop.config import DataConfig, parse_classes
 
     source = load_source(DataConfig(classes=parse_classes("5-9")))
     rng = np.random.default_rng(seed)

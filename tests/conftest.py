@@ -15,9 +15,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 
-from tlloop import config as config_lib
+from tlloop.cli import config as cli_config
+from tlloop.cli.flags import flag_line
 from tlloop.errors import ConfigError
-from tlloop.flags import flag_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAINED = os.path.join(REPO, "experiments", "pretrained", "small_cnn_digits0-4.keras")
@@ -40,17 +40,17 @@ SMALL_RUN = {
 }
 
 
-def make_config(workdir: str, **overrides) -> config_lib.RunConfig:
+def make_config(workdir: str, **overrides) -> cli_config.RunConfig:
     """A small run on digits 5-9: 8 training examples per class, 32 px, batch 16.
 
     `overrides` are flag values by flag name (`per_class` for --train_examples_per_class), or
     whole sections of the RunConfig by field name (`checkpoint=`, `training=`, ...)."""
-    flag_names = {meta.flag for meta in config_lib.options()}
-    sections = {f.name for f in dataclasses.fields(config_lib.RunConfig)} - flag_names
+    flag_names = {meta.flag for meta in cli_config.options()}
+    sections = {f.name for f in dataclasses.fields(cli_config.RunConfig)} - flag_names
     replaced = {name: overrides.pop(name) for name in sections & set(overrides)}
     if "per_class" in overrides:
         overrides["train_examples_per_class"] = overrides.pop("per_class")
-    config = config_lib.from_flags({**SMALL_RUN, **overrides, "workdir": workdir})
+    config = cli_config.from_flags({**SMALL_RUN, **overrides, "workdir": workdir})
     return dataclasses.replace(config, **replaced)
 
 

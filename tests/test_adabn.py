@@ -16,6 +16,8 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import tlloop
 from tlloop import adabn, trainer
+from tlloop.cli import config as cli_config
+from tlloop.cli import experiment as cli_experiment
 from tlloop.config import PhaseConfig
 from tlloop.data.examples import InMemoryExamples, StreamedExamples
 
@@ -156,15 +158,16 @@ def test_a_resumed_run_does_not_adapt_again_and_ends_as_an_uninterrupted_one(tmp
     workdir = str(tmp_path / "resumed")
     config = make_config(workdir, bn_mode="adapt", deterministic=True)
     with pytest.raises(trainer.Stopped):
-        trainer.train(trainer.build_experiment(config), workdir, stop=StopAfter(4))
+        cli_experiment.train(cli_experiment.build_experiment(config), workdir, stop=StopAfter(4))
     assert calls == [1]
-    experiment = trainer.build_experiment(config)
-    resumed = trainer.train(experiment, workdir)
+    experiment = cli_experiment.build_experiment(config)
+    resumed = cli_experiment.train(experiment, workdir)
     assert calls == [1]  # the checkpoint said it was done
     assert resumed["bn_adapt"]["resumed"]
     other = str(tmp_path / "uninterrupted")
-    whole = trainer.train(
-        trainer.build_experiment(make_config(other, bn_mode="adapt", deterministic=True)), other
+    whole = cli_experiment.train(
+        cli_experiment.build_experiment(make_config(other, bn_mode="adapt", deterministic=True)),
+        other,
     )
     assert calls == [1, 1]
     assert resumed["weights_sha256"] == whole["weights_sha256"]
@@ -178,10 +181,12 @@ def test_a_resumed_run_does_not_adapt_again_and_ends_as_an_uninterrupted_one(tmp
 def test_resuming_a_run_that_did_not_adapt_is_refused(tmp_path):
     workdir = str(tmp_path / "run")
     with pytest.raises(trainer.Stopped):
-        trainer.train(trainer.build_experiment(make_config(workdir)), workdir, stop=StopAfter(2))
-    experiment = trainer.build_experiment(make_config(workdir, bn_mode="adapt"))
+        cli_experiment.train(
+            cli_experiment.build_experiment(make_config(workdir)), workdir, stop=StopAfter(2)
+        )
+    experiment = cli_experiment.build_experiment(make_config(workdir, bn_mode="adapt"))
     with flag_error(r"bn_mode=adapt: checkpoint .* did not adapt"):
-        trainer.train(experiment, workdir)
+        cli_experiment.train(experiment, workdir)
 
 
 def _bn_statistics(workdir) -> dict[str, np.ndarray]:
@@ -219,11 +224,10 @@ def test_two_replicas_adapt_to_the_statistics_of_one(tmp_path):
 
 
 def test_the_flag_adapts_before_the_head_phase_too_and_a_bad_mode_is_named(tmp_path):
-    from tlloop import config as config_lib
 
     config = make_config(str(tmp_path), bn_mode="adapt", finetune_epochs=0)
     assert [phase.bn_mode for phase in config.phases] == ["adapt", "adapt"]
-    assert config_lib.flag_values(config)["bn_mode"] == "adapt"  # flags.txt says it back
+    assert cli_config.flag_values(config)["bn_mode"] == "adapt"  # flags.txt says it back
     with flag_error(r"--bn_mode='adabn': unknown; accepted: .*adapt"):
         PhaseConfig("finetune", 1, 1e-3, bn_mode="adabn")
 

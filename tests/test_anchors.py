@@ -17,6 +17,7 @@ from tensorboard.util import tensor_util
 from tlloop import config as config_lib
 from tlloop import trainer
 from tlloop.checkpoints import latest
+from tlloop.cli import experiment as cli_experiment
 
 ALPHA, BETA = 0.5, 0.05
 # 40 examples, batch 16: 3 steps per epoch; head steps 1-3, fine-tune steps 4-9, where only
@@ -41,7 +42,7 @@ def _rows(workdir: pathlib.Path, kind: str = "train") -> list[dict]:
 
 def _fresh_model(workdir: pathlib.Path, checkpoint: str | None = None):
     """The run's model as built (w0), or with a checkpoint's weights."""
-    model = trainer.build_experiment(make_config(str(workdir), **L2SP_RUN)).model
+    model = cli_experiment.build_experiment(make_config(str(workdir), **L2SP_RUN)).model
     if checkpoint:
         tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial()
     return model
@@ -62,7 +63,7 @@ def _tensor_scalars(logdir: pathlib.Path, prefix: str) -> dict[str, dict[int, fl
 def l2sp_run(tmp_path_factory) -> tuple[pathlib.Path, dict]:
     workdir = tmp_path_factory.mktemp("l2sp") / "run"
     config = make_config(str(workdir), **L2SP_RUN)
-    results = trainer.train(trainer.build_experiment(config), str(workdir))
+    results = cli_experiment.train(cli_experiment.build_experiment(config), str(workdir))
     return workdir, results
 
 
@@ -135,7 +136,9 @@ def _finetune_drift(workdir: pathlib.Path, l2sp: float) -> dict:
         unfreeze="all",
         l2sp=l2sp,
     )
-    return trainer.train(trainer.build_experiment(config), str(workdir))["phases"][0]["drift"]
+    return cli_experiment.train(cli_experiment.build_experiment(config), str(workdir))["phases"][0][
+        "drift"
+    ]
 
 
 def test_a_large_l2sp_keeps_the_backbone_near_w0_where_plain_fine_tuning_leaves(tmp_path):
@@ -155,14 +158,16 @@ def test_l2sp_resumes_bit_identical_with_the_first_starts_w0(tmp_path):
     last = config_lib.CheckpointConfig(export="last")
     config = dict(L2SP_RUN, deterministic=True, checkpoint=last, keep_checkpoints=3)
     whole = tmp_path / "whole"
-    expected = trainer.train(trainer.build_experiment(make_config(str(whole), **config)), whole)
+    expected = cli_experiment.train(
+        cli_experiment.build_experiment(make_config(str(whole), **config)), whole
+    )
     resumed = tmp_path / "resumed"
-    experiment = trainer.build_experiment(make_config(str(resumed), **config))
+    experiment = cli_experiment.build_experiment(make_config(str(resumed), **config))
     with pytest.raises(trainer.Stopped):  # in the fine-tune phase: conv3 has moved from w0
-        trainer.train(experiment, str(resumed), stop=StopAfter(6))
+        cli_experiment.train(experiment, str(resumed), stop=StopAfter(6))
     # The same model object resumes: it holds the stopped weights, not w0; only the
     # checkpoint's w0 give the uninterrupted run's penalty.
-    results = trainer.train(experiment, str(resumed))
+    results = cli_experiment.train(experiment, str(resumed))
     assert results["weights_sha256"] == expected["weights_sha256"]
     speed = ("examples_per_second", "step_time_ms")
     rows = [

@@ -10,7 +10,8 @@ import tensorflow as tf
 from conftest import REPO, flag_error, make_config
 
 from tlloop import trainer
-from tlloop.config import from_flags
+from tlloop.cli import experiment as cli_experiment
+from tlloop.cli.config import from_flags
 from tlloop.loop.position import AutoLoop
 
 
@@ -27,7 +28,7 @@ def _run(workdir: str, steps_per_loop: str) -> tuple[dict, list[dict], list[str]
         keep_checkpoints=10,
         deterministic=True,
     )
-    results = trainer.train(trainer.build_experiment(config), workdir)
+    results = cli_experiment.train(cli_experiment.build_experiment(config), workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as file:
         rows = [json.loads(line) for line in file]
     for row in rows:  # the host's timing of each call differs; everything else must not

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from conftest import REPO, changed, flag_error, make_config, run_cli, snapshot
 
-from tlloop import trainer
-from tlloop.config import ModelConfig, from_flags
+from tlloop.cli import experiment as cli_experiment
+from tlloop.cli.config import ModelConfig, from_flags
 from tlloop.models.backbones import build_backbone
 
 LUMA = np.array([0.2989, 0.5870, 0.1140], np.float32)
@@ -134,10 +134,10 @@ def test_h5_classifier_cut_fine_tunes_and_exports(h5_file, tmp_path):
         unfreeze="all",
         export="last",
     )
-    experiment = trainer.build_experiment(config)
+    experiment = cli_experiment.build_experiment(config)
     model = experiment.model
     before = snapshot(model.backbone)
-    trainer.train(experiment, workdir)
+    cli_experiment.train(experiment, workdir)
     moved = changed(before, snapshot(model.backbone))
     assert any("conv1" in p and "kernel" in p for p in moved), (moved, list(before))
     assert not [p for p in moved if "moving" in p]  # BatchNorm statistics untouched

@@ -15,12 +15,13 @@ import tensorflow as tf
 from conftest import eval_accuracy, make_config
 
 from tlloop import trainer
+from tlloop.cli import experiment as cli_experiment
 from tlloop.config import BestMetric, CheckpointConfig, TrainingConfig
 
 
 def _run(workdir: str, **overrides) -> dict:
     config = make_config(workdir, **overrides)
-    return trainer.train(trainer.build_experiment(config), workdir)
+    return cli_experiment.train(cli_experiment.build_experiment(config), workdir)
 
 
 def _evals(workdir: str) -> list[dict]:
@@ -48,7 +49,7 @@ def test_the_best_evaluation_is_kept_and_exported(tmp_path):
     import tlloop.models  # noqa: F401  registers tlloop's classes
 
     model = keras.saving.load_model(results["export"]["model"])
-    experiment = trainer.build_experiment(make_config(workdir))
+    experiment = cli_experiment.build_experiment(make_config(workdir))
     accuracy, _ = eval_accuracy(model, experiment.data.eval)
     assert accuracy == pytest.approx(results["best"]["value"], abs=1e-6)
 
@@ -92,8 +93,8 @@ def test_an_evaluation_a_kill_skipped_is_run_on_resume(tmp_path):
         checkpoint=checkpoint,
         training=TrainingConfig(optimizer="sgd"),
     )
-    experiment = trainer.build_experiment(config)
-    expected = trainer.train(experiment, complete)
+    experiment = cli_experiment.build_experiment(config)
+    expected = cli_experiment.train(experiment, complete)
     killed = str(tmp_path / "killed")
     shutil.copytree(complete, killed)
     shutil.rmtree(os.path.join(killed, "export"))
@@ -110,8 +111,10 @@ def test_an_evaluation_a_kill_skipped_is_run_on_resume(tmp_path):
             json.dumps(row) + "\n" for row in rows if row["step"] <= 3 and row["kind"] != "eval"
         )
 
-    resumed_experiment = trainer.build_experiment(dataclasses.replace(config, workdir=killed))
-    resumed = trainer.train(resumed_experiment, killed)
+    resumed_experiment = cli_experiment.build_experiment(
+        dataclasses.replace(config, workdir=killed)
+    )
+    resumed = cli_experiment.train(resumed_experiment, killed)
     assert [row["step"] for row in _evals(killed)] == [3, 6, 9]
     # Step 3's evaluation runs on the restored weights: exactly the uninterrupted numbers.
     assert _evals(killed)[0] == _evals(complete)[0]

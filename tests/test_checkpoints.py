@@ -16,8 +16,8 @@ import tensorflow as tf
 from conftest import REPO, make_config, run_cli, start_cli
 from tensorboard.backend.event_processing import plugin_event_accumulator
 
-from tlloop import trainer
 from tlloop.checkpoints import Checkpoints, latest
+from tlloop.cli import experiment as cli_experiment
 from tlloop.config import CheckpointConfig
 
 # 65 examples, batch 32: 3 steps per epoch; head steps 1-60, fine-tune steps 61-90. Dropout
@@ -182,7 +182,7 @@ def test_checkpoints_by_time_and_only_the_last_keep_checkpoints_kept(tmp_path):
     workdir = tmp_path / "run"
     checkpoint = CheckpointConfig(every_steps=0, every_secs=1e-6, keep=2)
     config = make_config(str(workdir), head_epochs=2, finetune_epochs=0, checkpoint=checkpoint)
-    trainer.train(trainer.build_experiment(config), str(workdir))
+    cli_experiment.train(cli_experiment.build_experiment(config), str(workdir))
     # Step 5 is no phase boundary: only a save by time wrote it.
     assert _checkpoint_numbers(workdir / "checkpoints") == [5, 6]
 
@@ -190,7 +190,7 @@ def test_checkpoints_by_time_and_only_the_last_keep_checkpoints_kept(tmp_path):
     other = tmp_path / "default"
     config = make_config(str(other), head_epochs=2, finetune_epochs=0)
     assert config.checkpoint.every_secs == 600 and config.checkpoint.keep == 3
-    trainer.train(trainer.build_experiment(config), str(other))
+    cli_experiment.train(cli_experiment.build_experiment(config), str(other))
     assert _checkpoint_numbers(other / "checkpoints") == [0, 6]
 
 

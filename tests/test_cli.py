@@ -12,8 +12,8 @@ from conftest import REPO, eval_accuracy, run_cli
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
+from tlloop.cli.config import DataConfig, parse_classes
 from tlloop.cli.data import load_data
-from tlloop.config import DataConfig, parse_classes
 
 
 def _scalars(logdir: str, tag: str) -> list[tuple[int, float]]:

@@ -11,8 +11,10 @@ from absl import flags
 from conftest import flag_error
 
 from tlloop import config as config_lib
-from tlloop import flags as tlloop_flags
-from tlloop.config import Unfreeze, parse_augment, parse_classes
+from tlloop.cli import config as cli_config
+from tlloop.cli import flags as tlloop_flags
+from tlloop.cli.config import parse_classes
+from tlloop.config import Unfreeze, parse_augment
 from tlloop.models.modes import INFERENCE, Modes, ModeTable
 from tlloop.workdir import write_atomic, write_text
 
@@ -63,7 +65,7 @@ def test_classes_expand_ranges_and_refuse_repeats():
 )
 def test_data_config_messages_name_the_flag(changes, flag):
     with flag_error(f"^{flag}="):
-        config_lib.DataConfig(**changes)
+        cli_config.DataConfig(**changes)
 
 
 def test_phase_config_names_its_own_flags():
@@ -73,7 +75,7 @@ def test_phase_config_names_its_own_flags():
         config_lib.PhaseConfig("head", -1, 1e-3, Unfreeze("none"))
 
 
-def _parse(argv: list[str]) -> config_lib.RunConfig:
+def _parse(argv: list[str]) -> cli_config.RunConfig:
     values = flags.FlagValues()
     tlloop_flags.define_flags(values)
     values(["tlloop", *argv])
@@ -91,7 +93,7 @@ def test_flags_txt_reproduces_the_same_config(tmp_path):
 
 
 def test_config_is_frozen():
-    config = config_lib.DataConfig()
+    config = cli_config.DataConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.batch_size = 3
 
@@ -126,7 +128,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 # Each option is defined once, on its config field; the flags are made from those fields.
 
 
-def _option_fields(kind: type = config_lib.RunConfig) -> list[str]:
+def _option_fields(kind: type = cli_config.RunConfig) -> list[str]:
     """'owner.field' of every option field under `kind`; fails on a field that is neither an
     option, a follower of another option's flag, nor a section of options."""
     found = []
@@ -134,10 +136,10 @@ def _option_fields(kind: type = config_lib.RunConfig) -> list[str]:
         meta = field.metadata
         if config_lib._OPTION in meta:
             found.append(f"{kind.__name__}.{field.name}")
-        elif config_lib._SECTION in meta:
-            found += _option_fields(meta[config_lib._SECTION].kind)
+        elif cli_config._SECTION in meta:
+            found += _option_fields(meta[cli_config._SECTION].kind)
         else:
-            known = config_lib._FOLLOWS in meta or config_lib._GIVEN in meta
+            known = cli_config._FOLLOWS in meta or cli_config._GIVEN in meta
             assert known, f"{kind.__name__}.{field.name} has no flag"
     return found
 
@@ -146,7 +148,7 @@ def test_every_option_has_exactly_one_flag_and_every_flag_one_option():
     values = flags.FlagValues()
     tlloop_flags.define_flags(values)
     defined = [name for name in values if name not in flags.FlagValues()]
-    options = config_lib.options()
+    options = cli_config.options()
     assert len(options) == len(_option_fields()) == len(defined) == len(set(defined))
     assert [option.flag for option in options] == list(tlloop_flags.FLAG_NAMES)
     assert set(defined) == set(tlloop_flags.FLAG_NAMES)
@@ -156,11 +158,11 @@ def test_every_option_has_exactly_one_flag_and_every_flag_one_option():
 
 def test_flag_defaults_are_the_dataclass_defaults():
     values = _parse(["--workdir=w"])
-    for option in config_lib.options():
+    for option in cli_config.options():
         flag = values[option.flag]
         assert flag.default == option.default, option.flag
         assert flag.help == option.help or flag.help.endswith(option.help), option.flag
-    assert tlloop_flags.to_config(values) == config_lib.RunConfig(workdir="w")
+    assert tlloop_flags.to_config(values) == cli_config.RunConfig(workdir="w")
     assert values["workdir"].default is None  # required: the entry points mark it so
 
 
@@ -317,7 +319,7 @@ CHANGED = [
 def test_every_option_is_changed_by_some_round_trip_case():
     changed = set().union(*CHANGED)
     assert changed == set(tlloop_flags.FLAG_NAMES)
-    defaults = {option.flag: option.default for option in config_lib.options()}
+    defaults = {option.flag: option.default for option in cli_config.options()}
     for case in CHANGED:
         for name, value in case.items():
             assert value != defaults[name], name
@@ -338,9 +340,9 @@ _NO_LITERT = pytest.mark.skipif(
     ],
 )
 def test_flags_txt_of_a_config_parses_back_to_an_equal_config(tmp_path, values):
-    config = config_lib.from_flags(values)
-    assert config_lib.flag_values(config) == {
-        **{option.flag: option.default for option in config_lib.options()},
+    config = cli_config.from_flags(values)
+    assert cli_config.flag_values(config) == {
+        **{option.flag: option.default for option in cli_config.options()},
         **values,
         "classes": ",".join(config.data.classes),  # 5-7 expanded
         "augment": "flip,rotate:0.1,crop:0.125" if "augment" in values else "",
@@ -351,7 +353,7 @@ def test_flags_txt_of_a_config_parses_back_to_an_equal_config(tmp_path, values):
 
 
 def test_flags_feeding_two_fields_set_both():
-    config = config_lib.from_flags({"workdir": "w", "image_size": 48, "seed": 5})
+    config = cli_config.from_flags({"workdir": "w", "image_size": 48, "seed": 5})
     assert config.data.image_size == config.model.image_size == 48
     assert config.data.seed == config.seed == 5
     with flag_error(r"^--seed=5: data and run disagree"):
@@ -359,31 +361,31 @@ def test_flags_feeding_two_fields_set_both():
 
 
 def test_phase_flags_become_two_phases_and_read_back():
-    config = config_lib.from_flags(
+    config = cli_config.from_flags(
         {"workdir": "w", "head_epochs": 0, "unfreeze": "top:2", "unfreeze_schedule": "gradual:1"}
     )
     head, finetune = config.phases
     assert (head.name, head.epochs, head.unfreeze) == ("head", 0, Unfreeze("none"))
     assert (finetune.unfreeze, finetune.gradual) == (Unfreeze("top", 2), 1)
-    assert config_lib.TwoPhases.of(config.phases).to_phases() == config.phases
+    assert cli_config.TwoPhases.of(config.phases).to_phases() == config.phases
     # A plan with only a fine-tune phase (as the benchmarks make) reads as --head_epochs=0.
-    assert config_lib.TwoPhases.of((finetune,)).head_epochs == 0
+    assert cli_config.TwoPhases.of((finetune,)).head_epochs == 0
     with pytest.raises(ValueError, match="head and a finetune"):
-        config_lib.TwoPhases.of((dataclasses.replace(finetune, name="warmup"),))
+        cli_config.TwoPhases.of((dataclasses.replace(finetune, name="warmup"),))
 
 
 def test_unknown_names_are_not_flags():
     with flag_error(r"\['per_class'\]: not tlloop flags"):
-        config_lib.from_flags({"workdir": "w", "per_class": 3})
+        cli_config.from_flags({"workdir": "w", "per_class": 3})
 
 
 def test_feature_cache_takes_auto_or_off_only():
-    def run(feature_cache: str) -> config_lib.RunConfig:
+    def run(feature_cache: str) -> cli_config.RunConfig:
         head = config_lib.PhaseConfig("head", 1, 1e-3, Unfreeze("none"))
-        return config_lib.RunConfig(
+        return cli_config.RunConfig(
             workdir="w",
-            data=config_lib.DataConfig(),
-            model=config_lib.ModelConfig(),
+            data=cli_config.DataConfig(),
+            model=cli_config.ModelConfig(),
             phases=(head,),
             feature_cache=feature_cache,
         )
@@ -395,12 +397,12 @@ def test_feature_cache_takes_auto_or_off_only():
 
 def test_gradual_unfreezing_of_nothing_is_refused_naming_both_flags():
     with flag_error(r"^--unfreeze_schedule='gradual:2': with --unfreeze=none .*accepted"):
-        config_lib.from_flags(
+        cli_config.from_flags(
             {"workdir": "w", "unfreeze": "none", "unfreeze_schedule": "gradual:2"}
         )
     # Either alone is fine.
-    config_lib.from_flags({"workdir": "w", "unfreeze": "none"})
-    config_lib.from_flags({"workdir": "w", "unfreeze": "top:1", "unfreeze_schedule": "gradual:2"})
+    cli_config.from_flags({"workdir": "w", "unfreeze": "none"})
+    cli_config.from_flags({"workdir": "w", "unfreeze": "top:1", "unfreeze_schedule": "gradual:2"})
 
 
 @pytest.mark.parametrize("dataset", ["digits", "tfrecord", "tfds:mnist"])
@@ -410,20 +412,20 @@ def test_val_dir_is_refused_where_the_dataset_does_not_read_it(dataset):
         rf"^--val_dir='held_out': --dataset={dataset} does not read it; accepted: "
         r"--val_dir only with --dataset=folder or text_folder$",
     ):
-        config_lib.DataConfig(dataset=dataset, val_dir="held_out", val_split=0.0, **extra)
+        cli_config.DataConfig(dataset=dataset, val_dir="held_out", val_split=0.0, **extra)
     with flag_error(r"^--val_files=.*only with --dataset=tfrecord$"):
-        config_lib.DataConfig(dataset="folder", data_dir="d", val_files="x.tfrecord")
+        cli_config.DataConfig(dataset="folder", data_dir="d", val_files="x.tfrecord")
 
 
 def test_val_split_zero_needs_the_evaluation_data_the_dataset_reads():
-    folder = config_lib.DataConfig(dataset="folder", data_dir="d", val_dir="v", val_split=0.0)
+    folder = cli_config.DataConfig(dataset="folder", data_dir="d", val_dir="v", val_split=0.0)
     assert folder.val_split == 0.0
     records = {"dataset": "tfrecord", "train_files": "t.tfrecord", "val_split": 0.0}
-    assert config_lib.DataConfig(**records, val_files="v.tfrecord").val_files == "v.tfrecord"
+    assert cli_config.DataConfig(**records, val_files="v.tfrecord").val_files == "v.tfrecord"
     with flag_error(r"^--val_split=0.0: no evaluation data without --val_files"):
-        config_lib.DataConfig(**records)
+        cli_config.DataConfig(**records)
     with flag_error(r"^--val_split=0.0: no evaluation data; accepted: 0 < x"):
-        config_lib.DataConfig(dataset="tfds:mnist", val_split=0.0)
+        cli_config.DataConfig(dataset="tfds:mnist", val_split=0.0)
 
 
 @pytest.mark.parametrize(
@@ -494,7 +496,7 @@ TRAINING_HPARAMS = {
 
 
 def test_hparams_hold_every_training_setting_as_flat_values():
-    base = config_lib.hparams(config_lib.RunConfig(workdir="w"))
+    base = cli_config.hparams(cli_config.RunConfig(workdir="w"))
     assert set(TRAINING_HPARAMS) <= set(base)
     assert {"workdir", "overwrite", "quiet", "summaries", "log_every_steps", "devices"}.isdisjoint(
         base
@@ -505,12 +507,50 @@ def test_hparams_hold_every_training_setting_as_flat_values():
     assert all(isinstance(value, str | int | float | bool) for value in base.values())
     assert base["unfreeze"] == "all" and base["head_epochs"] == 5 and base["best_metric"] == "auto"
     for name, value in TRAINING_HPARAMS.items():
-        changed = config_lib.hparams(config_lib.from_flags({"workdir": "w", name: value}))
+        changed = cli_config.hparams(cli_config.from_flags({"workdir": "w", name: value}))
         assert changed[name] == value
         assert {key for key in base if base[key] != changed[key]} == {name}
 
 
 def test_hparams_of_a_plan_without_a_head_phase():
-    config = config_lib.from_flags({"workdir": "w", "head_epochs": 0})
+    config = cli_config.from_flags({"workdir": "w", "head_epochs": 0})
     finetune_only = dataclasses.replace(config, phases=config.phases[1:])
-    assert config_lib.hparams(finetune_only) == config_lib.hparams(config)
+    assert cli_config.hparams(finetune_only) == cli_config.hparams(config)
+
+
+@pytest.mark.parametrize(
+    "make, library, command_line",
+    [
+        (
+            lambda: config_lib.LoggingConfig(summaries=False, profile_steps=(1, 2)),
+            "profile_steps='1,2': nosummaries writes nothing, a profile neither; accepted: no "
+            "profile_steps with nosummaries",
+            "--profile_steps='1,2': --nosummaries writes nothing, a profile neither; accepted: "
+            "no --profile_steps with --nosummaries",
+        ),
+        (
+            lambda: config_lib.TrainingConfig(mix_prob=0.5),
+            "mix_prob=0.5: there is no mixup or cutmix to apply",
+            "--mix_prob=0.5: there is no --mixup or --cutmix to apply",
+        ),
+        (
+            lambda: config_lib.PhaseConfig("finetune", 1, 1e-3, gradual=2),
+            "unfreeze_schedule='gradual:2': with unfreeze=none no backbone layer would ever train",
+            "--unfreeze_schedule='gradual:2': with --unfreeze=none no backbone layer would ever",
+        ),
+        (
+            lambda: config_lib.CheckpointConfig(wise_ft=(0.5,), wise_ft_export=0.25),
+            "wise_ft_export=0.25: not among wise_ft=0.5; accepted: best, or one of wise_ft's",
+            "--wise_ft_export=0.25: not among --wise_ft=0.5; accepted: best, or one of --wise_ft's",
+        ),
+    ],
+    ids=["nosummaries", "mix_prob", "gradual", "wise_ft_export"],
+)
+def test_the_library_options_speak_in_arguments_and_the_command_line_in_flags(
+    make, library, command_line
+):
+    with pytest.raises(config_lib.ConfigError) as caught:
+        make()
+    assert str(caught.value).startswith(library), str(caught.value)
+    assert "--" not in str(caught.value)
+    assert tlloop_flags.flag_line(caught.value).startswith(command_line)

@@ -9,12 +9,12 @@ import pytest
 import tensorflow as tf
 from conftest import flag_error
 
+from tlloop.cli.config import DataConfig, parse_classes
 from tlloop.cli.data import load_data, load_source
-from tlloop.config import DataConfig, parse_classes
+from tlloop.cli.flags import flag_line
 from tlloop.data.readers.folders import folder_source, image_folder
 from tlloop.data.storage import skipped_unreadable, store_images
 from tlloop.errors import ConfigError
-from tlloop.flags import flag_line
 
 
 def test_digits_split_is_stratified_and_independent_of_the_seed():

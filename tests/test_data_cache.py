@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tlloop.cli.config import DataConfig
 from tlloop.cli.data import load_data
-from tlloop.config import ConfigError, DataConfig
-from tlloop.flags import flag_line
+from tlloop.cli.flags import flag_line
+from tlloop.config import ConfigError
 
 
 @pytest.fixture

@@ -24,10 +24,13 @@ from conftest import PRETRAINED, REPO, flag_error, python_command, run_cli, star
 
 import tlloop
 import tlloop.models  # registers tlloop's Keras classes
-from tlloop import distribute, trainer
-from tlloop import flags as tlloop_flags
-from tlloop.config import DistributeConfig, ModelConfig
-from tlloop.models import ModeTable, build_model
+from tlloop import distribute
+from tlloop.cli import experiment as cli_experiment
+from tlloop.cli import flags as tlloop_flags
+from tlloop.cli import strategy as cli_strategy
+from tlloop.cli.config import DistributeConfig, ModelConfig
+from tlloop.cli.model import build_model
+from tlloop.models import ModeTable
 from tlloop.steps import Metrics, TrainStep
 
 # Both phases, several steps each, no randomness that differs per replica (dropout, augment),
@@ -149,7 +152,7 @@ def _initial_weights(*args: str) -> dict[str, np.ndarray]:
     os.chdir(REPO)  # the flagfile's paths are relative to the repository
     try:
         values(["tlloop", "--workdir=unused", *args])
-        experiment = trainer.build_experiment(tlloop_flags.to_config(values))
+        experiment = cli_experiment.build_experiment(tlloop_flags.to_config(values))
     finally:
         os.chdir(cwd)
     return _by_submodule(experiment.model)
@@ -265,15 +268,28 @@ def test_a_worker_whose_peer_never_starts_exits_with_a_clear_error(tmp_path):
     assert not workdir.exists()
 
 
+def test_the_library_strategy_takes_arguments_and_names_them(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(tlloop.ConfigError) as caught:
+        distribute.make_strategy("mirrored", ("/gpu:7",), 300.0)
+    assert str(caught.value).startswith("devices='/gpu:7': no such devices ['/gpu:7']")
+    with pytest.raises(tlloop.ConfigError) as caught:
+        distribute.make_strategy("multi_worker", (), 300.0)
+    assert str(caught.value).startswith("strategy=multi_worker: TF_CONFIG is not set")
+    assert isinstance(
+        distribute.make_strategy("one_device", ("/cpu:0",), 300.0), tf.distribute.OneDeviceStrategy
+    )
+
+
 def test_distribution_config_errors_name_the_flag(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with flag_error(r"^--strategy=multi_worker: TF_CONFIG is not set"):
-        distribute.make_strategy(DistributeConfig(strategy="multi_worker"))
+        cli_strategy.make_strategy(DistributeConfig(strategy="multi_worker"))
     monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["a:1"]}, "task": {"index": 3}}')
     with flag_error(r"TF_CONFIG is not a cluster with this task"):
-        distribute.make_strategy(DistributeConfig(strategy="multi_worker"))
+        cli_strategy.make_strategy(DistributeConfig(strategy="multi_worker"))
     with flag_error(r"^--devices='/gpu:7': no such devices"):
-        distribute.make_strategy(DistributeConfig(strategy="mirrored", devices=("/gpu:7",)))
+        cli_strategy.make_strategy(DistributeConfig(strategy="mirrored", devices=("/gpu:7",)))
     with flag_error(r"^--devices=.*does not apply to --strategy=default"):
         DistributeConfig(strategy="default", devices=("/cpu:0",))
 
@@ -304,9 +320,9 @@ def test_is_chief_and_describe_on_one_host():
 
 def test_auto_and_one_device_strategies_on_this_machine():
     # No GPU here: auto is the default strategy; one_device places every variable on its device.
-    auto = distribute.make_strategy(DistributeConfig(strategy="auto"))
+    auto = cli_strategy.make_strategy(DistributeConfig(strategy="auto"))
     assert auto is tf.distribute.get_strategy()
-    one = distribute.make_strategy(DistributeConfig(strategy="one_device", devices=("/cpu:0",)))
+    one = cli_strategy.make_strategy(DistributeConfig(strategy="one_device", devices=("/cpu:0",)))
     assert isinstance(one, tf.distribute.OneDeviceStrategy)
     with one.scope():
         model = build_model(ModelConfig(image_size=16), 3)
@@ -321,8 +337,9 @@ import json, sys
 import numpy as np, tensorflow as tf, keras
 sys.path.insert(0, "tests")
 from tlloop import distribute
-from tlloop.config import ModelConfig
-from tlloop.models import ModeTable, build_model
+from tlloop.cli.config import ModelConfig
+from tlloop.models import ModeTable
+from tlloop.cli.model import build_model
 from tlloop.steps import Metrics, TrainStep
 
 distribute.configure_logical_devices(2, 1024)

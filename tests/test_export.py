@@ -12,9 +12,10 @@ import pytest
 import tensorflow as tf
 from conftest import PRETRAINED, flag_error
 
-from tlloop.config import ModelConfig, parse_augment
+from tlloop.cli.config import ModelConfig
+from tlloop.cli.model import build_model
+from tlloop.config import parse_augment
 from tlloop.export import SIGNATURES, export_model
-from tlloop.models import build_model
 from tlloop.serving import Predictor
 
 CLASSES = ("cat", "dog", "owl")

@@ -18,6 +18,8 @@ from conftest import TINY_FOLDER_RUN, run_cli
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
+from tlloop.cli import experiment as cli_experiment
+
 # 25 examples, batch 32: one step per epoch.
 SMALL = [
     "--flagfile=experiments/quickstart.flags",
@@ -174,16 +176,15 @@ def test_a_corrupt_image_fails_naming_it_or_is_skipped(tmp_path):
 def test_an_export_that_cannot_be_written_fails_with_the_checkpoints_intact(tmp_path):
     from conftest import make_config
 
-    from tlloop import trainer
     from tlloop.errors import RunFailed
 
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "export").write_text("a file where the export directory goes")
-    experiment = trainer.build_experiment(make_config(str(workdir), finetune_epochs=0))
+    experiment = cli_experiment.build_experiment(make_config(str(workdir), finetune_epochs=0))
     missing = "model.keras, backbone.keras, saved_model not written"
     with pytest.raises(RunFailed, match=rf"^export to '.*' failed: {missing} \(.+\); results"):
-        trainer.train(experiment, str(workdir))
+        cli_experiment.train(experiment, str(workdir))
     latest = tf.train.latest_checkpoint(str(workdir / "checkpoints"))
     assert latest.endswith("ckpt-3") and _checkpoint_values(latest)
     # The run's results are kept, with what was not exported.

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 from conftest import make_config
 
-from tlloop import trainer
+from tlloop.cli import experiment as cli_experiment
 from tlloop.config import CheckpointConfig, TrainingConfig
 
 
@@ -19,8 +19,10 @@ def _run(workdir: str, feature_cache: str, **overrides):
     config = make_config(
         workdir, checkpoint=CheckpointConfig(export="last"), training=sgd, **values
     )
-    experiment = trainer.build_experiment(dataclasses.replace(config, feature_cache=feature_cache))
-    return experiment, trainer.train(experiment, workdir)
+    experiment = cli_experiment.build_experiment(
+        dataclasses.replace(config, feature_cache=feature_cache)
+    )
+    return experiment, cli_experiment.train(experiment, workdir)
 
 
 def test_cached_features_train_the_head_as_the_backbone_would(tmp_path):

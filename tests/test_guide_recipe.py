@@ -16,8 +16,10 @@ import tensorflow as tf
 from conftest import changed, snapshot
 
 from tlloop import phases as phase_lib
-from tlloop.config import ModelConfig, PhaseConfig, Unfreeze
-from tlloop.models import ModeTable, build_model
+from tlloop.cli.config import ModelConfig
+from tlloop.cli.model import build_model
+from tlloop.config import PhaseConfig, Unfreeze
+from tlloop.models import ModeTable
 from tlloop.models.backbones import small_cnn
 from tlloop.optim import make_optimizer
 from tlloop.steps import Metrics, TrainStep

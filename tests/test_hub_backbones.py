@@ -14,9 +14,10 @@ import tensorflow as tf
 from conftest import changed, flag_error, make_config, run_cli, snapshot
 
 from tlloop import phases as phase_lib
-from tlloop import trainer
-from tlloop.config import ModelConfig, Unfreeze
-from tlloop.models import build_model
+from tlloop.cli import experiment as cli_experiment
+from tlloop.cli.config import ModelConfig
+from tlloop.cli.model import build_model
+from tlloop.config import Unfreeze
 from tlloop.models.backbones import build_backbone
 
 keras_hub = pytest.importorskip("keras_hub", reason="needs the [hub] extra: keras-hub")
@@ -137,10 +138,10 @@ def test_preset_runs_end_to_end_and_its_export_loads(preset, unfreeze, request, 
     config = make_config(
         workdir, backbone=directory, unfreeze=unfreeze, layer_lr_decay=0.5, export="last"
     )
-    experiment = trainer.build_experiment(config)
+    experiment = cli_experiment.build_experiment(config)
     model = experiment.model
     before = snapshot(model.backbone)
-    results = trainer.train(experiment, workdir)
+    results = cli_experiment.train(experiment, workdir)
     assert results is not None
     moved = changed(before, snapshot(model.backbone))
     assert moved and not [p for p in moved if "moving" in p]

@@ -18,8 +18,9 @@ import pytest
 from conftest import TINY_FOLDER_RUN, flag_error, run_cli
 from PIL import Image, ImageOps
 
+from tlloop.cli.config import DataConfig
 from tlloop.cli.data import load_data
-from tlloop.config import ConfigError, DataConfig
+from tlloop.config import ConfigError
 from tlloop.data.images import read_image, scan_bytes
 from tlloop.data.storage import skipped_unreadable
 from tlloop.data.streaming import EncodedImages

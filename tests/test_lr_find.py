@@ -12,14 +12,15 @@ import pytest
 from conftest import flag_error, make_config, run_cli, snapshot
 from tensorboard.backend.event_processing import event_accumulator
 
-from tlloop import lr_range, trainer
+from tlloop import lr_range
+from tlloop.cli import experiment as cli_experiment
+from tlloop.cli.flags import flags_text
 from tlloop.cli.head_lr import experiment_range_test
 from tlloop.config import TrainingConfig
-from tlloop.flags import flags_text
 
 
 def test_range_test_rises_geometrically_suggests_and_restores_the_model(workdir):
-    experiment = trainer.build_experiment(make_config(workdir))
+    experiment = cli_experiment.build_experiment(make_config(workdir))
     before = snapshot(experiment.model)
     result = experiment_range_test(experiment, 0, 1e-5, 1e3, steps=100)
     assert changed_paths(before, snapshot(experiment.model)) == []
@@ -37,7 +38,9 @@ def test_range_test_rises_geometrically_suggests_and_restores_the_model(workdir)
 
 def _range_losses(workdir, **training) -> list[float]:
     config = dataclasses.replace(make_config(workdir), training=TrainingConfig(**training))
-    return experiment_range_test(trainer.build_experiment(config), 0, 1e-3, 1.0, steps=6).losses
+    return experiment_range_test(
+        cli_experiment.build_experiment(config), 0, 1e-3, 1.0, steps=6
+    ).losses
 
 
 def test_range_test_runs_the_runs_own_step(workdir):
@@ -112,9 +115,9 @@ def test_lr_find_command_prints_a_suggestion_and_writes_the_curve(tmp_path):
 def test_head_lr_auto_trains_the_head_at_the_suggestion_and_keeps_auto_in_the_flags(workdir):
     config = make_config(workdir, head_lr="auto", deterministic=True)
     assert config.phases[0].learning_rate == "auto"
-    experiment = trainer.build_experiment(config)
+    experiment = cli_experiment.build_experiment(config)
     found = experiment.found_rate
-    plain = trainer.build_experiment(config, find_rates=False)  # same seed, same model
+    plain = cli_experiment.build_experiment(config, find_rates=False)  # same seed, same model
     expected = experiment_range_test(plain, 0, *lr_range.RANGE_TEST)
     assert found.rate == pytest.approx(expected.suggestion, rel=1e-6)
     assert found.steps == len(expected.rates) and found.seconds > 0 and not found.reused
@@ -123,7 +126,7 @@ def test_head_lr_auto_trains_the_head_at_the_suggestion_and_keeps_auto_in_the_fl
     assert experiment.config.phases[0].learning_rate == "auto"  # flags.txt keeps the choice
     assert "--head_lr=auto" in flags_text(experiment.config)
 
-    results = trainer.train(experiment, workdir)
+    results = cli_experiment.train(experiment, workdir)
     assert results["found_rate"]["rate"] == found.rate
     with open(os.path.join(workdir, "found_rate.json")) as file:
         assert json.load(file)["rate"] == found.rate
@@ -134,18 +137,18 @@ def test_head_lr_auto_reuses_the_recorded_rate_when_resuming_unless_overwriting(
     record = {"phase": "head", "rate": 0.0123, "steps": 61, "seconds": 2.5}
     with open(os.path.join(workdir, "found_rate.json"), "w") as file:
         json.dump({**record, "stopped_early": True}, file)
-    experiment = trainer.build_experiment(make_config(workdir, head_lr="auto"))
+    experiment = cli_experiment.build_experiment(make_config(workdir, head_lr="auto"))
     assert experiment.found_rate.reused and experiment.found_rate.rate == 0.0123
     assert experiment.phases[0].config.learning_rate == 0.0123
     assert "no range test" in experiment.found_rate.line()
 
-    fresh = trainer.build_experiment(make_config(workdir, head_lr="auto", overwrite=True))
+    fresh = cli_experiment.build_experiment(make_config(workdir, head_lr="auto", overwrite=True))
     assert not fresh.found_rate.reused and fresh.found_rate.rate != 0.0123
 
     with open(os.path.join(workdir, "found_rate.json"), "w") as file:
         file.write("{not json")
     with flag_error(r"found_rate\.json'?: not the rate record"):
-        trainer.build_experiment(make_config(workdir, head_lr="auto"))
+        cli_experiment.build_experiment(make_config(workdir, head_lr="auto"))
 
 
 @pytest.mark.parametrize(
@@ -163,7 +166,9 @@ def test_rate_flags_refuse_what_they_cannot_take(workdir, flags, message):
 
 
 def test_a_trainer_refuses_a_phase_whose_rate_is_still_auto(workdir):
-    experiment = trainer.build_experiment(make_config(workdir, head_lr="auto"), find_rates=False)
+    experiment = cli_experiment.build_experiment(
+        make_config(workdir, head_lr="auto"), find_rates=False
+    )
     assert experiment.found_rate is None
     with pytest.raises(ValueError, match="'head' has learning_rate='auto'"):
         experiment.trainer().fit(

@@ -11,10 +11,12 @@ import pytest
 import tensorflow as tf
 from conftest import flag_error, make_config, run_python
 
-from tlloop import trainer
-from tlloop.config import ModelConfig, TrainingConfig
+from tlloop.cli import experiment as cli_experiment
+from tlloop.cli.config import ModelConfig
+from tlloop.cli.model import build_model
+from tlloop.config import TrainingConfig
 from tlloop.mixing import Mixing, mixed_loss, soft_labels
-from tlloop.models import ModeTable, build_model
+from tlloop.models import ModeTable
 from tlloop.steps import EvalStep, Metrics, TrainStep
 from tlloop.tasks import Classification
 
@@ -134,7 +136,7 @@ def test_the_train_step_mixes_and_the_eval_step_does_not():
 
 def test_mixing_turns_the_feature_cache_off_and_says_why(workdir):
     config = make_config(workdir, finetune_epochs=0, mixup=0.2, cutmix=1.0, mix_prob=0.5)
-    results = trainer.train(trainer.build_experiment(config), workdir)
+    results = cli_experiment.train(cli_experiment.build_experiment(config), workdir)
     reason = results.phases[0]["feature_cache"]
     assert reason.startswith("off: mixup 0.2 and cutmix 1.0 (alpha), probability 0.5")
     with open(os.path.join(workdir, "results.json")) as file:
@@ -163,10 +165,11 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras
 import numpy as np
 
-from tlloop.config import ModelConfig
+from tlloop.cli.config import ModelConfig
 from tlloop.distribute import distribute_dataset
 from tlloop.mixing import Mixing, mixed_loss
-from tlloop.models import ModeTable, build_model
+from tlloop.models import ModeTable
+from tlloop.cli.model import build_model
 from tlloop.steps import Metrics, TrainStep
 from tlloop.tasks import Classification
 

@@ -28,7 +28,7 @@ from model_zoo import FINETUNE_MODES, MEMBERS, Member, all_layers, flags, layer_
 
 import tlloop
 from tlloop import checkpoints as checkpoint_lib
-from tlloop import trainer
+from tlloop.cli import experiment as cli_experiment
 from tlloop.cli.head_lr import experiment_range_test
 
 SCRIPT = os.path.join(REPO, "tests", "zoo_script.py")
@@ -214,7 +214,7 @@ def test_every_random_state_at_any_depth_is_checkpointed():
 
 
 def test_the_range_test_puts_random_states_back(tmp_path):
-    experiment = trainer.build_experiment(make_config(str(tmp_path), dropout=0.5))
+    experiment = cli_experiment.build_experiment(make_config(str(tmp_path), dropout=0.5))
     states = checkpoint_lib.rng_states(experiment.model)
     assert states
     before = [np.array(v.numpy()) for v in states]

@@ -8,8 +8,10 @@ import pytest
 from conftest import PRETRAINED, flag_error, run_cli
 
 from tlloop import phases as phase_lib
-from tlloop.config import ModelConfig, PhaseConfig, Unfreeze
-from tlloop.models import ModeTable, build_model
+from tlloop.cli.config import ModelConfig
+from tlloop.cli.model import build_model
+from tlloop.config import PhaseConfig, Unfreeze
+from tlloop.models import ModeTable
 from tlloop.models.backbones import build_backbone
 
 

@@ -12,8 +12,9 @@ from task_data import write_image_csvs
 
 import tlloop
 from tlloop import config as config_lib
-from tlloop import flags as tlloop_flags
-from tlloop.trainer import build_experiment, check_task
+from tlloop.cli import config as cli_config
+from tlloop.cli import flags as tlloop_flags
+from tlloop.cli.experiment import build_experiment, check_task
 
 TEXTS = {"dataset": "text_folder", "data_dir": "texts"}
 MULTI_HOT = {"dataset": "tfrecord", "train_files": "r.tfrecord", "task": "multilabel"}
@@ -55,18 +56,18 @@ UNREAD = [
     ("run", "flag", "value", "text"), UNREAD, ids=[f"{c[1]}={c[2]}" for c in UNREAD]
 )
 def test_a_flag_the_run_does_not_read_is_refused_in_one_line(run, flag, value, text):
-    config = config_lib.from_flags({"workdir": "w", **run, flag: value})
+    config = cli_config.from_flags({"workdir": "w", **run, flag: value})
     with flag_error(
         rf"^--{flag}=.*: this run does not read it: .*; "
         rf"accepted: no --{flag}$",
     ):
         check_task(config, text)
     # Left out, or given at its default (a flags.txt lists every flag), it is accepted.
-    check_task(config_lib.from_flags({"workdir": "w", **run}), text)
-    everything = config_lib.flag_values(config_lib.from_flags({"workdir": "w", **run}))
-    check_task(config_lib.from_flags(everything), text)
+    check_task(cli_config.from_flags({"workdir": "w", **run}), text)
+    everything = cli_config.flag_values(cli_config.from_flags({"workdir": "w", **run}))
+    check_task(cli_config.from_flags(everything), text)
     # A config made in Python is read the same way: its values that differ from the defaults.
-    made = config_lib.from_flags({"workdir": "w", **run, flag: value})
+    made = cli_config.from_flags({"workdir": "w", **run, flag: value})
     object.__setattr__(made, "given", None)
     with flag_error(rf"^--{flag}="):
         check_task(made, text)
@@ -85,13 +86,13 @@ def test_a_flag_the_run_does_not_read_is_refused_in_one_line(run, flag, value, t
     ],
 )
 def test_the_same_flags_are_accepted_where_they_act(run, flag, value):
-    check_task(config_lib.from_flags({"workdir": "w", **run, flag: value}), False)
+    check_task(cli_config.from_flags({"workdir": "w", **run, flag: value}), False)
 
 
 def test_bn_mode_train_with_nothing_unfrozen_is_refused():
     # The default mode table runs the backbone in training mode only when something trains.
     with flag_error(r"^--bn_mode='train': with --unfreeze=none no backbo"):
-        config_lib.from_flags({"workdir": "w", "bn_mode": "train", "unfreeze": "none"})
+        cli_config.from_flags({"workdir": "w", "bn_mode": "train", "unfreeze": "none"})
     with flag_error(r"^--bn_mode='train': with --unfreeze=none"):
         tlloop.Phase("finetune", 1, 1e-3, "none", bn_mode="train")
 

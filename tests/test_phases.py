@@ -10,15 +10,16 @@ from conftest import StopAfter, changed, flag_error, make_config, snapshot
 
 from tlloop import phases as phase_lib
 from tlloop import trainer
+from tlloop.cli import experiment as cli_experiment
 from tlloop.config import CheckpointConfig, Unfreeze
 
 
 def _train(config):
-    experiment = trainer.build_experiment(config)
+    experiment = cli_experiment.build_experiment(config)
     model = experiment.model
     pretrained = snapshot(model.backbone)
     head = snapshot(model.head)
-    trainer.train(experiment, config.workdir)
+    cli_experiment.train(experiment, config.workdir)
     return model, pretrained, head
 
 
@@ -59,11 +60,11 @@ def test_finetune_top_n_changes_only_those_layers(workdir):
 def test_top_n_larger_than_the_backbone_is_refused(workdir):
 
     with flag_error(r"--unfreeze=top:4: the backbone has only 3 layers"):
-        trainer.build_experiment(make_config(workdir, unfreeze="top:4"))
+        cli_experiment.build_experiment(make_config(workdir, unfreeze="top:4"))
 
 
 def test_trainability_report_counts_parameters(workdir):
-    experiment = trainer.build_experiment(make_config(workdir, unfreeze="top:2"))
+    experiment = cli_experiment.build_experiment(make_config(workdir, unfreeze="top:2"))
     model, (head_phase, finetune) = experiment.model, experiment.phases
     phase_lib.apply_trainability(model, head_phase)
     report = phase_lib.trainability_report(model, head_phase)
@@ -78,13 +79,13 @@ def test_trainability_report_counts_parameters(workdir):
 
 
 def test_plan_skips_phases_without_epochs(workdir):
-    experiment = trainer.build_experiment(make_config(workdir, head_epochs=0))
+    experiment = cli_experiment.build_experiment(make_config(workdir, head_epochs=0))
     assert [phase.name for phase in experiment.phases] == ["finetune"]
     assert experiment.phases[0].index == 0
 
 
 def test_bn_mode_train_sets_backbone_training_in_the_mode_table(workdir):
-    experiment = trainer.build_experiment(make_config(workdir, bn_mode="train"))
+    experiment = cli_experiment.build_experiment(make_config(workdir, bn_mode="train"))
     head_phase, finetune = experiment.phases
     assert head_phase.modes.train.backbone is False
     assert finetune.modes.train.backbone is True
@@ -102,7 +103,9 @@ def test_bn_mode_train_sets_backbone_training_in_the_mode_table(workdir):
     ],
 )
 def test_from_and_regex_choose_the_backbone_layers_that_train(workdir, spec, bn_mode, trainable):
-    experiment = trainer.build_experiment(make_config(workdir, unfreeze=spec, bn_mode=bn_mode))
+    experiment = cli_experiment.build_experiment(
+        make_config(workdir, unfreeze=spec, bn_mode=bn_mode)
+    )
     model, finetune = experiment.model, experiment.phases[1]
     phase_lib.apply_trainability(model, finetune)
     training = [
@@ -125,7 +128,7 @@ def test_from_and_regex_choose_the_backbone_layers_that_train(workdir, spec, bn_
 def test_unfreeze_policies_that_do_not_fit_the_backbone_are_refused(workdir, spec, message):
 
     with flag_error(message):
-        trainer.build_experiment(make_config(workdir, unfreeze=spec))
+        cli_experiment.build_experiment(make_config(workdir, unfreeze=spec))
 
 
 def test_gradual_unfreeze_adds_layers_each_epoch_and_resumes_in_its_stage(workdir):
@@ -137,7 +140,7 @@ def test_gradual_unfreeze_adds_layers_each_epoch_and_resumes_in_its_stage(workdi
     config = dataclasses.replace(
         config, phases=(config.phases[0], dataclasses.replace(config.phases[1], gradual=1))
     )
-    experiment = trainer.build_experiment(config)
+    experiment = cli_experiment.build_experiment(config)
     start = snapshot(experiment.model.backbone)
 
     def kernels_changed(model) -> set[str]:
@@ -145,10 +148,10 @@ def test_gradual_unfreeze_adds_layers_each_epoch_and_resumes_in_its_stage(workdi
 
     for stop_at, trained in ((3, {"conv3"}), (3, {"conv2", "conv3"})):
         with pytest.raises(trainer.Stopped):
-            trainer.train(experiment, workdir, stop=StopAfter(stop_at))
+            cli_experiment.train(experiment, workdir, stop=StopAfter(stop_at))
         assert kernels_changed(experiment.model) == trained
-        experiment = trainer.build_experiment(config)
-    trainer.train(experiment, workdir)
+        experiment = cli_experiment.build_experiment(config)
+    cli_experiment.train(experiment, workdir)
     assert kernels_changed(experiment.model) == {"conv1", "conv2", "conv3"}
 
 

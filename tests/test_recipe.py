@@ -11,8 +11,9 @@ from absl import flags
 from conftest import PRETRAINED, REPO, flag_error, run_cli
 
 from tlloop import config as config_lib
-from tlloop import flags as tlloop_flags
-from tlloop import recipe as recipe_lib
+from tlloop.cli import config as cli_config
+from tlloop.cli import flags as tlloop_flags
+from tlloop.cli import recipe as recipe_lib
 
 # Today's defaults: the Keras transfer-learning guide's numbers, as the flags held them
 # before the recipe (written out, not read from the code they check).
@@ -45,7 +46,7 @@ BACKBONES = {  # a --backbone value of each kind
 
 
 def _resolve(values: dict, examples: int, classes: int):
-    config = config_lib.from_flags({"workdir": "w", **values})
+    config = cli_config.from_flags({"workdir": "w", **values})
     return recipe_lib.resolve(config, examples, classes)
 
 
@@ -173,7 +174,7 @@ def test_a_recipe_that_cannot_act_is_refused():
     resolved, _ = _resolve({"optimizer": "sgd", "head_lr": 0.1, "finetune_lr": 0.01}, 100, 5)
     assert resolved.training.optimizer == "sgd" and resolved.phases[1].learning_rate == 0.01
     with flag_error(r"^--recipe='best': unknown; accepted: auto, guide"):
-        config_lib.from_flags({"workdir": "w", "recipe": "best"})
+        cli_config.from_flags({"workdir": "w", "recipe": "best"})
 
 
 def test_the_chosen_values_are_logged_and_written_to_flags_txt_and_results(tmp_path):
@@ -224,7 +225,7 @@ def test_a_config_made_in_python_keeps_the_values_it_sets():
         config_lib.PhaseConfig("head", 3, 5e-2),
         config_lib.PhaseConfig("finetune", 2, 1e-5, config_lib.Unfreeze("all")),
     )
-    config = config_lib.RunConfig(workdir="w", phases=phases)
+    config = cli_config.RunConfig(workdir="w", phases=phases)
     resolved, recipe = recipe_lib.resolve(config, 25, 5)
     # Values that differ from the defaults count as given; those equal to them do not.
     assert (resolved.phases[0].epochs, resolved.phases[0].learning_rate) == (3, 5e-2)
@@ -241,7 +242,7 @@ def test_a_config_made_in_python_keeps_the_values_it_sets():
     ],
 )
 def test_rows_that_do_not_apply_to_a_task_or_to_texts_are_not_set(task, text, left):
-    config = config_lib.from_flags({"workdir": "w", "backbone": "small_cnn"})
+    config = cli_config.from_flags({"workdir": "w", "backbone": "small_cnn"})
     resolved, recipe = recipe_lib.resolve(config, 100_000, 5, task=task, text=text)
     everything = set(recipe_lib.choose(100_000, 5, "small_cnn"))
     assert set(recipe.chosen) == everything - left
@@ -252,7 +253,7 @@ def test_rows_that_do_not_apply_to_a_task_or_to_texts_are_not_set(task, text, le
 
 def _flag_values(config) -> dict:
     """The config's flag values, rates as numbers (their flags hold text: a number or auto)."""
-    values = config_lib.flag_values(config)
+    values = cli_config.flag_values(config)
     return {k: float(v) if k.endswith("_lr") else v for k, v in values.items()}
 
 

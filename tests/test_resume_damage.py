@@ -18,9 +18,10 @@ from conftest import StopAfter, make_config
 from tlloop import checkpoints as checkpoint_lib
 from tlloop import trainer
 from tlloop.checkpoints import Checkpoints
+from tlloop.cli import experiment as cli_experiment
+from tlloop.cli.flags import flag_line
 from tlloop.config import CheckpointConfig, ConfigError
 from tlloop.errors import RunFailed
-from tlloop.flags import flag_line
 from tlloop.summaries import Summaries
 
 
@@ -103,7 +104,7 @@ def test_checkpoints_none_intact_refuse_in_one_line(workdir):
     before = sorted(os.listdir(directory))
     config = make_config(workdir, finetune_epochs=0)
     with pytest.raises(ConfigError) as error:
-        trainer.train(trainer.build_experiment(config), workdir)
+        cli_experiment.train(cli_experiment.build_experiment(config), workdir)
     line = flag_line(error.value)
     assert "\n" not in line and "none is intact" in line
     assert "ckpt-2: data shard ckpt-2.data-00000-of-00001 truncated" in line
@@ -114,7 +115,7 @@ def test_checkpoints_none_intact_refuse_in_one_line(workdir):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> trainer.Results:
     workdir = str(tmp_path_factory.mktemp("whole") / "run")
-    return trainer.train(trainer.build_experiment(_deterministic(workdir)), workdir)
+    return cli_experiment.train(cli_experiment.build_experiment(_deterministic(workdir)), workdir)
 
 
 def _deterministic(workdir: str):
@@ -131,12 +132,12 @@ def test_a_damaged_run_resumes_from_the_newest_intact_checkpoint_bit_identical(
 ):
     config = _deterministic(workdir)
     with pytest.raises(trainer.Stopped):  # in the fine-tune phase's first epoch, at step 4
-        trainer.train(trainer.build_experiment(config), workdir, stop=StopAfter(4))
+        cli_experiment.train(cli_experiment.build_experiment(config), workdir, stop=StopAfter(4))
     directory = pathlib.Path(workdir) / "checkpoints"
     assert _on_disk(directory) == [2, 3, 4]
     DAMAGES[damage][0](directory, 4)
     with caplog.at_level(logging.INFO, logger="absl"):
-        resumed = trainer.train(trainer.build_experiment(config), workdir)
+        resumed = cli_experiment.train(cli_experiment.build_experiment(config), workdir)
     assert f"ckpt-{resumed_at}: phase 2 of 2, step {resumed_at}" in caplog.text
     assert resumed.weights_sha256 == uninterrupted.weights_sha256
     assert resumed.phases[-1]["eval"] == uninterrupted.phases[-1]["eval"]

@@ -8,11 +8,13 @@ import tensorflow as tf
 from conftest import changed, make_config, snapshot
 
 from tlloop import phases as phase_lib
-from tlloop import trainer
-from tlloop.config import ModelConfig, parse_augment
+from tlloop.cli import experiment as cli_experiment
+from tlloop.cli.config import ModelConfig
+from tlloop.cli.model import build_model
+from tlloop.config import parse_augment
 from tlloop.data.splits import Split
 from tlloop.data.storage import padded_eval_dataset
-from tlloop.models import ModeTable, build_model
+from tlloop.models import ModeTable
 from tlloop.steps import EvalStep, Metrics, TrainStep
 
 
@@ -24,7 +26,7 @@ def _step(model, modes, metrics, lr=1e-2):
 
 
 def test_a_stale_step_keeps_the_old_trainable_set_and_a_new_one_does_not(workdir):
-    experiment = trainer.build_experiment(make_config(workdir))
+    experiment = cli_experiment.build_experiment(make_config(workdir))
     model, (head_phase, finetune) = experiment.model, experiment.phases
     batches = iter(experiment.data.train)
     phase_lib.apply_trainability(model, head_phase)

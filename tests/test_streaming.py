@@ -13,8 +13,8 @@ import pytest
 import tensorflow as tf
 from conftest import flag_error, run_cli
 
+from tlloop.cli.config import DataConfig
 from tlloop.cli.data import load_data
-from tlloop.config import DataConfig
 from tlloop.data.examples import InMemoryExamples, Part, StreamedExamples, example_index
 from tlloop.data.storage import memory_budget
 from tlloop.data.streaming import DiskImages, EncodedImages

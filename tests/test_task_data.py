@@ -14,11 +14,13 @@ from task_data import COLOURS, write_image_csvs
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from tlloop.cli.config import DataConfig
 from tlloop.cli.data import load_task_data
+from tlloop.cli.experiment import build_experiment, train
+from tlloop.cli.flags import flag_line
 from tlloop.cli.saved_run import evaluate_saved
-from tlloop.config import ConfigError, DataConfig
-from tlloop.flags import flag_line
-from tlloop.trainer import Stopped, build_experiment, train
+from tlloop.config import ConfigError
+from tlloop.trainer import Stopped
 
 
 @pytest.fixture(scope="module")

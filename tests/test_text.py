@@ -16,9 +16,9 @@ from task_data import write_bert_preset, write_text_folder
 
 import tlloop
 from tlloop import phases as phase_lib
+from tlloop.cli.config import DataConfig
 from tlloop.cli.data import load_task_data
-from tlloop.config import DataConfig
-from tlloop.trainer import build_experiment, train
+from tlloop.cli.experiment import build_experiment, train
 
 keras_hub = pytest.importorskip("keras_hub")
 

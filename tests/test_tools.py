@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 from conftest import run_cli
 
+from tlloop.cli.config import DataConfig, parse_classes
 from tlloop.cli.data import load_data
-from tlloop.config import DataConfig, parse_classes
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,11 @@ from conftest import eval_accuracy, make_config, snapshot
 
 from tlloop import phases as phase_lib
 from tlloop import trainer
-from tlloop.config import (
-    CheckpointConfig,
-    DataConfig,
-    LoggingConfig,
-    ModelConfig,
-    PhaseConfig,
-    TrainingConfig,
-    Unfreeze,
-)
-from tlloop.models import ModeTable, build_model
+from tlloop.cli import experiment as cli_experiment
+from tlloop.cli.config import DataConfig, ModelConfig
+from tlloop.cli.model import build_model
+from tlloop.config import CheckpointConfig, LoggingConfig, PhaseConfig, TrainingConfig, Unfreeze
+from tlloop.models import ModeTable
 from tlloop.optim import PhaseSchedule, make_optimizer
 from tlloop.steps import Metrics, TrainStep
 from tlloop.tasks import Classification
@@ -165,7 +160,7 @@ def test_the_logged_learning_rate_follows_the_phase_schedule(workdir):
     training = TrainingConfig(lr_schedule="linear", warmup_steps=2)
     config = make_config(workdir, head_epochs=3, finetune_epochs=0, training=training)
     config = dataclasses.replace(config, logging=LoggingConfig(log_every_steps=1))
-    trainer.train(trainer.build_experiment(config), workdir)
+    cli_experiment.train(cli_experiment.build_experiment(config), workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as file:
         rows = [json.loads(line) for line in file if '"train"' in line]
     rates = {row["step"]: row["learning_rate"] for row in rows}
@@ -182,7 +177,7 @@ def test_warmup_epochs_ramp_the_logged_learning_rate_over_those_epochs_steps(wor
     training = TrainingConfig(warmup_epochs=2)
     config = make_config(workdir, head_epochs=3, finetune_epochs=0, training=training)
     config = dataclasses.replace(config, logging=LoggingConfig(log_every_steps=1))
-    trainer.train(trainer.build_experiment(config), workdir)
+    cli_experiment.train(cli_experiment.build_experiment(config), workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as file:
         rates = [json.loads(line)["learning_rate"] for line in file if '"train"' in line]
     expected = [1e-2 * k / 6 for k in range(1, 7)] + [1e-2] * 3
@@ -244,7 +239,7 @@ def test_auto_class_weights_weigh_each_example_by_n_over_classes_times_its_class
         training=TrainingConfig(class_weights="auto"),
     )
     config = dataclasses.replace(config, data=data, logging=LoggingConfig(log_every_steps=1))
-    experiment = trainer.build_experiment(config)
+    experiment = cli_experiment.build_experiment(config)
     images, labels = next(iter(experiment.data.train))
     assert sorted(labels.numpy().tolist()) == [0, 0, 1, 1, 1, 1, 1, 1]
     model = experiment.model
@@ -254,7 +249,7 @@ def test_auto_class_weights_weigh_each_example_by_n_over_classes_times_its_class
     ).numpy()
     expected = float(np.mean(crossentropy * np.array([2.0, 2.0 / 3.0])[labels.numpy()]))
     assert abs(expected - float(np.mean(crossentropy))) > 1e-3  # the weights matter here
-    trainer.train(experiment, workdir)
+    cli_experiment.train(experiment, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as file:
         first = next(json.loads(line) for line in file if '"train"' in line)
     assert first["step"] == 1
@@ -293,8 +288,8 @@ def test_evaluation_and_export_use_the_moving_averages(workdir):
         training=training,
         checkpoint=CheckpointConfig(export="last"),
     )
-    experiment = trainer.build_experiment(config)
-    results = trainer.train(experiment, workdir)
+    experiment = cli_experiment.build_experiment(config)
+    results = cli_experiment.train(experiment, workdir)
     exported = keras.saving.load_model(results["export"]["model"])
     # The final checkpoint: the model holds the averages, `averages` the raw weights.
     final = tf.train.load_checkpoint(

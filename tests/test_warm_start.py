@@ -7,9 +7,9 @@ import numpy as np
 import tensorflow as tf
 from conftest import changed, flag_error, make_config, snapshot
 
-from tlloop import trainer
-from tlloop.config import ModelConfig
-from tlloop.models import build_model
+from tlloop.cli import experiment as cli_experiment
+from tlloop.cli.config import ModelConfig
+from tlloop.cli.model import build_model
 from tlloop.warm_start import warm_start
 
 
@@ -101,22 +101,22 @@ def test_nothing_matched_or_no_checkpoint_is_refused(tmp_path):
 
 def test_a_run_warm_started_from_another_run_and_resumed_ignores_the_warm_start(tmp_path):
     donor = str(tmp_path / "donor")
-    trainer.train(trainer.build_experiment(make_config(donor, head_epochs=1)), donor)
+    cli_experiment.train(cli_experiment.build_experiment(make_config(donor, head_epochs=1)), donor)
     workdir = str(tmp_path / "run")
     config = make_config(workdir, init_checkpoint=donor, finetune_epochs=2)
-    experiment = trainer.build_experiment(config)
+    experiment = cli_experiment.build_experiment(config)
     report = experiment.warm_start
     assert "/checkpoints/best/ckpt-" in report.checkpoint
     assert len(report.matched) == len(experiment.model.backbone.weights)
     donor_backbone = snapshot(experiment.model.backbone)
-    results = trainer.train(experiment, workdir)
+    results = cli_experiment.train(experiment, workdir)
     assert results["init_checkpoint"]["matched"]
 
     # The same command again: the experiment is built, so warm-started from the donor, then
     # the run's own (finished) checkpoint is restored over it: the final weights, exactly,
     # and not the donor's backbone. (Re-applied after the restore, the digest would differ.)
-    again = trainer.build_experiment(config)
+    again = cli_experiment.build_experiment(config)
     assert snapshot(again.model.backbone).keys() == donor_backbone.keys()
-    resumed = trainer.train(again, workdir)
+    resumed = cli_experiment.train(again, workdir)
     assert resumed["weights_sha256"] == results["weights_sha256"]
     assert changed(donor_backbone, snapshot(again.model.backbone))

@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing import event_accumulator
 import tlloop
 from tlloop import checkpoints as checkpoint_lib
 from tlloop import trainer
+from tlloop.cli import experiment as cli_experiment
 from tlloop.config import CheckpointConfig, PhaseConfig, Unfreeze
 from tlloop.loop.position import stored
 from tlloop.wise_ft import LP, interpolate
@@ -48,14 +49,14 @@ class _Snapshots(keras.callbacks.Callback):
 def test_wise_ft_evaluates_both_ends_exactly_and_exports_the_chosen_interpolation(tmp_path):
     workdir = str(tmp_path / "run")
     config = make_config(workdir, **WISE)
-    experiment = trainer.build_experiment(config)
+    experiment = cli_experiment.build_experiment(config)
     snapshots = _Snapshots()
-    results = trainer.train(experiment, workdir, callbacks=[snapshots])
+    results = cli_experiment.train(experiment, workdir, callbacks=[snapshots])
     head_end, finetuned = snapshots.at_epoch_end
 
     # theta_LP as saved is the model at the head phase's end, bit for bit.
     lp_path = checkpoint_lib.latest(os.path.join(workdir, "checkpoints", LP))
-    fresh = trainer.build_experiment(config).model
+    fresh = cli_experiment.build_experiment(config).model
     checkpoint_lib.Checkpoints(os.path.dirname(lp_path), keep=1, chief=True).check(lp_path, fresh)
     assert all(np.array_equal(a, b) for a, b in zip(_weights(fresh), head_end, strict=True))
     assert any(not np.array_equal(a, b) for a, b in zip(head_end, finetuned, strict=True))
@@ -99,19 +100,25 @@ def test_wise_ft_evaluates_both_ends_exactly_and_exports_the_chosen_interpolatio
     resumed = str(tmp_path / "resumed")
     prepare(resumed, None, overwrite=False)  # as fit does: the workdir is tlloop's
     with pytest.raises(trainer.Stopped):
-        trainer.train(
-            trainer.build_experiment(make_config(resumed, **WISE)), resumed, stop=StopAfter(5)
+        cli_experiment.train(
+            cli_experiment.build_experiment(make_config(resumed, **WISE)),
+            resumed,
+            stop=StopAfter(5),
         )
     stopped = checkpoint_lib.latest(os.path.join(resumed, "checkpoints"))
     assert stored(stopped) == (1, 5)
-    again = trainer.train(trainer.build_experiment(make_config(resumed, **WISE)), resumed)
+    again = cli_experiment.train(
+        cli_experiment.build_experiment(make_config(resumed, **WISE)), resumed
+    )
     assert again["wise_ft"] == results["wise_ft"]
     assert (
         again["wise_ft_export"]["theta_lp"]["step"] == results["wise_ft_export"]["theta_lp"]["step"]
     )
     assert again["weights_sha256"] == results["weights_sha256"]
     # The same command on the finished run computes the same again from its checkpoints.
-    finished = trainer.train(trainer.build_experiment(make_config(resumed, **WISE)), resumed)
+    finished = cli_experiment.train(
+        cli_experiment.build_experiment(make_config(resumed, **WISE)), resumed
+    )
     assert finished["wise_ft"] == results["wise_ft"]
     # theta_LP is one of the run's outputs: --overwrite removes it.
     prepare(resumed, None, overwrite=True)
@@ -120,9 +127,13 @@ def test_wise_ft_evaluates_both_ends_exactly_and_exports_the_chosen_interpolatio
 
 def test_resuming_a_run_started_without_wise_ft_with_it_is_refused(workdir):
     with pytest.raises(trainer.Stopped):
-        trainer.train(trainer.build_experiment(make_config(workdir)), workdir, stop=StopAfter(4))
+        cli_experiment.train(
+            cli_experiment.build_experiment(make_config(workdir)), workdir, stop=StopAfter(4)
+        )
     with flag_error(r"^--wise_ft: the run in .* holds none \(the run was"):
-        trainer.train(trainer.build_experiment(make_config(workdir, wise_ft="0,1")), workdir)
+        cli_experiment.train(
+            cli_experiment.build_experiment(make_config(workdir, wise_ft="0,1")), workdir
+        )
 
 
 def test_with_ema_both_ends_are_the_weights_each_phase_evaluated(workdir):
@@ -130,7 +141,7 @@ def test_with_ema_both_ends_are_the_weights_each_phase_evaluated(workdir):
     config = dataclasses.replace(
         config, training=dataclasses.replace(config.training, ema_decay=0.5)
     )
-    results = trainer.train(trainer.build_experiment(config), workdir)
+    results = cli_experiment.train(cli_experiment.build_experiment(config), workdir)
     rows = [row["metrics"] for row in results["wise_ft"]]
     assert rows == [results["phases"][0]["eval"], results["phases"][1]["eval"]]
 
@@ -165,7 +176,7 @@ def test_bad_wise_ft_flags_are_refused_in_one_line(workdir, flags, message):
 
 def test_runs_wise_ft_cannot_act_on_are_refused_before_anything_is_written(workdir):
     with flag_error(r"^--wise_ft=0.0,1.0: no phase trains the backbone"):
-        trainer.build_experiment(make_config(workdir, wise_ft="0,1", finetune_epochs=0))
+        cli_experiment.build_experiment(make_config(workdir, wise_ft="0,1", finetune_epochs=0))
     assert not os.path.exists(workdir)
     options = CheckpointConfig(wise_ft=(0, 1))
     head = PhaseConfig("head", 1, 1e-2, Unfreeze("none"))

@@ -14,11 +14,13 @@ import tensorflow as tf
 from conftest import changed, make_config, run_python, snapshot
 
 from tlloop import phases as phase_lib
-from tlloop import trainer
-from tlloop.config import ModelConfig, parse_augment
+from tlloop.cli import experiment as cli_experiment
+from tlloop.cli.config import ModelConfig
+from tlloop.cli.model import build_model
+from tlloop.config import parse_augment
 from tlloop.controller import StepSettings, build_train_step
 from tlloop.mixing import Mixing
-from tlloop.models import ModeTable, build_model
+from tlloop.models import ModeTable
 from tlloop.steps import Metrics, TrainStep
 
 STEPS = 6  # per run, in calls of 2, 3 and 1 steps
@@ -29,7 +31,7 @@ def experiment(tmp_path_factory):
     """The small digits run, without augmentation or dropout: their random draws come from
     other kernels under XLA, so only a run without them can be compared weight for weight."""
     workdir = str(tmp_path_factory.mktemp("xla") / "run")
-    return trainer.build_experiment(make_config(workdir, augment="", dropout=0.0))
+    return cli_experiment.build_experiment(make_config(workdir, augment="", dropout=0.0))
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +210,9 @@ from absl import logging
 from tlloop import distribute
 distribute.configure_logical_devices(2, 0)
 import keras, numpy as np, tensorflow as tf
-from tlloop.config import ModelConfig
-from tlloop.models import ModeTable, build_model
+from tlloop.cli.config import ModelConfig
+from tlloop.models import ModeTable
+from tlloop.cli.model import build_model
 from tlloop.steps import Metrics, TrainStep
 
 logging.set_verbosity(logging.INFO)
@@ -345,7 +348,7 @@ def test_string_inputs_train_and_evaluate_without_xla(tmp_path, caplog):
         jit_compile=True,
     )
     with caplog.at_level(logging.INFO, logger="absl"):  # whatever an earlier test set
-        results = trainer.train(trainer.build_experiment(config), config.workdir)
+        results = cli_experiment.train(cli_experiment.build_experiment(config), config.workdir)
     assert [phase["eval"]["examples"] for phase in results.phases] == [4, 4]
     reason = (
         "the inputs are strings (a text backbone's tokenizer), which XLA cannot compile: the "

@@ -1,4 +1,4 @@
-"""Distribution: the strategy --strategy names, logical devices, and a cluster-start deadline.
+"""Distribution: a tf.distribute strategy by name, logical devices, and a cluster-start deadline.
 
 tlloop writes no distribution code of its own: it picks one of TensorFlow's strategies, creates
 all state under its scope (trainer.py) and lets `strategy.run` and the Keras optimizer do the
@@ -12,12 +12,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from tlloop.config import ConfigError, DistributeConfig
+from tlloop.config import ConfigError
 from tlloop.data.examples import Part
+from tlloop.errors import Problem
 
 # Runs in a separate process: a thread cannot end a process whose main thread is blocked in
 # TensorFlow's cluster start (that call holds the GIL, measured), and the process ignores
@@ -49,13 +50,23 @@ def configure_logical_devices(count: int, gpu_memory_mb: int) -> None:
     tf.config.set_logical_device_configuration(device, logical)
 
 
-def make_strategy(config: DistributeConfig) -> tf.distribute.Strategy:
-    """The strategy `config` names; raises ConfigError for devices or a cluster that can't be."""
-    kind = config.strategy
+def make_strategy(
+    strategy: str,
+    devices: Sequence[str],
+    cluster_timeout_secs: float,
+    *,
+    line: Callable[[Problem], str] = str,
+) -> tf.distribute.Strategy:
+    """The `strategy` named (auto, default, one_device, mirrored, multi_worker) on `devices`
+    (empty: every GPU, else the CPU); multi_worker ends the process with one line on stderr
+    (`line(error)`, "tlloop: error: " before it) if its cluster does not come up within
+    `cluster_timeout_secs`. Raises ConfigError for devices or a cluster that can't be."""
+    kind = strategy
     if kind == "multi_worker":
         # First, before anything initialises the runtime: collectives are configured at start.
         _check_tf_config()
-        with cluster_start_deadline(config.cluster_timeout_secs, _cluster_message(config)):
+        message = f"tlloop: error: {line(_cluster_error(cluster_timeout_secs))}"
+        with cluster_start_deadline(cluster_timeout_secs, message):
             return tf.distribute.MultiWorkerMirroredStrategy()
     if kind == "auto":
         kind = "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "default"
@@ -63,14 +74,12 @@ def make_strategy(config: DistributeConfig) -> tf.distribute.Strategy:
         return tf.distribute.get_strategy()
     gpus = tf.config.list_logical_devices("GPU")
     available = [d.name for d in tf.config.list_logical_devices()]
-    devices = list(config.devices) or [
-        d.name for d in (gpus or tf.config.list_logical_devices("CPU"))
-    ]
+    given = list(devices)
+    devices = given or [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
     unknown = [d for d in devices if _canonical(d) not in map(_canonical, available)]
     if unknown:
         raise ConfigError(
-            f"--devices={','.join(config.devices)!r}: no such devices {unknown}; accepted: "
-            f"{', '.join(available)}"
+            "devices", repr(",".join(given)), f"no such devices {unknown}", ", ".join(available)
         )
     if kind == "one_device":
         return tf.distribute.OneDeviceStrategy(devices[0])
@@ -156,7 +165,7 @@ def _check_tf_config() -> None:
     )
     raw = os.environ.get("TF_CONFIG", "")
     if not raw:
-        raise ConfigError(f"--strategy=multi_worker: TF_CONFIG is not set; accepted: {accepted}")
+        raise ConfigError("strategy", "multi_worker", "TF_CONFIG is not set", accepted)
     try:
         tf_config = json.loads(raw)
         task, cluster = tf_config["task"], tf_config["cluster"]
@@ -166,12 +175,11 @@ def _check_tf_config() -> None:
         ok = False
     if not ok:
         raise ConfigError(
-            f"--strategy=multi_worker: TF_CONFIG is not a cluster with this task in it; "
-            f"accepted: {accepted}"
+            "strategy", "multi_worker", "TF_CONFIG is not a cluster with this task in it", accepted
         )
 
 
-def _cluster_message(config: DistributeConfig) -> str:
+def _cluster_error(timeout_secs: float) -> ConfigError:
     tf_config = json.loads(os.environ["TF_CONFIG"])
     task = tf_config["task"]
     peers = [
@@ -180,11 +188,12 @@ def _cluster_message(config: DistributeConfig) -> str:
         for i, address in enumerate(addresses)
         if (kind, i) != (task["type"], int(task["index"]))
     ]
-    return (
-        f"tlloop: error: --strategy=multi_worker: the cluster in TF_CONFIG did not come up "
-        f"within --cluster_timeout_secs={config.cluster_timeout_secs:g} (this task: "
-        f"{task['type']}:{task['index']}; waiting for {', '.join(peers)}); accepted: start every "
-        "task of TF_CONFIG, or a longer --cluster_timeout_secs"
+    return ConfigError(
+        "strategy",
+        "multi_worker",
+        f"the cluster in TF_CONFIG did not come up within $cluster_timeout_secs={timeout_secs:g} "
+        f"(this task: {task['type']}:{task['index']}; waiting for {', '.join(peers)})",
+        "start every task of TF_CONFIG, or a longer $cluster_timeout_secs",
     )
 
 

@@ -16,7 +16,7 @@ import os
 
 from absl import app, flags
 
-from tlloop import flags as tlloop_flags
+from tlloop.cli import flags as tlloop_flags
 from tlloop.cli.entry import fail
 from tlloop.config import RANGE_TEST
 from tlloop.errors import ConfigError
@@ -43,14 +43,10 @@ def main(argv: list[str]) -> int:
             raise ConfigError("find_steps", FLAGS.find_steps, "too few", ">= 5")
         config = tlloop_flags.to_config(FLAGS)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-        from tlloop import distribute, trainer
+        from tlloop.cli.experiment import build_experiment
+        from tlloop.cli.strategy import make_strategy
 
-        distribute.configure_logical_devices(
-            config.distribute.logical_devices, config.distribute.logical_device_memory_mb
-        )
-        experiment = trainer.build_experiment(
-            config, distribute.make_strategy(config.distribute), find_rates=False
-        )
+        experiment = build_experiment(config, make_strategy(config.distribute), find_rates=False)
         names = [phase.name for phase in experiment.phases]
         if FLAGS.phase not in names:
             raise ConfigError(

@@ -15,7 +15,7 @@ import os
 
 from absl import app, flags
 
-from tlloop import flags as tlloop_flags
+from tlloop.cli import flags as tlloop_flags
 from tlloop.cli.candidates import candidate_backbones, candidate_specs
 from tlloop.cli.entry import fail
 from tlloop.errors import ConfigError

@@ -17,8 +17,8 @@ import threading
 
 from absl import app, flags
 
-from tlloop import flags as tlloop_flags
 from tlloop import supervise
+from tlloop.cli import flags as tlloop_flags
 from tlloop.config import ConfigError
 from tlloop.errors import RunFailed
 
@@ -47,13 +47,13 @@ def main(argv: list[str]) -> int:
         # TensorFlow loads only once the flags are known good: a typo fails in a fraction of
         # a second instead of after TensorFlow's start-up.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-        from tlloop import distribute, trainer, workdir
+        from tlloop import distribute, workdir
+        from tlloop.actions import Stopped
+        from tlloop.cli.experiment import build_experiment, train
+        from tlloop.cli.strategy import make_strategy
 
-        distribute.configure_logical_devices(
-            config.distribute.logical_devices, config.distribute.logical_device_memory_mb
-        )
-        strategy = distribute.make_strategy(config.distribute)
-        experiment = trainer.build_experiment(config, strategy)
+        strategy = make_strategy(config.distribute)
+        experiment = build_experiment(config, strategy)
         # The resolved flags: the values --recipe chose are written out, so flags.txt re-runs
         # the same experiment.
         flags_text = tlloop_flags.flags_text(experiment.config)
@@ -68,12 +68,12 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
         restarts = int(os.environ.get(supervise.RESTARTS_ENV, "0"))
-        trainer.train(experiment, config.workdir, flags_text, stop=stop, restarts=restarts)
+        train(experiment, config.workdir, flags_text, stop=stop, restarts=restarts)
     except ConfigError as error:  # a checkpoint in the workdir that does not fit
         return _fail(error)
     except RunFailed as error:
         return _fail(error, code=1)
-    except trainer.Stopped:
+    except Stopped:
         print("tlloop: stopped by SIGTERM; the same command resumes the run", file=sys.stderr)
         return 128 + signal.SIGTERM
     return 0

@@ -1,8 +1,8 @@
 """The library's front: `Trainer` trains any TransferModel on any data through a phase plan.
 
 `Trainer(workdir, phases=..., task=..., callbacks=...).fit(model, train, eval_data)` is what a
-script or a notebook calls; `build_experiment` + `train` are the command line's path onto the
-same `Trainer` (the CLI builds the data and the model from its flags first). Everything that can
+script or a notebook calls; the command line (`tlloop.cli.experiment`) builds the data and the
+model from its flags and runs the same `Trainer`. Everything that can
 fail on bad input is checked before the workdir is touched.
 """
 
@@ -24,43 +24,36 @@ from absl import logging
 from tlloop import actions as action_lib
 from tlloop import checkpoints as checkpoint_lib
 from tlloop import config as config_lib
-from tlloop import lr_range, supervise, wise_ft
 from tlloop import phases as phase_lib
 from tlloop import tflite as tflite_lib
+from tlloop import wise_ft
 from tlloop.actions import Stopped
-from tlloop.cli.data import is_text, load_task_data
 from tlloop.config import (
     CheckpointConfig,
     ConfigError,
     LoggingConfig,
     PhaseConfig,
-    RunConfig,
     TrainingConfig,
 )
 from tlloop.controller import Controller, StepSettings, averaged, weights_digest
 from tlloop.data.examples import Examples, as_examples
 from tlloop.data.images import ACCEPTED_IMAGES
-from tlloop.data.storage import Data
 from tlloop.data.streaming import find_unreadable
 from tlloop.distribute import cluster_task, describe, distribute_batches, is_chief
 from tlloop.errors import RunFailed
 from tlloop.export import ExportError, check_export, export_model
-from tlloop.models import TEXT_FINETUNE_MODES, TransferModel, build_model, build_text_model
+from tlloop.models import TransferModel
 from tlloop.models.walk import declared_input_spec
-from tlloop.recipe import Recipe, resolve
 from tlloop.summaries import Summaries
-from tlloop.tasks import Classification, MultiLabel, Regression, Task
-from tlloop.warm_start import WarmStartReport, warm_start
-from tlloop.workdir import CONFIG_FILE, FOUND_RATE_FILE, prepare, release, write_json
+from tlloop.tasks import Classification, Task
+from tlloop.workdir import CONFIG_FILE, prepare, release, write_json
 
 __all__ = [
-    "Experiment",
+    "FitInputs",
     "Results",
     "Stopped",
     "Trainer",
     "averaged",
-    "build_experiment",
-    "train",
     "weights_digest",
 ]
 
@@ -204,7 +197,7 @@ class Trainer:
             finally:
                 release(self.workdir)
 
-    def _record(self, run: _Run, *, export: bool = True) -> dict:
+    def _record(self, run: FitInputs, *, export: bool = True) -> dict:
         """Every argument of this Trainer and its fit, resolved, as JSON values: the phases,
         the task (its class, settings, metrics, best metric and class names), the option
         objects, the model's class and size, the data's sizes (WORKDIR/config.json)."""
@@ -287,18 +280,21 @@ class Trainer:
             raise ValueError(f"batch_size={batch_size}, eval_batch_size={eval_batch_size}")
         auto = [p.name for p in self.phases if p.learning_rate == config_lib.AUTO_RATE]
         if auto:
-            raise ValueError(
-                f"phases: {auto[0]!r} has learning_rate='auto', which only build_experiment "
-                "(--head_lr=auto) resolves; accepted: a rate > 0 (tlloop.lr_range.range_test "
-                "suggests one)"
+            raise ConfigError(
+                "phases",
+                problem=f"{auto[0]!r} has learning_rate='auto', which only build_experiment "
+                "($head_lr=auto) resolves",
+                accepted="a rate > 0 (tlloop.lr_range.range_test suggests one)",
             )
         for name in ("label_smoothing", "class_weights"):  # the CLI gives them to its task
             value = getattr(self.training, name)
             if value:
-                raise ValueError(
-                    f"training.{name}={value!r}: the task's loss applies it, not the trainer; "
-                    f"accepted: {type(self.task).__name__}({name}={value!r}) "
-                    f"(tlloop.Classification or tlloop.MultiLabel), and training.{name} unset"
+                raise ConfigError(
+                    f"training.{name}",
+                    repr(value),
+                    "the task's loss applies it, not the trainer",
+                    f"{type(self.task).__name__}({name}={value!r}) "
+                    f"(tlloop.Classification or tlloop.MultiLabel), and training.{name} unset",
                 )
         if self.deterministic:
             tf.config.experimental.enable_op_determinism()
@@ -306,13 +302,7 @@ class Trainer:
         train = as_examples(train, argument="train", inputs=declared)
         _check_mixing(self.training, self.task, train)
         eval_data = as_examples(eval_data, argument="eval_data", inputs=declared)
-        metric = self.checkpoint.best_metric.resolved(self.task.best_metric)
-        known = ("loss", *self.task.metric_names)
-        if metric.name not in known:
-            raise ValueError(
-                f"best_metric={metric}: the task has no metric {metric.name!r}; accepted: "
-                f"{', '.join(known)}"
-            )
+        self.checkpoint.best_metric.for_task(self.task)
         plan = phase_lib.plan_phases(self.phases, model, train.element_spec[0])
         serving = serving_inputs(train)
         if export:  # decided now: an export refused after training would cost the whole run
@@ -323,13 +313,19 @@ class Trainer:
                 except ValueError as error:
                     formats = ",".join(self.checkpoint.export_tflite)
                     raise ValueError(f"checkpoint.export_tflite={formats}: {error}") from None
-        return _Run(
+        return FitInputs(
             model, train, eval_data, plan, batch_size, eval_batch_size or batch_size, serving
         )
 
+    def run(self, inputs: FitInputs, **options) -> Results:
+        """Runs inputs its caller checked already (the command line's path: its flags were
+        checked before the workdir was prepared); `options` as `fit` passes them (stop,
+        flags_text, hparams, header, texts, scalars)."""
+        return self._run(inputs, **options)
+
     def _run(
         self,
-        run: _Run,
+        run: FitInputs,
         *,
         export: bool = True,
         stop: threading.Event | None = None,
@@ -412,7 +408,7 @@ class Trainer:
                 raise
             last = checkpoint_lib.latest(directory)
             raise ConfigError(
-                f"{found}; accepted: {ACCEPTED_IMAGES}, or --bad_images=skip (which decodes "
+                f"{found}; accepted: {ACCEPTED_IMAGES}, or $bad_images=skip (which decodes "
                 "every image before training) to leave it out; "
                 + (
                     f"the last checkpoint is intact ({last}): the same command resumes from it"
@@ -484,7 +480,7 @@ class Trainer:
             **self.options,
         )
 
-    def _export_best(self, model, task, best, results: Results, run: _Run) -> dict:
+    def _export_best(self, model, task, best, results: Results, run: FitInputs) -> dict:
         """Exports the best evaluation's weights (or the last, per `checkpoint.export`), and
         the TFLite files of `checkpoint.export_tflite`, checked on the run's evaluation images
         (int8 calibrated on its first training images)."""
@@ -523,7 +519,7 @@ class Trainer:
         )
         return {**exported, **paths}
 
-    def _export_tflite(self, model, task, directory, run: _Run, results, exported) -> dict:
+    def _export_tflite(self, model, task, directory, run: FitInputs, results, exported) -> dict:
         """The TFLite files of `checkpoint.export_tflite`, checked on the run's evaluation
         images (int8 calibrated on its first training images); prints a line per file. A
         failure still writes results.json (with the files that passed) before RunFailed."""
@@ -620,9 +616,9 @@ def _hparams(record: dict) -> dict[str, str | int | float | bool]:
 
 @contextlib.contextmanager
 def _arguments():
-    """The library speaks in arguments: checks it shares with the command line name flags
-    (`--unfreeze=top:9: ...`), and a Python caller gets them as ValueErrors naming the
-    argument (`unfreeze=top:9: ...`)."""
+    """The library speaks in arguments: a check that still words its error as a flag line
+    (two dashes before the name) reaches a Python caller as a ValueError naming the argument
+    (`unfreeze=top:9: ...`). Goes once every module raises the structured ConfigError."""
     try:
         yield
     except ConfigError as error:
@@ -630,7 +626,7 @@ def _arguments():
 
 
 @dataclasses.dataclass(frozen=True)
-class _Run:
+class FitInputs:
     """A fit's checked inputs: the model, the data as Examples, the planned phases, and what
     the SavedModel serves when the backbone declares no inputs (the training inputs' spec)."""
 
@@ -665,330 +661,22 @@ def _read_best(best, results: Results) -> None:
 def _check_mixing(training: TrainingConfig, task: Task, train: Examples) -> None:
     """Refuses MixUp/CutMix, before anything is written, for a task whose loss is not linear
     in its labels (`Task.mixable`) or inputs that are not one numeric tensor of images."""
-    if not (training.mixup or training.cutmix):
+    name = training.mixing
+    if not name:
         return
-    name = "mixup" if training.mixup else "cutmix"
     value = getattr(training, name)
     if not task.mixable:
-        raise ValueError(
-            f"training.{name}={value}: a {type(task).__name__} task's loss of mixed labels is "
-            "not its loss of their mix; accepted: 0"
+        raise ConfigError(
+            f"training.{name}",
+            value,
+            f"a {type(task).__name__} task's loss of mixed labels is not its loss of their mix",
+            "0",
         )
     spec = train.element_spec[0]
     if not (isinstance(spec, tf.TensorSpec) and (spec.dtype.is_floating or spec.dtype.is_integer)):
-        raise ValueError(
-            f"training.{name}={value}: the inputs are {spec}; accepted: images (one numeric "
-            "tensor per example), or 0"
-        )
-
-
-# The command line's path: a RunConfig -> data and model -> the same Trainer.
-
-
-@dataclasses.dataclass
-class Experiment:
-    """A command-line run ready to train: its config, strategy, data, model and phase plan."""
-
-    config: RunConfig
-    strategy: tf.distribute.Strategy
-    data: Data
-    model: TransferModel
-    phases: list[phase_lib.Phase]
-    warm_start: WarmStartReport | None = None
-    task: Task | None = None  # None: the classification the config describes
-    recipe: Recipe | None = None
-    found_rate: lr_range.FoundRate | None = None  # --head_lr=auto's
-
-    def trainer(self, callbacks: Sequence[keras.callbacks.Callback] = ()) -> Trainer:
-        """The Trainer the config describes."""
-        config = self.config
-        return Trainer(
-            config.workdir,
-            phases=tuple(phase.config for phase in self.phases),
-            task=self.task or build_task(config, self.data),
-            callbacks=callbacks,
-            strategy=self.strategy,
-            seed=config.seed,
-            training=config.training,
-            checkpoint=config.checkpoint,
-            logging=config.logging,
-            jit_compile=config.jit_compile,
-            steps_per_loop=config.steps_per_loop,
-            nan_policy=config.nan_policy,
-            feature_cache=config.feature_cache,
-            deterministic=config.deterministic,
-            resize=config.data.resize,
-            mixed_float16=config.model.mixed_precision == "float16",
-        )
-
-
-def build_experiment(
-    config: RunConfig, strategy: tf.distribute.Strategy | None = None, *, find_rates: bool = True
-) -> Experiment:
-    """Seeds, loads data, resolves --recipe from it (the experiment's config holds the
-    values chosen: write flags.txt from it), builds the model under `strategy`
-    (warm-started from --init_checkpoint if given) and plans the phases; with `find_rates`,
-    --head_lr=auto's range test sets the head phase's rate (`Experiment.found_rate`; the config
-    keeps "auto"; a resumed run reads the rate its first start found). Writes nothing.
-
-    Raises ConfigError (naming the flag or file) on bad input.
-    """
-    strategy = strategy or tf.distribute.get_strategy()
-    keras.utils.set_random_seed(config.seed)
-    if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    text = is_text(config.data)
-    check_task(config, text)
-    data = load_task_data(config.data)
-    config, recipe = resolve(
-        config, data.train_size, data.num_classes, task=config.task.task, text=text
-    )
-    for line in recipe.lines():
-        logging.info("%s", line)
-    wise_ft.finetune_index(config.checkpoint, config.phases)  # with the recipe's epochs
-    task = build_task(config, data)
-    metric = config.checkpoint.best_metric.resolved(task.best_metric)
-    known = ("loss", *task.metric_names)
-    if metric.name not in known:
         raise ConfigError(
-            f"--best_metric={metric.to_flag()}: --task={config.task.task} reports no "
-            f"{metric.name!r}; accepted: {', '.join(known)}"
+            f"training.{name}",
+            value,
+            f"the inputs are {spec}",
+            "images (one numeric tensor per example), or 0",
         )
-    phases = config.phases
-    with strategy.scope():
-        if text:
-            model = build_text_model(config.model, data.num_classes, seed=config.seed)
-            # A text encoder fine-tunes with its Dropout on (it has no BatchNorm to protect).
-            phases = tuple(
-                dataclasses.replace(p, modes=TEXT_FINETUNE_MODES)
-                if p.unfreeze.kind != "none" and p.bn_mode == "frozen" and p.modes is None
-                else p
-                for p in phases
-            )
-            logging.info(
-                "text backbone: its Dropout runs in training mode in the train step of a "
-                "phase that fine-tunes it (see each phase's mode table)"
-            )
-        else:
-            standardized = (task.mean, task.std) if isinstance(task, Regression) else None
-            model = build_model(
-                config.model, data.num_classes, seed=config.seed, standardized=standardized
-            )
-    report = None
-    if config.model.init_checkpoint:
-        report = warm_start(model.backbone, config.model.init_checkpoint)
-        logging.info("%s", report.to_text())
-    plan = phase_lib.plan_phases(phases, model)
-    experiment = Experiment(config, strategy, data, model, plan, report, task, recipe)
-    auto = [i for i, p in enumerate(phases) if p.learning_rate == config_lib.AUTO_RATE]
-    if not (find_rates and auto):
-        return experiment
-    from tlloop.cli.head_lr import find_rate  # --head_lr=auto: the command line's
-
-    found = find_rate(experiment, auto[0], config.workdir, reuse=not config.overwrite)
-    logging.info("%s", found.line())
-    phases = tuple(
-        dataclasses.replace(p, learning_rate=found.rate) if i == auto[0] else p
-        for i, p in enumerate(phases)
-    )
-    plan = phase_lib.plan_phases(phases, model)
-    return dataclasses.replace(experiment, phases=plan, found_rate=found)
-
-
-# Where each task other than classification finds its labels or targets.
-SOURCES_OF = {"multilabel": ("csv", "tfrecord"), "regression": ("csv",)}
-
-
-def check_task(config: RunConfig, text: bool) -> None:
-    """Refuses, naming the flag, what --task cannot combine with (before any data loads)."""
-    kind = config.task.task
-    problem = None
-    if config.data.task != kind:
-        problem = ("task", kind, f"the data section reads {config.data.task}", "one value")
-    elif kind != "classification" and config.data.dataset not in SOURCES_OF[kind]:
-        problem = (
-            "task",
-            kind,
-            f"its labels or targets come from {' or '.join(SOURCES_OF[kind])}, "
-            f"not --dataset={config.data.dataset}",
-            " or ".join(f"--dataset={source}" for source in SOURCES_OF[kind]),
-        )
-    elif kind == "regression" and (
-        config.training.label_smoothing or config.training.class_weights
-    ):
-        problem = (
-            "label_smoothing" if config.training.label_smoothing else "class_weights",
-            config.training.label_smoothing or config.training.class_weights,
-            "applies to classification, not --task=regression",
-            "0 / empty with --task=regression",
-        )
-    elif kind != "classification" and config.checkpoint.export_tflite:
-        problem = (
-            "export_tflite",
-            ",".join(config.checkpoint.export_tflite),
-            f"TFLite exports serve class probabilities, not --task={kind}",
-            "empty, or --task=classification",
-        )
-    elif text and config.model.augment:
-        problem = (
-            "augment",
-            config_lib.format_augment(config.model.augment),
-            "augmentation operations are for images, the examples are texts",
-            "empty",
-        )
-    elif text and config.checkpoint.export_tflite:
-        problem = (
-            "export_tflite",
-            ",".join(config.checkpoint.export_tflite),
-            "TFLite exports take images, the examples are texts",
-            "empty",
-        )
-    elif (text or kind == "regression") and (config.training.mixup or config.training.cutmix):
-        flag = "mixup" if config.training.mixup else "cutmix"
-        problem = (
-            flag,
-            getattr(config.training, flag),
-            "mixing is for images, the examples are texts"
-            if text
-            else "mixing the losses of two targets is not the loss of a mixed target "
-            "(--task=regression)",
-            "0",
-        )
-    # Flags this run would not read: refused when given with a value other than their default
-    # (flags.txt lists every flag, defaults included). (flag, read by this run?, why not).
-    data, formats = config.data, config.checkpoint.export_tflite
-    texts = "the examples are texts (a KerasHub text preset reads them)"
-    multi_hot = kind == "multilabel" and data.dataset == "tfrecord"
-    unread = [
-        *((flag, not text, f"it adapts an image model, {texts}") for flag in ADAPTER_FLAGS),
-        *((flag, not text, f"it is for images, {texts}") for flag in IMAGE_FLAGS),
-        ("mixed_precision", not text, f"a text model is built in float32, {texts}"),
-        ("threshold", kind == "multilabel", f"it applies to --task=multilabel, not {kind}"),
-        ("regression_loss", kind == "regression", f"it applies to --task=regression, not {kind}"),
-        (
-            "label_delimiter",
-            data.dataset == "csv" and kind == "multilabel",
-            "it separates the labels of --dataset=csv with --task=multilabel",
-        ),
-        ("image_feature", data.dataset == "tfrecord", "it is read by --dataset=tfrecord only"),
-        ("tfds_dir", data.dataset.startswith("tfds:"), "it is read by --dataset=tfds:NAME only"),
-        (
-            "tflite_min_agreement",
-            bool({"float32", "dynamic"} & set(formats)),
-            "it checks --export_tflite=float32 or dynamic, which is not asked for",
-        ),
-        *(
-            (flag, "int8" in formats, "it is for --export_tflite=int8, which is not asked for")
-            for flag in ("tflite_min_agreement_int8", "tflite_calibration_images")
-        ),
-        (
-            "classes",
-            kind != "regression" and not multi_hot,
-            "multi-hot TFRecord labels are read as they are"
-            if multi_hot
-            else "regression targets are the CSV's columns",
-        ),
-        (
-            "train_examples_per_class",
-            kind == "classification",
-            f"--task={kind} has no one class per example to count",
-        ),
-    ]
-    if not problem:
-        given, values = config_lib.given_flags(config), config_lib.flag_values(config)
-        defaults = {meta.flag: meta.default for meta in config_lib.options()}
-        for flag, read, why in unread:
-            if not read and flag in given and values[flag] != defaults[flag]:
-                problem = (flag, values[flag], f"this run does not read it: {why}", "no --" + flag)
-                break
-    if problem:
-        flag, value, what, accepted = problem
-        raise ConfigError(f"--{flag}={value!r}: {what}; accepted: {accepted}")
-
-
-# Flags that adapt an image backbone's input, and flags of image decoding only.
-ADAPTER_FLAGS = ("backbone_layer", "backbone_range", "backbone_channels")
-IMAGE_FLAGS = ("resize", "image_size", "bad_images")
-
-
-def build_task(config: RunConfig, data: Data) -> Task:
-    """The task the flags describe, with what it takes from the training data: class names,
-    --class_weights=auto's weights, the regression targets' mean and standard deviation."""
-    training, kind = config.training, config.task.task
-    if kind == "classification":
-        return Classification(
-            label_smoothing=training.label_smoothing,
-            class_weights=training.class_weights or None,
-            class_names=data.class_names,
-        )
-    labels = data.train_examples.labels
-    if kind == "multilabel":
-        return MultiLabel(
-            class_names=data.class_names,
-            threshold=config.task.threshold,
-            label_smoothing=training.label_smoothing,
-            class_weights=training.class_weights or None,  # "auto": from the examples
-        )
-    return Regression(
-        data.num_classes,
-        loss=config.task.regression_loss,
-        targets=labels,
-        target_names=data.class_names,
-    )
-
-
-def train(
-    experiment: Experiment,
-    workdir: str,
-    flags_text: str = "",
-    stop: threading.Event | None = None,
-    callbacks: Sequence[keras.callbacks.Callback] = (),
-    restarts: int = 0,
-) -> Results:
-    """Runs the experiment into a prepared `workdir` (see `Trainer`); the chief exports and
-    writes results.json. When `stop` is set, training ends after the host call under way with a
-    checkpoint and raises `Stopped`; KeyboardInterrupt also saves one first. Raises RunFailed
-    (the last checkpoint intact) on a NaN/Inf step under --nan_policy=stop and when a
-    checkpoint or the export cannot be written."""
-    config = dataclasses.replace(experiment.config, workdir=workdir)
-    experiment = dataclasses.replace(experiment, config=config)
-    data = experiment.data
-    trainer = experiment.trainer(callbacks)
-    if experiment.warm_start and checkpoint_lib.latest(os.path.join(workdir, "checkpoints")):
-        logging.info("resuming: the run's own checkpoint replaces the warm-started weights")
-    run = _Run(
-        experiment.model,
-        data.train_examples,
-        data.eval_examples,
-        experiment.phases,
-        config.data.batch_size,
-        config.data.eval_batch,
-    )
-    report = experiment.warm_start
-    header = {
-        "restarts": restarts,  # by the supervisor, before this process
-        # The supervisor restarted it with oneDNN off after that known crash (supervise.py).
-        "restarted_without_onednn": os.environ.get(supervise.WITHOUT_ONEDNN_ENV) == "1",
-        "class_names": list(data.class_names),
-        "skipped_images": list(data.skipped_files),
-        "skipped_reasons": dict(data.skipped_files),
-        "data_storage": dict(data.storage),
-        "init_checkpoint": dataclasses.asdict(report) if report else None,
-        "recipe": experiment.recipe.to_json() if experiment.recipe else None,
-    }
-    hparams = config_lib.hparams(config)
-    found = experiment.found_rate
-    if found:
-        header["found_rate"] = found.to_json()
-        hparams[f"{found.phase}_lr"] = found.rate
-        if is_chief(experiment.strategy) and not found.reused:
-            write_json(os.path.join(workdir, FOUND_RATE_FILE), found.to_json())
-    return trainer._run(
-        run,
-        stop=stop,
-        flags_text=flags_text,
-        hparams=hparams,
-        header=header,
-        texts=[("init_checkpoint", report.to_text())] if report else [],
-        scalars={"restarts": float(restarts)} if restarts else None,
-    )

@@ -4,13 +4,14 @@
 (digits, folders of images or texts, TFRecords, TFDS, CSV tables) called with the config's
 fields, then `tlloop.data.storage` (images in memory or streamed, texts in memory). Below this
 module nothing reads a DataConfig, and errors name library arguments: the command line prints
-them with their flags (`tlloop.flags.flag_line`).
+them with their flags (`tlloop.cli.flags.flag_line`).
 """
 
 from __future__ import annotations
 
 from absl import logging
 
+from tlloop.cli.flags import flag_of
 from tlloop.config import DataConfig
 from tlloop.data.readers.digits import digits_source
 from tlloop.data.readers.folders import folder_source, image_folder, text_folder
@@ -20,7 +21,6 @@ from tlloop.data.readers.tfds import tfds_source
 from tlloop.data.splits import Source
 from tlloop.data.storage import Data, memory_budget, store_images, store_texts
 from tlloop.errors import ConfigError
-from tlloop.flags import flag_of
 
 
 def is_text(config: DataConfig) -> bool:

@@ -6,8 +6,8 @@ import sys
 
 from absl import flags
 
+from tlloop.cli.flags import flag_line, flag_of
 from tlloop.errors import Problem
-from tlloop.flags import flag_line, flag_of
 
 
 def error_line(error: Exception, flag_values: flags.FlagValues | None = None) -> str:

@@ -5,14 +5,13 @@ library's evaluation (`tlloop.evaluation.evaluate`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
 
 from absl import flags
 
-from tlloop import flags as tlloop_flags
+from tlloop.cli import flags as tlloop_flags
 from tlloop.config import RunConfig
 from tlloop.errors import ConfigError
 
@@ -44,7 +43,7 @@ def load_trained_model(workdir: str, which: str, model_config, num_classes: int)
     import tensorflow as tf
 
     from tlloop import checkpoints as checkpoint_lib
-    from tlloop.models import build_model
+    from tlloop.cli.model import restorable_model
 
     accepted = "export, best, latest, or a checkpoint path (PREFIX with PREFIX.index)"
     if which == "export":
@@ -63,11 +62,7 @@ def load_trained_model(workdir: str, which: str, model_config, num_classes: int)
         raise ConfigError(
             "checkpoint", repr(which), f"no such checkpoint in {directory!r}", accepted
         )
-    application = not model_config.backbone.endswith(".keras")
-    model_config = dataclasses.replace(
-        model_config, weights="none" if application else model_config.weights, init_checkpoint=""
-    )
-    model = build_model(model_config, num_classes)
+    model = restorable_model(model_config, num_classes)
     saved = checkpoint_lib.Checkpoints(directory, keep=1, chief=False)
     saved.track(model=model)
     saved.restore(path)  # a checkpoint of other flags: a ConfigError naming it

@@ -7,7 +7,7 @@ import contextlib
 import keras
 import numpy as np
 
-from tlloop.config import ConfigError, ModelConfig
+from tlloop.config import AugmentOp, ConfigError
 from tlloop.models.augment import build_augment
 from tlloop.models.backbones import build_backbone
 from tlloop.models.heads import build_head
@@ -20,8 +20,8 @@ __all__ = [
     "ModeTable",
     "Modes",
     "TransferModel",
-    "build_model",
-    "build_text_model",
+    "build_text_transfer_model",
+    "build_transfer_model",
 ]
 
 # A BERT-style text encoder has no BatchNorm but has Dropout, and is fine-tuned with that
@@ -30,41 +30,53 @@ __all__ = [
 TEXT_FINETUNE_MODES = ModeTable().with_backbone_training(True)
 
 
-def build_model(
-    config: ModelConfig,
-    num_classes: int,
-    seed: int = 0,
+def build_transfer_model(
+    num_outputs: int,
     *,
+    source: str,
+    weights: str,
+    image_size: int,
+    dropout: float,
+    augment: tuple[AugmentOp, ...] = (),
+    layer: str = "",
+    channels: str = "",
+    value_range: str = "",
+    safe_mode: bool = True,
+    mixed_precision: str = "",
+    seed: int = 0,
     standardized: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> TransferModel:
-    """The TransferModel `config` describes, with a head of `num_classes` outputs (classes,
-    labels, or regression targets: with `standardized` (mean, std) the head predicts in the
-    targets' units, see `heads.build_head`).
+    """A TransferModel of images: the backbone `source` (see `backbones.build_backbone`, which
+    `weights`, `layer`, `channels`, `value_range` and `safe_mode` go to) at `image_size`, a head
+    of `num_outputs` outputs (classes, labels, or regression targets: with `standardized`
+    (mean, std) the head predicts in the targets' units, see `heads.build_head`) behind
+    `dropout`, and the `augment` operations in front.
 
-    With `config.mixed_precision`, its layers are made under Keras' mixed policy (the global
-    policy is put back afterwards) and the head ends in a float32 layer.
+    With `mixed_precision` ("float16" or "bfloat16"), its layers are made under Keras' mixed
+    policy (the global policy is put back afterwards) and the head ends in a float32 layer.
     """
-    with _dtype_policy(f"mixed_{config.mixed_precision}" if config.mixed_precision else None):
+    with _dtype_policy(f"mixed_{mixed_precision}" if mixed_precision else None):
         backbone = build_backbone(
-            config.backbone,
-            config.weights,
-            config.image_size,
-            safe_mode=not config.unsafe_deserialization,
-            layer=config.backbone_layer,
-            channels=config.backbone_channels,
-            value_range=config.backbone_range,
+            source,
+            weights,
+            image_size,
+            safe_mode=safe_mode,
+            layer=layer,
+            channels=channels,
+            value_range=value_range,
         )
         feature_shape = tuple(backbone.outputs[0].shape[1:])
         head = build_head(
             feature_shape,
-            num_classes,
-            config.dropout,
-            float32_output=bool(config.mixed_precision),
+            num_outputs,
+            dropout,
+            float32_output=bool(mixed_precision),
             standardized=standardized,
         )
-        augment = build_augment(config.augment, config.image_size, seed)
-        model = TransferModel(backbone, head, augment, name="transfer_model")
-    model.build((None, config.image_size, config.image_size, 3))
+        model = TransferModel(
+            backbone, head, build_augment(augment, image_size, seed), name="transfer_model"
+        )
+    model.build((None, image_size, image_size, 3))
     return model
 
 
@@ -81,23 +93,30 @@ def _dtype_policy(name: str | None):
         keras.config.set_dtype_policy(previous)
 
 
-def build_text_model(config: ModelConfig, num_outputs: int, seed: int = 0) -> TransferModel:
-    """A TransferModel of raw strings: the KerasHub text preset `config.backbone` (its
-    tokenizer inside, see `hub.text_backbone`) and a head of `num_outputs` logits."""
+def build_text_transfer_model(
+    num_outputs: int, *, source: str, weights: str, dropout: float, seed: int = 0
+) -> TransferModel:
+    """A TransferModel of raw strings: the KerasHub text preset `source` (its tokenizer
+    inside, see `hub.text_backbone`; `weights` "" for the preset's, "none" for random
+    initialisation) and a head of `num_outputs` logits behind `dropout`."""
     from tlloop.models import hub
 
-    if config.weights not in ("", "none"):
+    if weights not in ("", "none"):
         raise ConfigError(
-            f"--weights={config.weights!r}: a KerasHub preset brings its own weights; accepted: "
-            "'' (the preset's) or none (random initialisation)"
+            "weights",
+            repr(weights),
+            "a KerasHub preset brings its own weights",
+            "'' (the preset's) or none (random initialisation)",
         )
-    if not hub.is_preset(config.backbone):
+    if not hub.is_preset(source):
         raise ConfigError(
-            f"--backbone={config.backbone!r}: text examples need a KerasHub text preset; "
-            "accepted: a local preset directory (backbone and preprocessor saved with "
-            "save_to_preset) or a handle (hf://..., kaggle://...)"
+            "source",
+            repr(source),
+            "text examples need a KerasHub text preset",
+            "a local preset directory (backbone and preprocessor saved with save_to_preset) or "
+            "a handle (hf://..., kaggle://...)",
         )
     keras.utils.set_random_seed(seed)
-    backbone = hub.build_text_backbone(config.backbone, load_weights=config.weights != "none")
-    head = build_head(tuple(backbone.outputs[0].shape[1:]), num_outputs, config.dropout)
+    backbone = hub.build_text_backbone(source, load_weights=weights != "none")
+    head = build_head(tuple(backbone.outputs[0].shape[1:]), num_outputs, dropout)
     return TransferModel(backbone, head, name="transfer_model")

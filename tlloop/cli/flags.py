@@ -1,7 +1,7 @@
 """Command-line flags of `python -m tlloop.run`, and their conversion into a RunConfig.
 
 Nothing here defines an option: every flag is made from an option field of the config
-dataclasses (`tlloop.config.options()`), which holds its default, check and help. The flags are
+dataclasses (`tlloop.cli.config.options()`), which holds its default, check and help. The flags are
 defined on a FlagValues the entry point passes in; nothing here keeps or reads a global FLAGS.
 Values are checked once, by the config dataclasses, with messages that name the flag.
 """
@@ -12,7 +12,7 @@ from collections.abc import Collection
 
 from absl import flags
 
-from tlloop import config as config_lib
+from tlloop.cli import config as config_lib
 from tlloop.errors import Problem
 
 _OPTIONS = config_lib.options()
@@ -32,14 +32,20 @@ _FLAG_OF_ARGUMENT = {
 _PHASE_ARGUMENTS = {"learning_rate": "lr", "epochs": "epochs", "unfreeze": "unfreeze"}
 
 
+# Boolean flags, which absl also takes as --noNAME.
+_BOOL_FLAGS = frozenset(meta.flag for meta in _OPTIONS if meta.kind == "bool")
+
+
 def flag_of(argument: str) -> str | None:
     """The flag that sets a library argument (`PHASE.ARGUMENT` for a phase's own, e.g.
-    `finetune.learning_rate` -> `finetune_lr`); None when no flag sets it."""
+    `finetune.learning_rate` -> `finetune_lr`; `noNAME` for a boolean flag turned off);
+    None when no flag sets it."""
     phase, _, name = argument.rpartition(".")
     if phase and name in _PHASE_ARGUMENTS:
         return f"{phase}_{_PHASE_ARGUMENTS[name]}"
     flag = _FLAG_OF_ARGUMENT.get(argument, argument)
-    return flag if flag in FLAG_NAMES else None
+    known = flag in FLAG_NAMES or (flag.startswith("no") and flag[2:] in _BOOL_FLAGS)
+    return flag if known else None
 
 
 def flag_line(error: Exception) -> str:
@@ -59,11 +65,11 @@ def define_flags(flag_values: flags.FlagValues, only: Collection[str] | None = N
     """Defines tlloop's flags on `flag_values` (those named in `only`, if given).
 
     `--helpfull` lists them under the config dataclass that defines each (e.g.
-    tlloop.config.DataConfig)."""
+    tlloop.cli.config.DataConfig)."""
     for meta in _OPTIONS:
         if only is not None and meta.flag not in only:
             continue
-        common = {"flag_values": flag_values, "module_name": f"tlloop.config.{meta.owner}"}
+        common = {"flag_values": flag_values, "module_name": meta.owner}
         if meta.kind == "bool":
             flags.DEFINE_bool(meta.flag, meta.default, meta.help, **common)
         elif meta.kind == "enum":

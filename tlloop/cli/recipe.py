@@ -19,8 +19,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from tlloop import config as config_lib
-from tlloop.config import RECIPES, ConfigError, RunConfig  # noqa: F401  RECIPES: re-exported
+from tlloop.cli import config as config_lib
+from tlloop.cli.config import RECIPES, ConfigError, RunConfig  # noqa: F401  RECIPES: re-exported
 
 # Size bands by training examples: (name, the first size that is not in the band).
 BANDS = (("tiny", 1_000), ("small", 20_000), ("large", None))
@@ -236,9 +236,10 @@ def resolve(
     missing = [flag for flag in ("head_lr", "finetune_lr") if flag not in given]
     if config.training.optimizer not in ADAM_LIKE and missing:
         raise ConfigError(
-            f"--optimizer={config.training.optimizer}: --recipe=auto's learning rates are "
-            f"Adam's and --{missing[0]} is not given; accepted: --head_lr and --finetune_lr "
-            "with it, --optimizer=adam or adamw, or --recipe=guide"
+            "optimizer",
+            config.training.optimizer,
+            f"$recipe=auto's learning rates are Adam's and ${missing[0]} is not given",
+            "$head_lr and $finetune_lr with it, $optimizer=adam or adamw, or $recipe=guide",
         )
     decided_by = {flag: flag for flag in given}
     for group in GROUPS:
