@@ -12,7 +12,7 @@ import os
 import keras
 import numpy as np
 
-from tlloop import config as config_lib
+from tlloop.cli import config as config_lib
 from tlloop.cli.data import load_data
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "experiments", "pretrained")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from absl import logging
 
+from tlloop.cli.config import DataConfig
 from tlloop.cli.flags import flag_of
-from tlloop.config import DataConfig
 from tlloop.data.readers.digits import digits_source
 from tlloop.data.readers.folders import folder_source, image_folder, text_folder
 from tlloop.data.readers.records import records_source

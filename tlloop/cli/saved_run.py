@@ -12,7 +12,7 @@ import os
 from absl import flags
 
 from tlloop.cli import flags as tlloop_flags
-from tlloop.config import RunConfig
+from tlloop.cli.config import RunConfig
 from tlloop.errors import ConfigError
 
 # TensorFlow is imported inside the functions that need it: `saved_run_config` and
