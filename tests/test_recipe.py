@@ -1,4 +1,4 @@
-"""--recipe: guide keeps today's defaults; auto follows the Defaults page's table; given flags win."""
+"""--recipe: guide keeps today's defaults; auto follows the docs' Defaults table; given wins."""
 
 from __future__ import annotations
 
