@@ -20,10 +20,11 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join("benchmarks", "results")
-_MARKER = re.compile(r"^<!-- generated: (\w+)(.*?) -->$", re.MULTILINE)
+MARKER = re.compile(r"^<!-- generated: (\w+)(.*?) -->$", re.MULTILINE)
 
 
-def _options() -> tuple[str, tuple[Any, ...]]:
+def flag_options() -> tuple[str, tuple[Any, ...]]:
+    """The module that defines the run's options, and every option (tlloop's `options()`)."""
     # The one import of the flags' definitions: every option field of the run's config (and
     # the module that defines them, which `--helpfull` names each group by).
     from tlloop.config import options
@@ -38,7 +39,7 @@ def _cell(text: str) -> str:
 def flags_markdown() -> str:
     """Every `python -m tlloop.run` flag, from the config's option fields, one table per owner
     dataclass in flags.txt order (as `--helpfull` groups them under `MODULE.OWNER`)."""
-    module, options = _options()
+    module, options = flag_options()
     groups: dict[str, list[Any]] = {}
     for meta in options:
         groups.setdefault(meta.owner, []).append(meta)
@@ -126,7 +127,7 @@ def render(markdown: str) -> str:
     def expand(match: re.Match) -> str:
         return match.group(0) + "\n\n" + generate(match.group(1), match.group(2).split())
 
-    return _MARKER.sub(expand, markdown)
+    return MARKER.sub(expand, markdown)
 
 
 def on_page_markdown(markdown: str, **kwargs: Any) -> str:
