@@ -36,6 +36,15 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
+def _flag_default(value: Any) -> str:
+    """A flag's default as it is typed on the command line."""
+    if value is None:
+        return "(required)"
+    if isinstance(value, list):
+        value = ",".join(map(str, value))
+    return f"`{value}`" if value != "" else "(empty)"
+
+
 def flags_markdown() -> str:
     """Every `python -m tlloop.run` flag, from the config's option fields, one table per owner
     dataclass in flags.txt order (as `--helpfull` groups them under `MODULE.OWNER`)."""
@@ -49,7 +58,7 @@ def flags_markdown() -> str:
         out += ["| flag | type | default | meaning |", "|---|---|---|---|"]
         for meta in metas:
             kind = meta.kind + (": " + ", ".join(meta.choices) if meta.choices else "")
-            default = "(required)" if meta.default is None else f"`{meta.default!r}`"
+            default = _flag_default(meta.default)
             out.append(
                 f"| `--{meta.flag}` | {_cell(kind)} | {_cell(default)} | {_cell(meta.help)} |"
             )
