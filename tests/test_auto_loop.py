@@ -53,8 +53,8 @@ def test_auto_runs_the_same_steps_in_fewer_host_calls(tmp_path):
 
 
 def test_auto_loop_times_calls_after_the_traced_one_at_about_a_second_each():
-    # The README's promise, in its words: calls of "about a second's worth at most".
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as file:
+    # The docs' promise (the Defaults page), in its words: "about a second's worth at most".
+    with open(os.path.join(REPO, "docs", "defaults.md"), encoding="utf-8") as file:
         assert "about a second's worth at most" in " ".join(file.read().split())
     loop = AutoLoop()
     assert loop.steps() == 1

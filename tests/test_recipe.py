@@ -1,4 +1,4 @@
-"""--recipe: guide keeps today's defaults; auto follows the README's table; given flags win."""
+"""--recipe: guide keeps today's defaults; auto follows the docs' Defaults table; given wins."""
 
 from __future__ import annotations
 
@@ -60,10 +60,10 @@ def test_recipe_guide_gives_todays_defaults(examples, kind):
 
 
 def _readme_table() -> list[list[str]]:
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as file:
-        readme = file.read()
-    section = readme.split("## Defaults", 1)[1].split("\n## ", 1)[0]
-    assert recipe_lib.table_markdown() in section  # the README shows the code's table
+    with open(os.path.join(REPO, "docs", "defaults.md"), encoding="utf-8") as file:
+        page = file.read()
+    section = page.split("# Defaults", 1)[1].split("\n## ", 1)[0]
+    assert recipe_lib.table_markdown() in section  # the Defaults page shows the code's table
     rows = [line for line in section.splitlines() if line.startswith("| `--")]
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
 

@@ -739,7 +739,7 @@ class RunConfig:
         "auto",
         "auto: learning rates, epochs, schedule and warm-up, augmentation, label smoothing, "
         "MixUp and EMA chosen from the training examples, classes and backbone kind (the "
-        "README's Defaults table; logged, and written to flags.txt and results.json); a flag "
+        "table in docs/defaults.md; logged, and written to flags.txt and results.json); a flag "
         "given explicitly wins. guide: the flags' own defaults, the Keras guide's numbers.",
         choices=RECIPES,
     )

@@ -6,7 +6,7 @@
 examples (its size band, as BiT's HyperRule does), the number of classes and the backbone's
 kind; a flag given explicitly always wins, and a group of flags that make one choice together
 (`GROUPS`: warm-up in steps or epochs; MixUp, CutMix and their probability) is left whole to
-the user when any of its flags is given. The README's "Defaults" table is `table_markdown()`.
+the user when any of its flags is given. docs/defaults.md shows `table_markdown()`.
 
 `choose` is a table look-up; `backbone_kind` loads `tlloop.models` only to recognise a
 KerasHub preset.
@@ -49,7 +49,7 @@ def step_scale(band: int, kind: str, steps_per_epoch: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class Row:
     """One choice of the recipe: the flag it sets, its value per size band (`by_band`) or per
-    backbone kind (`by_kind`), and why (shown in the README). A `scaled` row (a rate) is
+    backbone kind (`by_kind`), and why (shown in docs/defaults.md). A `scaled` row (a rate) is
     multiplied by `step_scale`."""
 
     flag: str
@@ -282,7 +282,7 @@ def resolve(
 
 
 def table_markdown() -> str:
-    """The recipe as the README's Markdown table (a test checks the README holds it)."""
+    """The recipe as the Markdown table of docs/defaults.md (a test checks the page holds it)."""
     names = [
         f"{name} (< {end:,})" if end else f"{name} (>= {BANDS[i - 1][1]:,})"
         for i, (name, end) in enumerate(BANDS)
