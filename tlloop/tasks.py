@@ -431,7 +431,7 @@ class MultiLabel(Task):
 
 def positive_weights(labels: np.ndarray) -> np.ndarray:
     """Per-label positive weights of multi-hot `labels` (N, L): negatives / positives of each
-    label (a label with no positive counts as one), float32; what --class_weights=auto gives
+    label (a label with no positive counts as one), float32; what class_weights='auto' gives
     a `MultiLabel` task."""
     labels = np.asarray(labels, np.float64)
     if labels.ndim != 2:

@@ -24,7 +24,8 @@ from absl import logging
 
 from tlloop import checkpoints as checkpoint_lib
 from tlloop.actions import Action
-from tlloop.config import BestMetric, CheckpointConfig, ConfigError, PhaseConfig
+from tlloop.config import BestMetric, CheckpointConfig, PhaseConfig
+from tlloop.errors import ConfigError
 from tlloop.evaluation import evaluate
 from tlloop.steps import averaged
 
@@ -33,25 +34,28 @@ LP = "lp"  # WORKDIR/checkpoints/lp: theta_LP
 
 def finetune_index(checkpoint: CheckpointConfig, phases: Sequence[PhaseConfig]) -> int | None:
     """The index of the phase at whose start theta_LP is taken (the first phase that trains
-    the backbone), or None without `checkpoint.wise_ft`. Raises ConfigError naming --wise_ft
+    the backbone), or None without `checkpoint.wise_ft`. Raises ConfigError naming `wise_ft`
     when no phase trains the backbone, or none before it trains at all."""
     if not checkpoint.wise_ft:
         return None
-    flag = f"--wise_ft={','.join(repr(a) for a in checkpoint.wise_ft)}"
+    alphas = ",".join(repr(a) for a in checkpoint.wise_ft)
     trains = [i for i, p in enumerate(phases) if p.epochs >= 1 and p.unfreeze.kind != "none"]
     if not trains:
         raise ConfigError(
-            f"{flag}: no phase trains the backbone (WiSE-FT interpolates towards the fine-tuned "
-            "weights); accepted: a fine-tune phase (e.g. --finetune_epochs >= 1 with --unfreeze "
-            "not none) after the head phase, or no --wise_ft"
+            "wise_ft",
+            alphas,
+            "no phase trains the backbone (WiSE-FT interpolates towards the fine-tuned weights)",
+            "a fine-tune phase (e.g. $finetune.epochs >= 1 with $unfreeze not none) after the "
+            "head phase, or no $wise_ft",
         )
     first = trains[0]
     if not any(p.epochs >= 1 for p in phases[:first]):
         raise ConfigError(
-            f"{flag}: no phase before {phases[first].name!r} (the first that trains the "
-            "backbone) trains, so there is no linear-probe model to interpolate from; "
-            "accepted: a head phase of >= 1 epoch first (e.g. --head_epochs >= 1), or no "
-            "--wise_ft"
+            "wise_ft",
+            alphas,
+            f"no phase before {phases[first].name!r} (the first that trains the backbone) "
+            "trains, so there is no linear-probe model to interpolate from",
+            "a head phase of >= 1 epoch first (e.g. $head.epochs >= 1), or no $wise_ft",
         )
     return first
 
@@ -105,9 +109,11 @@ class WiseFT(Action):
         phase, _ = checkpoint_lib.position(c.resume_from)
         if phase >= self.finetune_index and not checkpoint_lib.latest(self.lp.directory):
             raise ConfigError(
-                f"--wise_ft: the run in {os.path.dirname(self.lp.directory)!r} is past its "
+                "wise_ft",
+                problem=f"the run in {os.path.dirname(self.lp.directory)!r} is past its "
                 f"linear-probe model and {self.lp.directory!r} holds none (the run was started "
-                "without --wise_ft); accepted: --overwrite to start afresh, or no --wise_ft"
+                "without $wise_ft)",
+                accepted="$overwrite to start afresh, or no $wise_ft",
             )
 
     def on_phase_begin(self, phase) -> None:
