@@ -306,13 +306,7 @@ class Trainer:
         train = as_examples(train, argument="train", inputs=declared)
         _check_mixing(self.training, self.task, train)
         eval_data = as_examples(eval_data, argument="eval_data", inputs=declared)
-        metric = self.checkpoint.best_metric.resolved(self.task.best_metric)
-        known = ("loss", *self.task.metric_names)
-        if metric.name not in known:
-            raise ValueError(
-                f"best_metric={metric}: the task has no metric {metric.name!r}; accepted: "
-                f"{', '.join(known)}"
-            )
+        self.task.checked_best_metric(self.checkpoint.best_metric)
         plan = phase_lib.plan_phases(self.phases, model, train.element_spec[0])
         serving = serving_inputs(train)
         if export:  # decided now: an export refused after training would cost the whole run
@@ -748,13 +742,7 @@ def build_experiment(
         logging.info("%s", line)
     wise_ft.finetune_index(config.checkpoint, config.phases)  # with the recipe's epochs
     task = build_task(config, data)
-    metric = config.checkpoint.best_metric.resolved(task.best_metric)
-    known = ("loss", *task.metric_names)
-    if metric.name not in known:
-        raise ConfigError(
-            f"--best_metric={metric.to_flag()}: --task={config.task.task} reports no "
-            f"{metric.name!r}; accepted: {', '.join(known)}"
-        )
+    task.checked_best_metric(config.checkpoint.best_metric)
     phases = config.phases
     with strategy.scope():
         if text:
