@@ -84,7 +84,7 @@ def export_model(
     """
     from tlloop import tflite as tflite_lib  # TensorFlow Lite's converter loads only when used
 
-    formats = tflite_lib._check_formats(tflite)
+    formats = tflite_lib.check_formats(tflite)
     if formats:
         tflite_lib.image_size(model)
         if verify_images is None:
