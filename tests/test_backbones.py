@@ -260,6 +260,72 @@ def test_the_python_api_names_arguments_not_flags(h5_file):
         tlloop.load_backbone(path, 32, layer="pol")
 
 
+def test_one_error_names_the_argument_from_python_and_the_flag_on_the_command_line(
+    h5_file, tmp_path
+):
+    import re
+
+    import tlloop
+    from tlloop import phases as phase_lib
+    from tlloop import workdir as workdir_lib
+    from tlloop.config import BestMetric, CheckpointConfig, PhaseConfig, Unfreeze
+    from tlloop.errors import ConfigError
+    from tlloop.flags import flag_line
+    from tlloop.warm_start import warm_start
+    from tlloop.wise_ft import finetune_index
+
+    path, _ = h5_file
+    backbone = tlloop.load_backbone(path, 32, layer="pool", value_range="-1:1")
+    (tmp_path / "file").write_text("")
+    no_finetune = [
+        PhaseConfig(name, epochs=e, learning_rate=0.1) for name, e in (("head", 1), ("finetune", 0))
+    ]
+    cases = [  # (the failing call, the library's line starts with, the command line's)
+        (lambda: tlloop.load_backbone(str(tmp_path / "x.keras"), 32), "source='", "--backbone='"),
+        (lambda: tlloop.load_backbone(path, 32, layer="pol"), "layer='pol'", "--backbone_layer="),
+        (
+            lambda: tlloop.load_backbone("small_cnn", 32, weights="imagenet"),
+            "weights=",
+            "--weights=",
+        ),
+        (
+            lambda: phase_lib.unfrozen_layers(Unfreeze.parse("top:99"), backbone),
+            "unfreeze=top:99: the backbone has only",
+            "--unfreeze=top:99: the backbone has only",
+        ),
+        (
+            lambda: warm_start(backbone, str(tmp_path / "no")),
+            "init_checkpoint='",
+            "--init_checkpoint=",
+        ),
+        (
+            lambda: workdir_lib.prepare(str(tmp_path / "file"), None, overwrite=False),
+            "workdir='",
+            "--workdir='",
+        ),
+        (
+            lambda: tlloop.Classification(3).checked_best_metric(BestMetric("auc")),
+            "best_metric=auc:max: the task has no metric 'auc'; accepted: loss, accuracy",
+            "--best_metric=auc:max: the task has no metric 'auc'; accepted: loss, accuracy",
+        ),
+        (  # arguments named inside the text follow: finetune.epochs is --finetune_epochs
+            lambda: finetune_index(CheckpointConfig(wise_ft=(0, 1)), no_finetune),
+            "wise_ft=0.0,1.0: no phase trains the backbone (WiSE-FT interpolates towards the "
+            "fine-tuned weights); accepted: a fine-tune phase (e.g. finetune.epochs >= 1 with "
+            "unfreeze not none) after the head phase, or no wise_ft",
+            "--wise_ft=0.0,1.0: no phase trains the backbone (WiSE-FT interpolates towards the "
+            "fine-tuned weights); accepted: a fine-tune phase (e.g. --finetune_epochs >= 1 with "
+            "--unfreeze not none) after the head phase, or no --wise_ft",
+        ),
+    ]
+    for call, library, command_line in cases:
+        with pytest.raises(ConfigError) as caught:
+            call()
+        line = str(caught.value)
+        assert line.startswith(library) and not re.search(r"--\w", line), line
+        assert flag_line(caught.value).startswith(command_line), flag_line(caught.value)
+
+
 def test_an_application_can_be_cut_and_keeps_its_preprocessing():
     backbone = build_backbone("MobileNetV2", "none", 32, layer="block_3_expand_relu")
     assert backbone.outputs[0].shape[1:] == (8, 8, 144)

@@ -191,7 +191,7 @@ def test_an_export_a_kill_interrupted_is_put_back_and_its_leftovers_removed(tmp_
 _REPLACE = """
 import os, signal, sys
 import tensorflow as tf
-from tlloop.export import _replace_directory
+from tlloop.workdir import replace_directory
 
 def saved_model(value):
     module = tf.Module()
@@ -199,7 +199,7 @@ def saved_model(value):
     return lambda path: tf.saved_model.save(module, path)
 
 target = sys.argv[1]
-_replace_directory(target, saved_model(1.0))
+replace_directory(target, saved_model(1.0))
 replace = os.replace
 def dies(source, destination):
     if os.path.basename(source).startswith(".tmp-"):
@@ -209,7 +209,7 @@ def dies(source, destination):
     replace(source, destination)
 os.replace = dies
 try:
-    _replace_directory(target, saved_model(2.0))
+    replace_directory(target, saved_model(2.0))
 except KeyboardInterrupt:
     print("interrupted")
 """
@@ -219,7 +219,7 @@ except KeyboardInterrupt:
 def test_an_export_interrupted_between_its_renames_leaves_a_usable_saved_model(tmp_path, how):
     import tensorflow as tf
 
-    from tlloop.export import recover
+    from tlloop.workdir import recover_export as recover
 
     target = tmp_path / "export" / "saved_model"
     done = subprocess.run(

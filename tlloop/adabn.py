@@ -1,7 +1,7 @@
 """AdaBN (Li, Wang, Shi, Liu, Hou, 2016, "Revisiting Batch Normalization for Practical Domain
 Adaptation"): every BatchNormalization of the backbone takes the statistics of the target data.
 
-`bn_mode="adapt"` (on any phase; `--bn_mode=adapt` on both of the flags' phases) runs, once
+`bn_mode="adapt"` (on any phase; the command line's sets it on both of its phases) runs, once
 before the first phase, passes of the backbone in inference mode over the training examples
 (no augmentation, Dropout off; in memory or streamed), recording what each BatchNormalization
 at any depth receives: per channel, the count, mean and sum of squared deviations of each
@@ -30,8 +30,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tlloop.config import ConfigError
 from tlloop.data.examples import Examples
+from tlloop.errors import ConfigError
 from tlloop.models.walk import batch_norms
 
 MODE = "adapt"
@@ -245,9 +245,11 @@ def before_run(
             done, passes, moved = 0, 0, None
         if not done or moved is None or moved.shape != (len(layers), len(RECORDED)):
             raise ConfigError(
-                f"bn_mode=adapt: checkpoint {resume_from!r} is of a run that did not adapt its "
-                "BatchNorm statistics; accepted: the bn_mode that run used, or --overwrite to "
-                "start afresh"
+                "bn_mode",
+                "adapt",
+                f"checkpoint {resume_from!r} is of a run that did not adapt its BatchNorm "
+                "statistics",
+                "the bn_mode that run used, or $overwrite to start afresh",
             )
         logging.info("bn_mode=adapt: done before the first phase (from the checkpoint)")
         report = [

@@ -419,17 +419,6 @@ class BestMetric:
         """This metric, or for "auto" the task's `default` (name, direction)."""
         return BestMetric(*default) if self.name == AUTO_METRIC else self
 
-    def for_task(self, task: Any) -> BestMetric:
-        """This metric for `task` (a `tlloop.Task`): "auto" resolved to the task's own;
-        ConfigError when the task's evaluation does not report it."""
-        metric = self.resolved(task.best_metric)
-        known = ("loss", *task.metric_names)
-        if metric.name not in known:
-            raise ConfigError(
-                "best_metric", metric, f"the task has no metric {metric.name!r}", ", ".join(known)
-            )
-        return metric
-
     def better(self, value: float, than: float) -> bool:
         """True if `value` is strictly better than `than` (anything beats NaN, the unset)."""
         if self.name == AUTO_METRIC:

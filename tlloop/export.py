@@ -2,12 +2,12 @@
 
 WORKDIR/export/ holds:
 - `model.keras`: the whole TransferModel (augment, backbone, head); logits out.
-- `backbone.keras`: raw pixels in, features out; `--backbone` for another run, which is how a
-  backbone trained by tlloop is transferred.
+- `backbone.keras`: raw pixels in, features out; another run's backbone `source`, which is
+  how a backbone trained by tlloop is transferred.
 - `saved_model/`: signatures for serving, inference mode baked in (augmentation off, BatchNorm
   on its moving statistics, Dropout off). For an image model `serving_default` takes float32
   pixels in [0, 255], `serving_uint8` uint8 pixels; both any batch size and any image size
-  (resized to the model's size the way training resized them, --resize), and return the
+  (resized to the model's size the way training resized them, `resize`), and return the
   task's serving outputs: for classification `probabilities` (batch, classes), `class_id` and
   `class_name`; for multi-label `probabilities` (batch, labels), `predicted` (multi-hot, over
   the threshold) and `labels` (the names over it, joined by ";"); for regression
@@ -16,8 +16,8 @@ WORKDIR/export/ holds:
   `serving_default` over its backbone's inputs. A backbone that declares no inputs (a
   subclassed model) is served the `inputs` given (`Trainer.fit` gives its training inputs').
 - `model_float32.tflite`, `model_dynamic.tflite`, `model_int8.tflite` and `labels.txt`, when
-  TFLite formats are asked for (`tflite=`, `--export_tflite`): see `tlloop.tflite`; each file
-  checked with the LiteRT interpreter before it is written.
+  TFLite formats are asked for (`tflite=`, `checkpoint.export_tflite`): see `tlloop.tflite`;
+  each file checked with the LiteRT interpreter before it is written.
 
 Load the .keras files with `keras.saving.load_model` after `import tlloop` (which registers
 tlloop's classes) and the modules that register yours. The SavedModel of an image model needs
@@ -32,21 +32,18 @@ import contextlib
 import os
 import random
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from tlloop.data.images import resize_images
 from tlloop.models import INFERENCE, TransferModel
 from tlloop.models.walk import declared_input_spec
 from tlloop.tasks import Classification, Task
-from tlloop.workdir import write_atomic
+from tlloop.workdir import replace_directory, write_atomic
 
 SIGNATURES = ("serving_default", "serving_uint8", "class_names")  # of an image classifier
 
@@ -87,7 +84,7 @@ def export_model(
     """
     from tlloop import tflite as tflite_lib  # TensorFlow Lite's converter loads only when used
 
-    formats = tflite_lib._check_formats(tflite)
+    formats = tflite_lib.check_formats(tflite)
     if formats:
         tflite_lib.image_size(model)
         if verify_images is None:
@@ -104,7 +101,7 @@ def export_model(
     writers = {
         "model": lambda: write_atomic(paths["model"], model.save),
         "backbone": lambda: write_atomic(paths["backbone"], model.backbone.save),
-        "saved_model": lambda: _replace_directory(
+        "saved_model": lambda: replace_directory(
             paths["saved_model"], lambda path: write_saved_model(model, path, task, resize, specs)
         ),
     }
@@ -307,54 +304,3 @@ def _takes_images(specs) -> bool:
         and specs.shape[-1] == 3
         and specs.shape[1] is not None
     )
-
-
-def _replace_directory(path: str, writer) -> None:
-    """Calls `writer(tmp)` for a new directory, then puts it at `path` in place of the old one.
-
-    The old directory is moved aside (into `.old-*/NAME`) before the new one is renamed in,
-    and deleted after: a failure while writing leaves the old one as it was, so does an
-    exception between the two renames (the old one is put back), and a kill there leaves the
-    old one aside, which `recover` puts back at the next start.
-    """
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-    old = None
-    try:
-        writer(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 directories; exports are for sharing
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix=".old-")
-            os.replace(path, os.path.join(old, os.path.basename(path)))
-        os.replace(tmp, path)
-    finally:
-        if old and not os.path.exists(path):  # the new one never came: the old one goes back
-            os.replace(os.path.join(old, os.path.basename(path)), path)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def recover(directory: str) -> None:
-    """Cleans up after an export a kill interrupted, in export `directory`: a previous
-    version moved aside (`.old-*/NAME`) with nothing at NAME is put back (the kill fell between
-    the two renames); every other `.old-*` and every `.tmp-*` (a half-written file or
-    directory) is removed, each logged. Run at each start, before anything is exported."""
-    for entry in sorted(os.listdir(directory)):
-        path = os.path.join(directory, entry)
-        if entry.startswith(".old-") and os.path.isdir(path):
-            for name in os.listdir(path):
-                # An older tlloop named what it moved aside "previous"; it was the SavedModel.
-                target = os.path.join(directory, "saved_model" if name == "previous" else name)
-                if not os.path.exists(target):
-                    os.replace(os.path.join(path, name), target)
-                    logging.warning(
-                        "export: put back %s, which a killed export moved aside", target
-                    )
-        if entry.startswith((".old-", ".tmp-")):
-            logging.warning("export: removing %s, left by a killed export", path)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.remove(path)

@@ -18,7 +18,8 @@ import re
 import keras
 import tensorflow as tf
 
-from tlloop.config import ConfigError, PhaseConfig, Unfreeze
+from tlloop.config import PhaseConfig, Unfreeze
+from tlloop.errors import ConfigError
 from tlloop.models import ModeTable, TransferModel, walk
 from tlloop.models.modes import SUBMODULES
 from tlloop.models.walk import all_layers, leaf_layers, own_weights
@@ -63,9 +64,11 @@ def plan_phases(
         unfrozen_layers(config.unfreeze, model.backbone)  # raises if it does not fit
         if config.bn_mode == "adapt" and not walk.batch_norms(model.backbone):
             raise ConfigError(
-                f"--bn_mode=adapt: the backbone ({model.backbone.name}) holds no "
-                "BatchNormalization layer, so there are no statistics to adapt; accepted: "
-                "frozen, or a backbone with BatchNormalization"
+                "bn_mode",
+                "adapt",
+                f"the backbone ({model.backbone.name}) holds no BatchNormalization layer, so "
+                "there are no statistics to adapt",
+                "frozen, or a backbone with BatchNormalization",
             )
         modes = config.modes
         if modes is None:
@@ -173,7 +176,7 @@ def _matches(pattern: str, backbone: keras.Model) -> set[int]:
 
 def unfrozen_layers(unfreeze: Unfreeze, backbone: keras.Model) -> list[keras.layers.Layer]:
     """The layers with weights that `unfreeze` chooses among those the forward pass uses
-    (BatchNorm aside: --bn_mode decides it). Raises ConfigError, naming the flag, when the
+    (BatchNorm aside: `bn_mode` decides it). Raises ConfigError naming `unfreeze` when the
     policy does not fit."""
     weighted = weighted_layers(backbone)
     if unfreeze.kind == "none":
@@ -183,9 +186,11 @@ def unfrozen_layers(unfreeze: Unfreeze, backbone: keras.Model) -> list[keras.lay
     if unfreeze.kind == "top":
         if unfreeze.count > len(weighted):
             raise ConfigError(
-                f"--unfreeze={unfreeze}: the backbone has only {len(weighted)} layers with "
-                "weights that its forward pass uses (BatchNormalization not counted); "
-                f"accepted: top:N with 1 <= N <= {len(weighted)}, or all"
+                "unfreeze",
+                unfreeze,
+                f"the backbone has only {len(weighted)} layers with weights that its forward "
+                "pass uses (BatchNormalization not counted)",
+                f"top:N with 1 <= N <= {len(weighted)}, or all",
             )
         return weighted[-unfreeze.count :]
     if unfreeze.kind == "blocks":
@@ -193,9 +198,11 @@ def unfrozen_layers(unfreeze: Unfreeze, backbone: keras.Model) -> list[keras.lay
         if not 1 <= unfreeze.count <= len(blocks):
             known = f"it has {len(blocks)} blocks" if blocks else "no known block naming"
             raise ConfigError(
-                f"--unfreeze={unfreeze}: {known}; accepted: blocks:N with 1 <= N <= "
-                f"{len(blocks)} (keras.applications families, KerasHub ResNet), or top:N, from:, "
-                "regex:"
+                "unfreeze",
+                unfreeze,
+                known,
+                f"blocks:N with 1 <= N <= {len(blocks)} (keras.applications families, KerasHub "
+                "ResNet), or top:N, from:, regex:",
             )
         chosen = {id(layer) for block in blocks[-unfreeze.count :] for layer in block}
         return [layer for layer in weighted if id(layer) in chosen]
@@ -204,8 +211,10 @@ def unfrozen_layers(unfreeze: Unfreeze, backbone: keras.Model) -> list[keras.lay
         names = [layer.name for layer in order]
         if unfreeze.value not in names:
             raise ConfigError(
-                f"--unfreeze={unfreeze}: no layer {unfreeze.value!r} in the backbone; "
-                f"accepted: from:NAME with a backbone layer name, e.g. {', '.join(names[-3:])}"
+                "unfreeze",
+                unfreeze,
+                f"no layer {unfreeze.value!r} in the backbone",
+                f"from:NAME with a backbone layer name, e.g. {', '.join(names[-3:])}",
             )
         after = {id(layer) for layer in order[names.index(unfreeze.value) :]}
         return [layer for layer in weighted if id(layer) in after]
@@ -213,8 +222,10 @@ def unfrozen_layers(unfreeze: Unfreeze, backbone: keras.Model) -> list[keras.lay
     chosen = [layer for layer in weighted if id(layer) in matched]
     if not chosen:
         raise ConfigError(
-            f"--unfreeze={unfreeze}: matches no backbone layer with weights; accepted: a "
-            f"regular expression matching layer names, e.g. {weighted[-1].name}"
+            "unfreeze",
+            unfreeze,
+            "matches no backbone layer with weights",
+            f"a regular expression matching layer names, e.g. {weighted[-1].name}",
         )
     return chosen
 
@@ -264,7 +275,7 @@ def apply_trainability(model: TransferModel, phase: Phase, epoch: int = 0) -> No
         if not own_weights(layer):
             continue
         if is_batch_norm(layer):
-            # With --bn_mode=train, the BatchNorm layers among the chosen ones train: all
+            # With bn_mode="train", the BatchNorm layers among the chosen ones train: all
             # after the first chosen layer; for a regex, those it matches.
             among = id(layer) in matched if unfreeze.kind == "regex" else position >= first
             trains = bn_mode == "train" and among and walk.is_used(layer, used)

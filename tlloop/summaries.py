@@ -2,7 +2,7 @@
 
 Writers live under WORKDIR/tensorboard: `train` and `eval` hold the scalars, images,
 histograms and text; the directory itself holds the run's hparams, so several runs under one
-`--logdir` compare in the HParams dashboard. On a non-chief task everything is a no-op.
+TensorBoard logdir compare in the HParams dashboard. On a non-chief task everything is a no-op.
 """
 
 from __future__ import annotations

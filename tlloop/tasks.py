@@ -22,8 +22,10 @@ import numpy as np
 import tensorflow as tf
 
 from tlloop import summaries as summaries_lib
+from tlloop.errors import ConfigError
 
 if TYPE_CHECKING:
+    from tlloop.config import BestMetric
     from tlloop.data.examples import Examples
 
 # Names the steps' own metrics use: a task metric may not take them.
@@ -79,6 +81,21 @@ class Task:
     def metric_names(self) -> tuple[str, ...]:
         """The names of the metrics every evaluation reports (besides loss and examples)."""
         return tuple(m.name for m in self.make_metrics(evaluation=True))
+
+    def checked_best_metric(self, metric: BestMetric) -> BestMetric:
+        """`metric` for this task ("auto": the task's own `best_metric`). Raises ConfigError
+        naming `best_metric` when the task's evaluation does not report it: the one check, made
+        before anything is written, for the library and the command line alike."""
+        resolved = metric.resolved(self.best_metric)
+        known = ("loss", *self.metric_names)
+        if resolved.name not in known:
+            raise ConfigError(
+                "best_metric",
+                str(resolved),
+                f"the task has no metric {resolved.name!r}",
+                ", ".join(known),
+            )
+        return resolved
 
     def make_metrics(self, *, evaluation: bool) -> list[keras.metrics.Metric]:
         """Fresh metric objects (call under the strategy's scope)."""
@@ -431,7 +448,7 @@ class MultiLabel(Task):
 
 def positive_weights(labels: np.ndarray) -> np.ndarray:
     """Per-label positive weights of multi-hot `labels` (N, L): negatives / positives of each
-    label (a label with no positive counts as one), float32; what --class_weights=auto gives
+    label (a label with no positive counts as one), float32; what class_weights='auto' gives
     a `MultiLabel` task."""
     labels = np.asarray(labels, np.float64)
     if labels.ndim != 2:

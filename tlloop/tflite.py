@@ -107,7 +107,7 @@ def convert(
     (a few hundred of the training images). Raises ValueError naming the argument at fault, and
     TFLiteError (one line, naming the format) when the converter fails.
     """
-    formats = _check_formats(formats)
+    formats = check_formats(formats)
     task = task or Classification()
     size = check_model(model, task)
     if "int8" in formats:
@@ -273,7 +273,7 @@ def export_tflite(
     (one line) when a conversion fails or a file agrees less than its threshold, after
     writing the files that passed; nothing else in `directory` is touched.
     """
-    formats = _check_formats(formats)
+    formats = check_formats(formats)
     task = task or Classification()
     thresholds = {**DEFAULT_MIN_AGREEMENT, **(min_agreement or {})}
     images = as_uint8(images)
@@ -356,7 +356,9 @@ def _calibration(images: np.ndarray):
     return generate
 
 
-def _check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
+def check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
+    """The TFLite `formats` (a comma list or a sequence), each known and given once; raises
+    ValueError naming `formats` otherwise."""
     items = formats.split(",") if isinstance(formats, str) else list(formats)
     formats = tuple(filter(None, (str(item).strip() for item in items)))
     unknown = [f for f in formats if f not in FORMATS]

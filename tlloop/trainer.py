@@ -302,7 +302,7 @@ class Trainer:
         train = as_examples(train, argument="train", inputs=declared)
         _check_mixing(self.training, self.task, train)
         eval_data = as_examples(eval_data, argument="eval_data", inputs=declared)
-        self.checkpoint.best_metric.for_task(self.task)
+        self.task.checked_best_metric(self.checkpoint.best_metric)
         plan = phase_lib.plan_phases(self.phases, model, train.element_spec[0])
         serving = serving_inputs(train)
         if export:  # decided now: an export refused after training would cost the whole run

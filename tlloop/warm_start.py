@@ -1,4 +1,4 @@
-"""Warm start (--init_checkpoint): a backbone's weights from another run's checkpoint.
+"""Warm start (`init_checkpoint`): a backbone's weights from another run's checkpoint.
 
 Distinct from resuming: a warm start loads only backbone weights into a fresh run, and a run
 that resumes from its own workdir restores every weight over it. Variables are matched the way
@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from tlloop.config import ConfigError
+from tlloop.errors import ConfigError
 
 _ACCEPTED = (
     "a tlloop workdir, a checkpoint directory, or a checkpoint path (PREFIX with PREFIX.index) "
@@ -50,8 +50,8 @@ class WarmStartReport:
 
 def resolve(path: str) -> str:
     """The checkpoint `path` names: a tlloop workdir's best checkpoint (else its latest), the
-    latest in a checkpoint directory, or a checkpoint prefix. Raises ConfigError."""
-    flag = f"--init_checkpoint={path!r}"
+    latest in a checkpoint directory, or a checkpoint prefix. Raises ConfigError naming
+    `init_checkpoint`."""
     if os.path.isdir(os.path.join(path, "checkpoints")):
         path = os.path.join(path, "checkpoints")
         found = tf.train.latest_checkpoint(os.path.join(path, "best"))
@@ -61,7 +61,7 @@ def resolve(path: str) -> str:
     else:
         found = path if tf.io.gfile.exists(path + ".index") else None
     if not found:
-        raise ConfigError(f"{flag}: no checkpoint there; accepted: {_ACCEPTED}")
+        raise ConfigError("init_checkpoint", repr(path), "no checkpoint there", _ACCEPTED)
     return found
 
 
@@ -82,10 +82,9 @@ def _roots(backbone: keras.Model) -> list[tuple[str, tf.train.Checkpoint]]:
 def warm_start(backbone: keras.Model, path: str) -> WarmStartReport:
     """Loads `backbone`'s weights from the checkpoint `path` names; returns the report.
 
-    Raises ConfigError naming the flag if the checkpoint is unreadable, if no variable matched,
-    or if a matched variable's shape differs (naming it); nothing is loaded then.
+    Raises ConfigError naming `init_checkpoint` if the checkpoint is unreadable, if no variable
+    matched, or if a matched variable's shape differs (naming it); nothing is loaded then.
     """
-    flag = f"--init_checkpoint={path!r}"
     checkpoint = resolve(path)
     try:
         reader = tf.train.load_checkpoint(checkpoint)
@@ -94,8 +93,10 @@ def warm_start(backbone: keras.Model, path: str) -> WarmStartReport:
         view = tf.train.CheckpointView(checkpoint)
     except (tf.errors.OpError, ValueError) as error:
         raise ConfigError(
-            f"{flag}: unreadable checkpoint {checkpoint!r} ({error.__class__.__name__}); "
-            f"accepted: {_ACCEPTED}"
+            "init_checkpoint",
+            repr(path),
+            f"unreadable checkpoint {checkpoint!r} ({error.__class__.__name__})",
+            _ACCEPTED,
         ) from None
     shapes = reader.get_variable_to_shape_map()
     by_id = {id(variable): variable for variable in backbone.weights}
@@ -109,16 +110,22 @@ def warm_start(backbone: keras.Model, path: str) -> WarmStartReport:
     if not matched:
         keys = sorted(key for key in shapes if not key.startswith("_"))[:3]
         raise ConfigError(
-            f"{flag}: no backbone variable matched in {checkpoint!r} (looked at model/backbone, "
-            f"model and backbone; it holds e.g. {keys}); accepted: {_ACCEPTED}"
+            "init_checkpoint",
+            repr(path),
+            f"no backbone variable matched in {checkpoint!r} (looked at model/backbone, model "
+            f"and backbone; it holds e.g. {keys})",
+            _ACCEPTED,
         )
     pairs = []
     for node, variable in matched.items():
         key = _value_key(graph.nodes[node])
         if tuple(shapes[key]) != tuple(variable.shape):
             raise ConfigError(
-                f"{flag}: variable {variable.path!r} has shape {tuple(variable.shape)} here but "
-                f"{tuple(shapes[key])} in {checkpoint!r} ({key}); accepted: {_ACCEPTED}"
+                "init_checkpoint",
+                repr(path),
+                f"variable {variable.path!r} has shape {tuple(variable.shape)} here but "
+                f"{tuple(shapes[key])} in {checkpoint!r} ({key})",
+                _ACCEPTED,
             )
         pairs.append((variable, key))
     for variable, key in pairs:

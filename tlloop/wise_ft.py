@@ -24,7 +24,8 @@ from absl import logging
 
 from tlloop import checkpoints as checkpoint_lib
 from tlloop.actions import Action
-from tlloop.config import BestMetric, CheckpointConfig, ConfigError, PhaseConfig
+from tlloop.config import BestMetric, CheckpointConfig, PhaseConfig
+from tlloop.errors import ConfigError
 
 LP = "lp"  # WORKDIR/checkpoints/lp: theta_LP
 

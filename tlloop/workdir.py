@@ -1,6 +1,8 @@
 """The work directory: refusing a bad one, one run at a time in it, what tlloop wrote there
-(its manifest, which `--overwrite` removes and nothing else), and writing files so that none is
-ever half-written."""
+(its manifest, which `overwrite` removes and nothing else), and writing files and directories
+so that none is ever half-written (an export a kill interrupted is recovered at the next start).
+
+Errors name the `workdir` argument; the command line prints its flag (`tlloop.flags.flag_of`)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ import tempfile
 
 from absl import logging
 
-from tlloop.config import ConfigError
+from tlloop.errors import ConfigError
 
-# What a run writes at the top of its workdir (its places); --overwrite removes tlloop's files
-# in them. The rate --head_lr=auto found (tlloop.cli.head_lr.FoundRate), read back on resume.
+# What a run writes at the top of its workdir (its places); `overwrite` removes tlloop's files
+# in them. The head rate the command line found (tlloop.cli.head_lr.FoundRate), read on resume.
 FOUND_RATE_FILE = "found_rate.json"
 # A Trainer.fit's resolved arguments (the command line's record is flags.txt).
 CONFIG_FILE = "config.json"
@@ -40,12 +42,12 @@ MANIFEST = os.path.join(STATE_DIR, "manifest.json")
 LOCK = os.path.join(STATE_DIR, "lock")
 # The names tlloop writes inside each of its directories (a name ending in "/" is a directory
 # with its own entry here; any other directory matched is tlloop's whole). Anything else found
-# in them is not tlloop's: --overwrite leaves it.
+# in them is not tlloop's: `overwrite` leaves it.
 _OWN = {
     # .tmp-*: a kill during an atomic write (the sums, the re-seated state file)
     "checkpoints": ("checkpoint", "ckpt-*", "best/", "lp/", ".tmp-*"),
     "checkpoints/best": ("checkpoint", "ckpt-*", ".tmp-*"),
-    "checkpoints/lp": ("checkpoint", "ckpt-*", ".tmp-*"),  # --wise_ft's theta_LP
+    "checkpoints/lp": ("checkpoint", "ckpt-*", ".tmp-*"),  # WiSE-FT's theta_LP
     "tensorboard": ("events.out.tfevents.*", "train/", "eval/"),
     "tensorboard/train": ("events.out.tfevents.*", "plugins"),
     "tensorboard/eval": ("events.out.tfevents.*",),
@@ -55,7 +57,7 @@ _OWN = {
         "saved_model",
         "model_*.tflite",
         "labels.txt",
-        ".tmp-*",  # leftovers of a killed export (see tlloop.export.recover)
+        ".tmp-*",  # leftovers of a killed export (see recover_export)
         ".old-*",
     ),
 }
@@ -89,14 +91,16 @@ def prepare(path: str, flags_text: str | None, *, overwrite: bool) -> bool:
     place (see `foreign`). Raises ConfigError before changing anything.
     """
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"--workdir={path!r}: is a file; accepted: a directory (new or empty)")
+        raise ConfigError("workdir", repr(path), "is a file", "a directory (new or empty)")
     strangers = foreign(path)
     if strangers:
         raise ConfigError(
-            f"--workdir={path!r}: holds files tlloop did not write where it writes its outputs "
-            f"({', '.join(strangers[:5])}{', ...' if len(strangers) > 5 else ''}); accepted: "
+            "workdir",
+            repr(path),
+            "holds files tlloop did not write where it writes its outputs "
+            f"({', '.join(strangers[:5])}{', ...' if len(strangers) > 5 else ''})",
             "a new directory, or that one without them (tlloop never deletes files it did not "
-            "write, --overwrite neither)"
+            "write, $overwrite neither)",
         )
     previous = [name for name in RUN_OUTPUTS if _holds(os.path.join(path, name))]
     resume = bool(previous) and not overwrite
@@ -104,15 +108,16 @@ def prepare(path: str, flags_text: str | None, *, overwrite: bool) -> bool:
         differences = _flag_differences(os.path.join(path, FLAGS_FILE), flags_text)
         if differences:
             raise ConfigError(
-                f"--workdir={path!r}: holds a run with other flags ({'; '.join(differences)}); "
-                "accepted: the same flags (to resume it), a new directory, or --overwrite to "
-                "replace that run"
+                "workdir",
+                repr(path),
+                f"holds a run with other flags ({'; '.join(differences)})",
+                "the same flags (to resume it), a new directory, or $overwrite to replace that run",
             )
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as error:
         raise ConfigError(
-            f"--workdir={path!r}: cannot be created ({error.strerror}); accepted: a writable path"
+            "workdir", repr(path), f"cannot be created ({error.strerror})", "a writable path"
         ) from None
     # A real write, not os.access: that says yes to root, and knows nothing of read-only
     # mounts, immutable directories or quotas.
@@ -122,7 +127,7 @@ def prepare(path: str, flags_text: str | None, *, overwrite: bool) -> bool:
         os.remove(probe)
     except OSError as error:
         raise ConfigError(
-            f"--workdir={path!r}: not writable ({error.strerror}); accepted: a writable directory"
+            "workdir", repr(path), f"not writable ({error.strerror})", "a writable directory"
         ) from None
     lock(path)  # before anything is removed or written: a second launch changes nothing
     if overwrite:
@@ -130,9 +135,7 @@ def prepare(path: str, flags_text: str | None, *, overwrite: bool) -> bool:
             _remove_own(path, name)
     write_json(os.path.join(path, MANIFEST), {"written_by": "tlloop", "places": list(RUN_OUTPUTS)})
     if os.path.isdir(os.path.join(path, "export")):
-        from tlloop.export import recover  # TensorFlow is loaded by now (the caller's)
-
-        recover(os.path.join(path, "export"))
+        recover_export(os.path.join(path, "export"))
     if flags_text is not None:
         write_text(os.path.join(path, FLAGS_FILE), flags_text)
     return resume
@@ -143,7 +146,7 @@ def foreign(path: str) -> list[str]:
     paths), which a run must not mix with its own or remove.
 
     A workdir with tlloop's manifest: none (its places are tlloop's; a file added to them
-    later is left by --overwrite). Without one (new, not tlloop's, or from a tlloop before
+    later is left by `overwrite`). Without one (new, not tlloop's, or from a tlloop before
     manifests): a workdir an earlier tlloop ran in (a flags.txt tlloop wrote, or a
     checkpoints/ of tlloop's checkpoint files with their `checkpoint` state file) is adopted;
     otherwise every file in those places is foreign (empty directories are not)."""
@@ -162,7 +165,7 @@ def foreign(path: str) -> list[str]:
 
 def _holds(target: str) -> bool:
     """True if `target` exists and is no empty directory (made by hand, or emptied by
-    --overwrite: it holds no previous run)."""
+    `overwrite`: it holds no previous run)."""
     return os.path.exists(target) and not (os.path.isdir(target) and not os.listdir(target))
 
 
@@ -189,18 +192,18 @@ def _remove_own(path: str, name: str) -> None:
     a file that is not tlloop's stays, logged as kept, with the directories holding it."""
     target = os.path.join(path, name)
     if not os.path.isdir(target):
-        logging.warning("--overwrite: removing %s", target)
+        logging.warning("overwrite: removing %s", target)
         os.remove(target)
         return
     for entry in sorted(os.listdir(target)):
         child, relative = os.path.join(target, entry), f"{name}/{entry}"
         pattern = _matches(entry, _OWN.get(name, ()))
         if pattern is None:
-            logging.warning("--overwrite: keeping %s (not written by tlloop)", child)
+            logging.warning("overwrite: keeping %s (not written by tlloop)", child)
         elif pattern.endswith("/") and os.path.isdir(child):
             _remove_own(path, relative)
         else:
-            logging.warning("--overwrite: removing %s", child)
+            logging.warning("overwrite: removing %s", child)
             if os.path.isdir(child) and not os.path.islink(child):
                 shutil.rmtree(child)
             else:
@@ -231,8 +234,11 @@ def lock(path: str) -> None:
         os.close(descriptor)
         who = f"pid {holder[0]} on host {holder[1]}" if len(holder) == 2 else "another process"
         raise ConfigError(
-            f"--workdir={path!r}: in use by another tlloop run ({who}); accepted: one run per "
-            "workdir at a time: wait for it to end (or stop it), or use another directory"
+            "workdir",
+            repr(path),
+            f"in use by another tlloop run ({who})",
+            "one run per workdir at a time: wait for it to end (or stop it), or use another "
+            "directory",
         ) from None
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
@@ -272,7 +278,7 @@ def _flag_differences(flags_file: str, flags_text: str) -> list[str]:
         return [f"{FLAGS_FILE} missing"]
     now = _flag_lines(flags_text)
     return [
-        f"{before.get(name, f'no --{name}')} -> {now.get(name, f'no --{name}')}"
+        f"{before.get(name, f'no ${name}')} -> {now.get(name, f'no ${name}')}"
         for name in sorted(set(before) | set(now))
         if before.get(name) != now.get(name)
     ]
@@ -295,6 +301,57 @@ def write_atomic(path: str, writer) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def replace_directory(path: str, writer) -> None:
+    """Calls `writer(tmp)` for a new directory, then puts it at `path` in place of the old one.
+
+    The old directory is moved aside (into `.old-*/NAME`) before the new one is renamed in,
+    and deleted after: a failure while writing leaves the old one as it was, so does an
+    exception between the two renames (the old one is put back), and a kill there leaves the
+    old one aside, which `recover_export` puts back at the next start.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    old = None
+    try:
+        writer(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 directories; exports are for sharing
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(dir=parent, prefix=".old-")
+            os.replace(path, os.path.join(old, os.path.basename(path)))
+        os.replace(tmp, path)
+    finally:
+        if old and not os.path.exists(path):  # the new one never came: the old one goes back
+            os.replace(os.path.join(old, os.path.basename(path)), path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_export(directory: str) -> None:
+    """Cleans up after an export a kill interrupted, in export `directory`: a previous
+    version moved aside (`.old-*/NAME`) with nothing at NAME is put back (the kill fell between
+    the two renames); every other `.old-*` and every `.tmp-*` (a half-written file or
+    directory) is removed, each logged. Run at each start, before anything is exported."""
+    for entry in sorted(os.listdir(directory)):
+        path = os.path.join(directory, entry)
+        if entry.startswith(".old-") and os.path.isdir(path):
+            for name in os.listdir(path):
+                # An older tlloop named what it moved aside "previous"; it was the SavedModel.
+                target = os.path.join(directory, "saved_model" if name == "previous" else name)
+                if not os.path.exists(target):
+                    os.replace(os.path.join(path, name), target)
+                    logging.warning(
+                        "export: put back %s, which a killed export moved aside", target
+                    )
+        if entry.startswith((".old-", ".tmp-")):
+            logging.warning("export: removing %s, left by a killed export", path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
 
 
 def _umask() -> int:

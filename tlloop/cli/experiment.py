@@ -100,7 +100,7 @@ def build_experiment(
         logging.info("%s", line)
     wise_ft.finetune_index(config.checkpoint, config.phases)  # with the recipe's epochs
     task = build_task(config, data)
-    config.checkpoint.best_metric.for_task(task)
+    task.checked_best_metric(config.checkpoint.best_metric)
     with strategy.scope():
         model, phases = _model_and_phases(config, data, task, text)
     report = None

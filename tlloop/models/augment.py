@@ -1,4 +1,4 @@
-"""The augmentation submodule, built from parsed `--augment` operations."""
+"""The augmentation submodule, built from parsed `augment` operations (AugmentOp)."""
 
 from __future__ import annotations
 

@@ -4,8 +4,11 @@ or .h5/.hdf5 from Keras 2 or 3), or a KerasHub preset (`tlloop.models.hub`).
 Every backbone built here is a Keras model named "backbone" that takes raw RGB pixels in
 [0, 255] (float32, shape (size, size, 3)) and returns a feature map or a feature vector: the
 preprocessing a pretrained network expects is inside it (an application's preprocess_input,
-a preset's image converter, or an `InputAdapter` from --backbone_channels/--backbone_range and
-the network's native size), so nothing outside has to know it, exports included.
+a preset's image converter, or an `InputAdapter` from `channels`/`value_range` and the
+network's native size), so nothing outside has to know it, exports included.
+
+Errors name the library's arguments (`source`, `layer`, `channels`, `value_range`, `weights`,
+`image_size`); the command line prints them with its flags (`tlloop.flags.flag_of`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import os
 import keras
 from absl import logging
 
-from tlloop.config import ConfigError, parse_backbone_range
+from tlloop.config import parse_backbone_range
+from tlloop.errors import ConfigError
 from tlloop.models import hub
 from tlloop.models.adapters import InputAdapter, TokenPool, imagenet_scale_offset
 
@@ -88,31 +92,37 @@ def build_backbone(
     channels: str = "",
     value_range: str = "",
 ) -> keras.Model:
-    """Builds the backbone `name` with `weights`, cut at `layer` (--backbone_layer), its input
-    adapted by `channels` and `value_range` (--backbone_channels, --backbone_range) and resized
-    to its native size; raises ConfigError naming the flag at fault."""
+    """Builds the backbone `name` (`source` in errors) with `weights`, cut at `layer`, its
+    input adapted by `channels` and `value_range` and resized to its native size; raises
+    ConfigError naming the argument at fault."""
     if name.lower().endswith(MODEL_FILES):
         model = _cut(_load_file(name, weights, safe_mode), layer, name)
         return _wrap(model, image_size, name, channels, value_range)
     if os.path.isfile(os.path.join(name, "saved_model.pb")):
         raise ConfigError(
-            f"--backbone={name!r}: a TF SavedModel cannot be fine-tuned correctly: it holds "
-            "traced functions, not layers, so it cannot be cut, unfrozen layer by layer, nor "
-            "its BatchNorm layers kept in inference mode while training, and model.keras could "
-            "only point at it; accepted: the .keras or .h5 model it was exported from"
+            "source",
+            repr(name),
+            "a TF SavedModel cannot be fine-tuned correctly: it holds traced functions, not "
+            "layers, so it cannot be cut, unfrozen layer by layer, nor its BatchNorm layers "
+            "kept in inference mode while training, and model.keras could only point at it",
+            "the .keras or .h5 model it was exported from",
         )
     if hub.is_preset(name):
         if weights not in ("", "none"):
             raise ConfigError(
-                f"--weights={weights!r}: a KerasHub preset brings its own weights; accepted: '' "
-                "(the preset's) or none (random initialisation)"
+                "weights",
+                repr(weights),
+                "a KerasHub preset brings its own weights",
+                "'' (the preset's) or none (random initialisation)",
             )
         model, preprocessing = hub.load_preset(name, load_weights=weights != "none")
         if preprocessing is not None and value_range:
             raise ConfigError(
-                f"--backbone_range={value_range!r}: the preset {name!r} brings its own "
-                "preprocessing (its image converter), applied once inside the backbone; "
-                "accepted: empty"
+                "value_range",
+                repr(value_range),
+                f"the preset {name!r} brings its own preprocessing (its image converter), "
+                "applied once inside the backbone",
+                "empty",
             )
         cut = _cut(model, layer, name)
         pool = None
@@ -124,8 +134,10 @@ def build_backbone(
         model = small_cnn(image_size)
         if weights == "imagenet":
             raise ConfigError(
-                f"--weights=imagenet: {SMALL_CNN} has no ImageNet weights; accepted: none, or the "
-                "path of a weights file saved from a small_cnn backbone"
+                "weights",
+                "imagenet",
+                f"{SMALL_CNN} has no ImageNet weights",
+                "none, or the path of a weights file saved from a small_cnn backbone",
             )
         if weights not in ("", "none"):
             _load_weights(model, weights)
@@ -133,24 +145,15 @@ def build_backbone(
     module = _application_module(name)
     if module is None:
         raise ConfigError(
-            f"--backbone={name!r}: unknown backbone; accepted: {SMALL_CNN}, a model file "
-            f"({', '.join(MODEL_FILES)}), a KerasHub preset (hf://..., kaggle://..., a preset "
-            "name or directory), or a keras.applications class name "
-            f"({', '.join(application_names())})"
+            "source",
+            repr(name),
+            "unknown backbone",
+            f"{SMALL_CNN}, a model file ({', '.join(MODEL_FILES)}), a KerasHub preset (hf://..., "
+            "kaggle://..., a preset name or directory), or a keras.applications class name "
+            f"({', '.join(application_names())})",
         )
     _no_adapters(name, layer, channels, value_range, cut=True)
     return _application(name, weights or "imagenet", image_size, layer)
-
-
-# Flag -> argument of load_backbone, for its messages.
-_ARGUMENTS = {
-    "backbone": "source",
-    "backbone_layer": "layer",
-    "backbone_channels": "channels",
-    "backbone_range": "value_range",
-    "weights": "weights",
-    "image_size": "image_size",
-}
 
 
 def load_backbone(
@@ -163,38 +166,35 @@ def load_backbone(
     value_range: str = "",
     safe_mode: bool = True,
 ) -> keras.Model:
-    """A backbone for `TransferModel` from anything --backbone accepts: RGB pixels in [0, 255]
-    of `image_size` in, features out; `layer`, `channels`, `value_range` are --backbone_layer,
-    --backbone_channels, --backbone_range. Raises ValueError naming the argument at fault."""
-    try:
-        return build_backbone(
-            source,
-            weights,
-            image_size,
-            safe_mode=safe_mode,
-            layer=layer,
-            channels=channels,
-            value_range=value_range,
-        )
-    except ConfigError as error:
-        text = str(error)
-        for flag, argument in _ARGUMENTS.items():
-            text = text.replace(f"--{flag}=", f"{argument}=")
-        raise ValueError(text) from None
+    """A backbone for `TransferModel` from `source` (a keras.applications class name,
+    small_cnn, a model file or a KerasHub preset): RGB pixels in [0, 255] of `image_size` in,
+    features out, cut at `layer` (a layer name or -N from the end), its input adapted by
+    `channels` (rgb, grayscale) and `value_range`. Raises ConfigError (a ValueError) naming
+    the argument at fault."""
+    return build_backbone(
+        source,
+        weights,
+        image_size,
+        safe_mode=safe_mode,
+        layer=layer,
+        channels=channels,
+        value_range=value_range,
+    )
 
 
 def _no_adapters(name: str, layer: str, channels: str, value_range: str, cut: bool) -> None:
     """Refuses adapters on a backbone that already takes RGB pixels in [0, 255]."""
-    for flag, value, ok in (
-        ("backbone_layer", layer, cut or not layer),
-        ("backbone_channels", channels, channels in ("", "rgb")),
-        ("backbone_range", value_range, not value_range),
+    for argument, value, ok in (
+        ("layer", layer, cut or not layer),
+        ("channels", channels, channels in ("", "rgb")),
+        ("value_range", value_range, not value_range),
     ):
         if not ok:
             raise ConfigError(
-                f"--{flag}={value!r}: {name} builds its own input (RGB pixels in [0, 255], its "
-                "preprocessing inside); accepted: empty (and --backbone_layer for a "
-                "keras.applications model)"
+                argument,
+                repr(value),
+                f"{name} builds its own input (RGB pixels in [0, 255], its preprocessing inside)",
+                "empty (and $layer for a keras.applications model)",
             )
 
 
@@ -213,21 +213,25 @@ def load_source(name: str, *, safe_mode: bool = True) -> keras.Model:
 
 
 def _cut(model: keras.Model, layer: str, source: str) -> keras.Model:
-    """`model` up to `layer`'s output (--backbone_layer: a name or -N from the end)."""
+    """`model` up to `layer`'s output (a layer name or -N from the end)."""
     if not layer:
         return model
     if not isinstance(model, keras.Model) or not getattr(model, "inputs", None):
         raise ConfigError(
-            f"--backbone_layer={layer!r}: {source!r} is not a functional model, so it cannot be "
-            "cut; accepted: empty"
+            "layer",
+            repr(layer),
+            f"{source!r} is not a functional model, so it cannot be cut",
+            "empty",
         )
     layers = model.layers
     if layer.lstrip("-").isdigit():
         index = int(layer)
         if not -len(layers) < index < 0:
             raise ConfigError(
-                f"--backbone_layer={layer!r}: {source!r} has {len(layers)} layers; accepted: a "
-                f"layer name or -N with 1 <= N < {len(layers)} (-1: the last layer)"
+                "layer",
+                repr(layer),
+                f"{source!r} has {len(layers)} layers",
+                f"a layer name or -N with 1 <= N < {len(layers)} (-1: the last layer)",
             )
         chosen = layers[index]
     else:
@@ -235,17 +239,20 @@ def _cut(model: keras.Model, layer: str, source: str) -> keras.Model:
         if layer not in names:
             nearest = difflib.get_close_matches(layer, names, n=5, cutoff=0.0)
             raise ConfigError(
-                f"--backbone_layer={layer!r}: no such layer in {source!r}; nearest: "
-                f"{', '.join(nearest)} (python -m tlloop.backbone {source} lists them all)"
+                "layer",
+                repr(layer),
+                f"no such layer in {source!r}; nearest: {', '.join(nearest)} (python -m "
+                f"tlloop.backbone {source} lists them all)",
             )
         chosen = layers[names.index(layer)]
     output = chosen.output
     if isinstance(output, (list, tuple, dict)) or len(output.shape) not in (2, 4):
         shape = getattr(output, "shape", type(output).__name__)
         raise ConfigError(
-            f"--backbone_layer={layer!r}: its output {shape} is not a feature map (batch, H, W, "
-            "C) or a vector (batch, C); accepted: a layer with such an output (python -m "
-            f"tlloop.backbone {source} suggests cut points)"
+            "layer",
+            repr(layer),
+            f"its output {shape} is not a feature map (batch, H, W, C) or a vector (batch, C)",
+            f"a layer with such an output (python -m tlloop.backbone {source} suggests cut points)",
         )
     return keras.Model(model.inputs, output, name=model.name)
 
@@ -263,18 +270,22 @@ def _wrap(
     [`pool`]. The adapter does a preset's `preprocessing` (hub.load_preset: its resize
     included), else what `channels` and `value_range` ask, and resizes to a non-square native
     size; it is left out when it would change nothing. A square native size other than
-    `image_size` is refused (--image_size should be that size)."""
+    `image_size` is refused (`image_size` should be that size)."""
     shape = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else ()
     if len(model.inputs or ()) != 1 or len(shape) != 3 or shape[2] not in (1, 3):
         raise ConfigError(
-            f"--backbone={source!r}: takes inputs of shape {shape}; accepted: a model with one "
-            "image input of 1 (grayscale) or 3 (RGB) channels"
+            "source",
+            repr(source),
+            f"takes inputs of shape {shape}",
+            "a model with one image input of 1 (grayscale) or 3 (RGB) channels",
         )
     native = "grayscale" if shape[2] == 1 else "rgb"
     if channels and channels != native:
         raise ConfigError(
-            f"--backbone_channels={channels}: {source!r} takes {shape[2]}-channel images "
-            f"{shape}; accepted: {native} or empty"
+            "channels",
+            channels,
+            f"{source!r} takes {shape[2]}-channel images {shape}",
+            f"{native} or empty",
         )
     given = (image_size, image_size)
     adapter = dict(preprocessing or {"size": None, "scale": 1.0, "offset": 0.0})
@@ -284,15 +295,19 @@ def _wrap(
         # A square network resized in the data pipeline sees what it was trained on; resizing
         # inside would only resample twice. Presets resize inside: their converter says so.
         raise ConfigError(
-            f"--image_size={image_size}: the backbone {source!r} takes inputs of shape "
-            f"{shape}; accepted: --image_size={size[0]} (images are resized to it as they load)"
+            "image_size",
+            image_size,
+            f"the backbone {source!r} takes inputs of shape {shape}",
+            f"$image_size={size[0]} (images are resized to it as they load)",
         )
     parsed = parse_backbone_range(value_range)
     if parsed == "imagenet":
         if native != "rgb":
             raise ConfigError(
-                f"--backbone_range=imagenet: it normalises 3 RGB channels, and {source!r} takes "
-                "grayscale; accepted: 0:255, 0:1, -1:1 or SCALE:OFFSET"
+                "value_range",
+                "imagenet",
+                f"it normalises 3 RGB channels, and {source!r} takes grayscale",
+                "0:255, 0:1, -1:1 or SCALE:OFFSET",
             )
         adapter["scale"], adapter["offset"] = imagenet_scale_offset()
     elif isinstance(parsed, tuple):
@@ -309,7 +324,7 @@ def _wrap(
 
 def _application(name: str, weights: str, image_size: int, layer: str = "") -> keras.Model:
     if weights not in ("imagenet", "none") and not os.path.isfile(weights):
-        raise ConfigError(f"--weights={weights!r}: no such file; accepted: {_WEIGHTS_ACCEPTED}")
+        raise ConfigError("weights", repr(weights), "no such file", _WEIGHTS_ACCEPTED)
     try:
         base = getattr(keras.applications, name)(
             include_top=False,
@@ -318,14 +333,16 @@ def _application(name: str, weights: str, image_size: int, layer: str = "") -> k
         )
     except ValueError as error:  # e.g. "Input size must be at least 32x32"
         raise ConfigError(
-            f"--image_size={image_size}: {name} cannot take it: {_one_line(error)}"
+            "image_size", image_size, f"{name} cannot take it: {_one_line(error)}"
         ) from None
     except Exception as error:  # the ImageNet download: no network, or a server error
         if weights != "imagenet":
             raise
         raise ConfigError(
-            f"--weights=imagenet: could not fetch {name}'s ImageNet weights ({_one_line(error)}); "
-            f"accepted: {_WEIGHTS_ACCEPTED} (download the file once where there is a network)"
+            "weights",
+            "imagenet",
+            f"could not fetch {name}'s ImageNet weights ({_one_line(error)})",
+            f"{_WEIGHTS_ACCEPTED} (download the file once where there is a network)",
         ) from None
     if weights not in ("imagenet", "none"):
         _load_weights(base, weights)
@@ -338,24 +355,27 @@ def _load_file(path: str, weights: str, safe_mode: bool) -> keras.Model:
     """The full model saved in `path` (.keras; .h5/.hdf5 in the HDF5 layout of Keras 2 or 3)."""
     if not os.path.isfile(path):
         raise ConfigError(
-            f"--backbone={path!r}: no such file; accepted: a full model saved as "
-            f"{', '.join(MODEL_FILES)}"
+            "source", repr(path), "no such file", f"a full model saved as {', '.join(MODEL_FILES)}"
         )
     if weights not in ("", "none"):
         raise ConfigError(
-            f"--weights={weights!r}: a model file brings its own weights; accepted: '' (the "
-            "file's weights) or none (random initialisation)"
+            "weights",
+            repr(weights),
+            "a model file brings its own weights",
+            "'' (the file's weights) or none (random initialisation)",
         )
     try:
         loaded = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
     except Exception as error:
         raise ConfigError(
-            f"--backbone={path!r}: not a loadable Keras model ({_one_line(error)}); accepted: a "
-            "full model written by Model.save in Keras 2 or 3 (not weights only; pass "
-            "--unsafe_deserialization only for files you trust that need code)"
+            "source",
+            repr(path),
+            f"not a loadable Keras model ({_one_line(error)})",
+            "a full model written by Model.save in Keras 2 or 3 (not weights only; pass "
+            "$unsafe_deserialization only for files you trust that need code)",
         ) from None
     if not isinstance(loaded, keras.Model):
-        raise ConfigError(f"--backbone={path!r}: holds no Keras model; accepted: a full model")
+        raise ConfigError("source", repr(path), "holds no Keras model", "a full model")
     _warn_onednn(loaded, path)
     return _reinitialised(loaded, path) if weights == "none" else loaded
 
@@ -378,7 +398,7 @@ def _warn_onednn(model: keras.Model, path: str) -> None:
 
 def _reinitialised(model: keras.Model, path: str) -> keras.Model:
     """`model`'s architecture with fresh weights from its layers' initializers (BatchNorm moving
-    statistics included), as --weights=none gives every other backbone."""
+    statistics included), as weights="none" gives every other backbone."""
 
     def fresh(layer: keras.layers.Layer) -> keras.layers.Layer:
         # A layer without weights has nothing to re-initialise; reusing it also spares a
@@ -389,21 +409,24 @@ def _reinitialised(model: keras.Model, path: str) -> keras.Model:
         return keras.models.clone_model(model, clone_function=fresh, recursive=True)
     except ValueError as error:  # a subclassed model: Keras clones only functional/sequential
         raise ConfigError(
-            f"--weights=none: the .keras backbone {path!r} cannot be re-initialised "
-            f"({_one_line(error)}); accepted: '' (the file's weights), or a functional or "
-            "sequential model"
+            "weights",
+            "none",
+            f"the .keras backbone {path!r} cannot be re-initialised ({_one_line(error)})",
+            "'' (the file's weights), or a functional or sequential model",
         ) from None
 
 
 def _load_weights(model: keras.Model, path: str) -> None:
     if not os.path.isfile(path):
-        raise ConfigError(f"--weights={path!r}: no such file; accepted: {_WEIGHTS_ACCEPTED}")
+        raise ConfigError("weights", repr(path), "no such file", _WEIGHTS_ACCEPTED)
     try:
         model.load_weights(path)
     except Exception as error:
         raise ConfigError(
-            f"--weights={path!r}: does not fit the backbone ({_one_line(error)}); accepted: a "
-            "weights file saved from the same backbone at the same --image_size"
+            "weights",
+            repr(path),
+            f"does not fit the backbone ({_one_line(error)})",
+            "a weights file saved from the same backbone at the same $image_size",
         ) from None
 
 

@@ -15,7 +15,7 @@ import re
 import keras
 import numpy as np
 
-from tlloop.config import ConfigError
+from tlloop.errors import ConfigError
 from tlloop.models.adapters import TokenPool
 
 HANDLES = ("hf://", "kaggle://", "modelscope://", "gs://")
@@ -39,8 +39,10 @@ def import_hub(source: str):
         import keras_hub
     except ImportError:
         raise ConfigError(
-            f"--backbone={source!r}: a KerasHub preset needs the keras-hub package, which is "
-            f"not installed; accepted: install the hub extra: {EXTRA}"
+            "source",
+            repr(source),
+            "a KerasHub preset needs the keras-hub package, which is not installed",
+            f"install the hub extra: {EXTRA}",
         ) from None
     return keras_hub
 
@@ -57,16 +59,20 @@ def load_preset(source: str, load_weights: bool = True):
         text = " ".join(str(error).split())[:200]
         if local:
             raise ConfigError(
-                f"--backbone={source!r}: not a KerasHub preset directory with a backbone "
-                f"({text}); accepted: a directory written by Backbone.save_to_preset"
+                "source",
+                repr(source),
+                f"not a KerasHub preset directory with a backbone ({text})",
+                "a directory written by Backbone.save_to_preset",
             ) from None
         raise ConfigError(
-            f"--backbone={source!r}: could not fetch the KerasHub preset ({text}); accepted: a "
-            "handle reachable from here, or a local preset directory (where there is a network, "
-            "load the preset once and save_to_preset it)"
+            "source",
+            repr(source),
+            f"could not fetch the KerasHub preset ({text})",
+            "a handle reachable from here, or a local preset directory (where there is a "
+            "network, load the preset once and save_to_preset it)",
         ) from None
     if not isinstance(backbone, keras.Model) or not getattr(backbone, "inputs", None):
-        raise ConfigError(f"--backbone={source!r}: the preset's backbone declares no inputs")
+        raise ConfigError("source", repr(source), "the preset's backbone declares no inputs")
     return backbone, _preprocessing(keras_hub, source, local)
 
 
@@ -79,12 +85,14 @@ def _preprocessing(keras_hub, source: str, local: bool) -> dict | None:
         return None
     if type(converter).call is not keras_hub.layers.ImageConverter.call:
         raise ConfigError(
-            f"--backbone={source!r}: its image converter {type(converter).__name__} does more "
-            "than resize and rescale, which tlloop cannot put inside the backbone; accepted: "
-            "an image backbone preset (ResNet, EfficientNet, MobileNet, ViT, DINOv2, ...)"
+            "source",
+            repr(source),
+            f"its image converter {type(converter).__name__} does more than resize and "
+            "rescale, which tlloop cannot put inside the backbone",
+            "an image backbone preset (ResNet, EfficientNet, MobileNet, ViT, DINOv2, ...)",
         )
     if converter.data_format != "channels_last":
-        raise ConfigError(f"--backbone={source!r}: channels_first presets are not supported")
+        raise ConfigError("source", repr(source), "channels_first presets are not supported")
     scale = 1.0 if converter.scale is None else converter.scale
     offset = 0.0 if converter.offset is None else converter.offset
     return {
@@ -150,11 +158,8 @@ class TextPreprocess(keras.layers.Layer):
 
 def text_backbone(source: str, *, load_weights: bool = True) -> keras.Model:
     """A text backbone from the KerasHub preset `source` (see `build_text_backbone`), for the
-    library: raises ValueError naming `source` when it cannot be built."""
-    try:
-        return build_text_backbone(source, load_weights=load_weights)
-    except ConfigError as error:
-        raise ValueError(str(error).replace("--backbone=", "source=")) from None
+    library: raises ConfigError (a ValueError) naming `source` when it cannot be built."""
+    return build_text_backbone(source, load_weights=load_weights)
 
 
 def build_text_backbone(source: str, *, load_weights: bool = True) -> keras.Model:
@@ -162,7 +167,7 @@ def build_text_backbone(source: str, *, load_weights: bool = True) -> keras.Mode
     by `save_to_preset`, or a handle): raw strings (batch,) in, the preset's preprocessor
     (tokenizer and packer) then its encoder, one feature vector per text out: the pooled
     output where the encoder has one (BERT), else the first token's (DistilBERT, RoBERTa).
-    ConfigError naming --backbone when it cannot be loaded or has no text preprocessor."""
+    ConfigError naming `source` when it cannot be loaded or has no text preprocessor."""
     keras_hub = import_hub(source)
     encoder, _ = load_preset(source, load_weights=load_weights)
     try:
@@ -170,9 +175,11 @@ def build_text_backbone(source: str, *, load_weights: bool = True) -> keras.Mode
     except Exception as error:
         text = " ".join(str(error).split())[:200]
         raise ConfigError(
-            f"--backbone={source!r}: no text preprocessor in the preset ({text}); accepted: a "
-            "text preset (BERT, DistilBERT, RoBERTa, ...) saved with its preprocessor "
-            "(preprocessor.save_to_preset(DIR) beside backbone.save_to_preset(DIR))"
+            "source",
+            repr(source),
+            f"no text preprocessor in the preset ({text})",
+            "a text preset (BERT, DistilBERT, RoBERTa, ...) saved with its preprocessor "
+            "(preprocessor.save_to_preset(DIR) beside backbone.save_to_preset(DIR))",
         ) from None
     text = keras.Input((), dtype="string", name="text")
     features = encoder(TextPreprocess(preprocessor, name="preprocess")(text))
