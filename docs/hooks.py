@@ -23,13 +23,13 @@ RESULTS = os.path.join("benchmarks", "results")
 MARKER = re.compile(r"^<!-- generated: (\w+)(.*?) -->$", re.MULTILINE)
 
 
-def flag_options() -> tuple[str, tuple[Any, ...]]:
-    """The module that defines the run's options, and every option (tlloop's `options()`)."""
+def flag_options() -> tuple[Any, ...]:
+    """Every option of the run's config (tlloop's `options()`), each naming its owner."""
     # The one import of the flags' definitions: every option field of the run's config (and
-    # the module that defines them, which `--helpfull` names each group by).
+    # each names the dataclass `--helpfull` groups it under).
     from tlloop.cli.config import options
 
-    return options.__module__, options()
+    return options()
 
 
 def _cell(text: str) -> str:
@@ -48,19 +48,26 @@ def _flag_default(value: Any) -> str:
 def flags_markdown() -> str:
     """Every `python -m tlloop.run` flag, from the config's option fields, one table per owner
     dataclass in flags.txt order (as `--helpfull` groups them under `MODULE.OWNER`)."""
-    module, options = flag_options()
+    from tlloop.cli.flags import help_text
+
+    options = flag_options()
     groups: dict[str, list[Any]] = {}
     for meta in options:
         groups.setdefault(meta.owner, []).append(meta)
     out = []
     for owner, metas in groups.items():
-        out += [f"## {owner}", "", f"`--helpfull` lists these under `{module}.{owner}`.", ""]
+        out += [
+            f"## {owner.rpartition('.')[2]}",
+            "",
+            f"`--helpfull` lists these under `{owner}`.",
+            "",
+        ]
         out += ["| flag | type | default | meaning |", "|---|---|---|---|"]
         for meta in metas:
             kind = meta.kind + (": " + ", ".join(meta.choices) if meta.choices else "")
             default = _flag_default(meta.default)
             out.append(
-                f"| `--{meta.flag}` | {_cell(kind)} | {_cell(default)} | {_cell(meta.help)} |"
+                f"| `--{meta.flag}` | {_cell(kind)} | {_cell(default)} | {_cell(help_text(meta))} |"
             )
         out.append("")
     return "\n".join(out)

@@ -67,7 +67,7 @@ def test_nan_steps_are_skipped_and_counted_with_skip_step(tmp_path):
     results = json.loads((workdir / "results.json").read_text())
     # Step 1 applied its update (huge, finite); every later head step is NaN and skipped.
     assert results["nonfinite_steps_skipped"] >= 2
-    assert "--nan_policy=skip_step: NaN/Inf at step(s) 2" in result.stderr
+    assert "nan_policy=skip_step: NaN/Inf at step(s) 2" in result.stderr
     # TensorBoard's `nonfinite_steps`: the running count of skipped steps, from step 2 on,
     # one more at each skipped step (one step per call here), ending at the results' count.
     events = event_accumulator.EventAccumulator(

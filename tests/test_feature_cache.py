@@ -32,7 +32,7 @@ def test_cached_features_train_the_head_as_the_backbone_would(tmp_path):
     head, finetune = fast_results["phases"]
     assert head["feature_cache"].startswith("on: backbone frozen and no augmentation")
     assert finetune["feature_cache"] == "off: backbone weights train in this phase"
-    assert slow_results["phases"][0]["feature_cache"] == "off (--feature_cache=off)"
+    assert slow_results["phases"][0]["feature_cache"] == "off (feature_cache=off)"
     # Features computed in batches of 64 instead of 16: float tolerance, then the same steps.
     for a, b in zip(fast.model.weights, slow.model.weights, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-5, err_msg=a.path)

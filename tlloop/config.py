@@ -641,7 +641,7 @@ class TrainingConfig:
     cutmix: float = option(
         0.0,
         "CutMix alpha: a box of each training image is replaced by its partner's, its area "
-        "from Beta(alpha, alpha), with soft labels; with --mixup, each batch takes one of the "
+        "from Beta(alpha, alpha), with soft labels; with $mixup, each batch takes one of the "
         "two at random; 0: off.",
         check=lambda value: 0 <= value <= 10,
         problem="out of range",
@@ -649,7 +649,7 @@ class TrainingConfig:
     )
     mix_prob: float = option(
         1.0,
-        "Probability that a training batch is mixed by --mixup or --cutmix.",
+        "Probability that a training batch is mixed by $mixup or $cutmix.",
         check=lambda value: 0 < value <= 1,
         problem="out of range",
         accepted="0 < p <= 1",
@@ -727,7 +727,7 @@ class LoggingConfig:
     summaries: bool = option(
         True,
         "Write TensorBoard summaries and metrics.jsonl; "
-        "--nosummaries writes neither (results.json and the export are still written).",
+        "$nosummaries writes neither (results.json and the export are still written).",
         hparam=False,
     )
 
@@ -795,7 +795,7 @@ class CheckpointConfig:
     )
     early_stopping_patience: int = option(
         0,
-        "End a phase after this many evaluations without a better --best_metric than the "
+        "End a phase after this many evaluations without a better $best_metric than the "
         "phase's best so far; 0: never.",
         check=lambda value: value >= 0,
         problem="negative",
@@ -803,7 +803,7 @@ class CheckpointConfig:
     )
     export: str = option(
         "best",
-        "Weights to export at the end: best (of --best_metric) or last.",
+        "Weights to export at the end: best (of $best_metric) or last.",
         choices=EXPORTS,
     )
     export_tflite: tuple[str, ...] = option(
@@ -855,8 +855,8 @@ class CheckpointConfig:
     )
     wise_ft_export: str | float = option(
         "best",
-        "The --wise_ft a whose interpolation is exported: best (by --best_metric) or one of "
-        "--wise_ft's values.",
+        "The $wise_ft a whose interpolation is exported: best (by $best_metric) or one of "
+        "$wise_ft's values.",
         parse=parse_wise_ft_export,
         format=lambda value: value if isinstance(value, str) else repr(value),
     )

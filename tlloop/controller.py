@@ -593,7 +593,7 @@ class Controller:
             )
         self.state.nonfinite_steps.assign_add(len(nonfinite))
         logging.warning(
-            "--nan_policy=skip_step: NaN/Inf at step(s) %s: no update applied (%d so far)",
+            "nan_policy=skip_step: NaN/Inf at step(s) %s: no update applied (%d so far)",
             ", ".join(str(int(s)) for s in nonfinite),
             int(self.state.nonfinite_steps.numpy()),
         )

@@ -19,6 +19,11 @@ NO_VALUE: Any = type("NoValue", (), {"__repr__": lambda self: "NO_VALUE"})()
 _REFERENCE = re.compile(r"\$([A-Za-z_][\w.]*\w)")
 
 
+def with_names(text: str, name_of: Callable[[str], str]) -> str:
+    """`text` with each `$name` reference replaced by `name_of(name)`."""
+    return _REFERENCE.sub(lambda match: name_of(match.group(1)), text)
+
+
 class Problem(Exception):
     """The structured line shared by ConfigError and RunFailed."""
 
@@ -35,7 +40,7 @@ class Problem(Exception):
 
     def _line(self, name_of: Callable[[str], str]) -> str:
         def names(text: str) -> str:
-            return _REFERENCE.sub(lambda match: name_of(match.group(1)), text)
+            return with_names(text, name_of)
 
         if not self.structured:
             return names(self.argument)

@@ -53,7 +53,7 @@ def decide(
     features, so only a phase that runs it with training=False may use them). `mixing`
     describes the phase's MixUp/CutMix (empty: none)."""
     if mode == "off":
-        return False, "off (--feature_cache=off)"
+        return False, "off (feature_cache=off)"
     if not backbone_frozen:
         return False, "off: backbone weights train in this phase"
     if backbone_training:  # Dropout on (or BatchNorm on batch statistics): features vary

@@ -13,7 +13,7 @@ from collections.abc import Collection
 from absl import flags
 
 from tlloop.cli import config as config_lib
-from tlloop.errors import Problem
+from tlloop.errors import Problem, with_names
 
 _OPTIONS = config_lib.options()
 # Every tlloop flag, in the order flags.txt lists them.
@@ -53,6 +53,11 @@ def flag_line(error: Exception) -> str:
     return error.flag_line(flag_of) if isinstance(error, Problem) else str(error)
 
 
+def help_text(meta: config_lib.Option) -> str:
+    """An option's help in flags' words (`$name` references rendered as `--flag`)."""
+    return with_names(meta.help, lambda name: f"--{flag_of(name) or name}")
+
+
 _PARSERS = {
     "integer": (flags.IntegerParser, flags.ArgumentSerializer),
     "float": (flags.FloatParser, flags.ArgumentSerializer),
@@ -71,13 +76,20 @@ def define_flags(flag_values: flags.FlagValues, only: Collection[str] | None = N
             continue
         common = {"flag_values": flag_values, "module_name": meta.owner}
         if meta.kind == "bool":
-            flags.DEFINE_bool(meta.flag, meta.default, meta.help, **common)
+            flags.DEFINE_bool(meta.flag, meta.default, help_text(meta), **common)
         elif meta.kind == "enum":
-            flags.DEFINE_enum(meta.flag, meta.default, list(meta.choices), meta.help, **common)
+            flags.DEFINE_enum(
+                meta.flag, meta.default, list(meta.choices), help_text(meta), **common
+            )
         else:
             parser, serializer = _PARSERS[meta.kind]
             flags.DEFINE(
-                parser(), meta.flag, meta.default, meta.help, serializer=serializer(), **common
+                parser(),
+                meta.flag,
+                meta.default,
+                help_text(meta),
+                serializer=serializer(),
+                **common,
             )
 
 
