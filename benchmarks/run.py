@@ -111,10 +111,10 @@ def tlloop_model(workload: Workload):
     return build_model(config, CLASSES)
 
 
-def phase_of(finetune: bool) -> phase_lib.Phase:
+def phase_of(finetune: bool) -> phase_lib.PlannedPhase:
     unfreeze = config_lib.Unfreeze("all" if finetune else "none")
     config = config_lib.PhaseConfig("finetune" if finetune else "head", 1, 1e-4, unfreeze)
-    return phase_lib.Phase(0, config, ModeTable())
+    return phase_lib.PlannedPhase(0, config, ModeTable())
 
 
 # The steps per host call of the trainer's default (--steps_per_loop=auto with the default

@@ -63,7 +63,9 @@ def test_keras_guide_nested_training_false_does_not_protect_batchnorm_under_fit(
 def test_tlloop_train_step_leaves_an_unfrozen_backbones_batchnorm_bit_identical():
     keras.utils.set_random_seed(0)
     model = build_model(ModelConfig(backbone="small_cnn", image_size=SIZE, dropout=0.0), CLASSES)
-    phase = phase_lib.Phase(0, PhaseConfig("finetune", 1, 1e-3, Unfreeze("all")), ModeTable())
+    phase = phase_lib.PlannedPhase(
+        0, PhaseConfig("finetune", 1, 1e-3, Unfreeze("all")), ModeTable()
+    )
     phase_lib.apply_trainability(model, phase)
     optimizer = make_optimizer(phase.config, model.trainable_variables)
     step = TrainStep(

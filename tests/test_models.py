@@ -97,7 +97,9 @@ def test_vector_backbone_gets_a_head_without_pooling(tmp_path):
 
 def test_top_n_on_mobilenet_selects_the_last_weighted_layers():
     model = build_model(ModelConfig(backbone="MobileNetV2", weights="none", image_size=32), 4)
-    phase = phase_lib.Phase(0, PhaseConfig("finetune", 1, 1e-4, Unfreeze("top", 2)), ModeTable())
+    phase = phase_lib.PlannedPhase(
+        0, PhaseConfig("finetune", 1, 1e-4, Unfreeze("top", 2)), ModeTable()
+    )
     phase_lib.apply_trainability(model, phase)
     trainable = [
         layer.name for layer in phase_lib.leaf_layers(model.backbone) if layer.trainable_weights

@@ -155,11 +155,11 @@ def test_gradual_unfreeze_adds_layers_each_epoch_and_resumes_in_its_stage(workdi
     assert kernels_changed(experiment.model) == {"conv1", "conv2", "conv3"}
 
 
-def _phase(unfreeze: str, bn_mode: str = "frozen") -> phase_lib.Phase:
+def _phase(unfreeze: str, bn_mode: str = "frozen") -> phase_lib.PlannedPhase:
     from tlloop.config import PhaseConfig, Unfreeze
     from tlloop.models import ModeTable
 
-    return phase_lib.Phase(
+    return phase_lib.PlannedPhase(
         1, PhaseConfig("finetune", 1, 1e-3, Unfreeze.parse(unfreeze), bn_mode), ModeTable()
     )
 

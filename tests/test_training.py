@@ -39,7 +39,7 @@ def _examples(count: int, seed: int = 0):
 def _phase(unfreeze: str = "none", lr: float = 0.1, bn_mode: str = "frozen"):
     config = PhaseConfig("p", 1, lr, Unfreeze.parse(unfreeze), bn_mode=bn_mode)
     modes = ModeTable().with_backbone_training(bn_mode == "train" and unfreeze != "none")
-    return phase_lib.Phase(0, config, modes)
+    return phase_lib.PlannedPhase(0, config, modes)
 
 
 def _compiled(model, optimizer, phase, batch: int = 16, **step_args) -> TrainStep:

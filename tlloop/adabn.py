@@ -215,7 +215,7 @@ class Record(tf.Module):
 
 
 def asked(plan) -> bool:
-    """True if any phase of `plan` (phases.Phase) has bn_mode "adapt"."""
+    """True if any phase of `plan` (phases.PlannedPhase) has bn_mode "adapt"."""
     return any(phase.config.bn_mode == MODE for phase in plan)
 
 

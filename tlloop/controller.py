@@ -60,7 +60,7 @@ class StepSettings:
 
 def build_train_step(
     model: TransferModel,
-    phase: phase_lib.Phase,
+    phase: phase_lib.PlannedPhase,
     task: Task,
     settings: StepSettings,
     *,
@@ -160,7 +160,7 @@ class Controller:
         task: Task,
         train: Examples,
         eval_data: Examples,
-        plan: list[phase_lib.Phase],
+        plan: list[phase_lib.PlannedPhase],
         settings: StepSettings,
         strategy: tf.distribute.Strategy,
         checkpoints: checkpoint_lib.Checkpoints,
@@ -303,7 +303,7 @@ class Controller:
         # w0, the backbone as it starts: a resumed run restores the first start's.
         self.anchors = anchors_lib.Anchors(self.model.backbone)
 
-    def _run_phase(self, phase: phase_lib.Phase, results: dict) -> None:
+    def _run_phase(self, phase: phase_lib.PlannedPhase, results: dict) -> None:
         self._set_trainability(phase, self._resume_stage(phase))
         self.report = phase_lib.trainability_report(self.model, phase)
         logging.info("mode table:\n%s", phase.modes.to_text())

@@ -15,7 +15,7 @@ from tlloop.steps import EvalStep, Metrics
 from tlloop.tasks import Classification, Task
 
 
-def evaluate(eval_step: EvalStep, metrics: Metrics, batches, steps: int) -> dict:
+def evaluate_batches(eval_step: EvalStep, metrics: Metrics, batches, steps: int) -> dict:
     """Loss, the task's metrics and the example count (and the confusion matrix, if `metrics`
     keeps it) over the `steps` batches of `batches`, every submodule in inference mode."""
     metrics.reset()
@@ -46,7 +46,7 @@ def evaluate_model(
         positionable=examples.positionable,
         batch_size=batch_size,
     )
-    return evaluate(step, metrics, batches, examples.eval_steps(batch_size))
+    return evaluate_batches(step, metrics, batches, examples.eval_steps(batch_size))
 
 
 def predict(model: TransferModel, inputs, *, batch_size: int = 32):

@@ -28,8 +28,9 @@ __all__ = ["all_layers", "leaf_layers"]  # re-exported: the walk every module us
 
 
 @dataclasses.dataclass(frozen=True)
-class Phase:
-    """A phase to run: its configuration, its position, and its mode table."""
+class PlannedPhase:
+    """A phase as planned for a model (not the public `tlloop.Phase`, which is its PhaseConfig):
+    its configuration, its position, and its mode table."""
 
     index: int
     config: PhaseConfig
@@ -42,7 +43,7 @@ class Phase:
 
 def plan_phases(
     phases: tuple[PhaseConfig, ...], model: TransferModel, example_spec=None
-) -> list[Phase]:
+) -> list[PlannedPhase]:
     """The phases with epochs, in order; checks each unfreeze policy against the backbone.
 
     A phase's mode table is its own `modes` if given, else the default one with the backbone
@@ -81,7 +82,7 @@ def plan_phases(
                 "tlloop.ModeTable, e.g. ModeTable(train=Modes(augment=True, backbone=True, "
                 "head=True))"
             )
-        plan.append(Phase(len(plan), config, modes))
+        plan.append(PlannedPhase(len(plan), config, modes))
     return plan
 
 
@@ -242,7 +243,7 @@ def stage_layers(unfreeze: Unfreeze, backbone: keras.Model, units: int) -> list:
     return [layer for layer in chosen if id(layer) in kept]
 
 
-def apply_trainability(model: TransferModel, phase: Phase, epoch: int = 0) -> None:
+def apply_trainability(model: TransferModel, phase: PlannedPhase, epoch: int = 0) -> None:
     """Sets which weights train in `phase` (at `epoch`, for a gradual unfreeze): the head
     always, the backbone per its policy, at any depth: the layers the policy chooses, the
     BatchNorm layers among them only with bn_mode "train", nothing the forward pass does not
@@ -347,7 +348,7 @@ def synchronize_batch_norm(model: TransferModel, synchronized: bool) -> None:
                 layer.synchronized = synchronized
 
 
-def trainability_report(model: TransferModel, phase: Phase) -> str:
+def trainability_report(model: TransferModel, phase: PlannedPhase) -> str:
     """A Markdown table of each submodule's mode, parameter counts and BatchNorm layers (at
     any depth), then the backbone layers that train, by name, and those it holds but never
     uses."""

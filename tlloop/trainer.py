@@ -633,7 +633,7 @@ class FitInputs:
     model: TransferModel
     train: Examples
     eval: Examples
-    plan: list[phase_lib.Phase]
+    plan: list[phase_lib.PlannedPhase]
     batch_size: int
     eval_batch_size: int
     serving_inputs: object = None

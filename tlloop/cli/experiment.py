@@ -46,7 +46,7 @@ class Experiment:
     strategy: tf.distribute.Strategy
     data: Data
     model: TransferModel
-    phases: list[phase_lib.Phase]
+    phases: list[phase_lib.PlannedPhase]
     warm_start: WarmStartReport | None = None
     task: Task | None = None  # None: the classification the config describes
     recipe: Recipe | None = None

@@ -1,7 +1,7 @@
 """Evaluating a saved run from the command line (`python -m tlloop.evaluate`): the run's
 flags.txt (with data flags overriding it) -> its RunConfig -> its evaluation data rebuilt ->
 the saved model (export, best or latest checkpoint) or a TFLite file of the run -> the
-library's evaluation (`tlloop.evaluation.evaluate`)."""
+library's evaluation (`tlloop.evaluation.evaluate_batches`)."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def evaluate_saved(workdir: str, which: str, config: RunConfig) -> dict:
     Raises ConfigError if the data's classes are not the ones the run was trained on.
     """
     from tlloop.cli.data import is_text
-    from tlloop.evaluation import evaluate
+    from tlloop.evaluation import evaluate_batches
     from tlloop.models import ModeTable
     from tlloop.steps import EvalStep, Metrics
 
@@ -97,10 +97,12 @@ def evaluate_saved(workdir: str, which: str, config: RunConfig) -> dict:
         task = saved_task(model, config, data.class_names)
         metrics = Metrics(task=task, evaluation=True)
         step = EvalStep(model, ModeTable(), metrics, task=task)
-        result = evaluate(step, metrics, data.eval, data.eval_steps)
+        result = evaluate_batches(step, metrics, data.eval, data.eval_steps)
         return {"evaluated": path, **result, "skipped_images": list(data.skipped_files)}
     metrics = Metrics(data.num_classes)
-    result = evaluate(EvalStep(model, ModeTable(), metrics), metrics, data.eval, data.eval_steps)
+    result = evaluate_batches(
+        EvalStep(model, ModeTable(), metrics), metrics, data.eval, data.eval_steps
+    )
     per_class = {
         name: (row[i] / sum(row) if sum(row) else None)
         for i, (name, row) in enumerate(zip(data.class_names, result["confusion"], strict=True))

@@ -52,7 +52,7 @@ class Inputs:
         seed: int,
         cache_mode: str,
         eval_step,
-        feature_eval_step: Callable[[phase_lib.Phase], object],
+        feature_eval_step: Callable[[phase_lib.PlannedPhase], object],
     ) -> None:
         self.model, self.train, self.eval = model, train, eval_data
         self.distribute = distribute
@@ -70,7 +70,7 @@ class Inputs:
             lambda part: examples.eval_batches(size, part), examples.positionable, size
         )
 
-    def decide(self, phase: phase_lib.Phase, mixing: str) -> tuple[bool, str]:
+    def decide(self, phase: phase_lib.PlannedPhase, mixing: str) -> tuple[bool, str]:
         """(train `phase` on cached features?, the reason logged); `mixing` describes the
         MixUp/CutMix that runs ("" for none)."""
         return feature_cache.decide(
@@ -85,7 +85,9 @@ class Inputs:
             eval_batch_size=self.eval_batch_size,
         )
 
-    def open(self, phase: phase_lib.Phase, cached: bool, reason: str, step: int) -> PhaseInput:
+    def open(
+        self, phase: phase_lib.PlannedPhase, cached: bool, reason: str, step: int
+    ) -> PhaseInput:
         """The input of `phase`, going on from global step `step`: cached features (computed
         now, with the model as it is) or the training stream."""
         if not cached:
