@@ -188,3 +188,20 @@ BROKEN = {
 def test_each_rule_sees_what_it_forbids(rule):
     extra = {name: ast.parse(text) for name, text in BROKEN[rule].items()}
     assert rule({**MODULES, **extra}) != []
+
+
+def test_a_keras_file_saved_before_the_split_loads_and_computes_the_same():
+    """Modules moved, registration names did not: a model.keras written by tlloop before the
+    library/command-line split (every registered model class in it) loads and gives the same
+    outputs (tests/data/keras_before/make.py made both files)."""
+    import keras
+    import numpy as np
+
+    import tlloop  # registers tlloop's Keras classes
+
+    here = os.path.join(REPO, "tests", "data", "keras_before")
+    model = keras.saving.load_model(os.path.join(here, "model.keras"))
+    assert isinstance(model, tlloop.TransferModel)
+    expected = np.load(os.path.join(here, "expected.npz"))
+    outputs = np.asarray(model(expected["inputs"], training=False))
+    np.testing.assert_allclose(outputs, expected["outputs"], rtol=1e-5, atol=1e-5)
