@@ -15,7 +15,7 @@ from tlloop import trainer
 from tlloop.config import ModelConfig, TrainingConfig
 from tlloop.mixing import Mixing, mixed_loss, soft_labels
 from tlloop.models import ModeTable, build_model
-from tlloop.steps import EvalStep, Metrics, TrainStep
+from tlloop.steps import Metrics, StepOptions, compile_eval, compile_train, mixing_of
 from tlloop.tasks import Classification
 
 
@@ -108,15 +108,17 @@ def test_the_train_step_mixes_and_the_eval_step_does_not():
     optimizer.build(model.trainable_variables)
     mixing = Mixing(mixup=1.0, seed=4)
     metrics = Metrics()
-    step = TrainStep(
-        model,
-        optimizer,
-        ModeTable(),
-        metrics,
-        tf.Variable(3, dtype=tf.int64),
-        global_batch_size=16,
-        mixing=mixing,
+    options = StepOptions(
+        batch_size=16,
+        eval_batch_size=16,
+        seed=mixing.seed,
+        training=TrainingConfig(mixup=mixing.mixup),
+        log_every_steps=0,
     )
+    step = compile_train(
+        model, optimizer, ModeTable(), metrics, tf.Variable(3, dtype=tf.int64), options
+    )
+    assert mixing_of(options) == mixing  # the step mixes as `mixing` draws
     step(iter(tf.data.Dataset.from_tensors((images, labels)).repeat()), 1)
     drawn = mixing.draw(images, step=3)  # the step mixed at global step 3, replica 0
     task = Classification()
@@ -126,7 +128,7 @@ def test_the_train_step_mixes_and_the_eval_step_does_not():
     assert not np.isclose(want, plain, rtol=1e-3)
     eval_metrics = Metrics()
     weights = tf.ones([16])
-    EvalStep(model, ModeTable(), eval_metrics)(
+    compile_eval(model, ModeTable(), eval_metrics)(
         iter(tf.data.Dataset.from_tensors((images, labels, weights))), 1
     )
     assert np.isclose(eval_metrics.result()["loss"], plain, rtol=1e-4)
@@ -163,11 +165,11 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras
 import numpy as np
 
-from tlloop.config import ModelConfig
+from tlloop.config import ModelConfig, TrainingConfig
 from tlloop.distribute import distribute_dataset
 from tlloop.mixing import Mixing, mixed_loss
 from tlloop.models import ModeTable, build_model
-from tlloop.steps import Metrics, TrainStep
+from tlloop.steps import Metrics, StepOptions, compile_train
 from tlloop.tasks import Classification
 
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -186,9 +188,9 @@ with strategy.scope():
     counter = tf.Variable(
         3, dtype=tf.int64, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA
     )
-    step = TrainStep(
-        model, optimizer, ModeTable(), metrics, counter, global_batch_size=16, mixing=mixing
-    )
+    options = StepOptions(batch_size=16, eval_batch_size=16, seed=mixing.seed,
+                          training=TrainingConfig(mixup=mixing.mixup), log_every_steps=0)
+    step = compile_train(model, optimizer, ModeTable(), metrics, counter, options)
 batches = distribute_dataset(strategy, tf.data.Dataset.from_tensors((images, labels)).repeat())
 step(iter(batches), 1)
 task = Classification()

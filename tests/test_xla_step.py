@@ -1,4 +1,4 @@
-"""Whole-step XLA on one device (`TrainStep.xla_scope == "step"`) and its fallback to
+"""Whole-step XLA on one device (`CompiledSteps.xla_scope == "step"`) and its fallback to
 compiling only the loss and gradients ("gradients"), decided before any batch is read."""
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ from conftest import changed, make_config, run_python, snapshot
 
 from tlloop import phases as phase_lib
 from tlloop import trainer
-from tlloop.config import ModelConfig, parse_augment
-from tlloop.controller import StepSettings, build_train_step
-from tlloop.mixing import Mixing
+from tlloop.config import ModelConfig, TrainingConfig, parse_augment
 from tlloop.models import ModeTable, build_model
-from tlloop.steps import Metrics, TrainStep
+from tlloop.steps import Metrics, StepOptions, build_train_step, compile_train
 
 STEPS = 6  # per run, in calls of 2, 3 and 1 steps
 
@@ -55,7 +53,7 @@ def _train(experiment, initial, phase, batches, *, jit: bool, training=None):
     for variable, value in zip(model.weights, initial, strict=True):
         variable.assign(value)
     phase_lib.apply_trainability(model, phase)
-    settings = StepSettings(
+    options = StepOptions(
         batch_size=16,
         eval_batch_size=16,
         training=training or experiment.config.training,
@@ -66,7 +64,7 @@ def _train(experiment, initial, phase, batches, *, jit: bool, training=None):
         model,
         phase,
         experiment.task,
-        settings,
+        options,
         metrics=Metrics(task=experiment.task, evaluation=False),
         global_step=tf.Variable(0, dtype=tf.int64),
         steps_per_epoch=STEPS,
@@ -146,17 +144,23 @@ def _images(count: int, nan_at=()):
     return tf.data.Dataset.from_tensor_slices((images, labels))
 
 
-def _tiny_step(augment: str = "", **options):
+def _tiny_step(augment: str = "", nan_policy: str = "stop", **training):
+    """Compiled steps under XLA, every row logged; `training`: TrainingConfig's fields."""
     keras.utils.set_random_seed(3)
     config = ModelConfig(image_size=16, dropout=0.0, augment=parse_augment(augment))
     model = build_model(config, 3)
     optimizer = keras.optimizers.Adam(learning_rate=1e-2)
     optimizer.build(model.trainable_variables)
     counter = tf.Variable(0, dtype=tf.int64)
-    options = {"jit_compile": True, "log_every_steps": 1, **options}
-    step = TrainStep(
-        model, optimizer, ModeTable(), Metrics(), counter, global_batch_size=16, **options
+    options = StepOptions(
+        batch_size=16,
+        eval_batch_size=16,
+        training=TrainingConfig(**training),
+        jit_compile=True,
+        nan_policy=nan_policy,
+        log_every_steps=1,
     )
+    step = compile_train(model, optimizer, ModeTable(), Metrics(), counter, options)
     return step, model, optimizer
 
 
@@ -170,7 +174,7 @@ FALLBACKS = {
         "XLA has no kernel for ImageProjectiveTransformV3 (used by RandomRotation, "
         "RandomTranslation or RandomZoom)",
     ),
-    "MixUp": ({"mixing": Mixing(mixup=0.2)}, "StatelessRandomGammaV3 (used by MixUp's"),
+    "MixUp": ({"mixup": 0.2}, "StatelessRandomGammaV3 (used by MixUp's"),
 }
 
 
@@ -210,7 +214,7 @@ distribute.configure_logical_devices(2, 0)
 import keras, numpy as np, tensorflow as tf
 from tlloop.config import ModelConfig
 from tlloop.models import ModeTable, build_model
-from tlloop.steps import Metrics, TrainStep
+from tlloop.steps import StepOptions, Metrics, compile_train
 
 logging.set_verbosity(logging.INFO)
 rng = np.random.default_rng(0)
@@ -228,8 +232,10 @@ for name, strategy in (
         model = build_model(ModelConfig(image_size=16, dropout=0.0), 3)
         optimizer = keras.optimizers.Adam(1e-2)
         optimizer.build(model.trainable_variables)
-        step = TrainStep(model, optimizer, ModeTable(), Metrics(),
-                         tf.Variable(0, dtype=tf.int64), global_batch_size=16, jit_compile=True)
+        options = StepOptions(batch_size=16, eval_batch_size=16, jit_compile=True,
+                              log_every_steps=0)
+        step = compile_train(model, optimizer, ModeTable(), Metrics(),
+                             tf.Variable(0, dtype=tf.int64), options)
         decided = step.xla_scope
         before = [v.numpy().copy() for v in model.trainable_variables]
         step(iter(strategy.experimental_distribute_dataset(data)), 3)

@@ -15,11 +15,11 @@ from tlloop.data.text import is_text, load_task_data
 from tlloop.distribute import distribute_batches
 from tlloop.models import INFERENCE, ModeTable, TransferModel
 from tlloop.models.walk import declared_input_spec
-from tlloop.steps import EvalStep, Metrics
+from tlloop.steps import CompiledSteps, Metrics, compile_eval
 from tlloop.tasks import Classification, MultiLabel, Regression, Task
 
 
-def evaluate(eval_step: EvalStep, metrics: Metrics, batches, steps: int) -> dict:
+def evaluate(eval_step: CompiledSteps, metrics: Metrics, batches, steps: int) -> dict:
     """Loss, the task's metrics and the example count (and the confusion matrix, if `metrics`
     keeps it) over the `steps` batches of `batches`, every submodule in inference mode."""
     metrics.reset()
@@ -43,7 +43,7 @@ def evaluate_model(
     examples = as_examples(data, argument="data", inputs=declared_input_spec(model.backbone))
     with strategy.scope():
         metrics = Metrics(task=task, evaluation=True)
-        step = EvalStep(model, ModeTable(), metrics, task=task)
+        step = compile_eval(model, ModeTable(), metrics, task=task)
     batches = distribute_batches(
         strategy,
         lambda part: examples.eval_batches(batch_size, part),
@@ -89,11 +89,12 @@ def evaluate_saved(workdir: str, which: str, config: RunConfig) -> dict:
     if kind != "classification":
         task = _saved_task(model, config, data.class_names)
         metrics = Metrics(task=task, evaluation=True)
-        step = EvalStep(model, ModeTable(), metrics, task=task)
+        step = compile_eval(model, ModeTable(), metrics, task=task)
         result = evaluate(step, metrics, data.eval, data.eval_steps)
         return {"evaluated": path, **result, "skipped_images": list(data.skipped_files)}
     metrics = Metrics(data.num_classes)
-    result = evaluate(EvalStep(model, ModeTable(), metrics), metrics, data.eval, data.eval_steps)
+    evaluator = compile_eval(model, ModeTable(), metrics)
+    result = evaluate(evaluator, metrics, data.eval, data.eval_steps)
     per_class = {
         name: (row[i] / sum(row) if sum(row) else None)
         for i, (name, row) in enumerate(zip(data.class_names, result["confusion"], strict=True))

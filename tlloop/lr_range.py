@@ -18,9 +18,8 @@ import tensorflow as tf
 from tlloop import phases as phase_lib
 from tlloop.checkpoints import rng_states
 from tlloop.config import RANGE_TEST, ConfigError
-from tlloop.controller import build_train_step
 from tlloop.distribute import distribute_dataset
-from tlloop.steps import Metrics
+from tlloop.steps import Metrics, build_train_step
 from tlloop.workdir import FOUND_RATE_FILE
 
 LOW, HIGH, STEPS = RANGE_TEST  # --head_lr=auto's test (python -m tlloop.lr_find's defaults)
@@ -82,8 +81,8 @@ def range_test(
     saved = [np.array(v.numpy()) for v in kept]
     strategy, data = experiment.strategy, experiment.data
     trainer = experiment.trainer()
-    settings = dataclasses.replace(
-        trainer.step_settings(data.batch_size, data.eval_batch_size),
+    options = dataclasses.replace(
+        trainer.step_options(data.batch_size, data.eval_batch_size),
         log_every_steps=1,
         histogram_every_steps=0,
         nan_policy="stop",
@@ -96,7 +95,7 @@ def range_test(
                 model,
                 phase,
                 task,
-                settings,
+                options,
                 metrics=Metrics(task=task, evaluation=False),
                 global_step=tf.Variable(0, dtype=tf.int64, name="range_test_step"),
                 steps_per_epoch=data.steps_per_epoch,

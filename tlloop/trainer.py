@@ -36,7 +36,7 @@ from tlloop.config import (
     RunConfig,
     TrainingConfig,
 )
-from tlloop.controller import Controller, StepSettings, averaged, weights_digest
+from tlloop.controller import Controller, averaged, weights_digest
 from tlloop.data import Data
 from tlloop.data.examples import Examples, as_examples
 from tlloop.data.images import ACCEPTED_IMAGES
@@ -48,6 +48,7 @@ from tlloop.export import ExportError, check_export, export_model
 from tlloop.models import TEXT_FINETUNE_MODES, TransferModel, build_model, build_text_model
 from tlloop.models.walk import declared_input_spec
 from tlloop.recipe import Recipe, resolve
+from tlloop.steps import StepOptions
 from tlloop.summaries import Summaries
 from tlloop.tasks import Classification, MultiLabel, Regression, Task
 from tlloop.warm_start import WarmStartReport, warm_start
@@ -378,7 +379,7 @@ class Trainer:
         ]
         actions += self.profiler(writes=summaries.enabled)
         actions += action_lib.FaultHook.from_environment()
-        settings = self.step_settings(run.batch_size, run.eval_batch_size)
+        options = self.step_options(run.batch_size, run.eval_batch_size)
         controller = None
         try:
             controller = Controller(
@@ -387,7 +388,7 @@ class Trainer:
                 train=run.train,
                 eval_data=run.eval,
                 plan=run.plan,
-                settings=settings,
+                settings=options,
                 strategy=strategy,
                 checkpoints=checkpoints,
                 actions=actions,
@@ -473,9 +474,9 @@ class Trainer:
         logdir = os.path.join(self.workdir, "tensorboard", "train")
         return [action_lib.Profiler(self.logging.profile_steps, logdir)]
 
-    def step_settings(self, batch_size: int, eval_batch_size: int) -> StepSettings:
+    def step_options(self, batch_size: int, eval_batch_size: int) -> StepOptions:
         """How this trainer's compiled steps are made, for batches of `batch_size`."""
-        return StepSettings(
+        return StepOptions(
             batch_size=batch_size,
             eval_batch_size=eval_batch_size or batch_size,
             seed=self.seed,
