@@ -382,9 +382,9 @@ class Controller:
         )
 
     def _new_step(self, phase, use_cache: bool) -> CompiledSteps:
-        """A fresh optimizer and compiled step for the current trainable set, and the
+        """A fresh optimizer and compiled training steps for the current trainable set, and the
         checkpoint tracking them."""
-        step = build_train_step(
+        compiled = build_train_step(
             self.model,
             phase,
             self.task,
@@ -397,18 +397,18 @@ class Controller:
         )
         self.checkpoints.track(
             model=self.model,
-            optimizer=step.optimizer,
-            accumulators=step.accumulators,
-            averages=step.averages,
+            optimizer=compiled.optimizer,
+            accumulators=compiled.accumulators,
+            averages=compiled.averages,
             step=self.global_step,
             state=self.state,
             metrics=self.train_metrics.variables,
             rng=checkpoint_lib.rng_states(self.model),
             anchors=self.anchors.variables,
         )
-        self.last_step = step
+        self.last_step = compiled
         self.auto_loop = AutoLoop()  # a new step traces in its first call: measured afresh
-        return step
+        return compiled
 
     def _evaluate(self, step: CompiledSteps, evaluator) -> dict:
         eval_step, batches = evaluator

@@ -8,7 +8,8 @@
 - `compiled`: the one factory (`CompiledSteps`) that turns any step body into the K-step
   `tf.while_loop` of one host call, with its XLA scope and the reason for it.
 - `build`: `StepOptions` (one frozen set of options for a run's steps), `compile_train`,
-  `compile_eval` and `build_train_step` (a phase's fresh optimizer and compiled steps).
+  `compile_eval`, `phase_optimizer` and `build_train_step` (a phase's fresh optimizer and
+  compiled steps).
 - `metrics`: `Metrics` and the check that step state was made under the strategy's scope.
 
 A compiled training step is made for one trainable set: it captures
@@ -25,6 +26,7 @@ from tlloop.steps.build import (
     compile_eval,
     compile_train,
     mixing_of,
+    phase_optimizer,
 )
 from tlloop.steps.compiled import CompiledSteps, StepBody
 from tlloop.steps.eval import EvalStep
@@ -48,4 +50,5 @@ __all__ = [
     "compile_eval",
     "compile_train",
     "mixing_of",
+    "phase_optimizer",
 ]

@@ -124,40 +124,12 @@ def build_train_step(
     learning_rate=None,
     anchors: Anchors | None = None,
 ) -> CompiledSteps:
-    """A fresh optimizer and compiled training steps for the model's current trainable set in
-    `phase`; call under the strategy's scope. `learning_rate`, a function of a layer group's
-    rate multiplier (1 without layer-wise rates) giving its rate or schedule, replaces the
-    phase's schedule (the range test uses it). `anchors` (the backbone's starting weights) are
-    needed when `options.training.l2sp` > 0 and a backbone weight trains."""
+    """A fresh optimizer (`phase_optimizer`) and compiled training steps for the model's
+    current trainable set in `phase`; call under the strategy's scope. `anchors` (the
+    backbone's starting weights) are needed when `options.training.l2sp` > 0 and a backbone
+    weight trains."""
+    optimizer = phase_optimizer(model, phase, options, steps_per_epoch, learning_rate)
     training = options.training
-    optimizer = phase.config.optimizer
-    if optimizer is None:
-        # Optimizer updates: every epoch's batches, the leftover of each epoch one more update.
-        updates = -(-steps_per_epoch // training.grad_accum_steps)
-        warmup = training.warmup_steps or training.warmup_epochs * updates
-        optimizer = make_optimizer(
-            phase.config,
-            model.trainable_variables,
-            training,
-            steps=phase.config.epochs * updates,
-            warmup_steps=warmup,
-            no_decay=tuple(phase_lib.no_decay_variables(model)),
-            multipliers=phase_lib.lr_multipliers(model, training.layer_lr_decay),
-            loss_scale=options.mixed_float16,
-            learning_rate=learning_rate,
-        )
-    else:  # the phase's own optimizer: a fresh copy for each trainable set
-        if training.layer_lr_decay:
-            raise ValueError(
-                f"phases: phase {phase.name!r} brings its own optimizer, which layer_lr_decay "
-                "cannot split into layer groups; accepted: one of the two"
-            )
-        optimizer = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
-        if learning_rate is not None:
-            optimizer.learning_rate = learning_rate(1.0)
-        if options.mixed_float16:
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        optimizer.build(model.trainable_variables)
     penalty = Penalty(
         model, model.trainable_variables, anchors, l2sp=training.l2sp, l2sp_head=training.l2sp_head
     )
@@ -172,3 +144,47 @@ def build_train_step(
         features_in=features_in,
         penalty=penalty,
     )
+
+
+def phase_optimizer(
+    model: TransferModel,
+    phase: phase_lib.Phase,
+    options: StepOptions,
+    steps_per_epoch: int,
+    learning_rate=None,
+) -> keras.optimizers.Optimizer:
+    """A fresh optimizer for the model's current trainable set in `phase`, built on it: the
+    phase's schedule over its optimizer updates (or a copy of the phase's own optimizer), with
+    loss scaling under `options.mixed_float16`. `learning_rate`, a function of a layer group's
+    rate multiplier (1 without layer-wise rates) giving its rate or schedule, replaces the
+    phase's schedule (the range test uses it)."""
+    training = options.training
+    optimizer = phase.config.optimizer
+    if optimizer is None:
+        # Optimizer updates: every epoch's batches, the leftover of each epoch one more update.
+        updates = -(-steps_per_epoch // training.grad_accum_steps)
+        warmup = training.warmup_steps or training.warmup_epochs * updates
+        return make_optimizer(
+            phase.config,
+            model.trainable_variables,
+            training,
+            steps=phase.config.epochs * updates,
+            warmup_steps=warmup,
+            no_decay=tuple(phase_lib.no_decay_variables(model)),
+            multipliers=phase_lib.lr_multipliers(model, training.layer_lr_decay),
+            loss_scale=options.mixed_float16,
+            learning_rate=learning_rate,
+        )
+    # The phase's own optimizer: a fresh copy for each trainable set.
+    if training.layer_lr_decay:
+        raise ValueError(
+            f"phases: phase {phase.name!r} brings its own optimizer, which layer_lr_decay "
+            "cannot split into layer groups; accepted: one of the two"
+        )
+    optimizer = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    if learning_rate is not None:
+        optimizer.learning_rate = learning_rate(1.0)
+    if options.mixed_float16:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    return optimizer

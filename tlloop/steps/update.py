@@ -55,25 +55,9 @@ class Update:
         )
         # Per-replica sums of the gradients of the batches since the last update, and their
         # count: state to checkpoint (a resumed run goes on with a half-full accumulation).
-        self.accumulators = []
-        if grad_accum_steps > 1:
-            self.accumulated = tf.Variable(
-                0,
-                dtype=tf.int64,
-                trainable=False,
-                name="accumulated_batches",
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-            )
-            self.accumulators = [self.accumulated] + [
-                tf.Variable(
-                    tf.zeros(v.shape, v.dtype),
-                    trainable=False,
-                    name="accumulated_gradient",
-                    synchronization=tf.VariableSynchronization.ON_READ,
-                    aggregation=tf.VariableAggregation.SUM,
-                )
-                for v in variables
-            ]
+        self.accumulators = _accumulators(variables) if grad_accum_steps > 1 else []
+        if self.accumulators:
+            self.accumulated = self.accumulators[0]
 
     def apply(self, grads, labels, losses, outputs, per_replica=None) -> None:
         """The update of a finite step: applied, or accumulated (and applied every
@@ -154,6 +138,27 @@ class Update:
             self.accumulated.assign(0)  # the next accumulation starts afresh
 
         return tf.function(leftover)
+
+
+def _accumulators(variables: list) -> list[tf.Variable]:
+    """The count of batches accumulated, then one per-replica gradient sum per variable."""
+    count = tf.Variable(
+        0,
+        dtype=tf.int64,
+        trainable=False,
+        name="accumulated_batches",
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+    )
+    return [count] + [
+        tf.Variable(
+            tf.zeros(v.shape, v.dtype),
+            trainable=False,
+            name="accumulated_gradient",
+            synchronization=tf.VariableSynchronization.ON_READ,
+            aggregation=tf.VariableAggregation.SUM,
+        )
+        for v in variables
+    ]
 
 
 @contextlib.contextmanager
