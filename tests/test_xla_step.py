@@ -17,7 +17,8 @@ from tlloop import phases as phase_lib
 from tlloop import trainer
 from tlloop.config import ModelConfig, TrainingConfig, parse_augment
 from tlloop.models import ModeTable, build_model
-from tlloop.steps import Metrics, StepOptions, build_train_step, compile_train
+from tlloop.steps import Metrics, StepOptions, build_train_step, compile_eval, compile_train
+from tlloop.tasks import Classification
 
 STEPS = 6  # per run, in calls of 2, 3 and 1 steps
 
@@ -324,6 +325,53 @@ def test_whole_step_xla_traces_once_and_its_decision_changes_nothing():
     assert int(step.global_step.numpy()) == 11 and int(optimizer.iterations.numpy()) == 5
     assert step.traces == {"loop": 1, "xla": 1}
     assert step.choose_xla(None) == "step"  # decided once
+
+
+class _HostLoss(Classification):
+    """Classification whose evaluation loss passes through a host function (numpy_function),
+    which XLA has no kernel for."""
+
+    def eval_loss(self, labels, outputs):
+        losses = super().eval_loss(labels, outputs)
+        passed = tf.numpy_function(lambda values: values, [losses], tf.float32, stateful=False)
+        return tf.ensure_shape(passed, losses.shape)
+
+
+def _evaluated(model, jit: bool, task=None):
+    """Compiled eval steps over 2 batches of 16 (weights 1) and the metrics they filled."""
+    metrics = Metrics(task=task or Classification())
+    evaluation = compile_eval(model, ModeTable(), metrics, task=task, jit_compile=jit)
+    images, labels = (tf.stack([b[i] for b in _images(2)]) for i in range(2))
+    weights = tf.ones(labels.shape, tf.float32)
+    evaluation(iter(tf.data.Dataset.from_tensor_slices((images, labels, weights))), 2)
+    return evaluation, metrics.result()
+
+
+def test_eval_steps_take_the_train_steps_xla_decision(caplog):
+    """Evaluation shares the train step's factory: the whole step under XLA on one device,
+    only the forward pass when the whole step does not compile, each logged in one line."""
+    keras.utils.set_random_seed(3)
+    model = build_model(ModelConfig(image_size=16, dropout=0.0), 3)
+    plain, plain_result = _evaluated(model, jit=False)
+    assert plain.xla_scope is None and plain.xla_reason == "jit_compile is off"
+    with caplog.at_level(logging.INFO, logger="absl"):  # whatever an earlier test set
+        whole, whole_result = _evaluated(model, jit=True)
+        fallback, fallback_result = _evaluated(model, jit=True, task=_HostLoss())
+    assert whole.xla_scope == "step" and whole.xla_reason == ""
+    assert whole.traces == {"loop": 1, "xla": 1}
+    assert whole_result["examples"] == plain_result["examples"] == 32
+    assert whole_result["accuracy"] == plain_result["accuracy"]
+    assert abs(whole_result["loss"] - plain_result["loss"]) <= 1e-5 * abs(plain_result["loss"])
+    assert fallback.xla_scope == "forward"
+    assert fallback.xla_reason.startswith("the whole step does not compile: XLA has no kernel")
+    assert fallback.xla_reason.endswith("; the metric updates run outside XLA")
+    assert fallback.traces == {"loop": 1, "xla": 1}
+    assert abs(fallback_result["loss"] - plain_result["loss"]) <= 1e-5 * abs(plain_result["loss"])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("jit_compile")]
+    assert lines == [
+        "jit_compile (eval): XLA compiles the whole eval step",
+        f"jit_compile (eval): XLA compiles only the forward pass: {fallback.xla_reason}",
+    ]
 
 
 WORDS = ("the", "a", "movie", "plot", "actor", "scene", "and", "was")
