@@ -8,7 +8,7 @@ pipeline of in-memory images), batch 32, float32 and XLA setting: each is warmed
 caches), then rounds alternate between them and the median examples/s of the rounds is
 reported, with the ratio. The contenders:
 
-- tlloop: its compiled `TrainStep` (a fresh optimizer per phase, the trainable set captured),
+- tlloop: its `CompiledSteps` of training (a fresh optimizer per phase, the trainable set captured),
   called as the trainer calls it with its defaults: `--steps_per_loop=auto` ends host calls
   at the logging cadence (every `--log_every_steps`, 10) or after about a second, so the
   throughput rows run AUTO_K steps per call (the steps_per_loop rows compare K=10 with K=1).
@@ -50,7 +50,7 @@ from tlloop.cli import config as cli_config
 from tlloop.cli.model import build_model
 from tlloop.models import ModeTable
 from tlloop.optim import make_optimizer
-from tlloop.steps import Metrics, TrainStep
+from tlloop.steps import Metrics, StepOptions, compile_train
 from tlloop.trainer import Trainer
 
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer rounds and workloads: under 5 minutes here.")
@@ -130,14 +130,11 @@ class Tlloop:
         phase = phase_of(finetune)
         phase_lib.apply_trainability(self.model, phase)
         optimizer = make_optimizer(phase.config, self.model.trainable_variables)
-        self.step = TrainStep(
-            self.model,
-            optimizer,
-            phase.modes,
-            Metrics(),
-            tf.Variable(0, dtype=tf.int64),
-            global_batch_size=BATCH,
-            jit_compile=jit,
+        options = StepOptions(
+            batch_size=BATCH, eval_batch_size=BATCH, jit_compile=jit, log_every_steps=0
+        )
+        self.step = compile_train(
+            self.model, optimizer, phase.modes, Metrics(), tf.Variable(0, dtype=tf.int64), options
         )
         self.batches = iter(dataset(workload))
         self.k = steps_per_loop

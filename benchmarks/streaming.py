@@ -45,7 +45,7 @@ from tlloop.cli import config as cli_config
 from tlloop.cli.data import load_data
 from tlloop.cli.model import build_model
 from tlloop.optim import make_optimizer
-from tlloop.steps import Metrics, TrainStep
+from tlloop.steps import Metrics, StepOptions, compile_train
 
 _IMAGES = flags.DEFINE_integer("images", 50000, "Images in the full set.")
 _SMALL = flags.DEFINE_integer("small", 2000, "Images in the small set.")
@@ -237,13 +237,13 @@ def training_speed(full: str, rounds: int, steps: int = 8) -> dict:
     fine_tune = config_lib.PhaseConfig("finetune", 1, 1e-4, config_lib.Unfreeze("all"))
     phase = phase_lib.plan_phases([fine_tune], model)[0]
     phase_lib.apply_trainability(model, phase)
-    step = TrainStep(
+    step = compile_train(
         model,
         make_optimizer(phase.config, model.trainable_variables),
         phase.modes,
         Metrics(),
         tf.Variable(0, dtype=tf.int64),
-        global_batch_size=BATCH,
+        StepOptions(batch_size=BATCH, eval_batch_size=BATCH, log_every_steps=0),
     )
     config = cli_config.DataConfig(
         dataset="folder", data_dir=full, image_size=SIZE, batch_size=BATCH, data_memory="0"

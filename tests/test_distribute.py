@@ -31,7 +31,7 @@ from tlloop.cli import strategy as cli_strategy
 from tlloop.cli.config import DistributeConfig, ModelConfig
 from tlloop.cli.model import build_model
 from tlloop.models import ModeTable
-from tlloop.steps import Metrics, TrainStep
+from tlloop.steps import Metrics, StepOptions, compile_train
 
 # Both phases, several steps each, no randomness that differs per replica (dropout, augment),
 # and an evaluation batch (7) that neither 269 examples nor 2 replicas divide.
@@ -294,6 +294,9 @@ def test_distribution_config_errors_name_the_flag(monkeypatch):
         DistributeConfig(strategy="default", devices=("/cpu:0",))
 
 
+_BATCH_4 = StepOptions(batch_size=4, eval_batch_size=4, log_every_steps=0)
+
+
 def test_state_created_outside_the_scope_is_refused():
     strategy = tf.distribute.MirroredStrategy(devices=["/cpu:0"])
     model = build_model(ModelConfig(image_size=16), 3)  # all of this outside the scope
@@ -301,7 +304,7 @@ def test_state_created_outside_the_scope_is_refused():
     optimizer.build(model.trainable_variables)
     metrics, step = Metrics(), tf.Variable(0, dtype=tf.int64)
     with strategy.scope(), pytest.raises(ValueError, match=r"model variable .* outside the scope"):
-        TrainStep(model, optimizer, ModeTable(), metrics, step, global_batch_size=4)
+        compile_train(model, optimizer, ModeTable(), metrics, step, _BATCH_4)
     with strategy.scope():
         inside = build_model(ModelConfig(image_size=16), 3)
     outside_step = tf.Variable(0, dtype=tf.int64)
@@ -309,7 +312,7 @@ def test_state_created_outside_the_scope_is_refused():
         optimizer = keras.optimizers.Adam()
         optimizer.build(inside.trainable_variables)
         with pytest.raises(ValueError, match=r"step counter variable"):
-            TrainStep(inside, optimizer, ModeTable(), Metrics(), outside_step, global_batch_size=4)
+            compile_train(inside, optimizer, ModeTable(), Metrics(), outside_step, _BATCH_4)
 
 
 def test_is_chief_and_describe_on_one_host():
@@ -340,7 +343,7 @@ from tlloop import distribute
 from tlloop.cli.config import ModelConfig
 from tlloop.models import ModeTable
 from tlloop.cli.model import build_model
-from tlloop.steps import Metrics, TrainStep
+from tlloop.steps import Metrics, StepOptions, compile_train
 
 distribute.configure_logical_devices(2, 1024)
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -349,8 +352,9 @@ with strategy.scope():
     optimizer = keras.optimizers.Adam(1e-2)
     optimizer.build(model.trainable_variables)
     counter = tf.Variable(0, dtype=tf.int64)
-    step = TrainStep(model, optimizer, ModeTable(), Metrics(), counter, global_batch_size=8,
-                     nan_policy="skip_step")
+    options = StepOptions(batch_size=8, eval_batch_size=8, nan_policy="skip_step",
+                          log_every_steps=0)
+    step = compile_train(model, optimizer, ModeTable(), Metrics(), counter, options)
 rng = np.random.default_rng(0)
 images = rng.uniform(0, 255, (3, 8, 16, 16, 3)).astype(np.float32)
 images[1, 6, 0, 0, 0] = np.nan  # batch 2, example 7: the second replica's half

@@ -22,7 +22,7 @@ from tlloop.config import PhaseConfig, Unfreeze
 from tlloop.models import ModeTable
 from tlloop.models.backbones import small_cnn
 from tlloop.optim import make_optimizer
-from tlloop.steps import Metrics, TrainStep
+from tlloop.steps import Metrics, StepOptions, compile_train
 
 SIZE, CLASSES = 16, 3
 
@@ -68,13 +68,13 @@ def test_tlloop_train_step_leaves_an_unfrozen_backbones_batchnorm_bit_identical(
     )
     phase_lib.apply_trainability(model, phase)
     optimizer = make_optimizer(phase.config, model.trainable_variables)
-    step = TrainStep(
+    step = compile_train(
         model,
         optimizer,
         phase.modes,
         Metrics(),
         tf.Variable(0, dtype=tf.int64),
-        global_batch_size=8,
+        StepOptions(batch_size=8, eval_batch_size=8, log_every_steps=0),
     )
     before, statistics = snapshot(model.backbone), _statistics(model.backbone)
     images, labels = _data()

@@ -17,7 +17,7 @@ from tlloop.cli.model import build_model
 from tlloop.config import TrainingConfig
 from tlloop.mixing import Mixing, mixed_loss, soft_labels
 from tlloop.models import ModeTable
-from tlloop.steps import EvalStep, Metrics, TrainStep
+from tlloop.steps import Metrics, StepOptions, compile_eval, compile_train, mixing_of
 from tlloop.tasks import Classification
 
 
@@ -110,15 +110,17 @@ def test_the_train_step_mixes_and_the_eval_step_does_not():
     optimizer.build(model.trainable_variables)
     mixing = Mixing(mixup=1.0, seed=4)
     metrics = Metrics()
-    step = TrainStep(
-        model,
-        optimizer,
-        ModeTable(),
-        metrics,
-        tf.Variable(3, dtype=tf.int64),
-        global_batch_size=16,
-        mixing=mixing,
+    options = StepOptions(
+        batch_size=16,
+        eval_batch_size=16,
+        seed=mixing.seed,
+        training=TrainingConfig(mixup=mixing.mixup),
+        log_every_steps=0,
     )
+    step = compile_train(
+        model, optimizer, ModeTable(), metrics, tf.Variable(3, dtype=tf.int64), options
+    )
+    assert mixing_of(options) == mixing  # the step mixes as `mixing` draws
     step(iter(tf.data.Dataset.from_tensors((images, labels)).repeat()), 1)
     drawn = mixing.draw(images, step=3)  # the step mixed at global step 3, replica 0
     task = Classification()
@@ -128,7 +130,7 @@ def test_the_train_step_mixes_and_the_eval_step_does_not():
     assert not np.isclose(want, plain, rtol=1e-3)
     eval_metrics = Metrics()
     weights = tf.ones([16])
-    EvalStep(model, ModeTable(), eval_metrics)(
+    compile_eval(model, ModeTable(), eval_metrics)(
         iter(tf.data.Dataset.from_tensors((images, labels, weights))), 1
     )
     assert np.isclose(eval_metrics.result()["loss"], plain, rtol=1e-4)
@@ -170,7 +172,8 @@ from tlloop.distribute import distribute_dataset
 from tlloop.mixing import Mixing, mixed_loss
 from tlloop.models import ModeTable
 from tlloop.cli.model import build_model
-from tlloop.steps import Metrics, TrainStep
+from tlloop.config import TrainingConfig
+from tlloop.steps import Metrics, StepOptions, compile_train
 from tlloop.tasks import Classification
 
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -189,9 +192,9 @@ with strategy.scope():
     counter = tf.Variable(
         3, dtype=tf.int64, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA
     )
-    step = TrainStep(
-        model, optimizer, ModeTable(), metrics, counter, global_batch_size=16, mixing=mixing
-    )
+    options = StepOptions(batch_size=16, eval_batch_size=16, seed=mixing.seed,
+                          training=TrainingConfig(mixup=mixing.mixup), log_every_steps=0)
+    step = compile_train(model, optimizer, ModeTable(), metrics, counter, options)
 batches = distribute_dataset(strategy, tf.data.Dataset.from_tensors((images, labels)).repeat())
 step(iter(batches), 1)
 task = Classification()

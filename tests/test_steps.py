@@ -15,14 +15,19 @@ from tlloop.config import parse_augment
 from tlloop.data.splits import Split
 from tlloop.data.storage import padded_eval_dataset
 from tlloop.models import ModeTable
-from tlloop.steps import EvalStep, Metrics, TrainStep
+from tlloop.steps import Metrics, StepOptions, compile_eval, compile_train
 
 
 def _step(model, modes, metrics, lr=1e-2):
     optimizer = keras.optimizers.SGD(learning_rate=lr)
     optimizer.build(model.trainable_variables)
     step_counter = tf.Variable(0, dtype=tf.int64)
-    return TrainStep(model, optimizer, modes, metrics, step_counter, global_batch_size=16)
+    return compile_train(model, optimizer, modes, metrics, step_counter, _options())
+
+
+def _options(**options) -> StepOptions:
+    """Batches of 16, no logged rows, and `options`."""
+    return StepOptions(batch_size=16, eval_batch_size=16, log_every_steps=0, **options)
 
 
 def test_a_stale_step_keeps_the_old_trainable_set_and_a_new_one_does_not(workdir):
@@ -57,7 +62,7 @@ def _train_and_eval_loss(model, images, labels):
     step(iter(_one_batch(images, labels)), 1)
     weights = tf.ones_like(labels, tf.float32)
     evaluation = tf.data.Dataset.from_tensors((images, labels, weights))
-    EvalStep(model, ModeTable(), eval_metrics)(iter(evaluation), 1)
+    compile_eval(model, ModeTable(), eval_metrics)(iter(evaluation), 1)
     return train_metrics.result()["loss"], eval_metrics.result()["loss"]
 
 
@@ -105,7 +110,7 @@ def test_eval_counts_every_example_once():
         assert weights.sum() == size and len(weights) == -(-size // batch) * batch
         model = build_model(ModelConfig(image_size=8), 3)
         metrics = Metrics()
-        EvalStep(model, ModeTable(), metrics)(iter(dataset), -(-size // batch))
+        compile_eval(model, ModeTable(), metrics)(iter(dataset), -(-size // batch))
         assert metrics.result()["examples"] == size
 
 
@@ -119,7 +124,7 @@ def test_steps_trace_once_whatever_the_step_count_and_iterator():
     assert step.traces == {"loop": 1}
     weights = tf.ones_like(labels, tf.float32)
     evaluation = tf.data.Dataset.from_tensors((images, labels, weights)).repeat(2)
-    eval_step = EvalStep(model, ModeTable(), Metrics())
+    eval_step = compile_eval(model, ModeTable(), Metrics())
     for count in (1, 2):
         eval_step(iter(evaluation), count)
     assert eval_step.traces == {"loop": 1}
@@ -131,14 +136,13 @@ def _trained_weights(jit_compile: bool, images, labels):
     model.backbone.trainable = True
     optimizer = keras.optimizers.Adam(learning_rate=1e-2)
     optimizer.build(model.trainable_variables)
-    step = TrainStep(
+    step = compile_train(
         model,
         optimizer,
         ModeTable(),
         Metrics(),
         tf.Variable(0, dtype=tf.int64),
-        global_batch_size=16,
-        jit_compile=jit_compile,
+        _options(jit_compile=jit_compile),
     )
     step(iter(_one_batch(images, labels)), 3)
     return [np.array(v.numpy()) for v in model.trainable_variables], step
@@ -160,8 +164,8 @@ def _nan_policy_step(model, policy: str):
     optimizer.build(model.trainable_variables)
     counter = tf.Variable(0, dtype=tf.int64)
     metrics = Metrics()
-    step = TrainStep(
-        model, optimizer, ModeTable(), metrics, counter, global_batch_size=16, nan_policy=policy
+    step = compile_train(
+        model, optimizer, ModeTable(), metrics, counter, _options(nan_policy=policy)
     )
     return step, optimizer, metrics
 

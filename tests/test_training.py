@@ -20,7 +20,7 @@ from tlloop.cli.model import build_model
 from tlloop.config import CheckpointConfig, LoggingConfig, PhaseConfig, TrainingConfig, Unfreeze
 from tlloop.models import ModeTable
 from tlloop.optim import PhaseSchedule, make_optimizer
-from tlloop.steps import Metrics, TrainStep
+from tlloop.steps import CompiledSteps, Metrics, StepOptions, compile_train
 from tlloop.tasks import Classification
 
 
@@ -42,15 +42,26 @@ def _phase(unfreeze: str = "none", lr: float = 0.1, bn_mode: str = "frozen"):
     return phase_lib.PlannedPhase(0, config, modes)
 
 
-def _compiled(model, optimizer, phase, batch: int = 16, **step_args) -> TrainStep:
-    return TrainStep(
+# The step's own training options: they go into its StepOptions' training config.
+_STEP_TRAINING = ("clip_grad_norm", "grad_accum_steps", "ema_decay")
+
+
+def _compiled(
+    model, optimizer, phase, batch: int = 16, *, metrics=None, training=None, task=None, **step_args
+) -> CompiledSteps:
+    step_training = {name: step_args.pop(name) for name in _STEP_TRAINING if name in step_args}
+    training = dataclasses.replace(training or TrainingConfig(), **step_training)
+    options = StepOptions(
+        batch_size=batch, eval_batch_size=batch, training=training, log_every_steps=0, **step_args
+    )
+    return compile_train(
         model,
         optimizer,
         phase.modes,
-        Metrics(),
+        metrics or Metrics(),
         tf.Variable(0, dtype=tf.int64),
-        global_batch_size=batch,
-        **step_args,
+        options,
+        task=task,
     )
 
 
@@ -64,14 +75,8 @@ def _train(model, phase, batches, steps, *, batch, training=None, **step_args):
         no_decay=tuple(phase_lib.no_decay_variables(model)),
     )
     metrics = Metrics()
-    step = TrainStep(
-        model,
-        optimizer,
-        phase.modes,
-        metrics,
-        tf.Variable(0, dtype=tf.int64),
-        global_batch_size=batch,
-        **step_args,
+    step = _compiled(
+        model, optimizer, phase, batch, metrics=metrics, training=training, **step_args
     )
     step(iter(batches), steps)
     return step, metrics

@@ -1,4 +1,4 @@
-"""Whole-step XLA on one device (`TrainStep.xla_scope == "step"`) and its fallback to
+"""Whole-step XLA on one device (`CompiledSteps.xla_scope == "step"`) and its fallback to
 compiling only the loss and gradients ("gradients"), decided before any batch is read."""
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ from tlloop import phases as phase_lib
 from tlloop.cli import experiment as cli_experiment
 from tlloop.cli.config import ModelConfig
 from tlloop.cli.model import build_model
-from tlloop.config import parse_augment
-from tlloop.controller import StepSettings, build_train_step
-from tlloop.mixing import Mixing
+from tlloop.config import TrainingConfig, parse_augment
 from tlloop.models import ModeTable
-from tlloop.steps import Metrics, TrainStep
+from tlloop.steps import Metrics, StepOptions, build_train_step, compile_eval, compile_train
+from tlloop.tasks import Classification
 
 STEPS = 6  # per run, in calls of 2, 3 and 1 steps
 
@@ -57,7 +56,7 @@ def _train(experiment, initial, phase, batches, *, jit: bool, training=None):
     for variable, value in zip(model.weights, initial, strict=True):
         variable.assign(value)
     phase_lib.apply_trainability(model, phase)
-    settings = StepSettings(
+    options = StepOptions(
         batch_size=16,
         eval_batch_size=16,
         training=training or experiment.config.training,
@@ -68,7 +67,7 @@ def _train(experiment, initial, phase, batches, *, jit: bool, training=None):
         model,
         phase,
         experiment.task,
-        settings,
+        options,
         metrics=Metrics(task=experiment.task, evaluation=False),
         global_step=tf.Variable(0, dtype=tf.int64),
         steps_per_epoch=STEPS,
@@ -148,17 +147,23 @@ def _images(count: int, nan_at=()):
     return tf.data.Dataset.from_tensor_slices((images, labels))
 
 
-def _tiny_step(augment: str = "", **options):
+def _tiny_step(augment: str = "", nan_policy: str = "stop", **training):
+    """Compiled steps under XLA, every row logged; `training`: TrainingConfig's fields."""
     keras.utils.set_random_seed(3)
     config = ModelConfig(image_size=16, dropout=0.0, augment=parse_augment(augment))
     model = build_model(config, 3)
     optimizer = keras.optimizers.Adam(learning_rate=1e-2)
     optimizer.build(model.trainable_variables)
     counter = tf.Variable(0, dtype=tf.int64)
-    options = {"jit_compile": True, "log_every_steps": 1, **options}
-    step = TrainStep(
-        model, optimizer, ModeTable(), Metrics(), counter, global_batch_size=16, **options
+    options = StepOptions(
+        batch_size=16,
+        eval_batch_size=16,
+        training=TrainingConfig(**training),
+        jit_compile=True,
+        nan_policy=nan_policy,
+        log_every_steps=1,
     )
+    step = compile_train(model, optimizer, ModeTable(), Metrics(), counter, options)
     return step, model, optimizer
 
 
@@ -172,7 +177,7 @@ FALLBACKS = {
         "XLA has no kernel for ImageProjectiveTransformV3 (used by RandomRotation, "
         "RandomTranslation or RandomZoom)",
     ),
-    "MixUp": ({"mixing": Mixing(mixup=0.2)}, "StatelessRandomGammaV3 (used by MixUp's"),
+    "MixUp": ({"mixup": 0.2}, "StatelessRandomGammaV3 (used by MixUp's"),
 }
 
 
@@ -213,7 +218,7 @@ import keras, numpy as np, tensorflow as tf
 from tlloop.cli.config import ModelConfig
 from tlloop.models import ModeTable
 from tlloop.cli.model import build_model
-from tlloop.steps import Metrics, TrainStep
+from tlloop.steps import StepOptions, Metrics, compile_train
 
 logging.set_verbosity(logging.INFO)
 rng = np.random.default_rng(0)
@@ -231,8 +236,10 @@ for name, strategy in (
         model = build_model(ModelConfig(image_size=16, dropout=0.0), 3)
         optimizer = keras.optimizers.Adam(1e-2)
         optimizer.build(model.trainable_variables)
-        step = TrainStep(model, optimizer, ModeTable(), Metrics(),
-                         tf.Variable(0, dtype=tf.int64), global_batch_size=16, jit_compile=True)
+        options = StepOptions(batch_size=16, eval_batch_size=16, jit_compile=True,
+                              log_every_steps=0)
+        step = compile_train(model, optimizer, ModeTable(), Metrics(),
+                             tf.Variable(0, dtype=tf.int64), options)
         decided = step.xla_scope
         before = [v.numpy().copy() for v in model.trainable_variables]
         step(iter(strategy.experimental_distribute_dataset(data)), 3)
@@ -321,6 +328,53 @@ def test_whole_step_xla_traces_once_and_its_decision_changes_nothing():
     assert int(step.global_step.numpy()) == 11 and int(optimizer.iterations.numpy()) == 5
     assert step.traces == {"loop": 1, "xla": 1}
     assert step.choose_xla(None) == "step"  # decided once
+
+
+class _HostLoss(Classification):
+    """Classification whose evaluation loss passes through a host function (numpy_function),
+    which XLA has no kernel for."""
+
+    def eval_loss(self, labels, outputs):
+        losses = super().eval_loss(labels, outputs)
+        passed = tf.numpy_function(lambda values: values, [losses], tf.float32, stateful=False)
+        return tf.ensure_shape(passed, losses.shape)
+
+
+def _evaluated(model, jit: bool, task=None):
+    """Compiled eval steps over 2 batches of 16 (weights 1) and the metrics they filled."""
+    metrics = Metrics(task=task or Classification())
+    evaluation = compile_eval(model, ModeTable(), metrics, task=task, jit_compile=jit)
+    images, labels = (tf.stack([b[i] for b in _images(2)]) for i in range(2))
+    weights = tf.ones(labels.shape, tf.float32)
+    evaluation(iter(tf.data.Dataset.from_tensor_slices((images, labels, weights))), 2)
+    return evaluation, metrics.result()
+
+
+def test_eval_steps_take_the_train_steps_xla_decision(caplog):
+    """Evaluation shares the train step's factory: the whole step under XLA on one device,
+    only the forward pass when the whole step does not compile, each logged in one line."""
+    keras.utils.set_random_seed(3)
+    model = build_model(ModelConfig(image_size=16, dropout=0.0), 3)
+    plain, plain_result = _evaluated(model, jit=False)
+    assert plain.xla_scope is None and plain.xla_reason == "jit_compile is off"
+    with caplog.at_level(logging.INFO, logger="absl"):  # whatever an earlier test set
+        whole, whole_result = _evaluated(model, jit=True)
+        fallback, fallback_result = _evaluated(model, jit=True, task=_HostLoss())
+    assert whole.xla_scope == "step" and whole.xla_reason == ""
+    assert whole.traces == {"loop": 1, "xla": 1}
+    assert whole_result["examples"] == plain_result["examples"] == 32
+    assert whole_result["accuracy"] == plain_result["accuracy"]
+    assert abs(whole_result["loss"] - plain_result["loss"]) <= 1e-5 * abs(plain_result["loss"])
+    assert fallback.xla_scope == "forward"
+    assert fallback.xla_reason.startswith("the whole step does not compile: XLA has no kernel")
+    assert fallback.xla_reason.endswith("; the metric updates run outside XLA")
+    assert fallback.traces == {"loop": 1, "xla": 1}
+    assert abs(fallback_result["loss"] - plain_result["loss"]) <= 1e-5 * abs(plain_result["loss"])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("jit_compile")]
+    assert lines == [
+        "jit_compile (eval): XLA compiles the whole eval step",
+        f"jit_compile (eval): XLA compiles only the forward pass: {fallback.xla_reason}",
+    ]
 
 
 WORDS = ("the", "a", "movie", "plot", "actor", "scene", "and", "was")

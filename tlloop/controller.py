@@ -14,7 +14,6 @@ chief's actions write.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import time
 
@@ -28,117 +27,22 @@ from tlloop import anchors as anchors_lib
 from tlloop import checkpoints as checkpoint_lib
 from tlloop import phases as phase_lib
 from tlloop.actions import Action, RunView, Signal, Signals, Stopped, signals_of
-from tlloop.config import TrainingConfig
 from tlloop.data.examples import Examples
 from tlloop.errors import CallbackError, RunFailed
 from tlloop.loop import position as position_lib
 from tlloop.loop.inputs import Inputs
 from tlloop.loop.position import AutoLoop
-from tlloop.mixing import Mixing
 from tlloop.models import TransferModel
-from tlloop.optim import make_optimizer
-from tlloop.steps import EvalStep, Metrics, TrainStep, averaged
+from tlloop.steps import (
+    CompiledSteps,
+    Metrics,
+    StepOptions,
+    averaged,
+    build_train_step,
+    compile_eval,
+    mixing_of,
+)
 from tlloop.tasks import Task
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSettings:
-    """How the compiled steps of every phase are made (the options steps take)."""
-
-    batch_size: int
-    eval_batch_size: int
-    seed: int = 0
-    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
-    jit_compile: bool = False
-    steps_per_loop: int | str = "auto"
-    nan_policy: str = "stop"
-    feature_cache: str = "auto"
-    log_every_steps: int = 10
-    histogram_every_steps: int = 0
-    mixed_float16: bool = False
-
-
-def build_train_step(
-    model: TransferModel,
-    phase: phase_lib.PlannedPhase,
-    task: Task,
-    settings: StepSettings,
-    *,
-    metrics: Metrics,
-    global_step: tf.Variable,
-    steps_per_epoch: int,
-    features_in: bool = False,
-    learning_rate=None,
-    anchors: anchors_lib.Anchors | None = None,
-) -> TrainStep:
-    """A fresh optimizer and compiled step for the model's current trainable set in `phase`;
-    call under the strategy's scope. `learning_rate`, a function of a layer group's rate
-    multiplier (1 without layer-wise rates) giving its rate or schedule, replaces the phase's
-    schedule (the range test uses it). `anchors` (the backbone's starting weights) are
-    needed when `settings.training.l2sp` > 0 and a backbone weight trains."""
-    training = settings.training
-    optimizer = phase.config.optimizer
-    if optimizer is None:
-        # Optimizer updates: every epoch's batches, the leftover of each epoch one more update.
-        updates = -(-steps_per_epoch // training.grad_accum_steps)
-        steps = phase.config.epochs * updates
-        warmup = training.warmup_steps or training.warmup_epochs * updates
-        optimizer = make_optimizer(
-            phase.config,
-            model.trainable_variables,
-            training,
-            steps=steps,
-            warmup_steps=warmup,
-            no_decay=tuple(phase_lib.no_decay_variables(model)),
-            multipliers=phase_lib.lr_multipliers(model, training.layer_lr_decay),
-            loss_scale=settings.mixed_float16,
-            learning_rate=learning_rate,
-        )
-    else:  # the phase's own optimizer: a fresh copy for each trainable set
-        if training.layer_lr_decay:
-            raise ValueError(
-                f"phases: phase {phase.name!r} brings its own optimizer, which layer_lr_decay "
-                "cannot split into layer groups; accepted: one of the two"
-            )
-        optimizer = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
-        if learning_rate is not None:
-            optimizer.learning_rate = learning_rate(1.0)
-        if settings.mixed_float16:
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        optimizer.build(model.trainable_variables)
-    return TrainStep(
-        model,
-        optimizer,
-        phase.modes,
-        metrics,
-        global_step,
-        global_batch_size=settings.batch_size,
-        jit_compile=settings.jit_compile,
-        log_every_steps=settings.log_every_steps,
-        histogram_every_steps=settings.histogram_every_steps,
-        nan_policy=settings.nan_policy,
-        task=task,
-        clip_grad_norm=training.clip_grad_norm,
-        grad_accum_steps=training.grad_accum_steps,
-        features_in=features_in,
-        ema_decay=training.ema_decay,
-        mixing=mixing_of(settings),
-        penalty=anchors_lib.Penalty(
-            model,
-            model.trainable_variables,
-            anchors,
-            l2sp=training.l2sp,
-            l2sp_head=training.l2sp_head,
-        ),
-    )
-
-
-def mixing_of(settings: StepSettings) -> Mixing | None:
-    """The MixUp/CutMix of `settings.training`, seeded by the run's seed; None when off."""
-    training = settings.training
-    if not (training.mixup or training.cutmix):
-        return None
-    return Mixing(training.mixup, training.cutmix, training.mix_prob, settings.seed)
 
 
 class Controller:
@@ -161,7 +65,7 @@ class Controller:
         train: Examples,
         eval_data: Examples,
         plan: list[phase_lib.PlannedPhase],
-        settings: StepSettings,
+        settings: StepOptions,
         strategy: tf.distribute.Strategy,
         checkpoints: checkpoint_lib.Checkpoints,
         actions: list[Action],
@@ -273,7 +177,7 @@ class Controller:
         )
         self.train_metrics = Metrics(task=self.task, evaluation=False)
         self.eval_metrics = Metrics(task=self.task, evaluation=True)
-        self.eval_step = EvalStep(
+        self.eval_step = compile_eval(
             self.model,
             self.plan[0].modes,
             self.eval_metrics,
@@ -290,7 +194,7 @@ class Controller:
             seed=self.settings.seed,
             cache_mode=self.settings.feature_cache,
             eval_step=self.eval_step,
-            feature_eval_step=lambda phase: EvalStep(
+            feature_eval_step=lambda phase: compile_eval(
                 self.model,
                 phase.modes,
                 self.eval_metrics,
@@ -299,7 +203,7 @@ class Controller:
                 task=self.task,
             ),
         )
-        self.last_step: TrainStep | None = None
+        self.last_step: CompiledSteps | None = None
         # w0, the backbone as it starts: a resumed run restores the first start's.
         self.anchors = anchors_lib.Anchors(self.model.backbone)
 
@@ -418,7 +322,7 @@ class Controller:
         self.epoch_number += 1
         return train_result, eval_result
 
-    def _run_steps(self, phase, step: TrainStep, batches, count: int) -> float:
+    def _run_steps(self, phase, step: CompiledSteps, batches, count: int) -> float:
         """Runs `count` steps in host calls of up to `steps_per_loop` (with "auto": up to the
         next logged step, and calls of about `AutoLoop.seconds`), ending calls where an
         action needs the host; returns the seconds of the whole loop (input waits, host calls
@@ -521,10 +425,10 @@ class Controller:
             self.model, phase.modes.train.backbone and self.strategy.num_replicas_in_sync > 1
         )
 
-    def _new_step(self, phase, use_cache: bool) -> TrainStep:
-        """A fresh optimizer and compiled step for the current trainable set, and the
+    def _new_step(self, phase, use_cache: bool) -> CompiledSteps:
+        """A fresh optimizer and compiled training steps for the current trainable set, and the
         checkpoint tracking them."""
-        step = build_train_step(
+        compiled = build_train_step(
             self.model,
             phase,
             self.task,
@@ -537,9 +441,9 @@ class Controller:
         )
         self.checkpoints.track(
             model=self.model,
-            optimizer=step.optimizer,
-            accumulators=step.accumulators,
-            averages=step.averages,
+            optimizer=compiled.optimizer,
+            accumulators=compiled.accumulators,
+            averages=compiled.averages,
             step=self.global_step,
             state=self.state,
             metrics=self.train_metrics.variables,
@@ -547,11 +451,11 @@ class Controller:
             anchors=self.anchors.variables,
             actions=self.action_states,
         )
-        self.last_step = step
+        self.last_step = compiled
         self.auto_loop = AutoLoop()  # a new step traces in its first call: measured afresh
-        return step
+        return compiled
 
-    def _evaluate(self, step: TrainStep, evaluator) -> dict:
+    def _evaluate(self, step: CompiledSteps, evaluator) -> dict:
         with averaged(step):  # the moving averages, when kept
             return self._measure(evaluator)
 
@@ -571,7 +475,7 @@ class Controller:
         """RunView.evaluated_weights: the model holds the weights last evaluated."""
         return averaged(self.last_step)
 
-    def _drift(self, step: TrainStep) -> dict[str, float]:
+    def _drift(self, step: CompiledSteps) -> dict[str, float]:
         """Per backbone layer, how far the weights evaluated moved from w0 (relative)."""
         with averaged(step):
             return self.anchors.drift()

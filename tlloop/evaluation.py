@@ -11,11 +11,11 @@ from tlloop.data.examples import as_examples
 from tlloop.distribute import distribute_batches
 from tlloop.models import INFERENCE, ModeTable, TransferModel
 from tlloop.models.walk import declared_input_spec
-from tlloop.steps import EvalStep, Metrics
+from tlloop.steps import CompiledSteps, Metrics, compile_eval
 from tlloop.tasks import Classification, Task
 
 
-def evaluate_batches(eval_step: EvalStep, metrics: Metrics, batches, steps: int) -> dict:
+def evaluate_batches(eval_step: CompiledSteps, metrics: Metrics, batches, steps: int) -> dict:
     """Loss, the task's metrics and the example count (and the confusion matrix, if `metrics`
     keeps it) over the `steps` batches of `batches`, every submodule in inference mode."""
     metrics.reset()
@@ -39,7 +39,7 @@ def evaluate_model(
     examples = as_examples(data, argument="data", inputs=declared_input_spec(model.backbone))
     with strategy.scope():
         metrics = Metrics(task=task, evaluation=True)
-        step = EvalStep(model, ModeTable(), metrics, task=task)
+        step = compile_eval(model, ModeTable(), metrics, task=task)
     batches = distribute_batches(
         strategy,
         lambda part: examples.eval_batches(batch_size, part),

@@ -16,13 +16,12 @@ import tensorflow as tf
 from tlloop import phases as phase_lib
 from tlloop.checkpoints import rng_states
 from tlloop.config import RANGE_TEST, PhaseConfig, TrainingConfig
-from tlloop.controller import StepSettings, build_train_step
 from tlloop.data.examples import as_examples
 from tlloop.distribute import distribute_dataset
 from tlloop.errors import ConfigError
 from tlloop.models import TransferModel
 from tlloop.models.walk import declared_input_spec
-from tlloop.steps import Metrics
+from tlloop.steps import Metrics, StepOptions, build_train_step
 from tlloop.tasks import Classification, Task
 
 # The test's default rates and length (learning_rate="auto"'s; python -m tlloop.lr_find's).
@@ -110,7 +109,7 @@ def range_test(
     if not phase.epochs:
         raise ConfigError(f"{phase.name}.epochs", 0, "the phase does not train", ">= 1")
     [planned] = phase_lib.plan_phases((phase,), model)
-    settings = StepSettings(
+    options = StepOptions(
         batch_size=batch_size,
         eval_batch_size=batch_size,
         seed=seed,
@@ -132,7 +131,7 @@ def range_test(
                 model,
                 planned,
                 task,
-                settings,
+                options,
                 metrics=Metrics(task=task, evaluation=False),
                 global_step=tf.Variable(0, dtype=tf.int64, name="range_test_step"),
                 steps_per_epoch=math.ceil(examples.size / batch_size),

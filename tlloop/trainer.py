@@ -35,7 +35,7 @@ from tlloop.config import (
     PhaseConfig,
     TrainingConfig,
 )
-from tlloop.controller import Controller, StepSettings, averaged, weights_digest
+from tlloop.controller import Controller, averaged, weights_digest
 from tlloop.data.examples import Examples, as_examples
 from tlloop.data.images import ACCEPTED_IMAGES
 from tlloop.data.streaming import find_unreadable
@@ -44,6 +44,7 @@ from tlloop.errors import RunFailed
 from tlloop.export import ExportError, check_export, export_model
 from tlloop.models import TransferModel
 from tlloop.models.walk import declared_input_spec
+from tlloop.steps import StepOptions
 from tlloop.summaries import Summaries
 from tlloop.tasks import Classification, Task
 from tlloop.workdir import CONFIG_FILE, prepare, release, write_json
@@ -373,7 +374,7 @@ class Trainer:
         ]
         actions += self.profiler(writes=summaries.enabled)
         actions += action_lib.FaultHook.from_environment()
-        settings = self.step_settings(run.batch_size, run.eval_batch_size)
+        options = self.step_options(run.batch_size, run.eval_batch_size)
         controller = None
         try:
             controller = Controller(
@@ -382,7 +383,7 @@ class Trainer:
                 train=run.train,
                 eval_data=run.eval,
                 plan=run.plan,
-                settings=settings,
+                settings=options,
                 strategy=strategy,
                 checkpoints=checkpoints,
                 actions=actions,
@@ -468,9 +469,9 @@ class Trainer:
         logdir = os.path.join(self.workdir, "tensorboard", "train")
         return [action_lib.Profiler(self.logging.profile_steps, logdir)]
 
-    def step_settings(self, batch_size: int, eval_batch_size: int) -> StepSettings:
+    def step_options(self, batch_size: int, eval_batch_size: int) -> StepOptions:
         """How this trainer's compiled steps are made, for batches of `batch_size`."""
-        return StepSettings(
+        return StepOptions(
             batch_size=batch_size,
             eval_batch_size=eval_batch_size or batch_size,
             seed=self.seed,

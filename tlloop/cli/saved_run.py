@@ -79,7 +79,7 @@ def evaluate_saved(workdir: str, which: str, config: RunConfig) -> dict:
     from tlloop.cli.data import is_text
     from tlloop.evaluation import evaluate_batches
     from tlloop.models import ModeTable
-    from tlloop.steps import EvalStep, Metrics
+    from tlloop.steps import Metrics, compile_eval
 
     data = evaluation_data(workdir, config)
     kind = config.task.task
@@ -96,12 +96,12 @@ def evaluate_saved(workdir: str, which: str, config: RunConfig) -> dict:
     if kind != "classification":
         task = saved_task(model, config, data.class_names)
         metrics = Metrics(task=task, evaluation=True)
-        step = EvalStep(model, ModeTable(), metrics, task=task)
+        step = compile_eval(model, ModeTable(), metrics, task=task)
         result = evaluate_batches(step, metrics, data.eval, data.eval_steps)
         return {"evaluated": path, **result, "skipped_images": list(data.skipped_files)}
     metrics = Metrics(data.num_classes)
     result = evaluate_batches(
-        EvalStep(model, ModeTable(), metrics), metrics, data.eval, data.eval_steps
+        compile_eval(model, ModeTable(), metrics), metrics, data.eval, data.eval_steps
     )
     per_class = {
         name: (row[i] / sum(row) if sum(row) else None)
