@@ -268,9 +268,9 @@ def test_one_error_names_the_argument_from_python_and_the_flag_on_the_command_li
     import tlloop
     from tlloop import phases as phase_lib
     from tlloop import workdir as workdir_lib
+    from tlloop.cli.flags import flag_line
     from tlloop.config import BestMetric, CheckpointConfig, PhaseConfig, Unfreeze
     from tlloop.errors import ConfigError
-    from tlloop.flags import flag_line
     from tlloop.warm_start import warm_start
     from tlloop.wise_ft import finetune_index
 

@@ -161,7 +161,8 @@ def test_flag_defaults_are_the_dataclass_defaults():
     for option in cli_config.options():
         flag = values[option.flag]
         assert flag.default == option.default, option.flag
-        assert flag.help == option.help or flag.help.endswith(option.help), option.flag
+        words = tlloop_flags.help_text(option)  # `$name` references as --flags
+        assert flag.help == words or flag.help.endswith(words), option.flag
     assert tlloop_flags.to_config(values) == cli_config.RunConfig(workdir="w")
     assert values["workdir"].default is None  # required: the entry points mark it so
 

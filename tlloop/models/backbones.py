@@ -8,7 +8,7 @@ a preset's image converter, or an `InputAdapter` from `channels`/`value_range` a
 network's native size), so nothing outside has to know it, exports included.
 
 Errors name the library's arguments (`source`, `layer`, `channels`, `value_range`, `weights`,
-`image_size`); the command line prints them with its flags (`tlloop.flags.flag_of`).
+`image_size`); the command line prints them with its flags (`tlloop.cli.flags.flag_of`).
 """
 
 from __future__ import annotations
