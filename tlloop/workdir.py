@@ -2,7 +2,8 @@
 (its manifest, which `overwrite` removes and nothing else), and writing files and directories
 so that none is ever half-written (an export a kill interrupted is recovered at the next start).
 
-Errors name the `workdir` argument; the command line prints its flag (`tlloop.cli.flags.flag_of`)."""
+Errors name the `workdir` argument; the command line prints its flag
+(`tlloop.cli.flags.flag_of`)."""
 
 from __future__ import annotations
 
