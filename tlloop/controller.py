@@ -65,7 +65,7 @@ class Controller:
         train: Examples,
         eval_data: Examples,
         plan: list[phase_lib.PlannedPhase],
-        settings: StepOptions,
+        options: StepOptions,
         strategy: tf.distribute.Strategy,
         checkpoints: checkpoint_lib.Checkpoints,
         actions: list[Action],
@@ -74,14 +74,14 @@ class Controller:
     ) -> None:
         self.model, self.task, self.plan = model, task, plan
         self.train, self.eval = train, eval_data
-        self.settings, self.strategy = settings, strategy
+        self.options, self.strategy = options, strategy
         self.checkpoints, self.actions, self.distribute = checkpoints, actions, distribute
         self.train_writer = train_writer or contextlib.nullcontext()
-        self.steps_per_epoch = -(-train.size // settings.batch_size)
+        self.steps_per_epoch = train.batch_count(options.batch_size)
         self.epochs = position_lib.Epochs(
             self.steps_per_epoch, tuple(phase.config.epochs for phase in plan)
         )
-        self.eval_steps = eval_data.eval_steps(settings.eval_batch_size)
+        self.eval_steps = eval_data.eval_steps(options.eval_batch_size)
         self.preview = train.preview()
         # Outside the strategy's scope: the same on every task, and a distributed string
         # variable cannot be broadcast by MultiWorkerMirroredStrategy.
@@ -157,7 +157,7 @@ class Controller:
                         self.plan,
                         self.state,
                         resume_from,
-                        batch_size=self.settings.eval_batch_size,
+                        batch_size=self.options.eval_batch_size,
                     )
                 )
                 for phase in self.plan[start_phase:]:
@@ -181,7 +181,7 @@ class Controller:
             self.model,
             self.plan[0].modes,
             self.eval_metrics,
-            jit_compile=self.settings.jit_compile,
+            jit_compile=self.options.jit_compile,
             task=self.task,
         )
         self.inputs = Inputs(
@@ -189,16 +189,16 @@ class Controller:
             train=self.train,
             eval_data=self.eval,
             distribute=self.distribute,
-            batch_size=self.settings.batch_size,
-            eval_batch_size=self.settings.eval_batch_size,
-            seed=self.settings.seed,
-            cache_mode=self.settings.feature_cache,
+            batch_size=self.options.batch_size,
+            eval_batch_size=self.options.eval_batch_size,
+            seed=self.options.seed,
+            cache_mode=self.options.feature_cache,
             eval_step=self.eval_step,
             feature_eval_step=lambda phase: compile_eval(
                 self.model,
                 phase.modes,
                 self.eval_metrics,
-                jit_compile=self.settings.jit_compile,
+                jit_compile=self.options.jit_compile,
                 features_in=True,
                 task=self.task,
             ),
@@ -213,7 +213,7 @@ class Controller:
         logging.info("mode table:\n%s", phase.modes.to_text())
         logging.info("trainability:\n%s", self.report)
         self._call("on_phase_begin", phase)
-        mixing = mixing_of(self.settings)
+        mixing = mixing_of(self.options)
         use_cache, cache_reason = self.inputs.decide(phase, mixing.describe() if mixing else "")
         self.stop_phase = False
         self.host_calls = 0
@@ -335,8 +335,8 @@ class Controller:
             chunk = position_lib.chunk(
                 current,
                 count - done,
-                steps_per_loop=self.settings.steps_per_loop,
-                log_every_steps=self.settings.log_every_steps,
+                steps_per_loop=self.options.steps_per_loop,
+                log_every_steps=self.options.log_every_steps,
                 auto_loop=self.auto_loop,
                 limits=[action.limit for action in self.actions],
             )
@@ -350,7 +350,7 @@ class Controller:
             self._check_finite(phase, output.nonfinite, current + chunk)
             done += chunk
             speed = {
-                "examples_per_second": self.settings.batch_size * chunk / elapsed,
+                "examples_per_second": self.options.batch_size * chunk / elapsed,
                 "step_time_ms": 1000.0 * elapsed / chunk,
             }
             rows = [_row(step.log_columns, values) for values in output.rows]
@@ -432,7 +432,7 @@ class Controller:
             self.model,
             phase,
             self.task,
-            self.settings,
+            self.options,
             metrics=self.train_metrics,
             global_step=self.global_step,
             steps_per_epoch=self.steps_per_epoch,
@@ -483,7 +483,7 @@ class Controller:
     def _check_finite(self, phase, nonfinite, step: int) -> None:
         if not len(nonfinite):
             return
-        if self.settings.nan_policy == "stop":
+        if self.options.nan_policy == "stop":
             last = checkpoint_lib.latest(self.checkpoints.directory)
             bad = int(nonfinite[0])
             where = f"at step {bad} ({phase.name} phase); no update was applied and the last "

@@ -134,7 +134,7 @@ def range_test(
                 options,
                 metrics=Metrics(task=task, evaluation=False),
                 global_step=tf.Variable(0, dtype=tf.int64, name="range_test_step"),
-                steps_per_epoch=math.ceil(examples.size / batch_size),
+                steps_per_epoch=examples.batch_count(batch_size),
                 learning_rate=lambda scale: ExponentialRange(low * scale, high * scale, steps),
             )
         batches = iter(distribute_dataset(strategy, examples.training_batches(batch_size, seed)))

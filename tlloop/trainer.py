@@ -383,7 +383,7 @@ class Trainer:
                 train=run.train,
                 eval_data=run.eval,
                 plan=run.plan,
-                settings=options,
+                options=options,
                 strategy=strategy,
                 checkpoints=checkpoints,
                 actions=actions,

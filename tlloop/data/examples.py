@@ -81,8 +81,13 @@ class Examples(abc.ABC):
         batches = real.concatenate(filler).batch(batch_size, drop_remainder=True)
         return batches.prefetch(AUTOTUNE)
 
-    def eval_steps(self, batch_size: int) -> int:
+    def batch_count(self, batch_size: int) -> int:
+        """Batches of `batch_size` that hold every example once, the last one partial (the
+        steps of a training epoch and of an evaluation pass alike)."""
         return math.ceil(self.size / batch_size)
+
+    def eval_steps(self, batch_size: int) -> int:
+        return self.batch_count(batch_size)
 
     def preview(self, count: int = 16):
         """The first `count` examples' inputs, batched (for an image grid), or None when the

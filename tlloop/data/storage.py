@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from collections.abc import Callable
 
@@ -87,7 +86,7 @@ class Data:
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.train_size / self.batch_size)
+        return self.train_examples.batch_count(self.batch_size) if self.train_examples else 0
 
     @property
     def eval_steps(self) -> int:
