@@ -8,11 +8,9 @@ fail on bad input is checked before the workdir is touched.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import re
 import threading
 from collections.abc import Sequence
 
@@ -135,9 +133,8 @@ class Trainer:
         self.training = training or TrainingConfig()
         self.checkpoint = checkpoint or CheckpointConfig()
         self.logging = logging or LoggingConfig()
-        with _arguments():
-            steps_per_loop = config_lib.parse_steps_per_loop(steps_per_loop)
-            self.finetune_index = wise_ft.finetune_index(self.checkpoint, phases)
+        steps_per_loop = config_lib.parse_steps_per_loop(steps_per_loop)
+        self.finetune_index = wise_ft.finetune_index(self.checkpoint, phases)
         self.options = dict(
             jit_compile=jit_compile,
             steps_per_loop=steps_per_loop,
@@ -151,7 +148,7 @@ class Trainer:
             ("resize", resize, config_lib.RESIZE_MODES),
         ):
             if value not in accepted:
-                raise ValueError(f"{name}={value!r}: unknown; accepted: {', '.join(accepted)}")
+                raise ConfigError(name, repr(value), "unknown", ", ".join(accepted))
         self.deterministic = deterministic
         self.overwrite = overwrite
         self.resize = resize
@@ -180,23 +177,22 @@ class Trainer:
         serializable; a backbone that declares no inputs is served the training inputs'
         spec). results.json and the checkpoints are written before the export, so an export
         that still fails (RunFailed naming the files not written) loses nothing."""
-        with _arguments():
-            run = self._prepare(model, train, eval_data, batch_size, eval_batch_size, export)
-            try:
-                prepare(self.workdir, None, overwrite=self.overwrite)  # takes the workdir's lock
-                # The record the command line keeps in flags.txt: config.json, HParams, a text.
-                record = self._record(run, export=export)
-                if is_chief(self.strategy or tf.distribute.get_strategy()):
-                    write_json(os.path.join(self.workdir, CONFIG_FILE), record)
-                text = json.dumps(record, indent=1)
-                return self._run(
-                    run,
-                    export=export,
-                    hparams=_hparams(record),
-                    texts=[("config", f"```\n{text}\n```")],
-                )
-            finally:
-                release(self.workdir)
+        run = self._prepare(model, train, eval_data, batch_size, eval_batch_size, export)
+        try:
+            prepare(self.workdir, None, overwrite=self.overwrite)  # takes the workdir's lock
+            # The record the command line keeps in flags.txt: config.json, HParams, a text.
+            record = self._record(run, export=export)
+            if is_chief(self.strategy or tf.distribute.get_strategy()):
+                write_json(os.path.join(self.workdir, CONFIG_FILE), record)
+            text = json.dumps(record, indent=1)
+            return self._run(
+                run,
+                export=export,
+                hparams=_hparams(record),
+                texts=[("config", f"```\n{text}\n```")],
+            )
+        finally:
+            release(self.workdir)
 
     def _record(self, run: FitInputs, *, export: bool = True) -> dict:
         """Every argument of this Trainer and its fit, resolved, as JSON values: the phases,
@@ -257,8 +253,7 @@ class Trainer:
         non-trainable parameters, BatchNorm layers and their mode per submodule, the backbone
         layers that train by name, those it holds but never uses), as the run logs them at
         each phase start. The model's trainability is left as it was."""
-        with _arguments():
-            plan = phase_lib.plan_phases(self.phases, model)
+        plan = phase_lib.plan_phases(self.phases, model)
         parts = []
         with phase_lib.kept_trainability(model):
             for phase in plan:
@@ -613,17 +608,6 @@ def _hparams(record: dict) -> dict[str, str | int | float | bool]:
             }
         )
     return {k: v for k, v in flat.items() if isinstance(v, (str, int, float, bool))}
-
-
-@contextlib.contextmanager
-def _arguments():
-    """The library speaks in arguments: a check that still words its error as a flag line
-    (two dashes before the name) reaches a Python caller as a ValueError naming the argument
-    (`unfreeze=top:9: ...`). Goes once every module raises the structured ConfigError."""
-    try:
-        yield
-    except ConfigError as error:
-        raise ValueError(re.sub(r"(?<![\w-])--(?=\w)", "", str(error))) from None
 
 
 @dataclasses.dataclass(frozen=True)
