@@ -107,10 +107,10 @@ def test_mirrored_matches_one_device(request, tmp_path, single_device, jit):
     mirrored = _weights(run / "export/model.keras")
     single = _weights(single_device / "export/model.keras")
     # The all-reduce adds two half-batch gradients where one device reduces the whole batch:
-    # measured 1.6e-7. XLA also reorders float32 sums, which can flip the sign of a gradient
-    # that is ~0; Adam then moves that weight by up to its learning rate the other way. So with
-    # XLA: 99% of weights within 1e-5 (measured 99.75%) and none further than Adam can move a
-    # weight in the fine-tune steps (6 x 3e-4; measured 4.7e-4, 17 conv2 kernel elements).
+    # float32 noise (benchmarks/results/FIGURES.md has the measured differences). XLA also
+    # reorders float32 sums, which can flip the sign of a gradient that is ~0; Adam then moves
+    # that weight by up to its learning rate the other way. So with XLA: 99% of weights within
+    # 1e-5 and none further than Adam can move a weight in the fine-tune steps (6 x 3e-4).
     differences = np.concatenate([np.abs(mirrored[k] - single[k]).ravel() for k in single])
     if jit:
         assert np.mean(differences > 1e-5) < 0.01
