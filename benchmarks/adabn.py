@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 from absl import app, flags, logging
 
-from benchmarks.quality import TASKS, _values, run_tlloop, write_folders
+from benchmarks.quality import compare, run_tlloop
 
 flags.FLAGS.set_default("tasks", ["digits20", "mnist20", "mnist100"])
 CONTENDERS = {
@@ -36,20 +34,7 @@ CONTENDERS = {
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    options, started, tasks = flags.FLAGS, time.perf_counter(), []
-    with tempfile.TemporaryDirectory() as root:
-        if any(task.startswith("mnist") for task in options.tasks):
-            write_folders(root, ("mnist",))
-        for task in options.tasks:
-            rows = {}
-            for name, extra in CONTENDERS.items():
-                rows[name] = [
-                    run_tlloop(_values(TASKS[task], root, seed, **extra))[0]
-                    for seed in range(options.seeds)
-                ]
-                print(task, name, rows[name], flush=True)
-            tasks.append({"task": task, "title": TASKS[task].title, "accuracy": rows})
-            write(tasks, options, time.perf_counter() - started)
+    compare(flags.FLAGS, CONTENDERS, lambda values: run_tlloop(values)[0], write, "accuracy")
 
 
 def write(tasks: list[dict], options, seconds: float) -> None:

@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 from absl import app, flags, logging
 
-from benchmarks.quality import TASKS, _values, run_tlloop, write_folders
+from benchmarks.quality import compare, run_tlloop
 
 flags.FLAGS.set_default("tasks", ["mnist20", "digits20"])
 WISE = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -74,19 +72,7 @@ def measure(values: dict) -> dict:
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    options, started, tasks = flags.FLAGS, time.perf_counter(), []
-    with tempfile.TemporaryDirectory() as root:
-        if any(task.startswith("mnist") for task in options.tasks):
-            write_folders(root, ("mnist",))
-        for task in options.tasks:
-            rows: dict[str, list[dict]] = {}
-            for name, extra in METHODS.items():
-                for seed in range(options.seeds):
-                    row = measure(_values(TASKS[task], root, seed, **extra))
-                    rows.setdefault(name, []).append(row)
-                    print(task, name, seed, row, flush=True)
-            tasks.append({"task": task, "title": TASKS[task].title, "runs": rows})
-            write(tasks, options, time.perf_counter() - started)
+    compare(flags.FLAGS, METHODS, measure, write, "runs")
 
 
 def _cell(values: list[float], digits: int = 3) -> str:

@@ -175,6 +175,25 @@ def _values(task: Transfer, root: str, seed: int, **extra) -> dict:
     }
 
 
+def compare(options, contenders: dict[str, dict], run, write, key: str) -> None:
+    """Runs each contender (its flags over the task's) for `options.seeds` seeds on each of
+    `options.tasks` (the MNIST folders written once into a scratch directory) with
+    `run(values)`, printing each result; after each task, `write(tasks, options, seconds)`,
+    each task holding its runs by contender under `key`."""
+    started, tasks = time.perf_counter(), []
+    with tempfile.TemporaryDirectory() as root:
+        if any(task.startswith("mnist") for task in options.tasks):
+            write_folders(root, ("mnist",))
+        for task in options.tasks:
+            rows: dict[str, list] = {}
+            for name, extra in contenders.items():
+                for seed in range(options.seeds):
+                    rows.setdefault(name, []).append(run(_values(TASKS[task], root, seed, **extra)))
+                    print(task, name, seed, rows[name][-1], flush=True)
+            tasks.append({"task": task, "title": TASKS[task].title, key: rows})
+            write(tasks, options, time.perf_counter() - started)
+
+
 def run_tlloop(values: dict) -> tuple[float, dict]:
     """(final eval accuracy, the recipe's choices) of one tlloop run, in a temporary workdir;
     the choices include the run's `results` (results.json's content) and its `seconds`."""

@@ -48,10 +48,10 @@ def parse_backbone_range(text: str) -> tuple[float, float] | str | None:
     return (scale, offset) if len(parts) == 2 else None
 
 
-def require(ok: bool, flag: str, value: object, problem: str, accepted: str) -> None:
-    """Raises ConfigError(flag, repr(value), problem, accepted) unless `ok`."""
+def require(ok: bool, argument: str, value: object, problem: str, accepted: str) -> None:
+    """Raises ConfigError(argument, repr(value), problem, accepted) unless `ok`."""
     if not ok:
-        raise ConfigError(flag, repr(value), problem, accepted)
+        raise ConfigError(argument, repr(value), problem, accepted)
 
 
 # ---------------------------------------------------------------------------------------------

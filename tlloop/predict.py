@@ -19,7 +19,8 @@ import sys
 
 from absl import app, flags
 
-from tlloop.cli.entry import error_line, fail
+from tlloop.cli.entry import fail
+from tlloop.cli.flags import flag_line
 from tlloop.config import BAD_IMAGES
 from tlloop.errors import ConfigError
 
@@ -83,7 +84,7 @@ def main(argv: list[str]) -> int:
             except ConfigError as error:
                 if FLAGS.bad_images == "fail":
                     raise
-                print(f"tlloop.predict: skipped: {error_line(error, FLAGS)}", file=sys.stderr)
+                print(f"tlloop.predict: skipped: {flag_line(error, FLAGS)}", file=sys.stderr)
                 continue
             print("\t".join([path, *fields]), flush=True)
     except ConfigError as error:

@@ -19,6 +19,7 @@ from absl import app, flags
 
 from tlloop import supervise
 from tlloop.cli import flags as tlloop_flags
+from tlloop.cli.entry import fail
 from tlloop.config import ConfigError
 from tlloop.errors import RunFailed
 
@@ -33,7 +34,7 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"unexpected arguments {argv[1:]}; accepted: only --name=value flags")
         config = tlloop_flags.to_config(FLAGS)
     except ConfigError as error:
-        return _fail(error)
+        return fail("tlloop", error)
     if config.supervise and not os.environ.get(supervise.CHILD_ENV):
         # This process only watches: the training runs in a child, the same command.
         command = [sys.executable, "-m", "tlloop.run", *sys.argv[1:]]
@@ -60,7 +61,7 @@ def main(argv: list[str]) -> int:
         if distribute.is_chief(strategy):
             workdir.prepare(config.workdir, flags_text, overwrite=config.overwrite)
     except ConfigError as error:
-        return _fail(error)
+        return fail("tlloop", error)
     # SIGTERM (a scheduler's preemption) asks the trainer to stop after the step under way:
     # it saves a checkpoint, flushes and closes its writers; exit code 128 + 15, as for a
     # process the signal ended.
@@ -70,19 +71,13 @@ def main(argv: list[str]) -> int:
         restarts = int(os.environ.get(supervise.RESTARTS_ENV, "0"))
         train(experiment, config.workdir, flags_text, stop=stop, restarts=restarts)
     except ConfigError as error:  # a checkpoint in the workdir that does not fit
-        return _fail(error)
+        return fail("tlloop", error)
     except RunFailed as error:
-        return _fail(error, code=1)
+        return fail("tlloop", error, code=1)
     except Stopped:
         print("tlloop: stopped by SIGTERM; the same command resumes the run", file=sys.stderr)
         return 128 + signal.SIGTERM
     return 0
-
-
-def _fail(error: Exception | str, code: int = 2) -> int:
-    """The one line every bad input (exit 2) or failed run (exit 1) gets; returns the code."""
-    print(f"tlloop: error: {tlloop_flags.flag_line(error)}", file=sys.stderr)
-    return code
 
 
 if __name__ == "__main__":

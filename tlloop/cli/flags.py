@@ -48,9 +48,12 @@ def flag_of(argument: str) -> str | None:
     return flag if known else None
 
 
-def flag_line(error: Exception) -> str:
-    """The one line the command line prints for `error`, in flags' words."""
-    return error.flag_line(flag_of) if isinstance(error, Problem) else str(error)
+def flag_line(error: Exception, own: Collection[str] = ()) -> str:
+    """The one line the command line prints for `error`, in flags' words; an argument named
+    as one of `own` (an entry point's own flags, e.g. lr_find's `lr_min`) is that flag too."""
+    if not isinstance(error, Problem):
+        return str(error)
+    return error.flag_line(lambda name: flag_of(name) or (name if name in own else None))
 
 
 def help_text(meta: config_lib.Option) -> str:

@@ -117,6 +117,6 @@ def build_text_transfer_model(
             "a handle (hf://..., kaggle://...)",
         )
     keras.utils.set_random_seed(seed)
-    backbone = hub.build_text_backbone(source, load_weights=weights != "none")
+    backbone = hub.text_backbone(source, load_weights=weights != "none")
     head = build_head(tuple(backbone.outputs[0].shape[1:]), num_outputs, dropout)
     return TransferModel(backbone, head, name="transfer_model")

@@ -157,17 +157,12 @@ class TextPreprocess(keras.layers.Layer):
 
 
 def text_backbone(source: str, *, load_weights: bool = True) -> keras.Model:
-    """A text backbone from the KerasHub preset `source` (see `build_text_backbone`), for the
-    library: raises ConfigError (a ValueError) naming `source` when it cannot be built."""
-    return build_text_backbone(source, load_weights=load_weights)
-
-
-def build_text_backbone(source: str, *, load_weights: bool = True) -> keras.Model:
     """A text backbone named "backbone" from the KerasHub preset `source` (a directory written
     by `save_to_preset`, or a handle): raw strings (batch,) in, the preset's preprocessor
     (tokenizer and packer) then its encoder, one feature vector per text out: the pooled
     output where the encoder has one (BERT), else the first token's (DistilBERT, RoBERTa).
-    ConfigError naming `source` when it cannot be loaded or has no text preprocessor."""
+    ConfigError (a ValueError) naming `source` when it cannot be loaded or has no text
+    preprocessor. Public as `tlloop.text_backbone`; the command line builds its own through it."""
     keras_hub = import_hub(source)
     encoder, _ = load_preset(source, load_weights=load_weights)
     try:
