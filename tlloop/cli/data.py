@@ -41,11 +41,7 @@ def load_source(config: DataConfig) -> Source:
     """The labelled images of `config.dataset`: the selected classes kept, the few-shot limit
     applied (multi-hot rows and targets have no class to select or stratify by: the CSV and
     TFRecord readers apply what does apply)."""
-    split = {
-        "val_split": config.val_split,
-        "classes": config.classes,
-        "train_examples_per_class": config.train_examples_per_class,
-    }
+    split = _split(config)
     if config.dataset == "digits":
         return digits_source(**split)
     if config.dataset == "tfrecord":
@@ -108,12 +104,7 @@ def load_text_data(config: DataConfig, *, evaluation_only: bool = False) -> Data
         source = Source(names, train, evaluation)
     else:
         source = folder_source(
-            text_folder,
-            config.data_dir,
-            val_dir=config.val_dir,
-            val_split=config.val_split,
-            classes=config.classes,
-            train_examples_per_class=config.train_examples_per_class,
+            text_folder, config.data_dir, val_dir=config.val_dir, **_split(config)
         )
     return store_texts(
         source,
@@ -124,15 +115,22 @@ def load_text_data(config: DataConfig, *, evaluation_only: bool = False) -> Data
     )
 
 
+def _split(config: DataConfig) -> dict:
+    """Every reader's split arguments: the held-out fraction, the classes, the few-shot limit."""
+    return {
+        "val_split": config.val_split,
+        "classes": config.classes,
+        "train_examples_per_class": config.train_examples_per_class,
+    }
+
+
 def _tables(config: DataConfig) -> dict:
     """`read_tables`' arguments from `config`, but the first CSV."""
     return {
         "val_csv": config.val_csv,
         "task": config.task,
-        "classes": config.classes,
         "label_delimiter": config.label_delimiter,
-        "val_split": config.val_split,
-        "train_examples_per_class": config.train_examples_per_class,
+        **_split(config),
     }
 
 
